@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The whole kmsfs test suite, as CI runs it:
+#   setup -> cargo fmt --check -> cargo clippy -D warnings -> cargo test --release
+#   -> pjdfstest on a real kmsfs mount.
+# Every step runs even if an earlier one failed (setup aside), so one run shows
+# every problem; the exit status is non-zero if any step failed.
+#
+# Needs root and /dev/fuse: the integration tests and pjdfstest mount real
+# FUSE file systems, and fail (not skip) when they cannot.
+#
+# KMSFS_SKIP_PJDFSTEST=1 skips the pjdfstest step for quick local iteration;
+# it is ignored when CI=true.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$KMSFS_ROOT"
+
+names=() results=() times=()
+failed=0 passed=0 skipped=0
+
+banner() { printf '\n======== %s ========\n' "$*"; }
+
+run_step() {
+    local name=$1 start rc
+    shift
+    banner "$name: $*"
+    start=$SECONDS
+    set +e
+    "$@"
+    rc=$?
+    set -e
+    names+=("$name")
+    times+=("$((SECONDS - start))s")
+    if ((rc == 0)); then
+        results+=("ok")
+        passed=$((passed + 1))
+    else
+        results+=("FAILED (exit $rc)")
+        failed=$((failed + 1))
+        echo "test.sh: step '$name' failed with exit $rc" >&2
+    fi
+}
+
+skip_step() {
+    banner "$1: skipped ($2)"
+    names+=("$1") results+=("skipped: $2") times+=("-")
+    skipped=$((skipped + 1))
+}
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: warning: not root; the FUSE integration tests and pjdfstest need root and will fail" >&2
+fi
+
+banner "setup: scripts/setup.sh"
+if ! bash scripts/setup.sh; then
+    echo "test.sh: setup failed; nothing else can run" >&2
+    echo "steps: 0 passed, 1 failed"
+    exit 1
+fi
+export KMSFS_SETUP_DONE=1
+
+run_step fmt cargo fmt --check
+run_step clippy cargo clippy --all-targets -- -D warnings
+run_step test cargo test --release
+
+skip_pjdfstest=${KMSFS_SKIP_PJDFSTEST:-0}
+if [[ ${CI:-} == true && $skip_pjdfstest == 1 ]]; then
+    echo "test.sh: CI=true: ignoring KMSFS_SKIP_PJDFSTEST=1; pjdfstest always runs in CI" >&2
+    skip_pjdfstest=0
+fi
+if [[ $skip_pjdfstest == 1 ]]; then
+    skip_step pjdfstest "KMSFS_SKIP_PJDFSTEST=1 (local only)"
+else
+    run_step pjdfstest bash scripts/pjdfstest.sh
+fi
+
+banner "summary"
+for i in "${!names[@]}"; do
+    printf '  %-10s %-8s %s\n' "${names[$i]}" "${times[$i]}" "${results[$i]}"
+done
+if ((skipped)); then
+    echo "steps: $passed passed, $failed failed, $skipped skipped"
+else
+    echo "steps: $passed passed, $failed failed"
+fi
+((failed == 0))

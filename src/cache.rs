@@ -1,0 +1,243 @@
+//! The DEK cache in front of the KMS: an LRU of unwrapped DEKs with a TTL.
+//!
+//! Keyed by a hash of the wrapped DEK and its context, so a hit proves the
+//! same sidecar was unwrapped before. Concurrent misses on one key make one
+//! KMS call: the first caller unwraps while the others wait on its flight.
+//! Evicted or expired DEKs are dropped, and `Dek` zeroizes on drop.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+
+use crate::crypto::Dek;
+use crate::kms::{KeyProvider, KmsError, WrapContext, WrappedDek};
+
+type CacheKey = [u8; 32];
+
+struct Entry {
+    dek: Arc<Dek>,
+    inserted: Instant,
+}
+
+/// Cache counters, for metrics and tests.
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Unwrap calls actually sent to a KMS.
+    pub unwraps: AtomicU64,
+}
+
+pub struct DekCache {
+    /// Invariant: every entry is younger than `ttl` when handed out.
+    entries: Mutex<LruCache<CacheKey, Entry>>,
+    /// One async mutex per key being unwrapped right now.
+    in_flight: Mutex<HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
+    ttl: Duration,
+    pub stats: CacheStats,
+}
+
+fn cache_key(wrapped: &WrappedDek, ctx: &WrapContext) -> CacheKey {
+    let mut h = Sha256::new();
+    for part in [
+        wrapped.key_ref.provider.as_bytes(),
+        wrapped.key_ref.key_id.as_bytes(),
+        wrapped.key_ref.key_version.as_bytes(),
+        &wrapped.blob,
+        &ctx.file_id,
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+impl DekCache {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        let cap = NonZeroUsize::new(capacity.max(1)).expect("max(1) is non-zero");
+        Self {
+            entries: Mutex::new(LruCache::new(cap)),
+            in_flight: Mutex::new(HashMap::new()),
+            ttl,
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn lookup(&self, key: &CacheKey) -> Option<Arc<Dek>> {
+        let mut entries = self.entries.lock().unwrap();
+        match entries.get(key) {
+            Some(e) if e.inserted.elapsed() < self.ttl => Some(e.dek.clone()),
+            Some(_) => {
+                entries.pop(key);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Cached DEK without any KMS call, if present and fresh.
+    pub fn get(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Option<Arc<Dek>> {
+        let hit = self.lookup(&cache_key(wrapped, ctx));
+        if hit.is_some() {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// Stores a DEK this process just generated (so the new file's next open
+    /// is a hit).
+    pub fn insert(&self, wrapped: &WrappedDek, ctx: &WrapContext, dek: Arc<Dek>) {
+        let entry = Entry {
+            dek,
+            inserted: Instant::now(),
+        };
+        if let Some((old_key, _)) = self
+            .entries
+            .lock()
+            .unwrap()
+            .push(cache_key(wrapped, ctx), entry)
+        {
+            if old_key != cache_key(wrapped, ctx) {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Cached DEK, or one unwrap by `kms` shared by all concurrent callers.
+    pub async fn get_or_unwrap(
+        &self,
+        wrapped: &WrappedDek,
+        ctx: &WrapContext,
+        kms: &dyn KeyProvider,
+    ) -> Result<Arc<Dek>, KmsError> {
+        let key = cache_key(wrapped, ctx);
+        if let Some(d) = self.lookup(&key) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(d);
+        }
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let _turn = flight.lock().await;
+        // Someone ahead of us in the flight may have filled it.
+        if let Some(d) = self.lookup(&key) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(d);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.unwraps.fetch_add(1, Ordering::Relaxed);
+        let result = kms.unwrap(wrapped, ctx).await.map(Arc::new);
+        if let Ok(dek) = &result {
+            self.insert(wrapped, ctx, dek.clone());
+        }
+        self.in_flight.lock().unwrap().remove(&key);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::KeyRef;
+    use async_trait::async_trait;
+
+    /// Counts unwraps and takes a while, to expose duplicate calls.
+    struct SlowKms {
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl KeyProvider for SlowKms {
+        fn describe(&self) -> String {
+            "slow test kms".into()
+        }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        fn handles(&self, _: &KeyRef) -> bool {
+            true
+        }
+        async fn wrap(&self, _: &Dek, _: &WrapContext) -> Result<WrappedDek, KmsError> {
+            unreachable!()
+        }
+        async fn unwrap(&self, w: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Dek::from_slice(&w.blob).map_err(|e| KmsError::Config(e.to_string()))
+        }
+    }
+
+    fn wrapped(b: u8) -> WrappedDek {
+        WrappedDek {
+            key_ref: KeyRef {
+                provider: "test".into(),
+                key_id: "k".into(),
+                key_version: "1".into(),
+            },
+            blob: vec![b; 32],
+        }
+    }
+
+    #[test]
+    fn concurrent_misses_make_one_call_and_ttl_expires() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let kms = Arc::new(SlowKms {
+            calls: AtomicU64::new(0),
+        });
+        let cache = Arc::new(DekCache::new(10, Duration::from_millis(300)));
+        let ctx = WrapContext { file_id: [0; 16] };
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let (cache, kms) = (cache.clone(), kms.clone());
+                tasks.push(tokio::spawn(async move {
+                    cache
+                        .get_or_unwrap(&wrapped(5), &ctx, kms.as_ref())
+                        .await
+                        .unwrap()
+                }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap().as_bytes(), &[5u8; 32]);
+            }
+        });
+        assert_eq!(kms.calls.load(Ordering::SeqCst), 1);
+        assert!(cache.get(&wrapped(5), &ctx).is_some());
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(cache.get(&wrapped(5), &ctx).is_none(), "expired by TTL");
+        rt.block_on(cache.get_or_unwrap(&wrapped(5), &ctx, kms.as_ref()))
+            .unwrap();
+        assert_eq!(kms.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn capacity_bounds_entries() {
+        let cache = DekCache::new(2, Duration::from_secs(60));
+        let ctx = WrapContext { file_id: [0; 16] };
+        for b in 0..3u8 {
+            cache.insert(
+                &wrapped(b),
+                &ctx,
+                Arc::new(Dek::from_slice(&[b; 32]).unwrap()),
+            );
+        }
+        assert!(cache.get(&wrapped(0), &ctx).is_none());
+        assert!(cache.get(&wrapped(2), &ctx).is_some());
+        assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 1);
+    }
+}

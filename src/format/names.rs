@@ -1,0 +1,60 @@
+//! Names in the backing directory: where a file's sidecar lives, and which
+//! names are reserved (hidden from the mount and refused on creation).
+
+use sha2::{Digest, Sha256};
+
+/// Every name kmsfs itself puts in the backing directory starts with this.
+pub const RESERVED_PREFIX: &[u8] = b".kmsfs";
+/// Sidecar of `NAME` is `.kmsfs.NAME` when that fits in NAME_MAX.
+pub const SIDECAR_PREFIX: &[u8] = b".kmsfs.";
+/// Otherwise `.kmsfs#` + hex(SHA-256(NAME)).
+pub const LONG_SIDECAR_PREFIX: &[u8] = b".kmsfs#";
+/// The per-backing configuration file (no secrets).
+pub const CONFIG_FILE: &str = ".kmsfs-config.toml";
+/// Longest name component the backing filesystem accepts.
+pub const NAME_MAX: usize = 255;
+
+/// True for names the mount hides and refuses to create.
+pub fn is_reserved(name: &[u8]) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
+/// Backing name of the sidecar holding the header of file `name`.
+pub fn sidecar_name(name: &[u8]) -> Vec<u8> {
+    if SIDECAR_PREFIX.len() + name.len() <= NAME_MAX {
+        let mut out = Vec::with_capacity(SIDECAR_PREFIX.len() + name.len());
+        out.extend_from_slice(SIDECAR_PREFIX);
+        out.extend_from_slice(name);
+        out
+    } else {
+        let digest = Sha256::digest(name);
+        let mut out = LONG_SIDECAR_PREFIX.to_vec();
+        out.extend_from_slice(hex::encode(digest).as_bytes());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_and_long_names() {
+        assert_eq!(sidecar_name(b"a.txt"), b".kmsfs.a.txt");
+        let long = vec![b'x'; 255];
+        let s = sidecar_name(&long);
+        assert!(s.len() <= NAME_MAX);
+        assert!(s.starts_with(LONG_SIDECAR_PREFIX));
+        assert!(is_reserved(&s));
+        let edge = vec![b'y'; NAME_MAX - SIDECAR_PREFIX.len()];
+        assert_eq!(sidecar_name(&edge).len(), NAME_MAX);
+    }
+
+    #[test]
+    fn reserved_names() {
+        assert!(is_reserved(CONFIG_FILE.as_bytes()));
+        assert!(is_reserved(b".kmsfs.x"));
+        assert!(!is_reserved(b".kmsf"));
+        assert!(!is_reserved(b"kmsfs"));
+    }
+}

@@ -1,0 +1,481 @@
+//! The data path: plaintext reads, writes and truncates on one backing
+//! ciphertext file. Independent of FUSE, so it is tested directly.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, RwLock};
+
+use rayon::prelude::*;
+
+use super::error::{FsError, FsResult};
+use crate::crypto::{BlockCipher, CryptoError};
+use crate::format::block::{BLOCK_OVERHEAD, NONCE_LEN};
+use crate::format::BlockGeometry;
+
+/// Below this many blocks a request is sealed/opened on the calling thread:
+/// handing off to the pool costs more than it saves.
+const PARALLEL_MIN_BLOCKS: usize = 16;
+
+thread_local! {
+    /// Per-thread scratch for sealed bytes, reused across requests so the hot
+    /// path does not allocate per request or per block.
+    static SEALED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A created file's sidecar and directory, fsynced on the file's first fsync
+/// so a synced file is findable after a crash.
+pub struct PendingDurability {
+    pub sidecar: File,
+    pub parent_dir: File,
+}
+
+/// One open backing file shared by every handle on the same inode.
+pub struct CryptFile {
+    /// Backing ciphertext; opened read-write unless the mount is read-only.
+    file: File,
+    /// None for a plaintext file let through by a non-mandatory policy.
+    cipher: Option<BlockCipher>,
+    geometry: BlockGeometry,
+    /// Readers share it; writers and truncates hold it exclusively, because
+    /// they read-modify-write the blocks at the edges of their range.
+    lock: RwLock<()>,
+    /// Backing-relative path, for log lines only.
+    label: Mutex<String>,
+    /// Set for files created by this mount until their first fsync.
+    pending: Mutex<Option<PendingDurability>>,
+}
+
+fn torn(label: &str, block: u64) -> FsError {
+    FsError::Block {
+        file: label.to_owned(),
+        block,
+        reason: "ciphertext is truncated inside this block".into(),
+    }
+}
+
+impl CryptFile {
+    pub fn new(
+        file: File,
+        cipher: BlockCipher,
+        geometry: BlockGeometry,
+        label: String,
+        pending: Option<PendingDurability>,
+    ) -> Self {
+        Self {
+            file,
+            cipher: Some(cipher),
+            geometry,
+            lock: RwLock::new(()),
+            label: Mutex::new(label),
+            pending: Mutex::new(pending),
+        }
+    }
+
+    /// A plaintext file (no sidecar) in a subtree whose policy is not
+    /// mandatory: bytes pass through unchanged.
+    pub fn plaintext(file: File, geometry: BlockGeometry, label: String) -> Self {
+        Self {
+            file,
+            cipher: None,
+            geometry,
+            lock: RwLock::new(()),
+            label: Mutex::new(label),
+            pending: Mutex::new(None),
+        }
+    }
+
+    fn cipher(&self) -> &BlockCipher {
+        self.cipher
+            .as_ref()
+            .expect("only called for encrypted files")
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn set_label(&self, label: String) {
+        *self.label.lock().unwrap() = label;
+    }
+
+    fn label(&self) -> String {
+        self.label.lock().unwrap().clone()
+    }
+
+    fn ct_size(&self) -> FsResult<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Plaintext size, from the ciphertext size alone.
+    pub fn size(&self) -> FsResult<u64> {
+        let len = self.ct_size()?;
+        Ok(match self.cipher {
+            Some(_) => self.geometry.plaintext_size(len),
+            None => len,
+        })
+    }
+
+    /// Opens sealed blocks `first..` from `sealed` into `out` (which holds
+    /// exactly their plaintext), in parallel for large requests.
+    fn open_blocks(&self, first: u64, sealed: &[u8], out: &mut [u8]) -> FsResult<()> {
+        let bs = self.geometry.block_size();
+        let sbs = self.geometry.sealed_block_size();
+        let open_one = |(i, (s, o)): (usize, (&[u8], &mut [u8]))| {
+            let index = first + i as u64;
+            self.cipher().open(index, s, o).map_err(|e| (index, e))
+        };
+        let result: Result<(), (u64, CryptoError)> = if out.len() / bs >= PARALLEL_MIN_BLOCKS {
+            sealed
+                .par_chunks(sbs)
+                .zip(out.par_chunks_mut(bs))
+                .enumerate()
+                .try_for_each(open_one)
+        } else {
+            sealed
+                .chunks(sbs)
+                .zip(out.chunks_mut(bs))
+                .enumerate()
+                .try_for_each(open_one)
+        };
+        result.map_err(|(index, e)| FsError::block(&self.label(), index, e))
+    }
+
+    fn seal_blocks(&self, first: u64, sealed: &mut [u8]) {
+        let sbs = self.geometry.sealed_block_size();
+        let seal_one =
+            |(i, s): (usize, &mut [u8])| self.cipher().seal_in_place(first + i as u64, s);
+        if sealed.len() / sbs >= PARALLEL_MIN_BLOCKS {
+            sealed.par_chunks_mut(sbs).enumerate().for_each(seal_one);
+        } else {
+            sealed.chunks_mut(sbs).enumerate().for_each(seal_one);
+        }
+    }
+
+    /// Reads up to `size` plaintext bytes at `offset` into `out` (cleared
+    /// first). Short only at end of file.
+    pub fn read(&self, offset: u64, size: usize, out: &mut Vec<u8>) -> FsResult<()> {
+        out.clear();
+        if self.cipher.is_none() {
+            out.resize(size, 0);
+            let mut done = 0;
+            while done < size {
+                match self.file.read_at(&mut out[done..], offset + done as u64)? {
+                    0 => break,
+                    n => done += n,
+                }
+            }
+            out.truncate(done);
+            return Ok(());
+        }
+        let _shared = self.lock.read().unwrap();
+        let ct_size = self.ct_size()?;
+        let g = self.geometry;
+        let pt_size = g.plaintext_size(ct_size);
+        if size == 0 || offset >= pt_size {
+            return Ok(());
+        }
+        let end = (offset + size as u64).min(pt_size);
+        let first = g.block_of(offset);
+        let last = g.block_of(end - 1);
+        if g.has_torn_tail(ct_size) && last >= ct_size / g.sealed_block_size() as u64 {
+            // The fragment is too short to be a sealed block.
+            return Err(torn(&self.label(), last));
+        }
+        let ct_start = g.sealed_block_start(first);
+        let ct_end = g.sealed_block_start(last + 1).min(ct_size);
+        let pt_start = g.block_start(first);
+        let pt_end = g.block_start(last + 1).min(pt_size);
+        SEALED.with(|buf| -> FsResult<()> {
+            let mut sealed = buf.borrow_mut();
+            sealed.resize((ct_end - ct_start) as usize, 0);
+            self.file.read_exact_at(&mut sealed, ct_start)?;
+            out.resize((pt_end - pt_start) as usize, 0);
+            self.open_blocks(first, &sealed, out)
+        })?;
+        // Keep only the requested range.
+        let skip = (offset - pt_start) as usize;
+        let keep = (end - offset) as usize;
+        out.copy_within(skip..skip + keep, 0);
+        out.truncate(keep);
+        Ok(())
+    }
+
+    /// Decrypts block `index` (of a file with `pt_size` plaintext bytes) into
+    /// `dst`, which must be at least the block's length.
+    fn read_block_into(&self, index: u64, pt_size: u64, dst: &mut [u8]) -> FsResult<usize> {
+        let g = self.geometry;
+        let len = g.block_len(index, pt_size);
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut sealed = vec![0u8; len + BLOCK_OVERHEAD];
+        self.file
+            .read_exact_at(&mut sealed, g.sealed_block_start(index))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => torn(&self.label(), index),
+                _ => FsError::Io(e),
+            })?;
+        self.cipher()
+            .open(index, &sealed, &mut dst[..len])
+            .map_err(|e| FsError::block(&self.label(), index, e))?;
+        Ok(len)
+    }
+
+    /// Writes `data` at plaintext `offset`, extending the file as needed.
+    pub fn write(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.cipher.is_none() {
+            return Ok(self.file.write_all_at(data, offset)?);
+        }
+        let _excl = self.lock.write().unwrap();
+        let g = self.geometry;
+        let mut pt_size = g.plaintext_size(self.ct_size()?);
+        if offset > pt_size {
+            self.resize_locked(pt_size, offset)?;
+            pt_size = offset;
+        }
+        let end = offset + data.len() as u64;
+        let new_size = pt_size.max(end);
+        let first = g.block_of(offset);
+        let last = g.block_of(end - 1);
+        let bs = g.block_size();
+        let sbs = g.sealed_block_size();
+        SEALED.with(|buf| -> FsResult<()> {
+            let mut sealed = buf.borrow_mut();
+            let total =
+                (last - first) as usize * sbs + g.block_len(last, new_size) + BLOCK_OVERHEAD;
+            sealed.clear();
+            sealed.resize(total, 0);
+            // Edge blocks keep the old bytes the write does not cover.
+            let first_start = g.block_start(first);
+            if offset > first_start
+                || (first == last && end < first_start + g.block_len(first, pt_size) as u64)
+            {
+                let n = g.block_len(first, new_size);
+                self.read_block_into(first, pt_size, &mut sealed[NONCE_LEN..NONCE_LEN + n])?;
+            }
+            if last != first && end < g.block_start(last) + g.block_len(last, pt_size) as u64 {
+                let at = (last - first) as usize * sbs + NONCE_LEN;
+                let n = g.block_len(last, new_size);
+                self.read_block_into(last, pt_size, &mut sealed[at..at + n])?;
+            }
+            // Lay the new bytes into the block slots.
+            let mut src = data;
+            let mut pos = offset;
+            while !src.is_empty() {
+                let index = g.block_of(pos);
+                let in_block = (pos - g.block_start(index)) as usize;
+                let n = src.len().min(bs - in_block);
+                let at = (index - first) as usize * sbs + NONCE_LEN + in_block;
+                sealed[at..at + n].copy_from_slice(&src[..n]);
+                src = &src[n..];
+                pos += n as u64;
+            }
+            self.seal_blocks(first, &mut sealed);
+            self.file
+                .write_all_at(&sealed, g.sealed_block_start(first))?;
+            Ok(())
+        })
+    }
+
+    /// Sets the plaintext size (truncate up or down).
+    pub fn truncate(&self, new_size: u64) -> FsResult<()> {
+        if self.cipher.is_none() {
+            return Ok(self.file.set_len(new_size)?);
+        }
+        let _excl = self.lock.write().unwrap();
+        let old = self.geometry.plaintext_size(self.ct_size()?);
+        self.resize_locked(old, new_size)
+    }
+
+    /// Resizes from `old` to `new` plaintext bytes. The block holding the
+    /// boundary is re-sealed at its new length (zero-padded when growing);
+    /// whole blocks beyond the old end become holes.
+    fn resize_locked(&self, old: u64, new: u64) -> FsResult<()> {
+        let g = self.geometry;
+        if old == new {
+            return Ok(());
+        }
+        let bs = g.block_size();
+        // The one block whose length changes: the old tail when growing, the
+        // new tail when shrinking; none when that boundary is block-aligned.
+        let boundary = if new > old { old } else { new };
+        if boundary % bs as u64 != 0 {
+            let index = g.block_of(boundary);
+            let new_len = g.block_len(index, new);
+            let mut sealed = vec![0u8; NONCE_LEN + bs + BLOCK_OVERHEAD];
+            self.read_block_into(index, old, &mut sealed[NONCE_LEN..NONCE_LEN + bs])?;
+            sealed.truncate(new_len + BLOCK_OVERHEAD);
+            sealed[NONCE_LEN + new_len..].fill(0);
+            self.cipher().seal_in_place(index, &mut sealed);
+            if new < old {
+                self.file.set_len(g.sealed_block_start(index))?;
+            }
+            self.file
+                .write_all_at(&sealed, g.sealed_block_start(index))?;
+        }
+        self.file.set_len(g.ciphertext_size(new))?;
+        Ok(())
+    }
+
+    /// fsync/fdatasync; the first one after creation also makes the sidecar
+    /// and the directory entries durable.
+    pub fn sync(&self, datasync: bool) -> FsResult<()> {
+        if datasync {
+            self.file.sync_data()?;
+        } else {
+            self.file.sync_all()?;
+        }
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(p) = pending.as_ref() {
+            p.sidecar.sync_all()?;
+            p.parent_dir.sync_all()?;
+            *pending = None;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Dek;
+    use crate::format::{CipherSuite, Header, KeyRef};
+    use proptest::prelude::*;
+
+    fn open_file(dir: &tempfile::TempDir, shift: u8) -> (CryptFile, std::path::PathBuf) {
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let header = Header {
+            cipher: CipherSuite::Aes256Gcm,
+            geometry: BlockGeometry::from_shift(shift).unwrap(),
+            file_id: [3; 16],
+            key_ref: KeyRef {
+                provider: "t".into(),
+                key_id: "t".into(),
+                key_version: "1".into(),
+            },
+            wrapped_dek: vec![],
+        };
+        let cipher = BlockCipher::new(&Dek::generate(), &header);
+        (
+            CryptFile::new(f, cipher, header.geometry, "f".into(), None),
+            path,
+        )
+    }
+
+    fn read_all(cf: &CryptFile) -> Vec<u8> {
+        let mut out = Vec::new();
+        cf.read(0, cf.size().unwrap() as usize + 10, &mut out)
+            .unwrap();
+        out
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        Truncate(u64),
+        Read(u64, usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                0u64..40_000,
+                proptest::collection::vec(any::<u8>(), 1..9000)
+            )
+                .prop_map(|(o, d)| Op::Write(o, d)),
+            (0u64..50_000).prop_map(Op::Truncate),
+            (0u64..50_000, 0usize..20_000).prop_map(|(o, n)| Op::Read(o, n)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn matches_a_plain_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let (cf, _) = open_file(&dir, 12);
+            let mut model: Vec<u8> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Write(o, d) => {
+                        cf.write(o, &d).unwrap();
+                        let end = o as usize + d.len();
+                        if model.len() < end { model.resize(end, 0); }
+                        model[o as usize..end].copy_from_slice(&d);
+                    }
+                    Op::Truncate(n) => {
+                        cf.truncate(n).unwrap();
+                        model.resize(n as usize, 0);
+                    }
+                    Op::Read(o, n) => {
+                        let mut out = Vec::new();
+                        cf.read(o, n, &mut out).unwrap();
+                        let s = (o as usize).min(model.len());
+                        let e = (o as usize + n).min(model.len());
+                        prop_assert_eq!(&out[..], &model[s..e]);
+                    }
+                }
+                prop_assert_eq!(cf.size().unwrap(), model.len() as u64);
+            }
+            prop_assert_eq!(read_all(&cf), model);
+        }
+    }
+
+    #[test]
+    fn large_parallel_round_trip_and_tamper() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cf, path) = open_file(&dir, 12);
+        let data: Vec<u8> = (0..(1 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
+        cf.write(0, &data).unwrap();
+        assert_eq!(read_all(&cf), data);
+        // Flip one byte in block 5: that block fails, the others still read.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let at = 5 * 4124 + 100;
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 1], at).unwrap();
+        let mut out = Vec::new();
+        let err = cf.read(0, 1 << 20, &mut out).unwrap_err();
+        assert!(err.to_string().contains("block 5"), "{err}");
+        cf.read(0, 5 * 4096, &mut out).unwrap();
+        assert_eq!(out, data[..5 * 4096]);
+        // Torn tail: cut the file 3 bytes into a sealed block.
+        let ct = f.metadata().unwrap().len();
+        f.set_len(ct - (ct % 4124) + 3).unwrap();
+        let last = (ct / 4124) as usize;
+        assert_eq!(
+            cf.size().unwrap(),
+            last as u64 * 4096 + 1,
+            "damage stays visible in the size"
+        );
+        cf.read(6 * 4096, (last - 6) * 4096, &mut out).unwrap();
+        let err = cf.read(0, data.len(), &mut out).unwrap_err();
+        assert!(err.to_string().contains(&format!("block {last}")), "{err}");
+    }
+
+    #[test]
+    fn holes_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cf, _) = open_file(&dir, 12);
+        cf.write(100_000, b"tail").unwrap();
+        let all = read_all(&cf);
+        assert_eq!(all.len(), 100_004);
+        assert!(all[..100_000].iter().all(|&b| b == 0));
+        assert_eq!(&all[100_000..], b"tail");
+    }
+}

@@ -1,0 +1,77 @@
+//! Filesystem-layer errors and their one mapping to errno.
+
+use crate::crypto::CryptoError;
+use crate::format::FormatError;
+use crate::kms::KmsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Errno(Errno),
+    #[error("{file}: block {block}: {reason}")]
+    Block {
+        file: String,
+        block: u64,
+        reason: String,
+    },
+    #[error("{file}: sidecar header: {reason}")]
+    Header { file: String, reason: String },
+    #[error("{file}: the DEK could not be unwrapped: {source}")]
+    Kms {
+        file: String,
+        #[source]
+        source: KmsError,
+    },
+}
+
+/// A plain errno value with a name for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+impl FsError {
+    pub fn errno(e: i32) -> Self {
+        FsError::Errno(Errno(e))
+    }
+
+    pub fn block(file: &str, block: u64, e: CryptoError) -> Self {
+        FsError::Block {
+            file: file.to_owned(),
+            block,
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn header(file: &str, e: impl std::fmt::Display) -> Self {
+        FsError::Header {
+            file: file.to_owned(),
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn header_format(file: &str, e: FormatError) -> Self {
+        Self::header(file, e)
+    }
+
+    /// The errno the kernel gets. Integrity and KMS failures are EIO and are
+    /// logged here, once, with file and block; ordinary errors are not logged.
+    pub fn to_errno(&self) -> i32 {
+        match self {
+            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Errno(Errno(e)) => *e,
+            FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => {
+                tracing::error!("{self}");
+                libc::EIO
+            }
+        }
+    }
+}

@@ -1,0 +1,1165 @@
+//! The filesystem: backing-directory logic ([`Core`]) and the thin fuser
+//! adapter (`adapter`), which turns [`FsError`] into errno in one place.
+
+mod adapter;
+pub mod crypt_file;
+pub mod error;
+mod sys;
+
+pub use adapter::{mount, MountOptions};
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
+
+use crate::cache::DekCache;
+use crate::config::{ActivePolicy, Config, Connected};
+use crate::crypto::{self, BlockCipher};
+use crate::format::header::{self as hdr, Header, ParsedHeader};
+use crate::format::names::{is_reserved, sidecar_name};
+use crate::format::BlockGeometry;
+use crate::kms::{KmsRuntime, ProviderSet, WrapContext, WrappedDek};
+use crate::metrics::Metrics;
+use crate::policy::{governing_by, is_within};
+use crypt_file::{CryptFile, PendingDurability};
+use error::{FsError, FsResult};
+
+const ROOT_INO: u64 = 1;
+/// Sidecars are small; anything larger is not one of ours.
+const MAX_SIDECAR_LEN: u64 = 64 * 1024;
+
+/// A sidecar's bytes and their parse. Immutable for the life of the file.
+pub struct FileHeader {
+    pub parsed: ParsedHeader,
+    pub raw: Vec<u8>,
+}
+
+/// One object of the backing tree the kernel knows about.
+pub struct Inode {
+    kind: FileType,
+    /// O_PATH handle on the backing object: stays valid across renames and
+    /// after unlink, so getattr/setattr never resolve paths.
+    fd: OwnedFd,
+    /// Kernel lookup count; the entry is dropped when it reaches zero.
+    lookups: AtomicU64,
+    /// Last known (parent inode, name); None for the root, or once the name
+    /// was unlinked. Needed to find the sidecar and for log lines.
+    location: Mutex<Option<(u64, OsString)>>,
+    /// Shared open state while any handle is open (regular files).
+    open_file: Mutex<Weak<CryptFile>>,
+    /// The sidecar header, read at most once (headers never change).
+    header: OnceLock<Arc<FileHeader>>,
+    /// A regular file without sidecar under a non-mandatory policy: its
+    /// bytes are plaintext and pass through unchanged.
+    plain: bool,
+}
+
+/// An open file or directory handle.
+enum Handle {
+    File(Arc<CryptFile>),
+    /// Directory snapshot taken at opendir: (fuse ino, kind, name).
+    Dir(Vec<(u64, FileType, OsString)>),
+}
+
+/// Backing-directory state shared by all FUSE threads.
+pub struct Core {
+    /// O_PATH handle on the backing root.
+    root: Arc<Inode>,
+    /// Backing inode number of the root (FUSE calls it 1).
+    root_backing_ino: u64,
+    geometry: BlockGeometry,
+    /// Key policies with their KMS connected; one has dir "/".
+    policies: Vec<ActivePolicy>,
+    /// True when some policy lets sidecar-less (plaintext) files through.
+    has_optional_policy: bool,
+    /// Everything that may unwrap an existing file's DEK.
+    providers: ProviderSet,
+    pub cache: DekCache,
+    runtime: KmsRuntime,
+    metrics: Arc<Metrics>,
+    read_only: bool,
+    /// Invariant: holds every inode with a non-zero lookup count, plus root.
+    inodes: RwLock<HashMap<u64, Arc<Inode>>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    is_root_user: bool,
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if n < 0 {
+                    s -= 1;
+                    n += 1_000_000_000;
+                }
+                libc::timespec {
+                    tv_sec: s,
+                    tv_nsec: n,
+                }
+            }
+        },
+    }
+}
+
+fn errno(e: i32) -> FsError {
+    FsError::errno(e)
+}
+
+fn reject_reserved(name: &OsStr) -> FsResult<()> {
+    if is_reserved(name.as_bytes()) {
+        return Err(errno(libc::EPERM));
+    }
+    Ok(())
+}
+
+/// Who asked: new objects are owned by them.
+#[derive(Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Core {
+    pub fn new(
+        backing: &Path,
+        config: &Config,
+        connected: Connected,
+        cache: DekCache,
+        runtime: KmsRuntime,
+        metrics: Arc<Metrics>,
+        read_only: bool,
+    ) -> std::io::Result<Self> {
+        let c = sys::cstr(backing.as_os_str())?;
+        let fd = sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let root = Arc::new(Inode {
+            kind: FileType::Directory,
+            fd,
+            lookups: AtomicU64::new(1),
+            location: Mutex::new(None),
+            open_file: Mutex::new(Weak::new()),
+            header: OnceLock::new(),
+            plain: false,
+        });
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT_INO, root.clone());
+        Ok(Core {
+            root,
+            root_backing_ino: st.st_ino,
+            geometry: config.geometry(),
+            has_optional_policy: connected.policies.iter().any(|p| !p.policy.mandatory),
+            policies: connected.policies,
+            providers: connected.providers,
+            cache,
+            runtime,
+            metrics,
+            read_only,
+            inodes: RwLock::new(inodes),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            is_root_user: unsafe { libc::geteuid() } == 0,
+        })
+    }
+
+    pub fn runtime(&self) -> &KmsRuntime {
+        &self.runtime
+    }
+
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.cache.stats)
+    }
+
+    /// FUSE inode number of a backing inode number (root is always 1).
+    fn fuse_ino(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_backing_ino {
+            ROOT_INO
+        } else if backing_ino == ROOT_INO {
+            self.root_backing_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    fn inode(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        self.inodes
+            .read()
+            .unwrap()
+            .get(&ino)
+            .cloned()
+            .ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    fn dir(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        let i = self.inode(ino)?;
+        if i.kind != FileType::Directory {
+            return Err(errno(libc::ENOTDIR));
+        }
+        Ok(i)
+    }
+
+    /// Mount-relative path ("/" or "/a/b") of an inode, from the names the
+    /// kernel last looked it up by; None once unlinked.
+    fn rel_path(&self, inode: &Inode) -> Option<String> {
+        let mut parts = Vec::new();
+        if std::ptr::eq(inode, &*self.root) {
+            return Some("/".into());
+        }
+        let mut loc = inode.location.lock().unwrap().clone();
+        while let Some((parent, name)) = loc {
+            parts.push(name.to_string_lossy().into_owned());
+            if parent == ROOT_INO {
+                let mut path = String::new();
+                for p in parts.iter().rev() {
+                    path.push('/');
+                    path.push_str(p);
+                }
+                return Some(path);
+            }
+            if parts.len() > 4096 {
+                return None;
+            }
+            loc = self
+                .inodes
+                .read()
+                .unwrap()
+                .get(&parent)?
+                .location
+                .lock()
+                .unwrap()
+                .clone();
+        }
+        None
+    }
+
+    /// Backing-relative path of an inode, for log lines.
+    fn label(&self, inode: &Inode) -> String {
+        match self.rel_path(inode) {
+            Some(p) => p.trim_start_matches('/').to_owned(),
+            None => "(unlinked file)".into(),
+        }
+    }
+
+    /// The policy governing mount-relative `path`.
+    fn policy_at(&self, path: &str) -> &ActivePolicy {
+        &self.policies[governing_by(self.policies.iter().map(|p| p.policy.dir.as_str()), path)]
+    }
+
+    /// The policy for new files in directory `dir`.
+    fn policy_in(&self, dir: &Inode) -> FsResult<&ActivePolicy> {
+        let path = self.rel_path(dir).ok_or_else(|| errno(libc::ENOENT))?;
+        Ok(self.policy_at(&path))
+    }
+
+    fn attr(&self, st: &libc::stat, plain: bool) -> FileAttr {
+        let kind = kind_of(st.st_mode);
+        let size = if kind == FileType::RegularFile && !plain {
+            self.geometry.plaintext_size(st.st_size as u64)
+        } else {
+            st.st_size as u64
+        };
+        FileAttr {
+            ino: INodeNo(self.fuse_ino(st.st_ino)),
+            size,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// Records that the kernel now knows `name` in `parent` (one lookup).
+    fn remember(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        fd: OwnedFd,
+        st: &libc::stat,
+        plain: bool,
+    ) -> Arc<Inode> {
+        let ino = self.fuse_ino(st.st_ino);
+        let mut map = self.inodes.write().unwrap();
+        if let Some(existing) = map.get(&ino) {
+            existing.lookups.fetch_add(1, Ordering::Relaxed);
+            if ino != ROOT_INO {
+                *existing.location.lock().unwrap() = Some((parent, name.to_owned()));
+            }
+            return existing.clone();
+        }
+        let inode = Arc::new(Inode {
+            kind: kind_of(st.st_mode),
+            fd,
+            lookups: AtomicU64::new(1),
+            location: Mutex::new(Some((parent, name.to_owned()))),
+            open_file: Mutex::new(Weak::new()),
+            header: OnceLock::new(),
+            plain,
+        });
+        map.insert(ino, inode.clone());
+        inode
+    }
+
+    /// Opens `name` in `parent` as an inode the kernel now knows.
+    fn lookup_in(
+        &self,
+        parent: u64,
+        dir: &Inode,
+        name: &OsStr,
+    ) -> FsResult<(Arc<Inode>, FileAttr)> {
+        let c = sys::cstr(name)?;
+        let fd = sys::open_path(dir.fd.as_raw_fd(), &c)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let plain = self.is_plain(dir, name, &st)?;
+        let inode = self.remember(parent, name, fd, &st, plain);
+        Ok((inode, self.attr(&st, plain)))
+    }
+
+    /// Whether `name` in `dir` is a plaintext file let through by a
+    /// non-mandatory policy (costs a sidecar check only in such subtrees).
+    fn is_plain(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
+        if !self.has_optional_policy
+            || kind_of(st.st_mode) != FileType::RegularFile
+            || self.policy_in(dir)?.policy.mandatory
+        {
+            return Ok(false);
+        }
+        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        Ok(sys::fstatat(dir.fd.as_raw_fd(), &sc).is_err())
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        let dir = self.dir(parent)?;
+        self.lookup_in(parent, &dir, name).map(|(_, a)| a)
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut map = self.inodes.write().unwrap();
+        if let Some(i) = map.get(&ino) {
+            if i.lookups.fetch_sub(n, Ordering::Relaxed) <= n {
+                map.remove(&ino);
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+        let inode = self.inode(ino)?;
+        let st = sys::fstat(inode.fd.as_raw_fd())?;
+        Ok(self.attr(&st, inode.plain))
+    }
+
+    fn file_handle(&self, fh: u64) -> FsResult<Arc<CryptFile>> {
+        match self.handles.read().unwrap().get(&fh).map(|h| &**h) {
+            Some(Handle::File(f)) => Ok(f.clone()),
+            _ => Err(errno(libc::EBADF)),
+        }
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().unwrap().insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.write().unwrap().remove(&fh);
+    }
+
+    /// The sidecar header of a regular file, read once per inode.
+    fn header_of(&self, inode: &Inode) -> FsResult<Arc<FileHeader>> {
+        if let Some(h) = inode.header.get() {
+            return Ok(h.clone());
+        }
+        let label = self.label(inode);
+        let Some((parent, name)) = inode.location.lock().unwrap().clone() else {
+            return Err(FsError::header(
+                &label,
+                "the file has no name left to find its sidecar by",
+            ));
+        };
+        let dir = self.dir(parent)?;
+        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        let fd = match sys::openat(
+            dir.fd.as_raw_fd(),
+            &sc,
+            libc::O_RDONLY | libc::O_NOFOLLOW,
+            0,
+        ) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(FsError::header(
+                    &label,
+                    "sidecar is missing (not a kmsfs file, or its sidecar was deleted)",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut raw = Vec::new();
+        File::from(fd).take(MAX_SIDECAR_LEN).read_to_end(&mut raw)?;
+        let parsed = hdr::parse(&raw).map_err(|e| FsError::header_format(&label, e))?;
+        if parsed.header.geometry != self.geometry {
+            return Err(FsError::header(
+                &label,
+                "its block size differs from this backing directory's configuration",
+            ));
+        }
+        let fh = Arc::new(FileHeader { parsed, raw });
+        Ok(inode.header.get_or_init(|| fh).clone())
+    }
+
+    /// The shared open state of a regular file: header from the sidecar (once
+    /// per inode), DEK from the cache or one KMS unwrap.
+    pub async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
+        if let Some(cf) = inode.open_file.lock().unwrap().upgrade() {
+            return Ok(cf);
+        }
+        if inode.kind != FileType::RegularFile {
+            return Err(errno(libc::EINVAL));
+        }
+        let flags = if self.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        if inode.plain {
+            let fd = sys::reopen(&inode.fd, flags)?;
+            let mut slot = inode.open_file.lock().unwrap();
+            if let Some(cf) = slot.upgrade() {
+                return Ok(cf);
+            }
+            let cf = Arc::new(CryptFile::plaintext(
+                File::from(fd),
+                self.geometry,
+                self.label(inode),
+            ));
+            *slot = Arc::downgrade(&cf);
+            return Ok(cf);
+        }
+        let header = self.header_of(inode)?;
+        let h = &header.parsed.header;
+        let label = self.label(inode);
+        let ctx = WrapContext { file_id: h.file_id };
+        let wrapped = WrappedDek {
+            key_ref: h.key_ref.clone(),
+            blob: h.wrapped_dek.clone(),
+        };
+        let kms_err = |source| FsError::Kms {
+            file: label.clone(),
+            source,
+        };
+        let dek = match self.cache.get(&wrapped, &ctx) {
+            Some(d) => d,
+            None => {
+                let provider = self.providers.for_key(&h.key_ref).map_err(kms_err)?;
+                self.cache
+                    .get_or_unwrap(&wrapped, &ctx, provider.as_ref())
+                    .await
+                    .map_err(kms_err)?
+            }
+        };
+        crypto::verify_header(&header.parsed, &dek).map_err(|e| FsError::header(&label, e))?;
+        let cipher = BlockCipher::new(&dek, h);
+        let fd = sys::reopen(&inode.fd, flags)?;
+        let mut slot = inode.open_file.lock().unwrap();
+        if let Some(cf) = slot.upgrade() {
+            return Ok(cf);
+        }
+        let cf = Arc::new(CryptFile::new(
+            File::from(fd),
+            cipher,
+            self.geometry,
+            label,
+            None,
+        ));
+        *slot = Arc::downgrade(&cf);
+        Ok(cf)
+    }
+
+    pub async fn open(&self, ino: u64) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        let cf = self.crypt_file(&inode).await?;
+        Ok(self.add_handle(Handle::File(cf)))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: usize, out: &mut Vec<u8>) -> FsResult<()> {
+        self.file_handle(fh)?.read(offset, size, out)?;
+        self.metrics
+            .bytes_read
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        self.file_handle(fh)?.write(offset, data)?;
+        self.metrics
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        self.file_handle(fh)?.sync(datasync)
+    }
+
+    /// Owner of a new object: the caller, with the group inherited from a
+    /// set-group-ID parent directory.
+    fn chown_new(&self, fd: &OwnedFd, parent: &Inode, caller: Caller) -> FsResult<()> {
+        if !self.is_root_user {
+            return Ok(());
+        }
+        let pst = sys::fstat(parent.fd.as_raw_fd())?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            caller.gid
+        };
+        sys::fchownat(fd.as_raw_fd(), caller.uid, gid)?;
+        Ok(())
+    }
+
+    /// Creates a regular file with a fresh DEK; returns its open state.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<(FileAttr, Arc<CryptFile>)> {
+        reject_reserved(name)?;
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        let dir = self.dir(parent)?;
+        let dfd = dir.fd.as_raw_fd();
+        let c = sys::cstr(name)?;
+        if name.len() > crate::format::names::NAME_MAX {
+            return Err(errno(libc::ENAMETOOLONG));
+        }
+        if sys::fstatat(dfd, &c).is_ok() {
+            // Checked before asking the KMS for a key that would go unused.
+            return Err(errno(libc::EEXIST));
+        }
+        let policy = self.policy_in(&dir)?;
+        let file_id = crypto::random_file_id();
+        let ctx = WrapContext { file_id };
+        let (dek, wrapped) =
+            policy
+                .provider
+                .generate_dek(&ctx)
+                .await
+                .map_err(|source| FsError::Kms {
+                    file: name.to_string_lossy().into_owned(),
+                    source,
+                })?;
+        let header = Header {
+            cipher: policy.policy.cipher,
+            geometry: self.geometry,
+            file_id,
+            key_ref: wrapped.key_ref.clone(),
+            wrapped_dek: wrapped.blob.clone(),
+        };
+        let raw = crypto::seal_header(&header, &dek)
+            .map_err(|e| FsError::header(&name.to_string_lossy(), e))?;
+        let sidecar = self.write_sidecar(dfd, name, &raw)?;
+        let data = match sys::openat(
+            dfd,
+            &c,
+            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
+            mode & 0o7777,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = self.remove_sidecar(dfd, name);
+                return Err(e.into());
+            }
+        };
+        self.chown_new(&data, &dir, caller)?;
+        if mode & 0o7000 != 0 {
+            // chown clears set-ID bits; put back what the caller asked for.
+            sys::chmod_path(&sys::proc_path(&data), mode & 0o7777)?;
+        }
+        let path_fd = sys::open_path(dfd, &c)?;
+        let st = sys::fstat(path_fd.as_raw_fd())?;
+        let inode = self.remember(parent, name, path_fd, &st, false);
+        let parsed =
+            hdr::parse(&raw).map_err(|e| FsError::header_format(&name.to_string_lossy(), e))?;
+        let _ = inode.header.set(Arc::new(FileHeader { parsed, raw }));
+        let cipher = BlockCipher::new(&dek, &header);
+        self.cache.insert(&wrapped, &ctx, Arc::new(dek));
+        let parent_dir = File::from(sys::reopen(&dir.fd, libc::O_RDONLY | libc::O_DIRECTORY)?);
+        let cf = Arc::new(CryptFile::new(
+            File::from(data),
+            cipher,
+            self.geometry,
+            self.label(&inode),
+            Some(PendingDurability {
+                sidecar,
+                parent_dir,
+            }),
+        ));
+        *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
+        Ok((self.attr(&st, false), cf))
+    }
+
+    pub async fn create_open(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<(FileAttr, u64)> {
+        let (attr, cf) = self.create(parent, name, mode, caller).await?;
+        Ok((attr, self.add_handle(Handle::File(cf))))
+    }
+
+    /// Writes a new sidecar for `name` (O_EXCL). A leftover sidecar whose
+    /// data file is gone (crash between the two unlinks) is replaced.
+    fn write_sidecar(&self, dfd: i32, name: &OsStr, raw: &[u8]) -> FsResult<File> {
+        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        let c = sys::cstr(name)?;
+        for _ in 0..2 {
+            match sys::openat(
+                dfd,
+                &sc,
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                0o600,
+            ) {
+                Ok(fd) => {
+                    let mut f = File::from(fd);
+                    if let Err(e) = f.write_all(raw) {
+                        let _ = sys::unlinkat(dfd, &sc, 0);
+                        return Err(e.into());
+                    }
+                    return Ok(f);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => match sys::fstatat(dfd, &c) {
+                    Ok(_) => return Err(errno(libc::EEXIST)),
+                    Err(_) => sys::unlinkat(dfd, &sc, 0)?,
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(errno(libc::EEXIST))
+    }
+
+    fn remove_sidecar(&self, dfd: i32, name: &OsStr) -> FsResult<()> {
+        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        match sys::unlinkat(dfd, &sc, 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        reject_reserved(name)?;
+        let dir = self.dir(parent)?;
+        let c = sys::cstr(name)?;
+        sys::mkdirat(dir.fd.as_raw_fd(), &c, mode & 0o7777)?;
+        self.finish_new(parent, &dir, name, caller, Some(mode))
+    }
+
+    /// Common tail of mkdir/mknod/symlink: chown, then look up.
+    fn finish_new(
+        &self,
+        parent: u64,
+        dir: &Inode,
+        name: &OsStr,
+        caller: Caller,
+        mode: Option<u32>,
+    ) -> FsResult<FileAttr> {
+        let c = sys::cstr(name)?;
+        let fd = sys::open_path(dir.fd.as_raw_fd(), &c)?;
+        self.chown_new(&fd, dir, caller)?;
+        if let Some(mode) = mode {
+            if mode & 0o7000 != 0 && kind_of(mode) != FileType::Symlink {
+                sys::chmod_path(&sys::proc_path(&fd), mode & 0o7777)?;
+            }
+        }
+        let st = sys::fstat(fd.as_raw_fd())?;
+        self.remember(parent, name, fd, &st, false);
+        Ok(self.attr(&st, false))
+    }
+
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        reject_reserved(name)?;
+        if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+            return self
+                .create(parent, name, mode & 0o7777, caller)
+                .await
+                .map(|(a, _)| a);
+        }
+        let dir = self.dir(parent)?;
+        let c = sys::cstr(name)?;
+        sys::mknodat(dir.fd.as_raw_fd(), &c, mode, rdev as u64)?;
+        self.finish_new(parent, &dir, name, caller, Some(mode))
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        reject_reserved(name)?;
+        let dir = self.dir(parent)?;
+        let c = sys::cstr(name)?;
+        let t = sys::cstr(target.as_os_str())?;
+        sys::symlinkat(&t, dir.fd.as_raw_fd(), &c)?;
+        self.finish_new(parent, &dir, name, caller, None)
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        Ok(sys::readlinkat(inode.fd.as_raw_fd())?)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        let dir = self.dir(parent)?;
+        let dfd = dir.fd.as_raw_fd();
+        let c = sys::cstr(name)?;
+        let st = sys::fstatat(dfd, &c)?;
+        sys::unlinkat(dfd, &c, 0)?;
+        if kind_of(st.st_mode) == FileType::RegularFile {
+            self.remove_sidecar(dfd, name)?;
+        }
+        self.forget_name(parent, name, &st);
+        Ok(())
+    }
+
+    /// After a name went away: the inode keeps working through its fd, but
+    /// no longer has that name.
+    fn forget_name(&self, parent: u64, name: &OsStr, st: &libc::stat) {
+        if let Some(inode) = self.inodes.read().unwrap().get(&self.fuse_ino(st.st_ino)) {
+            let mut loc = inode.location.lock().unwrap();
+            if matches!(&*loc, Some((p, n)) if *p == parent && n == name) {
+                *loc = None;
+            }
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        let dir = self.dir(parent)?;
+        let dfd = dir.fd.as_raw_fd();
+        let c = sys::cstr(name)?;
+        let st = sys::fstatat(dfd, &c)?;
+        match sys::unlinkat(dfd, &c, libc::AT_REMOVEDIR) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                // Empty to the user but holding leftover sidecars: remove them.
+                let sub = sys::openat(
+                    dfd,
+                    &c,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+                let entries: Vec<OsString> =
+                    std::fs::read_dir(sys::proc_path(&sub).to_str().unwrap_or_default())?
+                        .filter_map(|e| e.ok().map(|e| e.file_name()))
+                        .collect();
+                if entries.iter().any(|n| !is_reserved(n.as_bytes())) {
+                    return Err(e.into());
+                }
+                for n in entries {
+                    sys::unlinkat(sub.as_raw_fd(), &sys::cstr(&n)?, 0)?;
+                }
+                sys::unlinkat(dfd, &c, libc::AT_REMOVEDIR)?;
+            }
+            r => r?,
+        }
+        self.forget_name(parent, name, &st);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        reject_reserved(newname)?;
+        let (od, nd) = (self.dir(parent)?, self.dir(newparent)?);
+        let (ofd, nfd) = (od.fd.as_raw_fd(), nd.fd.as_raw_fd());
+        let (oc, nc) = (sys::cstr(name)?, sys::cstr(newname)?);
+        let src = sys::fstatat(ofd, &oc)?;
+        let dst = sys::fstatat(nfd, &nc).ok();
+        self.check_same_policy(&od, name, kind_of(src.st_mode), &nd, newname)?;
+        if let Some(d) = dst.filter(|_| flags & libc::RENAME_EXCHANGE != 0) {
+            self.check_same_policy(&nd, newname, kind_of(d.st_mode), &od, name)?;
+        }
+        sys::renameat2(ofd, &oc, nfd, &nc, flags)?;
+        // Data moved; now its sidecar follows (see docs/ARCHITECTURE.md on the
+        // crash window between the two steps).
+        let osc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        let nsc = sys::cstr(OsStr::from_bytes(&sidecar_name(newname.as_bytes())))?;
+        let src_reg = kind_of(src.st_mode) == FileType::RegularFile;
+        let dst_reg = dst
+            .map(|d| kind_of(d.st_mode) == FileType::RegularFile)
+            .unwrap_or(false);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            match (src_reg, dst_reg) {
+                (true, true) => sys::renameat2(ofd, &osc, nfd, &nsc, libc::RENAME_EXCHANGE)?,
+                (true, false) => sys::renameat2(ofd, &osc, nfd, &nsc, 0)?,
+                (false, true) => sys::renameat2(nfd, &nsc, ofd, &osc, 0)?,
+                (false, false) => {}
+            }
+        } else if src_reg {
+            sys::renameat2(ofd, &osc, nfd, &nsc, 0)?;
+        } else if dst_reg {
+            self.remove_sidecar(nfd, newname)?;
+        }
+        // Update where the kernel's inodes now live.
+        let map = self.inodes.read().unwrap();
+        let src_inode = map.get(&self.fuse_ino(src.st_ino)).cloned();
+        let dst_inode = dst.and_then(|d| map.get(&self.fuse_ino(d.st_ino)).cloned());
+        drop(map);
+        if let Some(d) = &dst_inode {
+            *d.location.lock().unwrap() = if flags & libc::RENAME_EXCHANGE != 0 {
+                Some((parent, name.to_owned()))
+            } else {
+                None
+            };
+        }
+        if let Some(s) = src_inode {
+            *s.location.lock().unwrap() = Some((newparent, newname.to_owned()));
+            if let Some(cf) = s.open_file.lock().unwrap().upgrade() {
+                cf.set_label(self.label(&s));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moving or linking an entry between subtrees protected by different
+    /// keys fails with EXDEV (as fscrypt does), so tools fall back to a copy
+    /// that is encrypted under the destination's key.
+    fn check_same_policy(
+        &self,
+        od: &Inode,
+        name: &OsStr,
+        kind: FileType,
+        nd: &Inode,
+        newname: &OsStr,
+    ) -> FsResult<()> {
+        if self.policies.len() == 1 {
+            return Ok(());
+        }
+        let (Some(op), Some(np)) = (self.rel_path(od), self.rel_path(nd)) else {
+            return Err(errno(libc::ENOENT));
+        };
+        let join =
+            |dir: &str, n: &OsStr| format!("{}/{}", dir.trim_end_matches('/'), n.to_string_lossy());
+        let (src, dst) = if kind == FileType::Directory {
+            let src = join(&op, name);
+            // A policy rooted inside the moved tree would no longer match.
+            if self
+                .policies
+                .iter()
+                .any(|p| p.policy.dir != src && is_within(&p.policy.dir, &src))
+            {
+                return Err(errno(libc::EXDEV));
+            }
+            (self.policy_at(&src), self.policy_at(&join(&np, newname)))
+        } else {
+            (self.policy_at(&op), self.policy_at(&np))
+        };
+        if src.policy.same_protection(&dst.policy) {
+            Ok(())
+        } else {
+            Err(errno(libc::EXDEV))
+        }
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<FileAttr> {
+        reject_reserved(newname)?;
+        let inode = self.inode(ino)?;
+        if inode.kind == FileType::Directory {
+            return Err(errno(libc::EPERM));
+        }
+        let nd = self.dir(newparent)?;
+        let nfd = nd.fd.as_raw_fd();
+        let nc = sys::cstr(newname)?;
+        if let Some((parent, name)) = inode.location.lock().unwrap().clone() {
+            let od = self.dir(parent)?;
+            self.check_same_policy(&od, &name, inode.kind, &nd, newname)?;
+        }
+        if sys::fstatat(nfd, &nc).is_ok() {
+            return Err(errno(libc::EEXIST));
+        }
+        let sidecar = if inode.kind == FileType::RegularFile && !inode.plain {
+            let header = self.header_of(&inode)?;
+            Some(self.write_sidecar(nfd, newname, &header.raw)?)
+        } else {
+            None
+        };
+        if let Err(e) = sys::linkat(inode.fd.as_raw_fd(), c"", nfd, &nc, libc::AT_EMPTY_PATH) {
+            if sidecar.is_some() {
+                let _ = self.remove_sidecar(nfd, newname);
+            }
+            return Err(e.into());
+        }
+        let fd = sys::open_path(nfd, &nc)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        self.remember(newparent, newname, fd, &st, inode.plain);
+        Ok(self.attr(&st, inode.plain))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<u64>,
+    ) -> FsResult<FileAttr> {
+        let inode = self.inode(ino)?;
+        let fd = inode.fd.as_raw_fd();
+        if self.read_only && (mode.is_some() || uid.is_some() || gid.is_some() || size.is_some()) {
+            return Err(errno(libc::EROFS));
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::fchownat(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(mode) = mode {
+            if inode.kind == FileType::Symlink {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            sys::chmod_path(&sys::proc_path(&inode.fd), mode & 0o7777)?;
+        }
+        if let Some(size) = size {
+            match inode.kind {
+                FileType::RegularFile => {}
+                FileType::Directory => return Err(errno(libc::EISDIR)),
+                _ => return Err(errno(libc::EINVAL)),
+            }
+            let cf = match fh.map(|fh| self.file_handle(fh)) {
+                Some(Ok(cf)) => cf,
+                _ => self.crypt_file(&inode).await?,
+            };
+            cf.truncate(size)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let times = [timespec(atime), timespec(mtime)];
+            if inode.kind == FileType::Symlink {
+                let Some((parent, name)) = inode.location.lock().unwrap().clone() else {
+                    return Err(errno(libc::ENOENT));
+                };
+                let dir = self.dir(parent)?;
+                sys::utimensat(
+                    dir.fd.as_raw_fd(),
+                    &sys::cstr(&name)?,
+                    &times,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )?;
+            } else {
+                sys::utimensat(libc::AT_FDCWD, &sys::proc_path(&inode.fd), &times, 0)?;
+            }
+        }
+        self.getattr(ino)
+    }
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let inode = self.dir(ino)?;
+        let parent_ino = match &*inode.location.lock().unwrap() {
+            Some((p, _)) => *p,
+            None => ROOT_INO,
+        };
+        let path = sys::proc_path(&inode.fd);
+        let mut entries = vec![
+            (ino, FileType::Directory, OsString::from(".")),
+            (parent_ino, FileType::Directory, OsString::from("..")),
+        ];
+        for e in std::fs::read_dir(OsStr::from_bytes(path.as_bytes()))? {
+            let e = e?;
+            let name = e.file_name();
+            if is_reserved(name.as_bytes()) {
+                continue;
+            }
+            use std::os::unix::fs::DirEntryExt;
+            let ft = e.file_type()?;
+            let kind = FileType::from_std(ft).unwrap_or(FileType::RegularFile);
+            entries.push((self.fuse_ino(e.ino()), kind, name));
+        }
+        Ok(self.add_handle(Handle::Dir(entries)))
+    }
+
+    /// Entries of an open directory from `offset` on; `add` returns true when
+    /// the reply is full.
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
+    ) -> FsResult<()> {
+        let h = self.handles.read().unwrap().get(&fh).cloned();
+        let Some(h) = h else {
+            return Err(errno(libc::EBADF));
+        };
+        let Handle::Dir(entries) = &*h else {
+            return Err(errno(libc::EBADF));
+        };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if add(*ino, i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        let inode = self.dir(ino)?;
+        File::from(sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?).sync_all()?;
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+        Ok(sys::fstatvfs(
+            sys::reopen(&self.root.fd, libc::O_RDONLY | libc::O_DIRECTORY)?.as_raw_fd(),
+        )?)
+    }
+
+    fn xattr_path(&self, ino: u64) -> FsResult<std::ffi::CString> {
+        Ok(sys::proc_path(&self.inode(ino)?.fd))
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        if is_reserved_xattr(name) {
+            return Err(errno(libc::EPERM));
+        }
+        Ok(sys::setxattr(
+            &self.xattr_path(ino)?,
+            &sys::cstr(name)?,
+            value,
+            flags,
+        )?)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        if is_reserved_xattr(name) {
+            return Err(errno(libc::ENODATA));
+        }
+        Ok(sys::getxattr(&self.xattr_path(ino)?, &sys::cstr(name)?)?)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let all = sys::listxattr(&self.xattr_path(ino)?)?;
+        let mut out = Vec::with_capacity(all.len());
+        for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if !is_reserved_xattr(OsStr::from_bytes(n)) {
+                out.extend_from_slice(n);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        if is_reserved_xattr(name) {
+            return Err(errno(libc::EPERM));
+        }
+        Ok(sys::removexattr(&self.xattr_path(ino)?, &sys::cstr(name)?)?)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        if mode != 0 {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        let cf = self.file_handle(fh)?;
+        let end = offset + length;
+        if end > cf.size()? {
+            cf.truncate(end)?;
+        }
+        Ok(())
+    }
+}
+
+/// xattr names kmsfs keeps for itself.
+fn is_reserved_xattr(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(b"user.kmsfs.")
+}

@@ -1,0 +1,182 @@
+//! Thin safe wrappers over the *at() system calls the backing side uses.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An O_PATH handle on `name` in `dir`, not following a final symlink.
+pub fn open_path(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+    openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+}
+
+/// Reopens an O_PATH handle with real access flags (works after unlink).
+pub fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
+    let path = proc_path(fd);
+    openat(libc::AT_FDCWD, &path, flags & !libc::O_CREAT, 0)
+}
+
+pub fn proc_path(fd: &impl AsRawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe {
+        libc::fstatat(
+            fd,
+            c"".as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+pub fn fstatat(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: RawFd, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    check(unsafe { libc::mknodat(dir, name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }).map(drop)
+}
+
+pub fn unlinkat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<()> {
+    check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat2(odir: RawFd, old: &CStr, ndir: RawFd, new: &CStr, flags: u32) -> io::Result<()> {
+    check(unsafe { libc::renameat2(odir, old.as_ptr(), ndir, new.as_ptr(), flags) }).map(drop)
+}
+
+pub fn linkat(odir: RawFd, old: &CStr, ndir: RawFd, new: &CStr, flags: i32) -> io::Result<()> {
+    check(unsafe { libc::linkat(odir, old.as_ptr(), ndir, new.as_ptr(), flags) }).map(drop)
+}
+
+pub fn readlinkat(fd: RawFd) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = unsafe { libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub fn fchownat(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
+    check(unsafe {
+        libc::fchownat(
+            fd,
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
+}
+
+pub fn utimensat(
+    dir: RawFd,
+    name: &CStr,
+    times: &[libc::timespec; 2],
+    flags: i32,
+) -> io::Result<()> {
+    check(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), flags) }).map(drop)
+}
+
+pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs> {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstatvfs(fd, &mut st) })?;
+    Ok(st)
+}
+
+pub fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    check(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// The whole value of xattr `name`.
+pub fn getxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; n as usize];
+        let m = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if m < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue; // grew in between
+            }
+            return Err(e);
+        }
+        buf.truncate(m as usize);
+        return Ok(buf);
+    }
+}
+
+pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
+    let n = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; n as usize];
+    let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub fn removexattr(path: &CStr, name: &CStr) -> io::Result<()> {
+    check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+}

@@ -1,0 +1,595 @@
+//! AWS KMS provider.
+//!
+//! New DEKs come from `GenerateDataKey` (AES_256) under one symmetric KMS key;
+//! unwrapping is `Decrypt` with the key pinned. The wrap context goes in as
+//! the KMS `EncryptionContext`, so a wrapped DEK moved to another file's
+//! sidecar does not decrypt. The configured key ID or alias is resolved once
+//! at connect (`DescribeKey`) to the key ARN, which is what key references
+//! record; AWS embeds the key material version in the ciphertext blob, so
+//! `key_version` stays empty.
+//!
+//! Credentials come from the SDK's default chain (environment, shared
+//! profile files — optionally a named profile —, web identity, ECS/EC2
+//! roles), optionally with a role assumed on top (with an external ID). The
+//! SDK's own retries are off: callers retry errors that `is_retryable()`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use crate::crypto::Dek;
+
+const PROVIDER: &str = "aws";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Key ID, key ARN, alias name (alias/...) or alias ARN.
+    pub key_id: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Custom endpoint (LocalStack, moto).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Named profile from the shared config files.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Role to assume on top of the base credentials.
+    #[serde(default)]
+    pub assume_role_arn: Option<String>,
+    #[serde(default)]
+    pub external_id: Option<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+/// One AWS KMS key, resolved to its ARN.
+pub struct AwsKms {
+    client: aws_sdk_kms::Client,
+    /// The key's ARN as DescribeKey returned it; recorded in key references.
+    key_arn: String,
+    /// What the configuration named (ID, ARN or alias), for messages.
+    configured: String,
+    region: String,
+    timeout_secs: u64,
+}
+
+/// The KMS operations this provider calls, as IAM names them.
+#[derive(Clone, Copy)]
+enum Op {
+    DescribeKey,
+    GenerateDataKey,
+    Encrypt,
+    Decrypt,
+}
+
+impl Op {
+    fn iam(self) -> &'static str {
+        match self {
+            Op::DescribeKey => "kms:DescribeKey",
+            Op::GenerateDataKey => "kms:GenerateDataKey",
+            Op::Encrypt => "kms:Encrypt",
+            Op::Decrypt => "kms:Decrypt",
+        }
+    }
+}
+
+fn timeout_of(secs: u64) -> Duration {
+    Duration::from_secs(secs.max(1))
+}
+
+/// Keeps an AWS error message short and free of anything that looks like an
+/// access key ID (messages from AWS do not carry secret keys or tokens, but
+/// some name the caller's key ID).
+fn clean_message(msg: &str) -> String {
+    let chars: Vec<char> = msg.chars().collect();
+    let mut out = String::with_capacity(msg.len().min(320));
+    let mut i = 0;
+    while i < chars.len() {
+        let rest = &chars[i..];
+        let is_key_id = rest.len() >= 20
+            && (rest.starts_with(&['A', 'K', 'I', 'A']) || rest.starts_with(&['A', 'S', 'I', 'A']))
+            && rest[4..20].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            && (i == 0 || !chars[i - 1].is_ascii_alphanumeric());
+        if is_key_id {
+            out.push_str("[access key id]");
+            i += 20;
+            while i < chars.len() && chars[i].is_ascii_alphanumeric() {
+                i += 1;
+            }
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    if out.chars().count() > 300 {
+        out = out.chars().take(300).collect::<String>() + "...";
+    }
+    out.trim().to_owned()
+}
+
+/// Text of an error and its sources, one line.
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    clean_message(&parts.join(": "))
+}
+
+impl AwsKms {
+    /// Builds the client and resolves the configured key to its ARN.
+    pub async fn connect(cfg: &AwsConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
+        let timeout = timeout_of(cfg.timeout_secs);
+        // Region and credential discovery can wait on the EC2 metadata
+        // service; bound the whole connect.
+        match tokio::time::timeout(timeout * 3, Self::connect_inner(cfg)).await {
+            Ok(r) => r.map(|k| Arc::new(k) as Arc<dyn KeyProvider>),
+            Err(_) => Err(KmsError::Timeout {
+                kms: format!("AWS KMS (key {})", cfg.key_id),
+                seconds: timeout.as_secs() * 3,
+            }),
+        }
+    }
+
+    async fn connect_inner(cfg: &AwsConfig) -> Result<AwsKms, KmsError> {
+        if cfg.key_id.trim().is_empty() {
+            return Err(KmsError::Config(
+                "aws: key_id is empty; pass --aws-key-id (key ID, key ARN or alias/NAME)".into(),
+            ));
+        }
+        if cfg.external_id.is_some() && cfg.assume_role_arn.is_none() {
+            return Err(KmsError::Config(
+                "aws: an external ID is only used when assuming a role; also pass --aws-assume-role ROLE_ARN".into(),
+            ));
+        }
+        let timeout = timeout_of(cfg.timeout_secs);
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            .operation_attempt_timeout(timeout)
+            .operation_timeout(timeout)
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some(p) = cfg.profile.as_deref().filter(|p| !p.is_empty()) {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = cfg.region.as_deref().filter(|r| !r.is_empty()) {
+            loader = loader.region(Region::new(r.to_owned()));
+        }
+        let sdk = loader.load().await;
+        let Some(region) = sdk.region().map(|r| r.to_string()) else {
+            return Err(KmsError::Config(
+                "aws: no AWS region configured; pass --aws-region, set AWS_REGION, or set a region in the AWS profile".into(),
+            ));
+        };
+        if sdk.credentials_provider().is_none() {
+            return Err(KmsError::Config(
+                "aws: this build has no AWS credential provider".into(),
+            ));
+        }
+        let mut kms_conf = aws_sdk_kms::config::Builder::from(&sdk);
+        if let Some(role) = cfg.assume_role_arn.as_deref().filter(|r| !r.is_empty()) {
+            // STS is reached at its regular endpoint (or AWS_ENDPOINT_URL_STS),
+            // not at the custom KMS endpoint.
+            let mut b = aws_config::sts::AssumeRoleProvider::builder(role)
+                .session_name("kmsfs")
+                .configure(&sdk)
+                .region(Region::new(region.clone()));
+            if let Some(x) = cfg.external_id.as_deref() {
+                b = b.external_id(x);
+            }
+            let provider = b.build().await;
+            kms_conf = kms_conf.credentials_provider(provider);
+        }
+        if let Some(url) = cfg.endpoint.as_deref().filter(|u| !u.is_empty()) {
+            kms_conf = kms_conf.endpoint_url(url);
+        }
+        let client = aws_sdk_kms::Client::from_conf(kms_conf.build());
+        let mut kms = AwsKms {
+            client,
+            key_arn: String::new(),
+            configured: cfg.key_id.clone(),
+            region,
+            timeout_secs: timeout.as_secs(),
+        };
+        let meta = kms.describe_key().await?;
+        let Some(arn) = meta.arn().map(str::to_owned) else {
+            return Err(KmsError::Config(format!(
+                "{}: DescribeKey returned no key ARN",
+                kms.kms_name()
+            )));
+        };
+        kms.key_arn = arn;
+        Ok(kms)
+    }
+
+    /// The key's ARN, as recorded in key references.
+    pub fn key_arn(&self) -> &str {
+        &self.key_arn
+    }
+
+    fn kms_name(&self) -> String {
+        format!("AWS KMS ({})", self.region)
+    }
+
+    /// The key to name in requests: the ARN once known.
+    fn key(&self) -> &str {
+        if self.key_arn.is_empty() {
+            &self.configured
+        } else {
+            &self.key_arn
+        }
+    }
+
+    fn key_label(&self) -> String {
+        if self.key_arn.is_empty() || self.configured == self.key_arn {
+            self.key().to_owned()
+        } else {
+            format!("{} ({})", self.configured, self.key_arn)
+        }
+    }
+
+    fn context_map(ctx: &WrapContext) -> HashMap<String, String> {
+        ctx.pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+
+    /// Runs one SDK call with a hard deadline (the SDK's operation timeout
+    /// should fire first) and maps its error.
+    async fn call<T, E, F>(&self, op: Op, f: F) -> Result<T, KmsError>
+    where
+        F: Future<Output = Result<T, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let deadline = Duration::from_secs(self.timeout_secs) + Duration::from_secs(2);
+        match tokio::time::timeout(deadline, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.map_err(op, e)),
+            Err(_) => Err(KmsError::Timeout {
+                kms: self.kms_name(),
+                seconds: self.timeout_secs,
+            }),
+        }
+    }
+
+    fn map_err<E>(
+        &self,
+        op: Op,
+        e: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+    ) -> KmsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let kms = self.kms_name();
+        match &e {
+            SdkError::TimeoutError(_) => KmsError::Timeout {
+                kms,
+                seconds: self.timeout_secs,
+            },
+            SdkError::DispatchFailure(d) => {
+                if d.is_timeout() {
+                    return KmsError::Timeout {
+                        kms,
+                        seconds: self.timeout_secs,
+                    };
+                }
+                let detail = chain_text(&e);
+                let lower = detail.to_ascii_lowercase();
+                if d.is_other() && (lower.contains("credential") || lower.contains("identity")) {
+                    KmsError::AuthFailed {
+                        kms,
+                        detail: format!(
+                            "no usable AWS credentials ({detail}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+                             a profile (--aws-profile / AWS_PROFILE), or run with an IAM role"
+                        ),
+                    }
+                } else {
+                    KmsError::Unreachable {
+                        kms,
+                        detail: format!("{} failed: {detail}", op.iam()),
+                    }
+                }
+            }
+            SdkError::ResponseError(_) => KmsError::Unreachable {
+                kms,
+                detail: format!("{}: unreadable response: {}", op.iam(), chain_text(&e)),
+            },
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                let code = e.code().unwrap_or("").to_owned();
+                let msg = clean_message(e.message().unwrap_or(""));
+                let detail = if msg.is_empty() {
+                    code.clone()
+                } else {
+                    format!("{code}: {msg}")
+                };
+                self.map_service(op, status, &code, detail)
+            }
+            // Construction failures: a bad request or configuration.
+            _ => KmsError::Config(format!(
+                "{}: {} could not be sent: {}",
+                kms,
+                op.iam(),
+                chain_text(&e)
+            )),
+        }
+    }
+
+    fn map_service(&self, op: Op, status: u16, code: &str, detail: String) -> KmsError {
+        let kms = self.kms_name();
+        match code {
+            "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "IncompleteSignature"
+            | "IncompleteSignatureException"
+            | "InvalidClientTokenId"
+            | "ExpiredTokenException"
+            | "ExpiredToken"
+            | "SignatureDoesNotMatch"
+            | "MissingAuthenticationToken"
+            | "MissingAuthenticationTokenException"
+            | "RequestExpired" => KmsError::AuthFailed {
+                kms,
+                detail: format!(
+                    "{detail} (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN or the profile, \
+                     that the session has not expired, and the machine's clock)"
+                ),
+            },
+            "AccessDeniedException" | "AccessDenied" => KmsError::PermissionDenied {
+                kms,
+                operation: op.iam(),
+                detail: format!("{detail} (key {})", self.key_label()),
+            },
+            "NotFoundException" => KmsError::KeyNotFound {
+                kms: format!("{kms}: {detail}; keys and aliases are per region and account, this is region {}", self.region),
+                key: self.key_label(),
+            },
+            "InvalidArnException" => KmsError::KeyNotFound {
+                kms: format!("{kms}: {detail}"),
+                key: self.key_label(),
+            },
+            "DisabledException" | "KMSInvalidStateException" | "InvalidKeyUsageException" => {
+                KmsError::KeyVersionUnusable {
+                    kms,
+                    key: self.key_label(),
+                    version: "current".into(),
+                    detail: format!("{detail}; enable the key (or cancel its deletion) and check its key usage is ENCRYPT_DECRYPT"),
+                }
+            }
+            "InvalidCiphertextException" | "IncorrectKeyException" => KmsError::UnwrapFailed { kms, detail },
+            "ThrottlingException" | "LimitExceededException" => KmsError::Unreachable {
+                kms,
+                detail: format!("{} throttled: {detail}", op.iam()),
+            },
+            "DependencyTimeoutException" => KmsError::Timeout {
+                kms,
+                seconds: self.timeout_secs,
+            },
+            "KMSInternalException" | "KeyUnavailableException" | "ServiceUnavailableException" => {
+                KmsError::Unreachable {
+                    kms,
+                    detail: format!("{} failed on the server side: {detail}", op.iam()),
+                }
+            }
+            _ if status >= 500 || status == 429 => KmsError::Unreachable {
+                kms,
+                detail: format!("{} failed with HTTP {status}: {detail}", op.iam()),
+            },
+            _ => KmsError::Config(format!("{kms}: {} rejected (HTTP {status}): {detail}", op.iam())),
+        }
+    }
+
+    async fn describe_key(&self) -> Result<aws_sdk_kms::types::KeyMetadata, KmsError> {
+        let out = self
+            .call(
+                Op::DescribeKey,
+                self.client.describe_key().key_id(self.key()).send(),
+            )
+            .await?;
+        out.key_metadata.ok_or_else(|| {
+            KmsError::Config(format!(
+                "{}: DescribeKey returned no key metadata",
+                self.kms_name()
+            ))
+        })
+    }
+
+    /// Moves a plaintext key out of an SDK blob into a `Dek`, zeroizing the blob.
+    fn take_dek(&self, plaintext: Option<Blob>, op: Op) -> Result<Dek, KmsError> {
+        let Some(blob) = plaintext else {
+            return Err(KmsError::UnwrapFailed {
+                kms: self.kms_name(),
+                detail: format!("{} returned no plaintext key", op.iam()),
+            });
+        };
+        let mut raw = blob.into_inner();
+        let dek = Dek::from_slice(&raw).map_err(|e| KmsError::UnwrapFailed {
+            kms: self.kms_name(),
+            detail: format!("{} returned a {}-byte key: {e}", op.iam(), raw.len()),
+        });
+        raw.zeroize();
+        dek
+    }
+
+    fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            provider: PROVIDER.into(),
+            key_id: self.key_arn.clone(),
+            key_version: String::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for AwsKms {
+    fn describe(&self) -> String {
+        format!("{} key {}", self.kms_name(), self.key_label())
+    }
+
+    fn kind(&self) -> &'static str {
+        PROVIDER
+    }
+
+    fn handles(&self, key_ref: &KeyRef) -> bool {
+        key_ref.provider == PROVIDER && key_ref.key_id == self.key_arn
+    }
+
+    async fn generate_dek(&self, ctx: &WrapContext) -> Result<(Dek, WrappedDek), KmsError> {
+        let mut out = self
+            .call(
+                Op::GenerateDataKey,
+                self.client
+                    .generate_data_key()
+                    .key_id(self.key())
+                    .key_spec(DataKeySpec::Aes256)
+                    .set_encryption_context(Some(Self::context_map(ctx)))
+                    .send(),
+            )
+            .await?;
+        let dek = self.take_dek(out.plaintext.take(), Op::GenerateDataKey)?;
+        let blob = out
+            .ciphertext_blob
+            .take()
+            .map(Blob::into_inner)
+            .unwrap_or_default();
+        if blob.is_empty() {
+            return Err(KmsError::Config(format!(
+                "{}: GenerateDataKey returned no ciphertext",
+                self.kms_name()
+            )));
+        }
+        Ok((
+            dek,
+            WrappedDek {
+                key_ref: self.key_ref(),
+                blob,
+            },
+        ))
+    }
+
+    async fn wrap(&self, dek: &Dek, ctx: &WrapContext) -> Result<WrappedDek, KmsError> {
+        // The SDK takes the plaintext by value; this copy lives in the
+        // request until it is sent.
+        let out = self
+            .call(
+                Op::Encrypt,
+                self.client
+                    .encrypt()
+                    .key_id(self.key())
+                    .plaintext(Blob::new(dek.as_bytes().to_vec()))
+                    .set_encryption_context(Some(Self::context_map(ctx)))
+                    .send(),
+            )
+            .await?;
+        let blob = out
+            .ciphertext_blob
+            .map(Blob::into_inner)
+            .unwrap_or_default();
+        if blob.is_empty() {
+            return Err(KmsError::Config(format!(
+                "{}: Encrypt returned no ciphertext",
+                self.kms_name()
+            )));
+        }
+        Ok(WrappedDek {
+            key_ref: self.key_ref(),
+            blob,
+        })
+    }
+
+    async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
+        if !self.handles(&wrapped.key_ref) {
+            return Err(KmsError::NoProvider {
+                provider: wrapped.key_ref.provider.clone(),
+                key: wrapped.key_ref.key_id.clone(),
+            });
+        }
+        let mut out = self
+            .call(
+                Op::Decrypt,
+                self.client
+                    .decrypt()
+                    .key_id(&wrapped.key_ref.key_id)
+                    .ciphertext_blob(Blob::new(wrapped.blob.clone()))
+                    .set_encryption_context(Some(Self::context_map(ctx)))
+                    .send(),
+            )
+            .await?;
+        self.take_dek(out.plaintext.take(), Op::Decrypt)
+    }
+
+    async fn check(&self) -> Result<(), KmsError> {
+        let meta = self.describe_key().await?;
+        let unusable = |detail: String| KmsError::KeyVersionUnusable {
+            kms: self.kms_name(),
+            key: self.key_label(),
+            version: "current".into(),
+            detail,
+        };
+        if !meta.enabled() {
+            let state = meta
+                .key_state()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|| "unknown".into());
+            return Err(unusable(format!(
+                "the key is not enabled (state {state}); enable it with `aws kms enable-key`"
+            )));
+        }
+        if let Some(state) = meta.key_state() {
+            if *state != KeyState::Enabled {
+                return Err(unusable(format!("the key is in state {}", state.as_str())));
+            }
+        }
+        match meta.key_usage() {
+            Some(KeyUsageType::EncryptDecrypt) | None => {}
+            Some(u) => {
+                return Err(unusable(format!(
+                    "its key usage is {}, kmsfs needs a symmetric ENCRYPT_DECRYPT key",
+                    u.as_str()
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_cleaned() {
+        let m = clean_message("User AKIAIOSFODNN7EXAMPLE is not authorized");
+        assert!(!m.contains("AKIAIOSFODNN7EXAMPLE"), "{m}");
+        assert!(m.contains("[access key id] is not authorized"), "{m}");
+        let m = clean_message("User: u (ASIAIOSFODNN7EXAMPLE) denied");
+        assert_eq!(m, "User: u ([access key id]) denied");
+        assert!(clean_message(&"x".repeat(1000)).len() < 310);
+    }
+}

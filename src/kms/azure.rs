@@ -1,0 +1,567 @@
+//! Azure Key Vault provider: wraps DEKs with `wrapKey`/`unwrapKey` and
+//! RSA-OAEP-256 under an RSA key in a vault (or Managed HSM).
+//!
+//! # Binding the wrap context
+//!
+//! RSA-OAEP has no associated data, so the wrap context (the file ID) is
+//! bound inside the wrapped plaintext instead. What Key Vault wraps is
+//!
+//! ```text
+//! DEK (32) || SHA-256("kmsfs azure wrap v1\0" || ctx.canonical_bytes()) (32)
+//! ```
+//!
+//! and unwrap compares the second half with the hash of the context it is
+//! given, in constant time, before the DEK is used. A wrapped DEK copied into
+//! another file's sidecar thus unwraps to a mismatch and fails with
+//! [`KmsError::UnwrapFailed`]. The hash is not secret and need not be: it
+//! only has to differ between contexts, and it is inside the RSA ciphertext,
+//! so it cannot be changed without the key.
+//!
+//! # Credentials
+//!
+//! A service principal from `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
+//! `AZURE_CLIENT_SECRET` when all three are set; otherwise managed identity
+//! (user-assigned with `AZURE_CLIENT_ID` when that alone is set, else
+//! system-assigned). [`AzureKms::with_credential`] takes any
+//! [`TokenCredential`] and client options (tests use it to trust a local
+//! TLS mock).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azure_core::credentials::{Secret, TokenCredential};
+use azure_core::error::ErrorKind;
+use azure_core::http::{RequestContent, StatusCode};
+use azure_identity::{
+    ClientSecretCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId,
+};
+use azure_security_keyvault_keys::models::{KeyClientWrapKeyOptions, KeyOperationParameters};
+use azure_security_keyvault_keys::{KeyClient, KeyClientOptions, ResourceId};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use crate::crypto::{Dek, DEK_LEN};
+
+const PROVIDER: &str = "azure";
+const ALG: &str = "RSA-OAEP-256";
+const BINDING_LEN: usize = 32;
+const BINDING_DOMAIN: &[u8] = b"kmsfs azure wrap v1\0";
+const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// e.g. https://myvault.vault.azure.net
+    pub vault_url: String,
+    pub key_name: String,
+    /// Empty or absent: the latest version.
+    #[serde(default)]
+    pub key_version: Option<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Wrap,
+    Unwrap,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Wrap => "wrapKey",
+            Op::Unwrap => "unwrapKey",
+        }
+    }
+}
+
+/// The response body of wrapKey/unwrapKey, parsed here rather than by the
+/// SDK's model so the unwrapped DEK lands in a zeroizing buffer.
+#[derive(Deserialize)]
+struct OpResult {
+    kid: Option<String>,
+    value: Option<String>,
+}
+
+/// The Azure Key Vault provider.
+pub struct AzureKms {
+    client: KeyClient,
+    /// Vault URL without a trailing slash.
+    vault_url: String,
+    key_name: String,
+    key_version: Option<String>,
+    /// `<vault_url>/keys/<name>`, as written in key references.
+    key_id: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AzureKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureKms")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn binding(ctx: &WrapContext) -> [u8; BINDING_LEN] {
+    let mut h = Sha256::new();
+    h.update(BINDING_DOMAIN);
+    h.update(ctx.canonical_bytes());
+    h.finalize().into()
+}
+
+/// Keeps a service message short and on one line for error messages.
+fn short(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.chars().count() > 300 {
+        format!("{}...", s.chars().take(300).collect::<String>())
+    } else {
+        s
+    }
+}
+
+impl AzureKms {
+    /// Connects with the environment's credentials (service principal from
+    /// `AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`, else managed
+    /// identity). Makes no request: the first wrap or `check` does.
+    pub async fn connect(cfg: &AzureConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
+        let credential = credential_from_env()?;
+        Ok(Arc::new(Self::with_credential(cfg, credential, None)?))
+    }
+
+    /// Builds the provider with a given credential and client options (custom
+    /// transport, API version, challenge-resource verification). Retries are
+    /// always turned off: a generic wrapper retries retryable errors.
+    pub fn with_credential(
+        cfg: &AzureConfig,
+        credential: Arc<dyn TokenCredential>,
+        options: Option<KeyClientOptions>,
+    ) -> Result<Self, KmsError> {
+        let vault_url = cfg.vault_url.trim().trim_end_matches('/').to_owned();
+        let url = azure_core::http::Url::parse(&vault_url).map_err(|e| {
+            KmsError::Config(format!("azure vault_url {vault_url:?} is not a URL: {e}"))
+        })?;
+        if url.scheme() != "https" {
+            return Err(KmsError::Config(format!(
+                "azure vault_url {vault_url:?} must use https (e.g. https://NAME.vault.azure.net)"
+            )));
+        }
+        if url.host_str().is_none() || url.path() != "/" || url.query().is_some() {
+            return Err(KmsError::Config(format!(
+                "azure vault_url {vault_url:?} must be just the vault address, e.g. https://NAME.vault.azure.net"
+            )));
+        }
+        let key_name = cfg.key_name.trim().to_owned();
+        if key_name.is_empty()
+            || !key_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(KmsError::Config(format!(
+                "azure key name {:?} is invalid: Key Vault key names are 1-127 letters, digits and '-'",
+                cfg.key_name
+            )));
+        }
+        let key_version = cfg
+            .key_version
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned);
+        if let Some(v) = &key_version {
+            if !v.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(KmsError::Config(format!(
+                    "azure key version {v:?} is invalid (expected a hex version ID)"
+                )));
+            }
+        }
+        if cfg.timeout_secs == 0 {
+            return Err(KmsError::Config(
+                "azure timeout_secs must be at least 1".into(),
+            ));
+        }
+        let mut options = options.unwrap_or_default();
+        options.client_options.retry = azure_core::http::RetryOptions::none();
+        let client = KeyClient::new(&vault_url, credential, Some(options)).map_err(|e| {
+            KmsError::Config(format!(
+                "azure Key Vault client for {vault_url}: {}",
+                short(&e.to_string())
+            ))
+        })?;
+        Ok(Self {
+            client,
+            key_id: format!("{vault_url}/keys/{key_name}"),
+            vault_url,
+            key_name,
+            key_version,
+            timeout: Duration::from_secs(cfg.timeout_secs),
+        })
+    }
+
+    /// The key ID written into key references: `<vault_url>/keys/<name>`.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    fn kms_name(&self) -> String {
+        format!("Azure Key Vault {}", self.vault_url)
+    }
+
+    fn request_body(value: &[u8]) -> RequestContent<KeyOperationParameters> {
+        let mut body = Zeroizing::new(String::with_capacity(64 + value.len() * 2));
+        body.push_str("{\"alg\":\"");
+        body.push_str(ALG);
+        body.push_str("\",\"value\":\"");
+        B64URL.encode_string(value, &mut body);
+        body.push_str("\"}");
+        // The SDK's copy of the body is not ours to zeroize; ours is.
+        RequestContent::from_slice(body.as_bytes())
+    }
+
+    async fn timed<T>(
+        &self,
+        op: Op,
+        version: &str,
+        f: impl std::future::Future<Output = azure_core::Result<T>>,
+    ) -> Result<T, KmsError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Err(_) => Err(KmsError::Timeout {
+                kms: self.kms_name(),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(Err(e)) => Err(self.classify(op, version, e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    fn parse_result(&self, op: Op, body: &[u8]) -> Result<OpResult, KmsError> {
+        serde_json::from_slice(body)
+            .map_err(|e| self.bad_response(op, format!("response is not the expected JSON: {e}")))
+    }
+
+    fn bad_response(&self, op: Op, detail: String) -> KmsError {
+        match op {
+            Op::Unwrap => KmsError::UnwrapFailed {
+                kms: self.kms_name(),
+                detail,
+            },
+            Op::Wrap => KmsError::Config(format!(
+                "{}: unexpected {} response: {detail}",
+                self.kms_name(),
+                op.name()
+            )),
+        }
+    }
+
+    /// Maps an SDK error to a [`KmsError`] with a message that says what to
+    /// check. Messages carry the service's error code and message, never
+    /// tokens, secrets or key material.
+    fn classify(&self, op: Op, version: &str, e: azure_core::Error) -> KmsError {
+        let kms = self.kms_name();
+        let version = version.to_owned();
+        match e.kind() {
+            ErrorKind::HttpResponse {
+                status,
+                error_code,
+                raw_response,
+            } => {
+                let service = raw_response
+                    .as_ref()
+                    .and_then(|r| serde_json::from_slice::<azure_core::error::ErrorResponse>(r.body().as_ref()).ok())
+                    .and_then(|r| r.error);
+                let message = service.as_ref().and_then(|d| d.message.clone()).unwrap_or_default();
+                let inner = service
+                    .as_ref()
+                    .and_then(|d| d.inner_error.as_ref())
+                    .and_then(|i| i.code.clone())
+                    .unwrap_or_default();
+                let code = error_code.clone().unwrap_or_default();
+                let detail = short(&format!(
+                    "HTTP {} {}{}{}",
+                    u16::from(*status),
+                    code,
+                    if inner.is_empty() { String::new() } else { format!("/{inner}") },
+                    if message.is_empty() { String::new() } else { format!(": {message}") }
+                ));
+                let lower = message.to_ascii_lowercase();
+                match *status {
+                    StatusCode::Unauthorized => KmsError::AuthFailed {
+                        kms,
+                        detail: format!(
+                            "{detail} (the Entra ID token was rejected: check AZURE_TENANT_ID is the vault's tenant, and the client secret or managed identity)"
+                        ),
+                    },
+                    StatusCode::Forbidden
+                        if lower.contains("disabled")
+                            || lower.contains("expired")
+                            || lower.contains("not yet valid")
+                            || lower.contains("not permitted")
+                            || code.eq_ignore_ascii_case("KeyDisabled") =>
+                    {
+                        KmsError::KeyVersionUnusable {
+                            kms,
+                            key: self.key_id.clone(),
+                            version,
+                            detail: format!("{detail} (enable the key/version or allow {} in its key_ops)", op.name()),
+                        }
+                    }
+                    StatusCode::Forbidden => KmsError::PermissionDenied {
+                        kms,
+                        operation: op.name(),
+                        detail: format!(
+                            "{detail} (grant keys/{} via an access policy, or the 'Key Vault Crypto Service Encryption User' RBAC role; check the vault firewall)",
+                            op.name()
+                        ),
+                    },
+                    StatusCode::NotFound => KmsError::KeyNotFound {
+                        kms,
+                        key: if version == "latest" {
+                            self.key_id.clone()
+                        } else {
+                            format!("{}/{version}", self.key_id)
+                        },
+                    },
+                    StatusCode::BadRequest if op == Op::Unwrap => KmsError::UnwrapFailed { kms, detail },
+                    StatusCode::BadRequest => KmsError::KeyVersionUnusable {
+                        kms,
+                        key: self.key_id.clone(),
+                        version,
+                        detail: format!("{detail} (the key must be an RSA key that supports {ALG} wrapKey)"),
+                    },
+                    s if u16::from(s) == 429 || u16::from(s) >= 500 => KmsError::Unreachable {
+                        kms,
+                        detail: format!("{detail} (throttled or unavailable)"),
+                    },
+                    _ => KmsError::Config(format!("{kms} refused {}: {detail}", op.name())),
+                }
+            }
+            ErrorKind::Connection | ErrorKind::Io => KmsError::Unreachable {
+                kms,
+                detail: short(&error_chain(&e)),
+            },
+            ErrorKind::Credential => KmsError::AuthFailed {
+                kms,
+                detail: format!(
+                    "could not get an Entra ID token: {} (set AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET, or run where a managed identity is assigned)",
+                    short(&error_chain(&e))
+                ),
+            },
+            ErrorKind::DataConversion => self.bad_response(op, short(&error_chain(&e))),
+            _ => KmsError::Config(format!("{kms}: {} failed: {}", op.name(), short(&error_chain(&e)))),
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Service principal from the environment when fully set, else managed identity.
+fn credential_from_env() -> Result<Arc<dyn TokenCredential>, KmsError> {
+    let tenant = env_nonempty("AZURE_TENANT_ID");
+    let client = env_nonempty("AZURE_CLIENT_ID");
+    let secret = std::env::var("AZURE_CLIENT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(Zeroizing::new);
+    match (tenant, client, secret) {
+        (Some(tenant), Some(client), Some(secret)) => {
+            let cred = ClientSecretCredential::new(&tenant, client, Secret::new(secret.to_string()), None).map_err(|e| {
+                KmsError::Config(format!(
+                    "azure service principal from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET: {}",
+                    short(&e.to_string())
+                ))
+            })?;
+            Ok(cred as Arc<dyn TokenCredential>)
+        }
+        (t, c, s) if s.is_some() || (t.is_some() && c.is_some()) => Err(KmsError::Config(
+            "azure service principal needs all of AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET; unset them all to use managed identity".into(),
+        )),
+        (_, client, _) => {
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: client.map(UserAssignedId::ClientId),
+                ..Default::default()
+            };
+            let cred = ManagedIdentityCredential::new(Some(options))
+                .map_err(|e| KmsError::Config(format!("azure managed identity: {}", short(&e.to_string()))))?;
+            Ok(cred as Arc<dyn TokenCredential>)
+        }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for AzureKms {
+    fn describe(&self) -> String {
+        match &self.key_version {
+            Some(v) => format!("{} (key {} version {v})", self.kms_name(), self.key_name),
+            None => format!(
+                "{} (key {}, latest version)",
+                self.kms_name(),
+                self.key_name
+            ),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        PROVIDER
+    }
+
+    fn handles(&self, key_ref: &KeyRef) -> bool {
+        key_ref.provider == PROVIDER && key_ref.key_id.trim_end_matches('/') == self.key_id
+    }
+
+    async fn wrap(&self, dek: &Dek, ctx: &WrapContext) -> Result<WrappedDek, KmsError> {
+        let mut plain = Zeroizing::new([0u8; DEK_LEN + BINDING_LEN]);
+        plain[..DEK_LEN].copy_from_slice(dek.as_bytes());
+        plain[DEK_LEN..].copy_from_slice(&binding(ctx));
+        let options = KeyClientWrapKeyOptions {
+            key_version: self.key_version.clone(),
+            ..Default::default()
+        };
+        let rsp = self
+            .timed(
+                Op::Wrap,
+                self.key_version.as_deref().unwrap_or("latest"),
+                self.client.wrap_key(
+                    &self.key_name,
+                    Self::request_body(&plain[..]),
+                    Some(options),
+                ),
+            )
+            .await?;
+        let body = rsp.into_body();
+        let result = self.parse_result(Op::Wrap, body.as_ref())?;
+        let value = result.value.ok_or_else(|| {
+            self.bad_response(Op::Wrap, "no \"value\" in the wrapKey response".into())
+        })?;
+        let blob = B64URL
+            .decode(value.trim_end_matches('='))
+            .map_err(|_| self.bad_response(Op::Wrap, "\"value\" is not base64url".into()))?;
+        if blob.is_empty() || blob.len() > 2048 {
+            return Err(
+                self.bad_response(Op::Wrap, format!("wrapped key has {} bytes", blob.len()))
+            );
+        }
+        let kid = result.kid.ok_or_else(|| {
+            self.bad_response(Op::Wrap, "no \"kid\" in the wrapKey response".into())
+        })?;
+        let rid: ResourceId = kid.parse().map_err(|_| {
+            self.bad_response(Op::Wrap, format!("\"kid\" {kid:?} is not a key identifier"))
+        })?;
+        let version = rid
+            .version
+            .filter(|v| !v.is_empty() && v.len() <= 255)
+            .ok_or_else(|| {
+                self.bad_response(Op::Wrap, format!("\"kid\" {kid:?} names no key version"))
+            })?;
+        if !rid.name.eq_ignore_ascii_case(&self.key_name) {
+            return Err(self.bad_response(Op::Wrap, format!("\"kid\" {kid:?} names another key")));
+        }
+        if let Some(want) = &self.key_version {
+            if !want.eq_ignore_ascii_case(&version) {
+                return Err(self.bad_response(
+                    Op::Wrap,
+                    format!("\"kid\" {kid:?} names another version than {want}"),
+                ));
+            }
+        }
+        Ok(WrappedDek {
+            key_ref: KeyRef {
+                provider: PROVIDER.into(),
+                key_id: self.key_id.clone(),
+                key_version: version,
+            },
+            blob,
+        })
+    }
+
+    async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
+        if !self.handles(&wrapped.key_ref) {
+            return Err(KmsError::NoProvider {
+                provider: wrapped.key_ref.provider.clone(),
+                key: wrapped.key_ref.key_id.clone(),
+            });
+        }
+        let version = wrapped.key_ref.key_version.as_str();
+        if version.is_empty() || !version.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(KmsError::UnwrapFailed {
+                kms: self.kms_name(),
+                detail: format!(
+                    "the sidecar names key version {version:?}, not a Key Vault version ID"
+                ),
+            });
+        }
+        let rsp = self
+            .timed(
+                Op::Unwrap,
+                version,
+                self.client.unwrap_key(
+                    &self.key_name,
+                    version,
+                    Self::request_body(&wrapped.blob),
+                    None,
+                ),
+            )
+            .await?;
+        let body = rsp.into_body();
+        let result = self.parse_result(Op::Unwrap, body.as_ref())?;
+        let value = Zeroizing::new(result.value.ok_or_else(|| {
+            self.bad_response(Op::Unwrap, "no \"value\" in the unwrapKey response".into())
+        })?);
+        let mut plain = Zeroizing::new(Vec::with_capacity(DEK_LEN + BINDING_LEN));
+        B64URL
+            .decode_vec(value.trim_end_matches('='), &mut plain)
+            .map_err(|_| self.bad_response(Op::Unwrap, "\"value\" is not base64url".into()))?;
+        if plain.len() != DEK_LEN + BINDING_LEN {
+            return Err(KmsError::UnwrapFailed {
+                kms: self.kms_name(),
+                detail: format!(
+                    "unwrapped {} bytes, expected {} (not a kmsfs-wrapped DEK)",
+                    plain.len(),
+                    DEK_LEN + BINDING_LEN
+                ),
+            });
+        }
+        if !bool::from(plain[DEK_LEN..].ct_eq(&binding(ctx))) {
+            return Err(KmsError::UnwrapFailed {
+                kms: self.kms_name(),
+                detail: "the wrapped DEK is bound to another file ID".into(),
+            });
+        }
+        Dek::from_slice(&plain[..DEK_LEN]).map_err(|e| KmsError::UnwrapFailed {
+            kms: self.kms_name(),
+            detail: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,494 @@
+//! GCP Cloud KMS provider: wraps DEKs with `encrypt`/`decrypt` under a
+//! symmetric (ENCRYPT_DECRYPT) CryptoKey, binding the wrap context as
+//! additional authenticated data (`ctx.canonical_bytes()`).
+//!
+//! The client is `google-cloud-kms-v1`, which talks REST/JSON over HTTPS
+//! (`POST /v1/{name}:encrypt`, `POST /v1/{cryptoKey}:decrypt`).
+//!
+//! Credentials: the service-account key file `credentials_file` when set
+//! (`authorized_user` and `external_account` files work too), else
+//! application default credentials (`GOOGLE_APPLICATION_CREDENTIALS`, the
+//! gcloud ADC file, or the metadata server).
+//!
+//! Decrypt always names the CryptoKey, not a version: Cloud KMS finds the
+//! version from the ciphertext. The version recorded in key references is
+//! the one the encrypt response reports, for information and audits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_kms_v1::client::KeyManagementService;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use crate::crypto::Dek;
+
+const PROVIDER: &str = "gcp";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcpConfig {
+    pub project: String,
+    pub location: String,
+    pub key_ring: String,
+    pub key: String,
+    /// Absent: the primary version encrypts.
+    #[serde(default)]
+    pub key_version: Option<String>,
+    /// Service-account key file; absent: application default credentials.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Custom endpoint (tests).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Encrypt,
+    Decrypt,
+}
+
+impl Op {
+    fn permission(self) -> &'static str {
+        match self {
+            Op::Encrypt => "cloudkms.cryptoKeyVersions.useToEncrypt",
+            Op::Decrypt => "cloudkms.cryptoKeyVersions.useToDecrypt",
+        }
+    }
+}
+
+/// The GCP Cloud KMS provider.
+pub struct GcpKms {
+    client: KeyManagementService,
+    /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+    key_id: String,
+    /// Resource that encrypts: the key, or one of its versions.
+    encrypt_name: String,
+    key_version: Option<String>,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for GcpKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcpKms")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn short(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.chars().count() > 300 {
+        format!("{}...", s.chars().take(300).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn check_segment(what: &str, v: &str) -> Result<(), KmsError> {
+    if v.is_empty() || v.contains('/') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(KmsError::Config(format!(
+            "gcp {what} {v:?} is invalid: it must be a single non-empty name without '/' or spaces"
+        )));
+    }
+    Ok(())
+}
+
+/// Credentials from a key file: its `type` picks the builder.
+fn credentials_from_file(
+    path: &std::path::Path,
+) -> Result<google_cloud_auth::credentials::Credentials, KmsError> {
+    use google_cloud_auth::credentials::{external_account, service_account, user_account};
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            KmsError::Config(format!("gcp credentials file {}: {e}", path.display()))
+        })?);
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        KmsError::Config(format!(
+            "gcp credentials file {} is not JSON (line {}); download a service-account key as JSON",
+            path.display(),
+            e.line()
+        ))
+    })?;
+    let kind = json
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let built = match kind.as_str() {
+        "service_account" => service_account::Builder::new(json).build(),
+        "authorized_user" => user_account::Builder::new(json).build(),
+        "external_account" => external_account::Builder::new(json).build(),
+        other => {
+            return Err(KmsError::Config(format!(
+                "gcp credentials file {} has type {other:?}; expected \"service_account\" (or \"authorized_user\"/\"external_account\")",
+                path.display()
+            )))
+        }
+    };
+    built.map_err(|e| {
+        KmsError::Config(format!(
+            "gcp credentials file {} ({kind}): {}",
+            path.display(),
+            short(&e.to_string())
+        ))
+    })
+}
+
+impl GcpKms {
+    /// Connects with the configured credentials (key file, else application
+    /// default credentials). Makes no request: the first wrap or `check` does.
+    pub async fn connect(cfg: &GcpConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
+        let credentials = match &cfg.credentials_file {
+            Some(path) => credentials_from_file(path)?,
+            None => google_cloud_auth::credentials::Builder::default().build().map_err(|e| {
+                KmsError::Config(format!(
+                    "gcp application default credentials: {}; set GOOGLE_APPLICATION_CREDENTIALS or --gcp-credentials-file to a service-account key, or run `gcloud auth application-default login`",
+                    short(&e.to_string())
+                ))
+            })?,
+        };
+        Ok(Arc::new(Self::with_credentials(cfg, credentials).await?))
+    }
+
+    /// Builds the provider with given credentials. Retries are off: a
+    /// generic wrapper retries retryable errors.
+    pub async fn with_credentials(
+        cfg: &GcpConfig,
+        credentials: google_cloud_auth::credentials::Credentials,
+    ) -> Result<Self, KmsError> {
+        check_segment("project", &cfg.project)?;
+        check_segment("location", &cfg.location)?;
+        check_segment("key ring", &cfg.key_ring)?;
+        check_segment("key", &cfg.key)?;
+        let key_version = cfg
+            .key_version
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned);
+        if let Some(v) = &key_version {
+            check_segment("key version", v)?;
+        }
+        if cfg.timeout_secs == 0 {
+            return Err(KmsError::Config(
+                "gcp timeout_secs must be at least 1".into(),
+            ));
+        }
+        let key_id = format!(
+            "projects/{}/locations/{}/keyRings/{}/cryptoKeys/{}",
+            cfg.project, cfg.location, cfg.key_ring, cfg.key
+        );
+        let encrypt_name = match &key_version {
+            Some(v) => format!("{key_id}/cryptoKeyVersions/{v}"),
+            None => key_id.clone(),
+        };
+        let mut builder = KeyManagementService::builder()
+            .with_credentials(credentials)
+            .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry);
+        let endpoint = match cfg
+            .endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            Some(e) => {
+                if !(e.starts_with("https://") || e.starts_with("http://")) {
+                    return Err(KmsError::Config(format!(
+                        "gcp endpoint {e:?} must be an http(s) URL, e.g. https://cloudkms.googleapis.com"
+                    )));
+                }
+                let e = e.trim_end_matches('/').to_owned();
+                builder = builder.with_endpoint(e.clone());
+                e
+            }
+            None => "https://cloudkms.googleapis.com".to_owned(),
+        };
+        // Building may ask the metadata server for the universe domain (ADC
+        // on GCE/GKE), so it is bounded by the same timeout as a request.
+        let client = match tokio::time::timeout(Duration::from_secs(cfg.timeout_secs), builder.build()).await {
+            Err(_) => {
+                return Err(KmsError::Timeout {
+                    kms: format!("GCP Cloud KMS {endpoint} (setting up credentials; is the metadata server reachable?)"),
+                    seconds: cfg.timeout_secs,
+                })
+            }
+            Ok(r) => r.map_err(|e| {
+                KmsError::Config(format!("gcp Cloud KMS client: {}", short(&error_chain(&e))))
+            })?,
+        };
+        Ok(Self {
+            client,
+            key_id,
+            encrypt_name,
+            key_version,
+            endpoint,
+            timeout: Duration::from_secs(cfg.timeout_secs),
+        })
+    }
+
+    /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    fn kms_name(&self) -> String {
+        format!("GCP Cloud KMS {}", self.endpoint)
+    }
+
+    async fn timed<T>(
+        &self,
+        op: Op,
+        version: &str,
+        f: impl std::future::Future<Output = Result<T, google_cloud_gax::error::Error>>,
+    ) -> Result<T, KmsError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Err(_) => Err(KmsError::Timeout {
+                kms: self.kms_name(),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(Err(e)) => Err(self.classify(op, version, e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    fn bad_response(&self, op: Op, detail: String) -> KmsError {
+        match op {
+            Op::Decrypt => KmsError::UnwrapFailed {
+                kms: self.kms_name(),
+                detail,
+            },
+            Op::Encrypt => KmsError::Config(format!(
+                "{}: unexpected encrypt response: {detail}",
+                self.kms_name()
+            )),
+        }
+    }
+
+    /// Maps a client error to a [`KmsError`]. Messages carry the service's
+    /// status and message, never tokens, key files or key material.
+    fn classify(&self, op: Op, version: &str, e: google_cloud_gax::error::Error) -> KmsError {
+        let kms = self.kms_name();
+        let version = version.to_owned();
+        if e.is_timeout() {
+            return KmsError::Timeout {
+                kms,
+                seconds: self.timeout.as_secs(),
+            };
+        }
+        if e.is_authentication() {
+            return KmsError::AuthFailed {
+                kms,
+                detail: format!(
+                    "could not get Google credentials: {} (check the service-account key file / GOOGLE_APPLICATION_CREDENTIALS, or the metadata server)",
+                    short(&error_chain(&e))
+                ),
+            };
+        }
+        if e.is_connect() || e.is_io() || e.is_transport() {
+            return KmsError::Unreachable {
+                kms,
+                detail: short(&error_chain(&e)),
+            };
+        }
+        if e.is_binding() {
+            return KmsError::Config(format!(
+                "{kms}: bad resource name {:?}: {}",
+                self.key_id,
+                short(&e.to_string())
+            ));
+        }
+        if e.is_deserialization() {
+            return self.bad_response(op, short(&error_chain(&e)));
+        }
+        let http = e.http_status_code();
+        let (code, message) = match e.status() {
+            Some(s) => (Some(s.code), s.message.clone()),
+            None => (None, String::new()),
+        };
+        let code = code.unwrap_or(match http {
+            Some(401) => Code::Unauthenticated,
+            Some(403) => Code::PermissionDenied,
+            Some(404) => Code::NotFound,
+            Some(400) => Code::InvalidArgument,
+            Some(429) => Code::ResourceExhausted,
+            Some(503) => Code::Unavailable,
+            Some(s) if s >= 500 => Code::Internal,
+            _ => Code::Unknown,
+        });
+        let detail = short(&format!(
+            "{}{}{}{}",
+            http.map(|h| format!("HTTP {h} ")).unwrap_or_default(),
+            code.name(),
+            if message.is_empty() { "" } else { ": " },
+            message
+        ));
+        match code {
+            Code::Unauthenticated => KmsError::AuthFailed {
+                kms,
+                detail: format!("{detail} (the access token was rejected: check the key file is current and not disabled)"),
+            },
+            Code::PermissionDenied => KmsError::PermissionDenied {
+                kms,
+                operation: op.permission(),
+                detail: format!(
+                    "{detail} (grant roles/cloudkms.cryptoKeyEncrypterDecrypter on {} to the caller, and check the API is enabled)",
+                    self.key_id
+                ),
+            },
+            Code::NotFound => KmsError::KeyNotFound {
+                kms,
+                key: match op {
+                    Op::Encrypt => self.encrypt_name.clone(),
+                    Op::Decrypt => self.key_id.clone(),
+                },
+            },
+            Code::FailedPrecondition => KmsError::KeyVersionUnusable {
+                kms,
+                key: self.key_id.clone(),
+                version,
+                detail: format!("{detail} (enable the version, or pick another primary)"),
+            },
+            Code::InvalidArgument if op == Op::Decrypt => KmsError::UnwrapFailed { kms, detail },
+            Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::Internal
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Cancelled => KmsError::Unreachable {
+                kms,
+                detail: format!("{detail} (unavailable or throttled)"),
+            },
+            _ => KmsError::Config(format!("{kms} refused {}: {detail}", match op {
+                Op::Encrypt => "encrypt",
+                Op::Decrypt => "decrypt",
+            })),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for GcpKms {
+    fn describe(&self) -> String {
+        match &self.key_version {
+            Some(v) => format!("{} (key {} version {v})", self.kms_name(), self.key_id),
+            None => format!("{} (key {}, primary version)", self.kms_name(), self.key_id),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        PROVIDER
+    }
+
+    fn handles(&self, key_ref: &KeyRef) -> bool {
+        key_ref.provider == PROVIDER && key_ref.key_id == self.key_id
+    }
+
+    async fn wrap(&self, dek: &Dek, ctx: &WrapContext) -> Result<WrappedDek, KmsError> {
+        // The request's copy of the plaintext belongs to the client library;
+        // ours is zeroized.
+        let rsp = self
+            .timed(
+                Op::Encrypt,
+                self.key_version.as_deref().unwrap_or("primary"),
+                self.client
+                    .encrypt()
+                    .set_name(self.encrypt_name.clone())
+                    .set_plaintext(dek.as_bytes().to_vec())
+                    .set_additional_authenticated_data(ctx.canonical_bytes())
+                    .send(),
+            )
+            .await?;
+        let prefix = format!("{}/cryptoKeyVersions/", self.key_id);
+        let version = rsp
+            .name
+            .strip_prefix(&prefix)
+            .filter(|v| !v.is_empty() && !v.contains('/') && v.len() <= 255)
+            .ok_or_else(|| {
+                self.bad_response(
+                    Op::Encrypt,
+                    format!(
+                        "\"name\" {:?} is not a version of {}",
+                        rsp.name, self.key_id
+                    ),
+                )
+            })?
+            .to_owned();
+        if let Some(want) = &self.key_version {
+            if *want != version {
+                return Err(self.bad_response(
+                    Op::Encrypt,
+                    format!("encrypted with version {version}, not {want}"),
+                ));
+            }
+        }
+        if rsp.ciphertext.is_empty() || rsp.ciphertext.len() > 4096 {
+            return Err(self.bad_response(
+                Op::Encrypt,
+                format!("ciphertext has {} bytes", rsp.ciphertext.len()),
+            ));
+        }
+        Ok(WrappedDek {
+            key_ref: KeyRef {
+                provider: PROVIDER.into(),
+                key_id: self.key_id.clone(),
+                key_version: version,
+            },
+            blob: rsp.ciphertext.to_vec(),
+        })
+    }
+
+    async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
+        if !self.handles(&wrapped.key_ref) {
+            return Err(KmsError::NoProvider {
+                provider: wrapped.key_ref.provider.clone(),
+                key: wrapped.key_ref.key_id.clone(),
+            });
+        }
+        let rsp = self
+            .timed(
+                Op::Decrypt,
+                &wrapped.key_ref.key_version,
+                self.client
+                    .decrypt()
+                    .set_name(self.key_id.clone())
+                    .set_ciphertext(wrapped.blob.clone())
+                    .set_additional_authenticated_data(ctx.canonical_bytes())
+                    .send(),
+            )
+            .await?;
+        Dek::from_slice(&rsp.plaintext[..]).map_err(|e| KmsError::UnwrapFailed {
+            kms: self.kms_name(),
+            detail: format!("{e} (not a kmsfs-wrapped DEK)"),
+        })
+    }
+}

@@ -1,0 +1,221 @@
+//! A wrapper around any provider that adds what every provider needs the
+//! same way: a per-call timeout, bounded retries with backoff for errors a
+//! retry can help, and metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use crate::crypto::Dek;
+use crate::metrics::Metrics;
+
+/// Retry and timeout settings.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, first included.
+    pub attempts: u32,
+    pub first_backoff: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            first_backoff: Duration::from_millis(100),
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+pub struct Instrumented {
+    inner: Arc<dyn KeyProvider>,
+    metrics: Arc<Metrics>,
+    retry: RetryPolicy,
+}
+
+impl Instrumented {
+    pub fn wrap(
+        inner: Arc<dyn KeyProvider>,
+        metrics: Arc<Metrics>,
+        retry: RetryPolicy,
+    ) -> Arc<dyn KeyProvider> {
+        Arc::new(Self {
+            inner,
+            metrics,
+            retry,
+        })
+    }
+
+    async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, KmsError>
+    where
+        F: Fn() -> Fut + Send + Sync,
+        Fut: std::future::Future<Output = Result<T, KmsError>> + Send,
+        T: Send,
+    {
+        let mut backoff = self.retry.first_backoff;
+        let mut attempt = 1;
+        loop {
+            let start = Instant::now();
+            let result = match tokio::time::timeout(self.retry.timeout, f()).await {
+                Ok(r) => r,
+                Err(_) => Err(KmsError::Timeout {
+                    kms: self.inner.describe(),
+                    seconds: self.retry.timeout.as_secs(),
+                }),
+            };
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            };
+            self.metrics
+                .record_kms(self.inner.kind(), operation, outcome, start.elapsed());
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
+                    tracing::warn!(
+                        "{operation} attempt {attempt} failed, retrying in {backoff:?}: {e}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for Instrumented {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn handles(&self, key_ref: &KeyRef) -> bool {
+        self.inner.handles(key_ref)
+    }
+    fn is_current_key(&self, key_ref: &KeyRef) -> bool {
+        self.inner.is_current_key(key_ref)
+    }
+    async fn generate_dek(&self, ctx: &WrapContext) -> Result<(Dek, WrappedDek), KmsError> {
+        self.call("generate", || self.inner.generate_dek(ctx)).await
+    }
+    async fn wrap(&self, dek: &Dek, ctx: &WrapContext) -> Result<WrappedDek, KmsError> {
+        self.call("wrap", || self.inner.wrap(dek, ctx)).await
+    }
+    async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
+        self.call("unwrap", || self.inner.unwrap(wrapped, ctx))
+            .await
+    }
+    async fn unwrap_many(&self, items: &[(WrappedDek, WrapContext)]) -> Vec<Result<Dek, KmsError>> {
+        let start = Instant::now();
+        let out = self.inner.unwrap_many(items).await;
+        let outcome = if out.iter().all(|r| r.is_ok()) {
+            "ok"
+        } else {
+            "partial_error"
+        };
+        self.metrics
+            .record_kms(self.inner.kind(), "unwrap_batch", outcome, start.elapsed());
+        out
+    }
+    async fn check(&self) -> Result<(), KmsError> {
+        self.call("check", || self.inner.check()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails with `err` the first `failures` calls, then succeeds.
+    struct Flaky {
+        calls: AtomicU32,
+        failures: u32,
+        retryable: bool,
+    }
+
+    #[async_trait]
+    impl KeyProvider for Flaky {
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        fn handles(&self, _: &KeyRef) -> bool {
+            true
+        }
+        async fn wrap(&self, _: &Dek, _: &WrapContext) -> Result<WrappedDek, KmsError> {
+            unreachable!()
+        }
+        async fn unwrap(&self, _: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if n < self.failures {
+                return Err(if self.retryable {
+                    KmsError::Unreachable {
+                        kms: "flaky".into(),
+                        detail: "down".into(),
+                    }
+                } else {
+                    KmsError::AuthFailed {
+                        kms: "flaky".into(),
+                        detail: "no".into(),
+                    }
+                });
+            }
+            Ok(Dek::from_slice(&[7; 32]).unwrap())
+        }
+    }
+
+    fn run(failures: u32, retryable: bool) -> (Result<Dek, KmsError>, u32, Arc<Metrics>) {
+        let inner = Arc::new(Flaky {
+            calls: AtomicU32::new(0),
+            failures,
+            retryable,
+        });
+        let metrics = Arc::new(Metrics::default());
+        let p = Instrumented::wrap(
+            inner.clone(),
+            metrics.clone(),
+            RetryPolicy {
+                attempts: 3,
+                first_backoff: Duration::from_millis(1),
+                timeout: Duration::from_secs(1),
+            },
+        );
+        let w = WrappedDek {
+            key_ref: KeyRef {
+                provider: "flaky".into(),
+                key_id: "k".into(),
+                key_version: "".into(),
+            },
+            blob: vec![],
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(p.unwrap(&w, &WrapContext { file_id: [0; 16] }));
+        (r, inner.calls.load(Ordering::SeqCst), metrics)
+    }
+
+    #[test]
+    fn retries_only_what_a_retry_can_fix() {
+        let (r, calls, m) = run(2, true);
+        assert!(r.is_ok());
+        assert_eq!(calls, 3);
+        assert_eq!(m.kms_requests("unwrap"), 3);
+        let (r, calls, _) = run(5, true);
+        assert!(matches!(r, Err(KmsError::Unreachable { .. })));
+        assert_eq!(calls, 3, "bounded");
+        let (r, calls, _) = run(1, false);
+        assert!(matches!(r, Err(KmsError::AuthFailed { .. })));
+        assert_eq!(calls, 1, "auth errors are not retried");
+    }
+}

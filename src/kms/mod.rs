@@ -1,0 +1,237 @@
+//! The joint between the filesystem and any KMS: one narrow trait,
+//! [`KeyProvider`], that wraps and unwraps DEKs under a key the KMS holds,
+//! with the file ID bound into every wrap as encryption context.
+//!
+//! Providers are async because the remote ones (Vault transit, AWS KMS, Azure
+//! Key Vault, GCP Cloud KMS) are HTTP SDKs. The KMS layer owns a small tokio
+//! runtime ([`KmsRuntime`]); FUSE threads hand work to it and never run an
+//! executor themselves, so one slow KMS call blocks no other request.
+
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
+#[cfg(feature = "gcp")]
+pub mod gcp;
+pub mod instrumented;
+pub mod local;
+#[cfg(feature = "vault")]
+pub mod vault;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::crypto::Dek;
+pub use crate::format::KeyRef;
+
+/// What is bound into a wrap besides the DEK: unwrapping with another
+/// context fails. Today that is the file ID, so a wrapped DEK copied into
+/// another file's sidecar does not unwrap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WrapContext {
+    pub file_id: [u8; 16],
+}
+
+impl WrapContext {
+    /// Key/value pairs for KMSs that take a map (AWS EncryptionContext).
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        vec![("kmsfs-file-id", hex::encode(self.file_id))]
+    }
+
+    /// Canonical bytes for KMSs that take opaque associated data.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = b"kmsfs-file-id=".to_vec();
+        out.extend_from_slice(hex::encode(self.file_id).as_bytes());
+        out
+    }
+}
+
+/// A DEK as the KMS wrapped it, with the key that did so.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WrappedDek {
+    pub key_ref: KeyRef,
+    pub blob: Vec<u8>,
+}
+
+/// Why a KMS operation failed. Messages name the KMS and what to check, and
+/// never contain key material or credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("{kms} is unreachable: {detail}; check its address, network and TLS settings")]
+    Unreachable { kms: String, detail: String },
+    #[error("{kms} did not answer within {seconds} s; check that it is up and not overloaded")]
+    Timeout { kms: String, seconds: u64 },
+    #[error(
+        "{kms} rejected the credentials: {detail}; check the token or credentials and their expiry"
+    )]
+    AuthFailed { kms: String, detail: String },
+    #[error(
+        "{kms} denied {operation}: {detail}; check the policy/IAM permissions for that operation"
+    )]
+    PermissionDenied {
+        kms: String,
+        operation: &'static str,
+        detail: String,
+    },
+    #[error("{kms} has no key {key:?}; check the key name (and region/namespace)")]
+    KeyNotFound { kms: String, key: String },
+    #[error("{kms}: version {version} of key {key:?} cannot be used: {detail}")]
+    KeyVersionUnusable {
+        kms: String,
+        key: String,
+        version: String,
+        detail: String,
+    },
+    #[error("{kms} could not unwrap the DEK: {detail} (wrong key, tampered wrapped DEK, or a sidecar moved from another file)")]
+    UnwrapFailed { kms: String, detail: String },
+    #[error("no configured KMS can unwrap a DEK wrapped by {provider} key {key:?}; add that KMS to the configuration")]
+    NoProvider { provider: String, key: String },
+    #[error("KMS configuration: {0}")]
+    Config(String),
+}
+
+impl KmsError {
+    /// Short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KmsError::Unreachable { .. } => "unreachable",
+            KmsError::Timeout { .. } => "timeout",
+            KmsError::AuthFailed { .. } => "auth_failed",
+            KmsError::PermissionDenied { .. } => "permission_denied",
+            KmsError::KeyNotFound { .. } => "key_not_found",
+            KmsError::KeyVersionUnusable { .. } => "key_version_unusable",
+            KmsError::UnwrapFailed { .. } => "unwrap_failed",
+            KmsError::NoProvider { .. } => "no_provider",
+            KmsError::Config(_) => "config",
+        }
+    }
+
+    /// Whether trying the same call again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            KmsError::Unreachable { .. } | KmsError::Timeout { .. }
+        )
+    }
+}
+
+/// One configured key in one KMS.
+#[async_trait]
+pub trait KeyProvider: Send + Sync {
+    /// Human-readable name for messages and metrics, e.g. `local keyring /etc/k (key default)`.
+    fn describe(&self) -> String;
+
+    /// Provider kind as written in key references ("local", "vault", ...).
+    fn kind(&self) -> &'static str;
+
+    /// Whether this provider can unwrap DEKs wrapped under `key_ref`.
+    fn handles(&self, key_ref: &KeyRef) -> bool;
+
+    /// Whether `key_ref` names the key this provider wraps new DEKs with
+    /// (any version). A provider that can unwrap several keys narrows this.
+    fn is_current_key(&self, key_ref: &KeyRef) -> bool {
+        self.handles(key_ref)
+    }
+
+    /// A fresh DEK and its wrapped form. Providers with a native
+    /// generate-data-key call override this.
+    async fn generate_dek(&self, ctx: &WrapContext) -> Result<(Dek, WrappedDek), KmsError> {
+        let dek = Dek::generate();
+        let wrapped = self.wrap(&dek, ctx).await?;
+        Ok((dek, wrapped))
+    }
+
+    async fn wrap(&self, dek: &Dek, ctx: &WrapContext) -> Result<WrappedDek, KmsError>;
+
+    async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError>;
+
+    /// Unwraps many DEKs; providers with a batch endpoint override this to
+    /// make one request per batch instead of one per DEK.
+    async fn unwrap_many(&self, items: &[(WrappedDek, WrapContext)]) -> Vec<Result<Dek, KmsError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (w, ctx) in items {
+            out.push(self.unwrap(w, ctx).await);
+        }
+        out
+    }
+
+    /// Health check for `kmsfs kms status`: reachable, authenticated, key
+    /// usable. The default is a wrap/unwrap round trip; providers may use a
+    /// cheaper read of the key's metadata.
+    async fn check(&self) -> Result<(), KmsError> {
+        let ctx = WrapContext { file_id: [0u8; 16] };
+        let (dek, wrapped) = self.generate_dek(&ctx).await?;
+        let back = self.unwrap(&wrapped, &ctx).await?;
+        if back.as_bytes() != dek.as_bytes() {
+            return Err(KmsError::UnwrapFailed {
+                kms: self.describe(),
+                detail: "round trip returned a different key".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The KMS layer's own executor. Invariant: FUSE threads only `spawn` onto it
+/// or `block_on` from outside it (CLI), never from a runtime thread.
+pub struct KmsRuntime {
+    rt: tokio::runtime::Runtime,
+}
+
+impl KmsRuntime {
+    pub fn new() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kmsfs-kms")
+            .enable_all()
+            .build()?;
+        Ok(Self { rt })
+    }
+
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Polls `f` once on the calling thread (inside this runtime's context)
+    /// and hands it to the runtime only if it has to wait. A local keyring
+    /// or a DEK cache hit thus costs no thread hop; a remote KMS call never
+    /// holds the calling FUSE thread.
+    pub fn run_or_spawn<F>(&self, f: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut f = Box::pin(f);
+        let _ctx = self.rt.enter();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if f.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(f);
+        }
+    }
+}
+
+/// All providers a mount knows: the ones that wrap new files (by policy) and
+/// every one that may be asked to unwrap an existing file.
+#[derive(Clone, Default)]
+pub struct ProviderSet {
+    providers: Vec<Arc<dyn KeyProvider>>,
+}
+
+impl ProviderSet {
+    pub fn add(&mut self, p: Arc<dyn KeyProvider>) {
+        self.providers.push(p);
+    }
+
+    /// The provider able to unwrap under `key_ref`.
+    pub fn for_key(&self, key_ref: &KeyRef) -> Result<Arc<dyn KeyProvider>, KmsError> {
+        self.providers
+            .iter()
+            .find(|p| p.handles(key_ref))
+            .cloned()
+            .ok_or_else(|| KmsError::NoProvider {
+                provider: key_ref.provider.clone(),
+                key: key_ref.key_id.clone(),
+            })
+    }
+}

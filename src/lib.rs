@@ -1,0 +1,16 @@
+//! kmsfs: a FUSE filesystem that encrypts every file with its own data key
+//! (DEK), wraps that DEK with a key held in a KMS, and keeps the wrapped DEK
+//! in a sidecar header beside the ciphertext.
+//!
+//! Layers, bottom up: [`format`] (bytes, no I/O), [`crypto`], [`kms`] (one
+//! trait, one module per provider), [`cache`], [`config`], [`fs`] (backing
+//! logic plus a thin fuser adapter), and the `kmsfs` binary's CLI.
+
+pub mod cache;
+pub mod config;
+pub mod crypto;
+pub mod format;
+pub mod fs;
+pub mod kms;
+pub mod metrics;
+pub mod policy;

@@ -1,0 +1,114 @@
+//! Directory-level key policies: which KMS key (and cipher) protects new
+//! files in a subtree. The nearest enclosing policy applies, as in fscrypt.
+//! Paths here are mount-relative and normalized: "/" or "/a/b".
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::KmsConfig;
+use crate::format::names::is_reserved;
+use crate::format::CipherSuite;
+
+fn yes() -> bool {
+    true
+}
+
+/// One policy: the directory it governs and the key for new files there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Mount-relative directory, normalized ("/" for the root).
+    pub dir: String,
+    pub cipher: CipherSuite,
+    /// When false, files without a sidecar in this subtree (plaintext files
+    /// already there) stay readable as they are; new files are encrypted.
+    #[serde(default = "yes")]
+    pub mandatory: bool,
+    pub kms: KmsConfig,
+}
+
+impl Policy {
+    /// Whether files may move between the subtrees of `self` and `other`
+    /// without changing key (rename/link stay within one key and cipher).
+    pub fn same_protection(&self, other: &Policy) -> bool {
+        self.kms == other.kms && self.cipher == other.cipher
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("policy directory {0:?} must be an absolute path inside the mount, like /pii")]
+    NotAbsolute(String),
+    #[error("policy directory {0:?} must not contain '.', '..' or kmsfs-reserved names")]
+    BadComponent(String),
+}
+
+/// Normalizes a mount-relative directory: "/pii/" -> "/pii", "//" -> "/".
+pub fn normalize_dir(dir: &str) -> Result<String, PolicyError> {
+    if !dir.starts_with('/') {
+        return Err(PolicyError::NotAbsolute(dir.to_owned()));
+    }
+    let mut out = String::new();
+    for c in dir.split('/').filter(|c| !c.is_empty()) {
+        if c == "." || c == ".." || is_reserved(c.as_bytes()) {
+            return Err(PolicyError::BadComponent(dir.to_owned()));
+        }
+        out.push('/');
+        out.push_str(c);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// True when `path` is `dir` or lies below it (component-wise).
+pub fn is_within(path: &str, dir: &str) -> bool {
+    dir == "/"
+        || path == dir
+        || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
+}
+
+/// Index of the policy governing `path`: the one with the longest `dir`
+/// enclosing it. `policies` must contain a root ("/") policy.
+pub fn governing(policies: &[Policy], path: &str) -> usize {
+    governing_by(policies.iter().map(|p| p.dir.as_str()), path)
+}
+
+/// Same, over any list of policy directories.
+pub fn governing_by<'a>(dirs: impl Iterator<Item = &'a str>, path: &str) -> usize {
+    let mut best: Option<(usize, usize)> = None;
+    for (i, d) in dirs.enumerate() {
+        if is_within(path, d) && best.is_none_or(|(_, len)| d.len() > len) {
+            best = Some((i, d.len()));
+        }
+    }
+    best.map(|(i, _)| i)
+        .expect("a root policy encloses every path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization() {
+        assert_eq!(normalize_dir("/").unwrap(), "/");
+        assert_eq!(normalize_dir("//pii//x/").unwrap(), "/pii/x");
+        assert!(normalize_dir("pii").is_err());
+        assert!(normalize_dir("/a/../b").is_err());
+        assert!(normalize_dir("/.kmsfs.x").is_err());
+    }
+
+    #[test]
+    fn nearest_enclosing_policy_wins() {
+        let dirs = ["/", "/pii", "/pii/deep", "/piiX"];
+        let g = |p: &str| governing_by(dirs.iter().copied(), p);
+        assert_eq!(g("/"), 0);
+        assert_eq!(g("/other/file"), 0);
+        assert_eq!(g("/pii"), 1);
+        assert_eq!(g("/pii/a/b"), 1);
+        assert_eq!(g("/pii/deep/x"), 2);
+        assert_eq!(g("/piix"), 0);
+        assert_eq!(g("/piiX/y"), 3);
+    }
+}

@@ -1,0 +1,186 @@
+//! Shared harness for tests that mount a real kmsfs filesystem.
+//! A test that needs FUSE fails (never skips) when it cannot mount.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn kmsfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kmsfs"))
+}
+
+/// Runs `kmsfs ARGS`, returning its output; panics with stderr on failure
+/// when `expect_ok`.
+pub fn run(args: &[&str], expect_ok: bool) -> Output {
+    let out = kmsfs().args(args).output().expect("run kmsfs");
+    if expect_ok && !out.status.success() {
+        panic!(
+            "kmsfs {:?} failed ({}): {}",
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests mount a real FUSE filesystem (install fuse3, run as root)"
+    );
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "mount tests must run as root"
+    );
+}
+
+/// A backing directory, a keyring and a mountpoint in a temp dir.
+pub struct TestFs {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub key_file: PathBuf,
+    pub log: PathBuf,
+    mounted: bool,
+}
+
+impl TestFs {
+    /// `kmsfs init` with the local KMS plus `extra` init flags, then mount.
+    pub fn new(extra_init: &[&str]) -> Self {
+        require_fuse();
+        let dir = tempfile::Builder::new()
+            .prefix("kmsfs-test")
+            .tempdir()
+            .unwrap();
+        let backing = dir.path().join("backing");
+        let mnt = dir.path().join("mnt");
+        let key_file = dir.path().join("keys");
+        let log = dir.path().join("kmsfs.log");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut args = vec![
+            "init",
+            backing.to_str().unwrap(),
+            "--kms",
+            "local",
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra_init);
+        run(&args, true);
+        let mut fs = TestFs {
+            dir,
+            backing,
+            mnt,
+            key_file,
+            log,
+            mounted: false,
+        };
+        fs.mount(&[]);
+        fs
+    }
+
+    pub fn mount(&mut self, extra: &[&str]) {
+        let mut args = vec![
+            "mount",
+            self.backing.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "--log-file",
+            self.log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args, true);
+        self.mounted = true;
+    }
+
+    pub fn umount(&mut self) {
+        if self.mounted {
+            run(&["umount", self.mnt.to_str().unwrap()], true);
+            self.mounted = false;
+            wait_for_daemon_exit(&self.mnt);
+        }
+    }
+
+    pub fn remount(&mut self) {
+        self.umount();
+        self.mount(&[]);
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn backing_path(&self, rel: &str) -> PathBuf {
+        self.backing.join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// PID of this mount's daemon.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        daemon_pids(&self.mnt).into_iter().next()
+    }
+
+    pub fn set_mounted(&mut self, m: bool) {
+        self.mounted = m;
+    }
+}
+
+impl Drop for TestFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            wait_for_daemon_exit(&self.mnt);
+        }
+    }
+}
+
+/// PIDs of `kmsfs mount` daemons serving `mnt`.
+pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let needle = mnt.to_str().unwrap();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "mount")
+            && args.iter().any(|a| a == needle)
+            && args.iter().any(|a| a == "--foreground")
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn wait_for_daemon_exit(mnt: &Path) {
+    let start = Instant::now();
+    while !daemon_pids(mnt).is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -1,0 +1,784 @@
+//! The AWS KMS provider against a real moto server (scripts/dev-moto.sh).
+//! These tests fail, never skip, when moto cannot be installed or started.
+#![cfg(feature = "aws")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use kmsfs::kms::aws::{AwsConfig, AwsKms};
+use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-moto.sh");
+const REGION: &str = "us-east-1";
+
+/// Process-wide AWS environment: moto's dummy credentials, and nothing that
+/// could send a request anywhere but loopback (no EC2 metadata, no shared
+/// config files, STS pinned to a closed local port unless a test overrides
+/// it for a child process). Set once, before any test touches the SDK.
+fn setup_env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/nonexistent/kmsfs-test/aws-config"),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/kmsfs-test/aws-credentials",
+            ),
+            ("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+        for k in [
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_KMS",
+            "AWS_ROLE_ARN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+        ] {
+            std::env::remove_var(k);
+        }
+    });
+}
+
+/// A moto server with one key and alias, stopped on drop.
+struct Moto {
+    state: tempfile::TempDir,
+    env: HashMap<String, String>,
+}
+
+impl Moto {
+    fn start() -> Self {
+        setup_env();
+        let state = tempfile::Builder::new()
+            .prefix("kmsfs-moto")
+            .tempdir()
+            .unwrap();
+        let out = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("start")
+            .arg(state.path())
+            .output()
+            .expect("run scripts/dev-moto.sh");
+        let mut moto = Moto {
+            state,
+            env: HashMap::new(),
+        };
+        assert!(
+            out.status.success(),
+            "scripts/dev-moto.sh start failed ({}): these tests need moto (PyPI moto[server]):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                moto.env.insert(k.to_owned(), v.to_owned());
+            }
+        }
+        for k in [
+            "KMSFS_AWS_ENDPOINT",
+            "KMSFS_AWS_KEY_ID",
+            "KMSFS_AWS_KEY_ARN",
+            "KMSFS_MOTO_PID",
+        ] {
+            assert!(
+                moto.env.contains_key(k),
+                "dev-moto.sh printed no {k}: {:?}",
+                moto.env
+            );
+        }
+        moto
+    }
+
+    fn url(&self) -> &str {
+        &self.env["KMSFS_AWS_ENDPOINT"]
+    }
+    fn key_id(&self) -> &str {
+        &self.env["KMSFS_AWS_KEY_ID"]
+    }
+    fn key_arn(&self) -> &str {
+        &self.env["KMSFS_AWS_KEY_ARN"]
+    }
+    fn alias(&self) -> &str {
+        self.env
+            .get("KMSFS_AWS_KEY_ALIAS")
+            .map(String::as_str)
+            .unwrap_or("alias/kmsfs-dev")
+    }
+
+    fn config(&self, key: &str) -> AwsConfig {
+        AwsConfig {
+            key_id: key.to_owned(),
+            region: Some(REGION.into()),
+            endpoint: Some(self.url().to_owned()),
+            profile: None,
+            assume_role_arn: None,
+            external_id: None,
+            timeout_secs: 5,
+        }
+    }
+
+    /// A raw SDK client on moto, to set up keys the provider then meets.
+    async fn admin(&self) -> aws_sdk_kms::Client {
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .endpoint_url(self.url())
+            .load()
+            .await;
+        aws_sdk_kms::Client::new(&sdk)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("stop")
+            .arg(self.state.path())
+            .output();
+    }
+}
+
+fn connect(rt: &KmsRuntime, cfg: &AwsConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
+    rt.block_on(AwsKms::connect(cfg))
+}
+
+fn ctx(n: u8) -> WrapContext {
+    WrapContext { file_id: [n; 16] }
+}
+
+#[test]
+fn generate_unwrap_round_trip_and_context_binding() {
+    let moto = Moto::start();
+    let rt = KmsRuntime::new().unwrap();
+    let kms = connect(&rt, &moto.config(moto.key_id())).unwrap();
+    assert_eq!(kms.kind(), "aws");
+    rt.block_on(kms.check()).unwrap();
+
+    let (dek, wrapped) = rt.block_on(kms.generate_dek(&ctx(1))).unwrap();
+    assert_eq!(wrapped.key_ref.provider, "aws");
+    assert_eq!(wrapped.key_ref.key_id, moto.key_arn());
+    assert_eq!(wrapped.key_ref.key_version, "");
+    assert!(kms.handles(&wrapped.key_ref));
+    let mut other_ref = wrapped.key_ref.clone();
+    other_ref.key_id = other_ref.key_id.replace("key/", "key/0");
+    assert!(!kms.handles(&other_ref));
+    assert!(
+        !wrapped.blob.windows(32).any(|w| w == dek.as_bytes()),
+        "wrapped DEK contains the plaintext"
+    );
+
+    let back = rt.block_on(kms.unwrap(&wrapped, &ctx(1))).unwrap();
+    assert_eq!(back.as_bytes(), dek.as_bytes());
+
+    // Two DEKs differ.
+    let (dek2, _) = rt.block_on(kms.generate_dek(&ctx(1))).unwrap();
+    assert_ne!(dek2.as_bytes(), dek.as_bytes());
+
+    // Another file's context: the EncryptionContext does not match.
+    let err = rt.block_on(kms.unwrap(&wrapped, &ctx(2))).map(|_| ()).unwrap_err();
+    assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
+    assert!(!err.is_retryable());
+
+    // Tampered ciphertext.
+    let mut bad = wrapped.clone();
+    let last = bad.blob.len() - 1;
+    bad.blob[last] ^= 1;
+    let err = rt.block_on(kms.unwrap(&bad, &ctx(1))).map(|_| ()).unwrap_err();
+    assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
+
+    // Encrypt-based wrap of an existing DEK.
+    let w = rt.block_on(kms.wrap(&dek, &ctx(3))).unwrap();
+    assert_eq!(w.key_ref, wrapped.key_ref);
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w, &ctx(3))).unwrap().as_bytes(),
+        dek.as_bytes()
+    );
+    let err = rt.block_on(kms.unwrap(&w, &ctx(1))).map(|_| ()).unwrap_err();
+    assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
+}
+
+#[test]
+fn alias_and_arn_name_the_same_key() {
+    let moto = Moto::start();
+    let rt = KmsRuntime::new().unwrap();
+    let by_alias = connect(&rt, &moto.config(moto.alias())).unwrap();
+    let by_arn = connect(&rt, &moto.config(moto.key_arn())).unwrap();
+    let alias_arn = format!("arn:aws:kms:{REGION}:123456789012:{}", moto.alias());
+    let by_alias_arn = connect(&rt, &moto.config(&alias_arn)).unwrap();
+    let (dek, wrapped) = rt.block_on(by_alias.generate_dek(&ctx(7))).unwrap();
+    assert_eq!(
+        wrapped.key_ref.key_id,
+        moto.key_arn(),
+        "key refs record the key ARN, not the alias"
+    );
+    assert!(by_arn.handles(&wrapped.key_ref));
+    assert!(by_alias_arn.handles(&wrapped.key_ref));
+    assert_eq!(
+        rt.block_on(by_arn.unwrap(&wrapped, &ctx(7)))
+            .unwrap()
+            .as_bytes(),
+        dek.as_bytes()
+    );
+    let (_, w2) = rt.block_on(by_arn.generate_dek(&ctx(8))).unwrap();
+    rt.block_on(by_alias.unwrap(&w2, &ctx(8))).unwrap();
+    rt.block_on(by_alias_arn.check()).unwrap();
+}
+
+#[test]
+fn unknown_key_is_key_not_found() {
+    let moto = Moto::start();
+    let rt = KmsRuntime::new().unwrap();
+    for key in [
+        "alias/no-such-alias".to_owned(),
+        "11111111-2222-3333-4444-555555555555".to_owned(),
+        format!("arn:aws:kms:{REGION}:123456789012:key/11111111-2222-3333-4444-555555555555"),
+    ] {
+        let err = connect(&rt, &moto.config(&key))
+            .err()
+            .expect("unknown key connected");
+        assert!(matches!(err, KmsError::KeyNotFound { .. }), "{key}: {err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(REGION),
+            "message should name the region: {msg}"
+        );
+        assert!(!err.is_retryable());
+    }
+}
+
+#[test]
+fn disabled_key_is_unusable() {
+    // moto reports a disabled key through DescribeKey (what check() reads)
+    // but still serves GenerateDataKey/Decrypt with it; the DisabledException
+    // mapping of those calls is covered by `service_errors_are_classified`.
+    let moto = Moto::start();
+    let rt = KmsRuntime::new().unwrap();
+    let admin = rt.block_on(moto.admin());
+    let meta = rt
+        .block_on(
+            admin
+                .create_key()
+                .description("kmsfs test: to be disabled")
+                .send(),
+        )
+        .unwrap()
+        .key_metadata
+        .unwrap();
+    let key_id = meta.key_id().to_owned();
+    let kms = connect(&rt, &moto.config(&key_id)).unwrap();
+    rt.block_on(kms.check()).unwrap();
+    let (dek, wrapped) = rt.block_on(kms.generate_dek(&ctx(4))).unwrap();
+    rt.block_on(admin.disable_key().key_id(&key_id).send())
+        .unwrap();
+
+    let err = rt.block_on(kms.check()).unwrap_err();
+    assert!(
+        matches!(err, KmsError::KeyVersionUnusable { .. }),
+        "check: {err}"
+    );
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("not enabled"), "{err}");
+    // A disabled key still resolves at connect (DescribeKey works on it).
+    let again = connect(&rt, &moto.config(&key_id)).unwrap();
+    assert!(again.handles(&wrapped.key_ref));
+
+    rt.block_on(admin.enable_key().key_id(&key_id).send())
+        .unwrap();
+    rt.block_on(kms.check()).unwrap();
+    assert_eq!(
+        rt.block_on(kms.unwrap(&wrapped, &ctx(4)))
+            .unwrap()
+            .as_bytes(),
+        dek.as_bytes()
+    );
+
+    // A key pending deletion is not usable either.
+    rt.block_on(
+        admin
+            .schedule_key_deletion()
+            .key_id(&key_id)
+            .pending_window_in_days(7)
+            .send(),
+    )
+    .unwrap();
+    let err = rt.block_on(kms.check()).unwrap_err();
+    assert!(
+        matches!(err, KmsError::KeyVersionUnusable { .. }),
+        "check: {err}"
+    );
+}
+
+/// A minimal AWS JSON-protocol server on loopback: DescribeKey succeeds,
+/// every other operation answers with the error currently set.
+struct StubKms {
+    url: String,
+    answer: Arc<std::sync::Mutex<(u16, String, String)>>,
+}
+
+const STUB_ARN: &str =
+    "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000001";
+
+impl StubKms {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let answer = Arc::new(std::sync::Mutex::new((
+            400u16,
+            String::new(),
+            String::new(),
+        )));
+        let a = answer.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut w = conn;
+                    loop {
+                        let (mut len, mut target) = (0usize, String::new());
+                        loop {
+                            let mut line = String::new();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let l = line.trim_end();
+                            if l.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = l.split_once(':') {
+                                match k.trim().to_ascii_lowercase().as_str() {
+                                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                                    "x-amz-target" => target = v.trim().to_owned(),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        if r.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let (status, text) = if target.ends_with(".DescribeKey") {
+                            (
+                                200,
+                                format!(
+                                    r#"{{"KeyMetadata":{{"KeyId":"00000000-0000-0000-0000-000000000001","Arn":"{STUB_ARN}","Enabled":true,"KeyState":"Enabled","KeyUsage":"ENCRYPT_DECRYPT"}}}}"#
+                                ),
+                            )
+                        } else {
+                            let g = a.lock().unwrap();
+                            (
+                                g.0,
+                                format!(r#"{{"__type":"{}","message":"{}"}}"#, g.1, g.2),
+                            )
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{text}",
+                            text.len()
+                        );
+                        if w.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        StubKms { url, answer }
+    }
+
+    fn set(&self, status: u16, code: &str, message: &str) {
+        *self.answer.lock().unwrap() = (status, code.to_owned(), message.to_owned());
+    }
+}
+
+#[test]
+fn service_errors_are_classified() {
+    setup_env();
+    let stub = StubKms::start();
+    let rt = KmsRuntime::new().unwrap();
+    let cfg = AwsConfig {
+        key_id: "alias/stub".into(),
+        region: Some(REGION.into()),
+        endpoint: Some(stub.url.clone()),
+        profile: None,
+        assume_role_arn: None,
+        external_id: None,
+        timeout_secs: 5,
+    };
+    let kms = connect(&rt, &cfg).unwrap();
+    let wrapped = kmsfs::kms::WrappedDek {
+        key_ref: kmsfs::kms::KeyRef {
+            provider: "aws".into(),
+            key_id: STUB_ARN.into(),
+            key_version: String::new(),
+        },
+        blob: vec![7; 64],
+    };
+    assert!(kms.handles(&wrapped.key_ref));
+    let gen = |kms: &Arc<dyn KeyProvider>| {
+        rt.block_on(kms.generate_dek(&ctx(1)))
+            .map(|_| ())
+            .unwrap_err()
+    };
+    let dec = |kms: &Arc<dyn KeyProvider>| {
+        rt.block_on(kms.unwrap(&wrapped, &ctx(1)))
+            .map(|_| ())
+            .unwrap_err()
+    };
+
+    for code in [
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+    ] {
+        stub.set(
+            400,
+            code,
+            "The security token included in the request is invalid.",
+        );
+        let e = gen(&kms);
+        assert!(matches!(e, KmsError::AuthFailed { .. }), "{code}: {e}");
+        assert!(!e.is_retryable());
+    }
+    stub.set(
+        400,
+        "AccessDeniedException",
+        "User: arn:aws:iam::123456789012:user/u (AKIAIOSFODNN7EXAMPLE) is not authorized",
+    );
+    let e = gen(&kms);
+    assert!(
+        matches!(
+            e,
+            KmsError::PermissionDenied {
+                operation: "kms:GenerateDataKey",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("AKIAIOSFODNN7EXAMPLE"), "{e}");
+    let e = dec(&kms);
+    assert!(
+        matches!(
+            e,
+            KmsError::PermissionDenied {
+                operation: "kms:Decrypt",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = rt
+        .block_on(kms.wrap(&kmsfs::crypto::Dek::generate(), &ctx(1)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KmsError::PermissionDenied {
+                operation: "kms:Encrypt",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    stub.set(400, "NotFoundException", "Key does not exist");
+    let e = gen(&kms);
+    assert!(matches!(e, KmsError::KeyNotFound { .. }), "{e}");
+    assert!(e.to_string().contains(REGION), "{e}");
+
+    for code in ["DisabledException", "KMSInvalidStateException"] {
+        stub.set(400, code, "key is disabled");
+        for e in [gen(&kms), dec(&kms)] {
+            assert!(
+                matches!(e, KmsError::KeyVersionUnusable { .. }),
+                "{code}: {e}"
+            );
+            assert!(!e.is_retryable());
+        }
+    }
+    for code in ["InvalidCiphertextException", "IncorrectKeyException"] {
+        stub.set(400, code, "");
+        let e = dec(&kms);
+        assert!(matches!(e, KmsError::UnwrapFailed { .. }), "{code}: {e}");
+        assert!(!e.is_retryable());
+    }
+    for (status, code) in [
+        (500, "KMSInternalException"),
+        (400, "ThrottlingException"),
+        (503, "ServiceUnavailable"),
+    ] {
+        stub.set(status, code, "try again");
+        let e = gen(&kms);
+        assert!(e.is_retryable(), "{code}: {e}");
+    }
+    stub.set(400, "DependencyTimeoutException", "");
+    assert!(matches!(gen(&kms), KmsError::Timeout { .. }));
+    // No message carries the secret key.
+    stub.set(400, "UnrecognizedClientException", "");
+    assert!(!gen(&kms).to_string().contains("testing"));
+}
+
+#[test]
+fn unreachable_endpoint_fails_fast_and_retryable() {
+    setup_env();
+    let rt = KmsRuntime::new().unwrap();
+    // A port nothing listens on: connection refused.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = AwsConfig {
+        key_id: "alias/kmsfs-dev".into(),
+        region: Some(REGION.into()),
+        endpoint: Some(format!("http://127.0.0.1:{closed}")),
+        profile: None,
+        assume_role_arn: None,
+        external_id: None,
+        timeout_secs: 5,
+    };
+    let t = Instant::now();
+    let err = connect(&rt, &cfg)
+        .err()
+        .expect("connected to a closed port");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
+    assert!(err.is_retryable());
+
+    // A server that accepts and never answers: timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = AwsConfig {
+        endpoint: Some(format!("http://{}", silent.local_addr().unwrap())),
+        timeout_secs: 1,
+        ..cfg
+    };
+    let t = Instant::now();
+    let err = connect(&rt, &cfg).err().expect("a silent server answered");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(err, KmsError::Timeout { .. }), "{err}");
+    assert!(err.is_retryable());
+    drop(silent);
+}
+
+#[test]
+fn missing_region_is_a_clear_error() {
+    setup_env();
+    let rt = KmsRuntime::new().unwrap();
+    let cfg = AwsConfig {
+        key_id: "alias/kmsfs-dev".into(),
+        region: None,
+        endpoint: Some("http://127.0.0.1:1".into()),
+        profile: None,
+        assume_role_arn: None,
+        external_id: None,
+        timeout_secs: 2,
+    };
+    let err = connect(&rt, &cfg)
+        .err()
+        .expect("connected without a region");
+    assert!(matches!(err, KmsError::Config(_)), "{err}");
+    assert!(err.to_string().contains("--aws-region"), "{err}");
+}
+
+/// A kmsfs mount, detached on drop.
+struct Mounted {
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            common::wait_for_daemon_exit(&self.mnt);
+        }
+    }
+}
+
+fn kmsfs_with(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let out = common::kmsfs()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run kmsfs");
+    if !out.status.success() {
+        panic!(
+            "kmsfs {:?} failed ({}): {}",
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn mount(env: &[(&str, &str)], backing: &Path, mnt: &Path, log: &Path) -> Mounted {
+    kmsfs_with(
+        env,
+        &[
+            "mount",
+            backing.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    Mounted {
+        mnt: mnt.to_owned(),
+        mounted: true,
+    }
+}
+
+fn umount(env: &[(&str, &str)], m: &mut Mounted) {
+    kmsfs_with(env, &["umount", m.mnt.to_str().unwrap()]);
+    m.mounted = false;
+    common::wait_for_daemon_exit(&m.mnt);
+}
+
+#[test]
+fn mount_write_remount_read_with_aws_kms() {
+    common::require_fuse();
+    let moto = Moto::start();
+    let dir = tempfile::Builder::new()
+        .prefix("kmsfs-aws")
+        .tempdir()
+        .unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    let log = dir.path().join("kmsfs.log");
+    std::fs::create_dir(&mnt).unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", REGION),
+    ];
+    kmsfs_with(
+        &env,
+        &[
+            "init",
+            backing.to_str().unwrap(),
+            "--kms",
+            "aws",
+            "--aws-key-id",
+            moto.alias(),
+            "--aws-region",
+            REGION,
+            "--aws-endpoint",
+            moto.url(),
+        ],
+    );
+    let data = common::pattern(300_000, 11);
+    let mut m = mount(&env, &backing, &mnt, &log);
+    std::fs::write(mnt.join("hello.bin"), &data).unwrap();
+    std::fs::create_dir(mnt.join("sub")).unwrap();
+    std::fs::write(mnt.join("sub/small.txt"), b"hello aws kms\n").unwrap();
+    umount(&env, &mut m);
+    assert!(!std::fs::read(backing.join("hello.bin"))
+        .unwrap()
+        .windows(64)
+        .any(|w| w == &data[..64]));
+
+    let mut m = mount(&env, &backing, &mnt, &log);
+    assert_eq!(std::fs::read(mnt.join("hello.bin")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(mnt.join("sub/small.txt")).unwrap(),
+        b"hello aws kms\n"
+    );
+
+    let out = kmsfs_with(
+        &env,
+        &["info", "--verify", mnt.join("hello.bin").to_str().unwrap()],
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["key"]["provider"], "aws", "{info}");
+    assert_eq!(info["key"]["key_id"], moto.key_arn(), "{info}");
+    assert_eq!(info["header_verified"], true, "{info}");
+    umount(&env, &mut m);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !log_text.contains("testing"),
+        "credentials in the log?\n{log_text}"
+    );
+}
+
+#[test]
+fn assume_role_goes_through_sts() {
+    common::require_fuse();
+    let moto = Moto::start();
+    let dir = tempfile::Builder::new()
+        .prefix("kmsfs-aws-role")
+        .tempdir()
+        .unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    let log = dir.path().join("kmsfs.log");
+    std::fs::create_dir(&mnt).unwrap();
+    kmsfs_with(
+        &[],
+        &[
+            "init",
+            backing.to_str().unwrap(),
+            "--kms",
+            "aws",
+            "--aws-key-id",
+            moto.key_id(),
+            "--aws-region",
+            REGION,
+            "--aws-endpoint",
+            moto.url(),
+            "--aws-assume-role",
+            "arn:aws:iam::123456789012:role/kmsfs-test",
+            "--aws-external-id",
+            "kmsfs-ext-123",
+        ],
+    );
+    // STS unreachable (the process-wide default): the role cannot be
+    // assumed, so the mount fails with a credentials error.
+    let out = common::kmsfs()
+        .args([
+            "mount",
+            backing.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "--log-file",
+            log.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "mounted without STS");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("credentials"), "{stderr}");
+    common::wait_for_daemon_exit(&mnt);
+
+    // STS on moto: the role is assumed and its credentials used for KMS.
+    let env = [("AWS_ENDPOINT_URL_STS", moto.url())];
+    let mut m = mount(&env, &backing, &mnt, &log);
+    std::fs::write(mnt.join("f"), b"role data").unwrap();
+    umount(&env, &mut m);
+    let mut m = mount(&env, &backing, &mnt, &log);
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"role data");
+    umount(&env, &mut m);
+}

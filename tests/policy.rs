@@ -1,0 +1,221 @@
+//! Directory key policies, the DEK cache in front of the KMS, and metrics,
+//! on a real mount with two local keys.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+
+use common::{run, TestFs};
+
+fn info(fs: &TestFs, rel: &str) -> serde_json::Value {
+    let out = run(&["info", fs.path(rel).to_str().unwrap()], true);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn key_of(fs: &TestFs, rel: &str) -> String {
+    info(fs, rel)["key"]["key_id"].as_str().unwrap().to_owned()
+}
+
+fn set_policy(fs: &TestFs, dir: &str, key: &str, extra: &[&str]) {
+    let mut args = vec![
+        "policy",
+        "set",
+        fs.backing.to_str().unwrap(),
+        dir,
+        "--kms",
+        "local",
+        "--key-file",
+        fs.key_file.to_str().unwrap(),
+        "--key-name",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    run(&args, true);
+}
+
+fn policy_status(fs: &TestFs) -> serde_json::Value {
+    let out = run(&["policy", "status", fs.backing.to_str().unwrap()], true);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn nearest_policy_applies_and_crossing_keys_is_exdev() {
+    let mut fs = TestFs::new(&[]);
+    set_policy(&fs, "/pii", "pii", &[]);
+    fs.remount();
+    fs::create_dir_all(fs.path("pii/deep")).unwrap();
+    fs::create_dir(fs.path("other")).unwrap();
+    fs::write(fs.path("pii/deep/a"), b"pii data").unwrap();
+    fs::write(fs.path("other/b"), b"other data").unwrap();
+    assert_eq!(key_of(&fs, "pii/deep/a"), "pii", "inherited by subdirectories");
+    assert_eq!(key_of(&fs, "other/b"), "default");
+
+    let exdev = |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EXDEV));
+    exdev(fs::rename(fs.path("pii/deep/a"), fs.path("other/a")));
+    exdev(fs::hard_link(fs.path("pii/deep/a"), fs.path("other/a")));
+    exdev(fs::rename(fs.path("other/b"), fs.path("pii/b")));
+    exdev(fs::rename(fs.path("pii"), fs.path("moved")));
+    // Within one policy, renames and links work.
+    fs::rename(fs.path("pii/deep/a"), fs.path("pii/a")).unwrap();
+    fs::hard_link(fs.path("pii/a"), fs.path("pii/a2")).unwrap();
+    // mv falls back to copy + delete: the copy is under the destination key.
+    let st = std::process::Command::new("mv")
+        .arg(fs.path("pii/a2"))
+        .arg(fs.path("other/a2"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(fs::read(fs.path("other/a2")).unwrap(), b"pii data");
+    assert_eq!(key_of(&fs, "other/a2"), "default");
+
+    // Policy CLI.
+    let out = run(&["policy", "list", fs.backing.to_str().unwrap()], true);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let out = run(&["policy", "show", fs.backing.to_str().unwrap(), "/pii/deep/x"], true);
+    let show: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(show["dir"], "/pii");
+
+    // Changing the policy: old files keep their key and stay readable.
+    set_policy(&fs, "/pii", "pii2", &[]);
+    fs.remount();
+    fs::write(fs.path("pii/new"), b"n").unwrap();
+    assert_eq!(key_of(&fs, "pii/new"), "pii2");
+    assert_eq!(fs::read(fs.path("pii/a")).unwrap(), b"pii data");
+    let status = policy_status(&fs);
+    let pii = status.as_array().unwrap().iter().find(|r| r["dir"] == "/pii").unwrap();
+    assert_eq!(pii["files_on_current_key"], 1, "{status}");
+    assert_eq!(pii["files_on_other_keys"], 1, "{status}");
+    // Unset: files under the removed policy still open.
+    run(&["policy", "unset", fs.backing.to_str().unwrap(), "/pii"], true);
+    fs.remount();
+    assert_eq!(fs::read(fs.path("pii/new")).unwrap(), b"n");
+    let out = run(&["policy", "unset", fs.backing.to_str().unwrap(), "/"], false);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn non_mandatory_policy_lets_plaintext_files_through() {
+    let mut fs = TestFs::new(&[]);
+    fs.umount();
+    fs::create_dir(fs.backing_path("legacy")).unwrap();
+    fs::write(fs.backing_path("legacy/old.txt"), b"plain old data").unwrap();
+    fs::write(fs.backing_path("stray.txt"), b"no sidecar here").unwrap();
+    set_policy(&fs, "/legacy", "default", &["--not-mandatory"]);
+    fs.mount(&[]);
+    assert_eq!(fs::read(fs.path("legacy/old.txt")).unwrap(), b"plain old data");
+    assert_eq!(fs::metadata(fs.path("legacy/old.txt")).unwrap().len(), 14);
+    fs::write(fs.path("legacy/new.txt"), b"secret new data").unwrap();
+    assert!(fs.backing_path("legacy/.kmsfs.new.txt").exists(), "new files are encrypted");
+    let raw = fs::read(fs.backing_path("legacy/new.txt")).unwrap();
+    assert!(!raw.windows(6).any(|w| w == b"secret"));
+    // The mandatory root refuses a file without sidecar.
+    let err = fs::read(fs.path("stray.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(fs.log_text().contains("stray.txt: sidecar header: sidecar is missing"), "{}", fs.log_text());
+    let status = policy_status(&fs);
+    let legacy = status.as_array().unwrap().iter().find(|r| r["dir"] == "/legacy").unwrap();
+    assert_eq!(legacy["files_without_sidecar"], 1);
+    assert_eq!(legacy["files_on_current_key"], 1);
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Sum of a metric's samples whose labels contain `filter`.
+fn metric(text: &str, name: &str, filter: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn dek_cache_keeps_the_kms_off_the_hot_path() {
+    let mut fs = TestFs::new(&[]);
+    for i in 0..30 {
+        fs::write(fs.path(&format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    fs.umount();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    fs.mount(&["--metrics-addr", &addr]);
+    let unwraps = || metric(&scrape(port), "kmsfs_kms_requests_total", "operation=\"unwrap\"");
+    assert_eq!(unwraps(), 0);
+    for i in 0..30 {
+        assert_eq!(fs::read_to_string(fs.path(&format!("f{i}"))).unwrap(), format!("file {i}"));
+    }
+    assert_eq!(unwraps(), 30, "cold: one unwrap per file");
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    for i in 0..30 {
+        assert_eq!(fs::read_to_string(fs.path(&format!("f{i}"))).unwrap(), format!("file {i}"));
+    }
+    assert_eq!(unwraps(), 30, "warm: no KMS call for cached DEKs");
+    let text = scrape(port);
+    assert!(metric(&text, "kmsfs_dek_cache_hits_total", "") >= 30, "{text}");
+    assert!(metric(&text, "kmsfs_read_bytes_total", "") > 0);
+
+    // Concurrent opens of one uncached file make one unwrap.
+    fs::write(fs.path("hot"), b"hot file").unwrap();
+    fs.umount();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    fs.mount(&["--metrics-addr", &addr]);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| assert_eq!(fs::read(fs.path("hot")).unwrap(), b"hot file"));
+        }
+    });
+    assert_eq!(metric(&scrape(port), "kmsfs_kms_requests_total", "operation=\"unwrap\""), 1);
+}
+
+#[test]
+fn kms_test_and_status_report_health() {
+    let fs = TestFs::new(&[]);
+    let out = run(&["kms", "test", fs.backing.to_str().unwrap(), "/any/dir"], true);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("round trip"));
+    let out = run(&["kms", "status", fs.backing.to_str().unwrap()], true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["ok"], true, "{v}");
+    // A policy on a new keyring creates it, and the round trip check passes.
+    let out = run(
+        &[
+            "policy",
+            "set",
+            fs.backing.to_str().unwrap(),
+            "/x",
+            "--kms",
+            "local",
+            "--key-file",
+            fs.dir.path().join("other-keys").to_str().unwrap(),
+            "--key-name",
+            "k",
+        ],
+        true,
+    );
+    assert!(out.status.success());
+    // A keyring others can read is refused, and nothing is saved.
+    let open_keys = fs.dir.path().join("open-keys");
+    run(&["keys", "create", "--key-file", open_keys.to_str().unwrap()], true);
+    fs::set_permissions(&open_keys, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = run(
+        &["policy", "set", fs.backing.to_str().unwrap(), "/y", "--kms", "local", "--key-file", open_keys.to_str().unwrap()],
+        false,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    let out = run(&["policy", "list", fs.backing.to_str().unwrap()], true);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("\"/y\""));
+}
