@@ -121,7 +121,10 @@ impl Bao {
             .env("VAULT_TOKEN", self.token())
             .env(
                 "VAULT_CACERT",
-                self.env.get("VAULT_CACERT").map(String::as_str).unwrap_or(""),
+                self.env
+                    .get("VAULT_CACERT")
+                    .map(String::as_str)
+                    .unwrap_or(""),
             )
             .env("HOME", self.state.path())
             .stdin(std::process::Stdio::piped())
@@ -739,7 +742,10 @@ fn tls_with_ca_cert_and_skip_verify() {
     cfg.ca_cert = Some(ca.clone());
     let kms = connect(&rt, &bao, &cfg);
     let (dek, w) = rt.block_on(kms.generate_dek(&ctx(5))).unwrap();
-    assert_eq!(rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(), dek.as_bytes());
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(),
+        dek.as_bytes()
+    );
 
     // Without it, the certificate is unknown: Unreachable, naming TLS.
     cfg.ca_cert = None;
@@ -754,7 +760,10 @@ fn tls_with_ca_cert_and_skip_verify() {
     // skip_verify connects anyway (with a warning).
     cfg.skip_verify = true;
     let kms = connect(&rt, &bao, &cfg);
-    assert_eq!(rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(), dek.as_bytes());
+    assert_eq!(
+        rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(),
+        dek.as_bytes()
+    );
 
     // A CA file that is not PEM is refused.
     cfg.skip_verify = false;
@@ -765,5 +774,8 @@ fn tls_with_ca_cert_and_skip_verify() {
         .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
         .err()
         .expect("junk CA accepted");
-    assert!(matches!(err, KmsError::Config(_)) && err.to_string().contains("no PEM certificate"), "{err}");
+    assert!(
+        matches!(err, KmsError::Config(_)) && err.to_string().contains("no PEM certificate"),
+        "{err}"
+    );
 }

@@ -130,9 +130,18 @@ impl BlockCipher {
     /// bytes with the plaintext at `[NONCE_LEN..NONCE_LEN + n]`; on return it
     /// holds nonce || ciphertext || tag. A fresh random nonce is drawn per call.
     pub fn seal_in_place(&self, index: u64, sealed: &mut [u8]) {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        self.seal_in_place_with_nonce(index, &nonce, sealed);
+    }
+
+    /// As [`Self::seal_in_place`] with a caller-chosen nonce. Only for test
+    /// vectors: reusing a nonce under one key breaks the AEAD.
+    pub fn seal_in_place_with_nonce(&self, index: u64, nonce: &[u8; NONCE_LEN], sealed: &mut [u8]) {
         let n = sealed.len() - NONCE_LEN - TAG_LEN;
-        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
-        rand::thread_rng().fill_bytes(nonce);
+        let (nonce_out, rest) = sealed.split_at_mut(NONCE_LEN);
+        nonce_out.copy_from_slice(nonce);
+        let nonce = &*nonce_out;
         let (body, tag_out) = rest.split_at_mut(n);
         let aad = block_aad(&self.file_id, index);
         let nonce = Nonce::from_slice(nonce);

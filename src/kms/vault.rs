@@ -495,13 +495,15 @@ impl VaultKms {
             match serde_json::from_slice(&bytes) {
                 Ok(v) => v,
                 Err(_) if status >= 500 || status == 429 => Value::Null,
-                Err(_) => return Err(KmsError::Unreachable {
-                    kms: self.kms(),
-                    detail: format!(
+                Err(_) => {
+                    return Err(KmsError::Unreachable {
+                        kms: self.kms(),
+                        detail: format!(
                         "HTTP {status} with a body that is not JSON: is {} a Vault/OpenBao server?",
                         self.base
                     ),
-                }),
+                    })
+                }
             }
         };
         Ok(Answer { status, body })
@@ -848,7 +850,10 @@ fn build_client(cfg: &VaultConfig) -> Result<VaultClient, KmsError> {
     }
     if let Some(ca) = &cfg.ca_cert {
         let pem = std::fs::read(ca).map_err(|e| {
-            KmsError::Config(format!("cannot read the vault CA certificate {}: {e}", ca.display()))
+            KmsError::Config(format!(
+                "cannot read the vault CA certificate {}: {e}",
+                ca.display()
+            ))
         })?;
         if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
             return Err(KmsError::Config(format!(
