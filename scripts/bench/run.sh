@@ -80,8 +80,8 @@ fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
 ML_SIZE=102400
 ML_PROCS=8
-# Parts of the kernel tree used by --quick (about 9,000 entries).
-QUICK_SUBDIRS=(fs kernel lib mm net/ipv4)
+# Parts of the kernel tree used by --quick (about 10,000 entries).
+QUICK_SUBDIRS=(fs kernel lib mm net/ipv4 include)
 STEP_TIMEOUT=${KMSFS_BENCH_STEP_TIMEOUT:-2400}
 
 [[ $(id -u) == 0 ]] || die "run as root (drop_caches and FUSE mounts need it)"
@@ -142,8 +142,31 @@ install_deps() {
     fi
 }
 install_deps
-log "building kmsfs"
-kmsfs_build >&2
+
+# The target directory is shared with other builds, which may replace the
+# binary (even with other cargo features) while we run: benchmark a private
+# copy. The vault workload needs the "vault" feature (on by default).
+has_vault() {
+    local out
+    out=$("$1" init "$RUN/.feature-probe" --kms vault --vault-addr http://127.0.0.1:9 --vault-key probe 2>&1 || true)
+    rm -rf "$RUN/.feature-probe"
+    [[ $out != *"not available in this build"* ]]
+}
+snapshot_kmsfs() {
+    local try
+    for try in 1 2 3; do
+        log "building kmsfs"
+        kmsfs_build >&2 || die "building kmsfs failed"
+        mkdir -p "$RUN/bin"
+        cp -f "$KMSFS" "$RUN/bin/kmsfs.tmp" && mv -f "$RUN/bin/kmsfs.tmp" "$RUN/bin/kmsfs"
+        if has_vault "$RUN/bin/kmsfs"; then KMSFS_HAS_VAULT=1; break; fi
+        KMSFS_HAS_VAULT=0
+        log "the built kmsfs lacks the vault feature (another build replaced it?); rebuilding"
+        sleep 5
+    done
+    KMSFS=$RUN/bin/kmsfs
+    KMSFS_SHA=$(sha256sum "$KMSFS" | cut -c1-16)
+}
 
 # ---------------------------------------------------------------- records
 now() { date +%s.%N; }
@@ -290,7 +313,7 @@ group_seq() {
     local fio_common=(--name=bench --filename="$dir/bench.dat" --ioengine=psync --numjobs=1
         --size="${SEQ_MIB}M" --fallocate=none --output-format=json)
     for rep in $(seq 1 "$REPS"); do
-        if want seqwrite || ((rep == 1)) && [[ ! -f $dir/bench.dat ]]; then
+        if want seqwrite || [[ ! -f $dir/bench.dat ]]; then
             rm -f "$dir/bench.dat"
             drop_caches
             out=$g/fio-write-$rep.json
@@ -444,6 +467,10 @@ group_vault() {
         rec_na kmsfs-vault ml "scripts/dev-vault.sh is missing"
         return 0
     fi
+    if ((!KMSFS_HAS_VAULT)); then
+        rec_na kmsfs-vault ml "the kmsfs binary was built without the vault cargo feature"
+        return 0
+    fi
     mkdir -p "$VAULT_STATE"
     VAULT_STARTED=1
     if ! bash "$KMSFS_ROOT/scripts/dev-vault.sh" start "$VAULT_STATE" >"$RUN/vault.env" 2>"$RUN/vault.err"; then
@@ -464,6 +491,8 @@ group_vault() {
 rm -rf "$RUN"
 mkdir -p "$RUN"
 : >"$RAW"
+if [[ -n ${KMSFS_BIN:-} ]]; then KMSFS_BIN=$(abs_path "$KMSFS_BIN"); fi
+snapshot_kmsfs
 START_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "run directory $RUN; results in $OUT; reps=$REPS quick=$QUICK only=$ONLY fs=$FSLIST"
@@ -506,7 +535,7 @@ cat >"$RUN/meta.json" <<EOF
     "loadavg_end": $(json_str "$(cut -d' ' -f1-3 /proc/loadavg)")
   },
   "versions": {
-    "kmsfs": $(json_str "$(ver "$KMSFS" --version) ($(cd "$KMSFS_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo 'no commit')$(cd "$KMSFS_ROOT" && [[ -n $(git status --porcelain 2>/dev/null) ]] && echo ', dirty'))"),
+    "kmsfs": $(json_str "$(ver "$KMSFS" --version) (sha256 $KMSFS_SHA, $(cd "$KMSFS_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo 'no commit')$(cd "$KMSFS_ROOT" && [[ -n $(git status --porcelain 2>/dev/null) ]] && echo ', dirty'))"),
     "gocryptfs": $(json_str "$(ver gocryptfs -version)"),
     "securefs": $(json_str "$(dpkg-query -W -f '${Version}' securefs 2>/dev/null)"),
     "fio": $(json_str "$(ver fio --version)"),

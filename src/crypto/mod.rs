@@ -4,9 +4,7 @@
 //! line by accident. The DEK itself never encrypts data: HKDF derives a block
 //! key and a header MAC key from it, salted with the file ID.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use chacha20poly1305::ChaCha20Poly1305;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -97,31 +95,28 @@ pub fn verify_header(parsed: &crate::format::ParsedHeader, dek: &Dek) -> Result<
         .map_err(|_| CryptoError::HeaderAuth)
 }
 
-enum Aead {
-    Aes(Box<Aes256Gcm>),
-    ChaCha(Box<ChaCha20Poly1305>),
-}
-
-/// Seals and opens the blocks of one file. Holds only the derived block key
-/// (inside the AEAD state, zeroized on drop by the cipher crates), not the DEK.
+/// Seals and opens the blocks of one file. Holds only the derived block key,
+/// inside aws-lc's AEAD context, which cleanses it when dropped; not the DEK.
+///
+/// aws-lc rather than the pure-Rust RustCrypto crates: on this hardware it
+/// seals AES-256-GCM about 7x faster (5.2 vs 0.75 GB/s per core), and the
+/// data path is bound by it. tests/vectors.rs cross-checks the output
+/// against RustCrypto's implementation.
 pub struct BlockCipher {
-    aead: Aead,
+    key: LessSafeKey,
     file_id: [u8; 16],
 }
 
 impl BlockCipher {
     pub fn new(dek: &Dek, header: &Header) -> Self {
         let key = derive(dek, &header.file_id, BLOCK_KEY_INFO);
-        let aead = match header.cipher {
-            crate::format::CipherSuite::Aes256Gcm => Aead::Aes(Box::new(
-                Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key"),
-            )),
-            crate::format::CipherSuite::ChaCha20Poly1305 => Aead::ChaCha(Box::new(
-                ChaCha20Poly1305::new_from_slice(&key[..]).expect("32-byte key"),
-            )),
+        let alg = match header.cipher {
+            crate::format::CipherSuite::Aes256Gcm => &AES_256_GCM,
+            crate::format::CipherSuite::ChaCha20Poly1305 => &CHACHA20_POLY1305,
         };
+        let key = LessSafeKey::new(UnboundKey::new(alg, &key[..]).expect("32-byte key fits both suites"));
         BlockCipher {
-            aead,
+            key,
             file_id: header.file_id,
         }
     }
@@ -141,16 +136,13 @@ impl BlockCipher {
         let n = sealed.len() - NONCE_LEN - TAG_LEN;
         let (nonce_out, rest) = sealed.split_at_mut(NONCE_LEN);
         nonce_out.copy_from_slice(nonce);
-        let nonce = &*nonce_out;
         let (body, tag_out) = rest.split_at_mut(n);
         let aad = block_aad(&self.file_id, index);
-        let nonce = Nonce::from_slice(nonce);
-        let tag = match &self.aead {
-            Aead::Aes(c) => c.encrypt_in_place_detached(nonce, &aad, body),
-            Aead::ChaCha(c) => c.encrypt_in_place_detached(nonce, &aad, body),
-        }
-        .expect("block is far below the AEAD length limit");
-        tag_out.copy_from_slice(&tag);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), body)
+            .expect("block is far below the AEAD length limit");
+        tag_out.copy_from_slice(tag.as_ref());
     }
 
     /// Opens sealed block `index` into `out` (`sealed.len() - 28` bytes).
@@ -164,19 +156,22 @@ impl BlockCipher {
             return Ok(());
         }
         let n = out.len();
-        let nonce = Nonce::from_slice(&sealed[..NONCE_LEN]);
-        let tag = Tag::from_slice(&sealed[NONCE_LEN + n..]);
-        out.copy_from_slice(&sealed[NONCE_LEN..NONCE_LEN + n]);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&sealed[..NONCE_LEN]);
         let aad = block_aad(&self.file_id, index);
-        let r = match &self.aead {
-            Aead::Aes(c) => c.decrypt_in_place_detached(nonce, &aad, out, tag),
-            Aead::ChaCha(c) => c.decrypt_in_place_detached(nonce, &aad, out, tag),
-        };
-        r.map_err(|_| {
-            // Never hand back unauthenticated bytes.
-            out.fill(0);
-            CryptoError::BlockAuth(index)
-        })
+        self.key
+            .open_separate_gather(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &sealed[NONCE_LEN..NONCE_LEN + n],
+                &sealed[NONCE_LEN + n..],
+                out,
+            )
+            .map_err(|_| {
+                // Never hand back unauthenticated bytes.
+                out.fill(0);
+                CryptoError::BlockAuth(index)
+            })
     }
 }
 

@@ -474,5 +474,26 @@ pub fn mount(
         core,
         ttl: opts.attr_ttl,
     };
-    Session::new(fs, mountpoint, &config)
+    let session = Session::new(fs, mountpoint, &config)?;
+    raise_readahead(mountpoint);
+    Ok(session)
+}
+
+/// The kernel caps a FUSE mount's readahead at its default (128 KiB) even
+/// when max_readahead is larger; raising the mount's bdi setting lets
+/// sequential reads arrive as 1 MiB requests. Best effort (needs root).
+fn raise_readahead(mountpoint: &Path) {
+    // Read the device from mountinfo: a stat() of the mountpoint would be a
+    // FUSE request that nobody serves yet.
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let dev = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4).map(Path::new) == Some(mountpoint)).then(|| f[2].to_owned())
+    });
+    if let Some(dev) = dev {
+        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&path, (MAX_REQUEST / 1024).to_string()) {
+            tracing::debug!("cannot raise readahead via {path}: {e}");
+        }
+    }
 }

@@ -46,6 +46,13 @@ pub struct CryptFile {
     pending: Mutex<Option<PendingDurability>>,
 }
 
+/// Makes `buf` at least `len` long, zero-filling only new bytes.
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
 fn torn(label: &str, block: u64) -> FsError {
     FsError::Block {
         file: label.to_owned(),
@@ -155,12 +162,11 @@ impl CryptFile {
     /// Reads up to `size` plaintext bytes at `offset` into `out` (cleared
     /// first). Short only at end of file.
     pub fn read(&self, offset: u64, size: usize, out: &mut Vec<u8>) -> FsResult<()> {
-        out.clear();
         if self.cipher.is_none() {
-            out.resize(size, 0);
+            grow(out, size);
             let mut done = 0;
             while done < size {
-                match self.file.read_at(&mut out[done..], offset + done as u64)? {
+                match self.file.read_at(&mut out[done..size], offset + done as u64)? {
                     0 => break,
                     n => done += n,
                 }
@@ -173,6 +179,7 @@ impl CryptFile {
         let g = self.geometry;
         let pt_size = g.plaintext_size(ct_size);
         if size == 0 || offset >= pt_size {
+            out.clear();
             return Ok(());
         }
         let end = (offset + size as u64).min(pt_size);
@@ -186,17 +193,21 @@ impl CryptFile {
         let ct_end = g.sealed_block_start(last + 1).min(ct_size);
         let pt_start = g.block_start(first);
         let pt_end = g.block_start(last + 1).min(pt_size);
+        let ct_len = (ct_end - ct_start) as usize;
+        let pt_len = (pt_end - pt_start) as usize;
         SEALED.with(|buf| -> FsResult<()> {
             let mut sealed = buf.borrow_mut();
-            sealed.resize((ct_end - ct_start) as usize, 0);
-            self.file.read_exact_at(&mut sealed, ct_start)?;
-            out.resize((pt_end - pt_start) as usize, 0);
-            self.open_blocks(first, &sealed, out)
+            grow(&mut sealed, ct_len);
+            self.file.read_exact_at(&mut sealed[..ct_len], ct_start)?;
+            grow(out, pt_len);
+            self.open_blocks(first, &sealed[..ct_len], &mut out[..pt_len])
         })?;
-        // Keep only the requested range.
+        // Keep only the requested range (no copy for block-aligned reads).
         let skip = (offset - pt_start) as usize;
         let keep = (end - offset) as usize;
-        out.copy_within(skip..skip + keep, 0);
+        if skip > 0 {
+            out.copy_within(skip..skip + keep, 0);
+        }
         out.truncate(keep);
         Ok(())
     }

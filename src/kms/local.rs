@@ -16,9 +16,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use async_trait::async_trait;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use base64::Engine;
 use rand::RngCore;
 use zeroize::Zeroizing;
@@ -56,6 +55,13 @@ pub enum KeyringError {
 
 /// One key-encryption key. Zeroized on drop; no Debug.
 struct Kek(Zeroizing<[u8; 32]>);
+
+impl Kek {
+    /// An AEAD context for this KEK (cleansed by aws-lc when dropped).
+    fn cipher(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0[..]).expect("32-byte KEK"))
+    }
+}
 
 /// The parsed keyring: key name -> version -> KEK.
 pub struct Keyring {
@@ -339,16 +345,17 @@ impl LocalKms {
     }
 
     fn seal(kek: &Kek, dek: &Dek, aad: &[u8]) -> Vec<u8> {
-        let cipher = Aes256Gcm::new_from_slice(&kek.0[..]).expect("32-byte KEK");
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
         let mut out = vec![0u8; 12 + DEK_LEN + 16];
-        rand::rngs::OsRng.fill_bytes(&mut out[..12]);
-        let (nonce, rest) = out.split_at_mut(12);
-        let (body, tag_out) = rest.split_at_mut(DEK_LEN);
+        out[..12].copy_from_slice(&nonce);
+        let (body, tag_out) = out[12..].split_at_mut(DEK_LEN);
         body.copy_from_slice(dek.as_bytes());
-        let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, body)
+        let tag = kek
+            .cipher()
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
             .expect("DEK fits the AEAD limits");
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag.as_ref());
         out
     }
 }
@@ -431,15 +438,16 @@ impl KeyProvider for LocalKms {
                 detail: format!("wrapped DEK has {} bytes, expected 60", blob.len()),
             });
         }
-        let cipher = Aes256Gcm::new_from_slice(&kek.0[..]).expect("32-byte KEK");
         let mut body = Zeroizing::new([0u8; DEK_LEN]);
-        body.copy_from_slice(&blob[12..12 + DEK_LEN]);
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&blob[..12]),
-                &wrap_aad(&kr_ref.key_id, version, ctx),
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&blob[..12]);
+        kek.cipher()
+            .open_separate_gather(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(wrap_aad(&kr_ref.key_id, version, ctx)),
+                &blob[12..12 + DEK_LEN],
+                &blob[12 + DEK_LEN..],
                 &mut body[..],
-                Tag::from_slice(&blob[12 + DEK_LEN..]),
             )
             .map_err(|_| KmsError::UnwrapFailed {
                 kms: self.kms_name(),
