@@ -78,7 +78,7 @@ enum PolicyCmd {
         backing: PathBuf,
         dir: String,
         #[command(flatten)]
-        kms: KmsArgs,
+        kms: Box<KmsArgs>,
         #[arg(long, default_value = "aes-256-gcm")]
         cipher: CipherSuite,
         /// Let files without a sidecar (plaintext already there) be read and
@@ -210,7 +210,7 @@ struct KmsArgs {
 struct InitArgs {
     backing: PathBuf,
     #[command(flatten)]
-    kms: KmsArgs,
+    kms: Box<KmsArgs>,
     #[arg(long, default_value = "aes-256-gcm")]
     cipher: CipherSuite,
     /// Plaintext block size: a power of two from 4096 to 1048576.

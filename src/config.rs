@@ -188,7 +188,8 @@ impl Config {
         if let Some(old) = old {
             self.retire_if_unused(old.kms);
         }
-        self.retired.retain(|k| !self.policies.iter().any(|p| &p.kms == k));
+        self.retired
+            .retain(|k| !self.policies.iter().any(|p| &p.kms == k));
         self.policies.sort_by(|a, b| a.dir.cmp(&b.dir));
     }
 

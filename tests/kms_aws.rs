@@ -189,7 +189,10 @@ fn generate_unwrap_round_trip_and_context_binding() {
     assert_ne!(dek2.as_bytes(), dek.as_bytes());
 
     // Another file's context: the EncryptionContext does not match.
-    let err = rt.block_on(kms.unwrap(&wrapped, &ctx(2))).map(|_| ()).unwrap_err();
+    let err = rt
+        .block_on(kms.unwrap(&wrapped, &ctx(2)))
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
     assert!(!err.is_retryable());
 
@@ -197,7 +200,10 @@ fn generate_unwrap_round_trip_and_context_binding() {
     let mut bad = wrapped.clone();
     let last = bad.blob.len() - 1;
     bad.blob[last] ^= 1;
-    let err = rt.block_on(kms.unwrap(&bad, &ctx(1))).map(|_| ()).unwrap_err();
+    let err = rt
+        .block_on(kms.unwrap(&bad, &ctx(1)))
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
 
     // Encrypt-based wrap of an existing DEK.
@@ -207,7 +213,10 @@ fn generate_unwrap_round_trip_and_context_binding() {
         rt.block_on(kms.unwrap(&w, &ctx(3))).unwrap().as_bytes(),
         dek.as_bytes()
     );
-    let err = rt.block_on(kms.unwrap(&w, &ctx(1))).map(|_| ()).unwrap_err();
+    let err = rt
+        .block_on(kms.unwrap(&w, &ctx(1)))
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
 }
 

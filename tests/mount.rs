@@ -4,7 +4,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
 use common::{pattern, run, TestFs};
 use rand::{Rng, SeedableRng};
@@ -71,7 +71,7 @@ fn random_operations_match_a_plain_file() {
             .unwrap()
     };
     let mut enc = open(&fs.path("r"));
-    let mut plain = open(&plain_path);
+    let plain = open(&plain_path);
     for step in 0..600 {
         match rng.gen_range(0..10) {
             0..=4 => {

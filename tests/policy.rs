@@ -49,10 +49,15 @@ fn nearest_policy_applies_and_crossing_keys_is_exdev() {
     fs::create_dir(fs.path("other")).unwrap();
     fs::write(fs.path("pii/deep/a"), b"pii data").unwrap();
     fs::write(fs.path("other/b"), b"other data").unwrap();
-    assert_eq!(key_of(&fs, "pii/deep/a"), "pii", "inherited by subdirectories");
+    assert_eq!(
+        key_of(&fs, "pii/deep/a"),
+        "pii",
+        "inherited by subdirectories"
+    );
     assert_eq!(key_of(&fs, "other/b"), "default");
 
-    let exdev = |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EXDEV));
+    let exdev =
+        |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EXDEV));
     exdev(fs::rename(fs.path("pii/deep/a"), fs.path("other/a")));
     exdev(fs::hard_link(fs.path("pii/deep/a"), fs.path("other/a")));
     exdev(fs::rename(fs.path("other/b"), fs.path("pii/b")));
@@ -74,7 +79,15 @@ fn nearest_policy_applies_and_crossing_keys_is_exdev() {
     let out = run(&["policy", "list", fs.backing.to_str().unwrap()], true);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2);
-    let out = run(&["policy", "show", fs.backing.to_str().unwrap(), "/pii/deep/x"], true);
+    let out = run(
+        &[
+            "policy",
+            "show",
+            fs.backing.to_str().unwrap(),
+            "/pii/deep/x",
+        ],
+        true,
+    );
     let show: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(show["dir"], "/pii");
 
@@ -85,14 +98,25 @@ fn nearest_policy_applies_and_crossing_keys_is_exdev() {
     assert_eq!(key_of(&fs, "pii/new"), "pii2");
     assert_eq!(fs::read(fs.path("pii/a")).unwrap(), b"pii data");
     let status = policy_status(&fs);
-    let pii = status.as_array().unwrap().iter().find(|r| r["dir"] == "/pii").unwrap();
+    let pii = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["dir"] == "/pii")
+        .unwrap();
     assert_eq!(pii["files_on_current_key"], 1, "{status}");
     assert_eq!(pii["files_on_other_keys"], 1, "{status}");
     // Unset: files under the removed policy still open.
-    run(&["policy", "unset", fs.backing.to_str().unwrap(), "/pii"], true);
+    run(
+        &["policy", "unset", fs.backing.to_str().unwrap(), "/pii"],
+        true,
+    );
     fs.remount();
     assert_eq!(fs::read(fs.path("pii/new")).unwrap(), b"n");
-    let out = run(&["policy", "unset", fs.backing.to_str().unwrap(), "/"], false);
+    let out = run(
+        &["policy", "unset", fs.backing.to_str().unwrap(), "/"],
+        false,
+    );
     assert!(!out.status.success());
 }
 
@@ -105,24 +129,44 @@ fn non_mandatory_policy_lets_plaintext_files_through() {
     fs::write(fs.backing_path("stray.txt"), b"no sidecar here").unwrap();
     set_policy(&fs, "/legacy", "default", &["--not-mandatory"]);
     fs.mount(&[]);
-    assert_eq!(fs::read(fs.path("legacy/old.txt")).unwrap(), b"plain old data");
+    assert_eq!(
+        fs::read(fs.path("legacy/old.txt")).unwrap(),
+        b"plain old data"
+    );
     assert_eq!(fs::metadata(fs.path("legacy/old.txt")).unwrap().len(), 14);
     fs::write(fs.path("legacy/new.txt"), b"secret new data").unwrap();
-    assert!(fs.backing_path("legacy/.kmsfs.new.txt").exists(), "new files are encrypted");
+    assert!(
+        fs.backing_path("legacy/.kmsfs.new.txt").exists(),
+        "new files are encrypted"
+    );
     let raw = fs::read(fs.backing_path("legacy/new.txt")).unwrap();
     assert!(!raw.windows(6).any(|w| w == b"secret"));
     // The mandatory root refuses a file without sidecar.
     let err = fs::read(fs.path("stray.txt")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert!(fs.log_text().contains("stray.txt: sidecar header: sidecar is missing"), "{}", fs.log_text());
+    assert!(
+        fs.log_text()
+            .contains("stray.txt: sidecar header: sidecar is missing"),
+        "{}",
+        fs.log_text()
+    );
     let status = policy_status(&fs);
-    let legacy = status.as_array().unwrap().iter().find(|r| r["dir"] == "/legacy").unwrap();
+    let legacy = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["dir"] == "/legacy")
+        .unwrap();
     assert_eq!(legacy["files_without_sidecar"], 1);
     assert_eq!(legacy["files_on_current_key"], 1);
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn scrape(port: u16) -> String {
@@ -152,19 +196,34 @@ fn dek_cache_keeps_the_kms_off_the_hot_path() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     fs.mount(&["--metrics-addr", &addr]);
-    let unwraps = || metric(&scrape(port), "kmsfs_kms_requests_total", "operation=\"unwrap\"");
+    let unwraps = || {
+        metric(
+            &scrape(port),
+            "kmsfs_kms_requests_total",
+            "operation=\"unwrap\"",
+        )
+    };
     assert_eq!(unwraps(), 0);
     for i in 0..30 {
-        assert_eq!(fs::read_to_string(fs.path(&format!("f{i}"))).unwrap(), format!("file {i}"));
+        assert_eq!(
+            fs::read_to_string(fs.path(&format!("f{i}"))).unwrap(),
+            format!("file {i}")
+        );
     }
     assert_eq!(unwraps(), 30, "cold: one unwrap per file");
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     for i in 0..30 {
-        assert_eq!(fs::read_to_string(fs.path(&format!("f{i}"))).unwrap(), format!("file {i}"));
+        assert_eq!(
+            fs::read_to_string(fs.path(&format!("f{i}"))).unwrap(),
+            format!("file {i}")
+        );
     }
     assert_eq!(unwraps(), 30, "warm: no KMS call for cached DEKs");
     let text = scrape(port);
-    assert!(metric(&text, "kmsfs_dek_cache_hits_total", "") >= 30, "{text}");
+    assert!(
+        metric(&text, "kmsfs_dek_cache_hits_total", "") >= 30,
+        "{text}"
+    );
     assert!(metric(&text, "kmsfs_read_bytes_total", "") > 0);
 
     // Concurrent opens of one uncached file make one unwrap.
@@ -178,13 +237,23 @@ fn dek_cache_keeps_the_kms_off_the_hot_path() {
             s.spawn(|| assert_eq!(fs::read(fs.path("hot")).unwrap(), b"hot file"));
         }
     });
-    assert_eq!(metric(&scrape(port), "kmsfs_kms_requests_total", "operation=\"unwrap\""), 1);
+    assert_eq!(
+        metric(
+            &scrape(port),
+            "kmsfs_kms_requests_total",
+            "operation=\"unwrap\""
+        ),
+        1
+    );
 }
 
 #[test]
 fn kms_test_and_status_report_health() {
     let fs = TestFs::new(&[]);
-    let out = run(&["kms", "test", fs.backing.to_str().unwrap(), "/any/dir"], true);
+    let out = run(
+        &["kms", "test", fs.backing.to_str().unwrap(), "/any/dir"],
+        true,
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("round trip"));
     let out = run(&["kms", "status", fs.backing.to_str().unwrap()], true);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -208,10 +277,26 @@ fn kms_test_and_status_report_health() {
     assert!(out.status.success());
     // A keyring others can read is refused, and nothing is saved.
     let open_keys = fs.dir.path().join("open-keys");
-    run(&["keys", "create", "--key-file", open_keys.to_str().unwrap()], true);
-    fs::set_permissions(&open_keys, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    run(
+        &["keys", "create", "--key-file", open_keys.to_str().unwrap()],
+        true,
+    );
+    fs::set_permissions(
+        &open_keys,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let out = run(
-        &["policy", "set", fs.backing.to_str().unwrap(), "/y", "--kms", "local", "--key-file", open_keys.to_str().unwrap()],
+        &[
+            "policy",
+            "set",
+            fs.backing.to_str().unwrap(),
+            "/y",
+            "--kms",
+            "local",
+            "--key-file",
+            open_keys.to_str().unwrap(),
+        ],
         false,
     );
     assert!(!out.status.success());

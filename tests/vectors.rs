@@ -46,7 +46,10 @@ fn open_independently(cipher: CipherSuite, sealed_hex: &str) -> Vec<u8> {
     let sealed = hex::decode(sealed_hex).unwrap();
     let mut aad = file_id.to_vec();
     aad.extend_from_slice(&3u64.to_be_bytes());
-    let payload = Payload { msg: &sealed[12..], aad: &aad };
+    let payload = Payload {
+        msg: &sealed[12..],
+        aad: &aad,
+    };
     match cipher {
         CipherSuite::Aes256Gcm => aes_gcm::Aes256Gcm::new_from_slice(&key)
             .unwrap()
@@ -60,13 +63,21 @@ fn open_independently(cipher: CipherSuite, sealed_hex: &str) -> Vec<u8> {
 
 #[test]
 fn vectors_open_with_an_independent_implementation() {
-    assert_eq!(open_independently(CipherSuite::Aes256Gcm, BLOCK_AES), b"kmsfs test vector");
-    assert_eq!(open_independently(CipherSuite::ChaCha20Poly1305, BLOCK_CHACHA), b"kmsfs test vector");
+    assert_eq!(
+        open_independently(CipherSuite::Aes256Gcm, BLOCK_AES),
+        b"kmsfs test vector"
+    );
+    assert_eq!(
+        open_independently(CipherSuite::ChaCha20Poly1305, BLOCK_CHACHA),
+        b"kmsfs test vector"
+    );
 }
 
 const HEADER_AES: &str = "4b4d5346534844520001010ca0a1a2a3a4a5a6a7a8a9aaabacadaeaf056c6f63616c000764656661756c740131003c111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111cd3ba4e77e7f98d1c8f5192a5e858a4f695bc63cec6ce9f78c069519b63b2a33";
-const BLOCK_AES: &str = "42424242424242424242424266fb9c7a5fdda35eda6766b8ca86fc59aa35bc127ff5a4dc716da3735dad9e172c";
-const BLOCK_CHACHA: &str = "4242424242424242424242429233cb4ed0d27ec57de106964b78e78a440701bf407e276889ff72443dcaed3f0a";
+const BLOCK_AES: &str =
+    "42424242424242424242424266fb9c7a5fdda35eda6766b8ca86fc59aa35bc127ff5a4dc716da3735dad9e172c";
+const BLOCK_CHACHA: &str =
+    "4242424242424242424242429233cb4ed0d27ec57de106964b78e78a440701bf407e276889ff72443dcaed3f0a";
 
 #[test]
 fn vectors_match_code_and_docs() {
@@ -75,15 +86,30 @@ fn vectors_match_code_and_docs() {
     verify_header(&parsed, &dek()).unwrap();
     let got = [
         ("header (AES-256-GCM)", hex::encode(&h), HEADER_AES),
-        ("block 3 (AES-256-GCM)", sealed_block(CipherSuite::Aes256Gcm), BLOCK_AES),
-        ("block 3 (ChaCha20-Poly1305)", sealed_block(CipherSuite::ChaCha20Poly1305), BLOCK_CHACHA),
+        (
+            "block 3 (AES-256-GCM)",
+            sealed_block(CipherSuite::Aes256Gcm),
+            BLOCK_AES,
+        ),
+        (
+            "block 3 (ChaCha20-Poly1305)",
+            sealed_block(CipherSuite::ChaCha20Poly1305),
+            BLOCK_CHACHA,
+        ),
     ];
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMAT.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMAT.md")).unwrap();
     for (what, actual, _) in &got {
         println!("{what}: {actual}");
     }
     for (what, actual, expected) in got {
-        assert_eq!(actual, expected, "{what} changed: the on-disk format is not compatible");
-        assert!(doc.contains(expected), "docs/FORMAT.md lacks the {what} vector");
+        assert_eq!(
+            actual, expected,
+            "{what} changed: the on-disk format is not compatible"
+        );
+        assert!(
+            doc.contains(expected),
+            "docs/FORMAT.md lacks the {what} vector"
+        );
     }
 }

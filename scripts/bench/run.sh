@@ -15,6 +15,8 @@
 #   --workdir    scratch space, on the same disk as the repo
 #                (default /var/tmp/kmsfs-bench); cache/ in it keeps the
 #                decompressed kernel tar and its checksums between runs
+#   --ml-files N number of 100 KiB files of the ML workloads (default
+#                20,000, quick 2,000)
 #   --out DIR    results (default WORKDIR/results): latest.json,
 #                a dated copy, the table (latest.txt, latest.md)
 # Needs root (drop_caches, FUSE). Installs gocryptfs, securefs, fio,
@@ -31,8 +33,9 @@ FSLIST=plain,gocryptfs,securefs,kmsfs
 REPS=
 WORKDIR=/var/tmp/kmsfs-bench
 OUT=
+ML_FILES_OPT=
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench: error: $*" >&2; exit 1; }
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -47,6 +50,8 @@ while (($#)); do
     --reps=*) REPS=${1#*=} ;;
     --workdir) WORKDIR=${2:?--workdir needs a directory}; shift ;;
     --workdir=*) WORKDIR=${1#*=} ;;
+    --ml-files) ML_FILES_OPT=${2:?--ml-files needs a number}; shift ;;
+    --ml-files=*) ML_FILES_OPT=${1#*=} ;;
     --out) OUT=${2:?--out needs a directory}; shift ;;
     --out=*) OUT=${1#*=} ;;
     -h | --help) usage 0 ;;
@@ -78,6 +83,10 @@ else
     KERNEL_SET=full
 fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
+if [[ -n $ML_FILES_OPT ]]; then
+    [[ $ML_FILES_OPT =~ ^[1-9][0-9]*$ ]] || die "--ml-files must be a positive integer"
+    ML_FILES=$ML_FILES_OPT
+fi
 ML_SIZE=102400
 ML_PROCS=8
 # Parts of the kernel tree used by --quick (about 10,000 entries).
@@ -155,12 +164,13 @@ has_vault() {
 snapshot_kmsfs() {
     local try
     for try in 1 2 3; do
-        log "building kmsfs"
+        if [[ -n ${KMSFS_BIN:-} ]]; then log "using KMSFS_BIN=$KMSFS_BIN"; else log "building kmsfs"; fi
         kmsfs_build >&2 || die "building kmsfs failed"
         mkdir -p "$RUN/bin"
         cp -f "$KMSFS" "$RUN/bin/kmsfs.tmp" && mv -f "$RUN/bin/kmsfs.tmp" "$RUN/bin/kmsfs"
         if has_vault "$RUN/bin/kmsfs"; then KMSFS_HAS_VAULT=1; break; fi
         KMSFS_HAS_VAULT=0
+        [[ -z ${KMSFS_BIN:-} ]] || break
         log "the built kmsfs lacks the vault feature (another build replaced it?); rebuilding"
         sleep 5
     done
@@ -391,7 +401,7 @@ group_kernel() {
         drop_caches
         rc=0
         t=$(run_timed "$g/untar.log" tar -xf "$KTAR" -C "$dir") || rc=$?
-        if ((rc)); then rec_err "$fs" untar "tar xf failed (rc $rc, $g/untar.log)"; break; fi
+        if ((rc)); then rec_err "$fs" untar "tar xf failed (rc $rc, $(grep -c . "$g/untar.log") lines in $g/untar.log; first: $(head -n 1 "$g/untar.log" | cut -c1-200))"; break; fi
         rec "$fs" untar_s "$rep" "$t" s
         rec_rss "$fs" "$g" after_untar "$rep"
 
@@ -429,7 +439,7 @@ group_ml() {
     if [[ $fs == kmsfs* ]]; then c0=$(kms_counts "$g") || c0="0 0"; fi
     rc=0
     t=$(run_timed "$g/ml-create.log" python3 "$BENCH_DIR/ml_files.py" create "$dir/ml" "$ML_FILES" "$ML_SIZE") || rc=$?
-    if ((rc)); then rec_err "$fs" ml_create "creating the files failed (rc $rc, $g/ml-create.log)"; fs_umount "$fs" "$g" || true; return 0; fi
+    if ((rc)); then rec_err "$fs" ml_create "creating the files failed (rc $rc): $(tail -n 1 "$g/ml-create.log" | cut -c1-200)"; fs_umount "$fs" "$g" || true; return 0; fi
     rec "$fs" ml_create_s 1 "$t" s
     if [[ $fs == kmsfs* ]]; then
         c1=$(kms_counts "$g") || c1="0 0"

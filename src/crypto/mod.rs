@@ -114,7 +114,8 @@ impl BlockCipher {
             crate::format::CipherSuite::Aes256Gcm => &AES_256_GCM,
             crate::format::CipherSuite::ChaCha20Poly1305 => &CHACHA20_POLY1305,
         };
-        let key = LessSafeKey::new(UnboundKey::new(alg, &key[..]).expect("32-byte key fits both suites"));
+        let key =
+            LessSafeKey::new(UnboundKey::new(alg, &key[..]).expect("32-byte key fits both suites"));
         BlockCipher {
             key,
             file_id: header.file_id,

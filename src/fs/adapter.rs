@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use super::error::FsError;
@@ -84,6 +84,8 @@ impl Filesystem for KmsFs {
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -332,6 +334,26 @@ impl Filesystem for KmsFs {
         }
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.ttl;
+        let r = self
+            .core
+            .readdirplus(ino.0, fh.0, offset, |ino, off, name, attr| {
+                reply.add(INodeNo(ino), off, name, &ttl, attr, Generation(0))
+            });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -485,7 +507,9 @@ pub fn mount(
 fn raise_readahead(mountpoint: &Path) {
     // Read the device from mountinfo: a stat() of the mountpoint would be a
     // FUSE request that nobody serves yet.
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let dev = info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
         (f.get(4).map(Path::new) == Some(mountpoint)).then(|| f[2].to_owned())

@@ -25,9 +25,10 @@ thread_local! {
 
 /// A created file's sidecar and directory, fsynced on the file's first fsync
 /// so a synced file is findable after a crash.
-pub struct PendingDurability {
+pub(crate) struct PendingDurability {
     pub sidecar: File,
-    pub parent_dir: File,
+    /// The directory holding both names (reopened for fsync only then).
+    pub parent_dir: std::sync::Arc<super::Inode>,
 }
 
 /// One open backing file shared by every handle on the same inode.
@@ -62,7 +63,7 @@ fn torn(label: &str, block: u64) -> FsError {
 }
 
 impl CryptFile {
-    pub fn new(
+    pub(crate) fn new(
         file: File,
         cipher: BlockCipher,
         geometry: BlockGeometry,
@@ -166,7 +167,10 @@ impl CryptFile {
             grow(out, size);
             let mut done = 0;
             while done < size {
-                match self.file.read_at(&mut out[done..size], offset + done as u64)? {
+                match self
+                    .file
+                    .read_at(&mut out[done..size], offset + done as u64)?
+                {
                     0 => break,
                     n => done += n,
                 }
@@ -343,7 +347,11 @@ impl CryptFile {
         let mut pending = self.pending.lock().unwrap();
         if let Some(p) = pending.as_ref() {
             p.sidecar.sync_all()?;
-            p.parent_dir.sync_all()?;
+            File::from(super::sys::reopen(
+                &p.parent_dir.fd,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )?)
+            .sync_all()?;
             *pending = None;
         }
         Ok(())

@@ -44,7 +44,7 @@ pub struct FileHeader {
 }
 
 /// One object of the backing tree the kernel knows about.
-pub struct Inode {
+pub(crate) struct Inode {
     kind: FileType,
     /// O_PATH handle on the backing object: stays valid across renames and
     /// after unlink, so getattr/setattr never resolve paths.
@@ -466,7 +466,7 @@ impl Core {
 
     /// The shared open state of a regular file: header from the sidecar (once
     /// per inode), DEK from the cache or one KMS unwrap.
-    pub async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
+    pub(crate) async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
         if let Some(cf) = inode.open_file.lock().unwrap().upgrade() {
             return Ok(cf);
         }
@@ -646,7 +646,6 @@ impl Core {
         let _ = inode.header.set(Arc::new(FileHeader { parsed, raw }));
         let cipher = BlockCipher::new(&dek, &header);
         self.cache.insert(&wrapped, &ctx, Arc::new(dek));
-        let parent_dir = File::from(sys::reopen(&dir.fd, libc::O_RDONLY | libc::O_DIRECTORY)?);
         let cf = Arc::new(CryptFile::new(
             File::from(data),
             cipher,
@@ -654,7 +653,7 @@ impl Core {
             self.label(&inode),
             Some(PendingDurability {
                 sidecar,
-                parent_dir,
+                parent_dir: dir.clone(),
             }),
         ));
         *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
@@ -1086,6 +1085,46 @@ impl Core {
         };
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if add(*ino, i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// readdirplus: entries with their attributes, each (but . and ..)
+    /// counting as a lookup, which saves the kernel one LOOKUP per entry.
+    pub fn readdirplus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, &OsStr, &FileAttr) -> bool,
+    ) -> FsResult<()> {
+        let h = self.handles.read().unwrap().get(&fh).cloned();
+        let Some(h) = h else {
+            return Err(errno(libc::EBADF));
+        };
+        let Handle::Dir(entries) = &*h else {
+            return Err(errno(libc::EBADF));
+        };
+        let dir = self.dir(ino)?;
+        for (i, (entry_ino, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let next = i as u64 + 1;
+            if name == "." || name == ".." {
+                let Ok(attr) = self.getattr(*entry_ino) else {
+                    continue;
+                };
+                if add(*entry_ino, next, name, &attr) {
+                    break;
+                }
+                continue;
+            }
+            let Ok((_, attr)) = self.lookup_in(ino, &dir, name) else {
+                continue; // gone since opendir
+            };
+            if add(attr.ino.0, next, name, &attr) {
+                // Not sent: take back the lookup it counted.
+                self.forget(attr.ino.0, 1);
                 break;
             }
         }

@@ -105,7 +105,9 @@ fn clean_message(msg: &str) -> String {
         let rest = &chars[i..];
         let is_key_id = rest.len() >= 20
             && (rest.starts_with(&['A', 'K', 'I', 'A']) || rest.starts_with(&['A', 'S', 'I', 'A']))
-            && rest[4..20].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            && rest[4..20]
+                .iter()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
             && (i == 0 || !chars[i - 1].is_ascii_alphanumeric());
         if is_key_id {
             out.push_str("[access key id]");
