@@ -91,6 +91,15 @@ impl DekCache {
         hit
     }
 
+    pub fn capacity(&self) -> usize {
+        self.entries.lock().unwrap().cap().get()
+    }
+
+    /// Whether a fresh DEK is cached, without counting a hit.
+    pub fn contains(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> bool {
+        self.lookup(&cache_key(wrapped, ctx)).is_some()
+    }
+
     /// Stores a DEK this process just generated (so the new file's next open
     /// is a hit).
     pub fn insert(&self, wrapped: &WrappedDek, ctx: &WrapContext, dek: Arc<Dek>) {
@@ -98,13 +107,9 @@ impl DekCache {
             dek,
             inserted: Instant::now(),
         };
-        if let Some((old_key, _)) = self
-            .entries
-            .lock()
-            .unwrap()
-            .push(cache_key(wrapped, ctx), entry)
-        {
-            if old_key != cache_key(wrapped, ctx) {
+        let key = cache_key(wrapped, ctx);
+        if let Some((old_key, _)) = self.entries.lock().unwrap().push(key, entry) {
+            if old_key != key {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }

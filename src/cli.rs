@@ -566,6 +566,7 @@ fn mount(a: MountArgs) -> Result<()> {
         return spawn_daemon(&a, &mountpoint);
     }
     init_logging("info");
+    raise_fd_limit();
     let (ro, allow_other, extra) = parse_mount_options(&a.options);
     let cache = DekCache::new(a.cache_size, Duration::from_secs(a.cache_ttl));
     unsafe { libc::umask(0) };
@@ -691,6 +692,31 @@ fn spawn_daemon(a: &MountArgs, mountpoint: &Path) -> Result<()> {
             }
             bail!("{}", other.trim_start_matches("error: "))
         }
+    }
+}
+
+/// The daemon holds one O_PATH descriptor per inode the kernel remembers
+/// (tens of thousands after an untar): lift the open-files limit as far as
+/// the system allows.
+fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        let want = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            // Not privileged: settle for the hard limit.
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        tracing::info!("open-files limit {}", lim.rlim_cur);
     }
 }
 

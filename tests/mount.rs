@@ -652,3 +652,23 @@ fn cli_errors_are_clear_and_nonzero() {
     common::wait_for_daemon_exit(&dir.path().join("mnt"));
     expect_err(&["umount", &d("mnt")], "not a FUSE mount");
 }
+
+/// The daemon keeps a descriptor per inode the kernel remembers; it must not
+/// run out even when started with a small open-files limit.
+#[test]
+fn many_files_do_not_exhaust_descriptors() {
+    common::require_fuse();
+    // Children (the daemon) inherit this soft limit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_cur.min(1024);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let fs = TestFs::new(&[]);
+    fs::create_dir(fs.path("many")).unwrap();
+    for i in 0..4000 {
+        fs::write(fs.path(&format!("many/f{i}")), b"x").unwrap_or_else(|e| panic!("file {i}: {e}"));
+    }
+    assert_eq!(fs::read_dir(fs.path("many")).unwrap().count(), 4000);
+}

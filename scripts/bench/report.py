@@ -54,6 +54,8 @@ def fmt(v):
         return "-"
     if isinstance(v, str):
         return v
+    if float(v).is_integer() and abs(v) >= 100:
+        return "%d" % v
     if abs(v) >= 1000:
         return "%.0f" % v
     if abs(v) >= 100:

@@ -3,7 +3,7 @@
 # gocryptfs and securefs. See docs/BENCHMARKS.md.
 #
 # Usage: bash scripts/bench/run.sh [--quick] [--only W,...] [--fs F,...]
-#                                  [--reps N] [--workdir DIR] [--out DIR]
+#                                  [--reps N] [--ml-files N] [--workdir DIR] [--out DIR]
 #   --quick      small sizes for smoke tests (64 MiB, 2,000 ML files, a part
 #                of the kernel tree, 1 repetition); marked QUICK everywhere
 #   --only       workloads: seqwrite,seqread,randread,kernel,ml,vault
@@ -162,8 +162,7 @@ has_vault() {
     [[ $out != *"not available in this build"* ]]
 }
 snapshot_kmsfs() {
-    local try
-    for try in 1 2 3; do
+    for _ in 1 2 3; do
         if [[ -n ${KMSFS_BIN:-} ]]; then log "using KMSFS_BIN=$KMSFS_BIN"; else log "building kmsfs"; fi
         kmsfs_build >&2 || die "building kmsfs failed"
         mkdir -p "$RUN/bin"
@@ -248,8 +247,7 @@ fs_mount() {
         fi ;;
     esac || { tail -n 20 "$g/mount.log" >&2; return 1; }
     # securefs -b returns before the mount is visible
-    local i
-    for i in $(seq 1 100); do is_mounted "$g/mnt" && return 0; sleep 0.1; done
+    for _ in $(seq 1 100); do is_mounted "$g/mnt" && return 0; sleep 0.1; done
     echo "mount of $fs at $g/mnt did not appear" >&2
     return 1
 }
@@ -263,9 +261,8 @@ fs_umount() {
         KMSFS='' force_unmount "$g/mnt"
     fi
     # wait for the daemon to go, so the next mount does not compete with it
-    local i
-    for i in $(seq 1 50); do pgrep -f -- " $g/backing $g/mnt" >/dev/null || break; sleep 0.1; done
-    for i in $(seq 1 50); do pgrep -f -- "$g/backing" >/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 50); do pgrep -f -- " $g/backing $g/mnt" >/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 50); do pgrep -f -- "$g/backing" >/dev/null || break; sleep 0.1; done
 }
 
 # Cold state: unmount, drop the page cache (and dentries/inodes), remount.
@@ -318,7 +315,11 @@ fio_json_field() { # FILE read|write bw_bytes|iops
 group_seq() {
     local fs=$1 g=$RUN/$1-seq dir rep t out rc
     log "== $fs: sequential write / cold read / 4K random read (${SEQ_MIB} MiB file)"
-    fs_init "$fs" "$g" && fs_mount "$fs" "$g" || { rec_err "$fs" seq_setup "init/mount failed (see $g)"; fs_umount "$fs" "$g" || true; return 0; }
+    if ! { fs_init "$fs" "$g" && fs_mount "$fs" "$g"; }; then
+        rec_err "$fs" seq_setup "init/mount failed (see $g)"
+        fs_umount "$fs" "$g" || true
+        return 0
+    fi
     dir=$(fs_dir "$fs" "$g")
     local fio_common=(--name=bench --filename="$dir/bench.dat" --ioengine=psync --numjobs=1
         --size="${SEQ_MIB}M" --fallocate=none --output-format=json)
@@ -394,7 +395,11 @@ prepare_kernel() {
 group_kernel() {
     local fs=$1 g=$RUN/$1-kernel dir rep t rc tree
     log "== $fs: untar / md5sum -c / ls -lR / rm -rf of the Linux 6.1 tree ($KERNEL_SET, $KENTRIES entries)"
-    fs_init "$fs" "$g" && fs_mount "$fs" "$g" || { rec_err "$fs" kernel_setup "init/mount failed (see $g)"; fs_umount "$fs" "$g" || true; return 0; }
+    if ! { fs_init "$fs" "$g" && fs_mount "$fs" "$g"; }; then
+        rec_err "$fs" kernel_setup "init/mount failed (see $g)"
+        fs_umount "$fs" "$g" || true
+        return 0
+    fi
     dir=$(fs_dir "$fs" "$g")
     tree=$dir/$KTOP
     for rep in $(seq 1 "$REPS"); do
@@ -432,9 +437,13 @@ group_kernel() {
 # cold (drop caches; a fresh daemon, so an empty DEK cache for kmsfs), read
 # them all in random order with 8 processes (cold), and again (warm).
 group_ml() {
-    local fs=$1 g=$RUN/$1-ml dir rep out rc before after c0 c1 c2 list
+    local fs=$1 g=$RUN/$1-ml dir rep out rc before after c0 c1 list
     log "== $fs: ML-style read of $ML_FILES x 100 KiB files, $ML_PROCS readers"
-    fs_init "$fs" "$g" && fs_mount "$fs" "$g" || { rec_err "$fs" ml_setup "init/mount failed (see $g)"; fs_umount "$fs" "$g" || true; return 0; }
+    if ! { fs_init "$fs" "$g" && fs_mount "$fs" "$g"; }; then
+        rec_err "$fs" ml_setup "init/mount failed (see $g)"
+        fs_umount "$fs" "$g" || true
+        return 0
+    fi
     dir=$(fs_dir "$fs" "$g")
     if [[ $fs == kmsfs* ]]; then c0=$(kms_counts "$g") || c0="0 0"; fi
     rc=0

@@ -312,7 +312,10 @@ impl Filesystem for KmsFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+                self.core.prefetch_deks(ino.0, fh);
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -446,6 +449,22 @@ impl Filesystem for KmsFs {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls (programs probe e.g. TCGETS on every open): answer
+        // quietly, as a regular file on a local disk does.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fallocate(

@@ -25,7 +25,7 @@ thread_local! {
 
 /// A created file's sidecar and directory, fsynced on the file's first fsync
 /// so a synced file is findable after a crash.
-pub(crate) struct PendingDurability {
+pub struct PendingDurability {
     pub sidecar: File,
     /// The directory holding both names (reopened for fsync only then).
     pub parent_dir: std::sync::Arc<super::Inode>,

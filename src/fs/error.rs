@@ -18,9 +18,11 @@ pub enum FsError {
     },
     #[error("{file}: sidecar header: {reason}")]
     Header { file: String, reason: String },
-    #[error("{file}: the DEK could not be unwrapped: {source}")]
+    #[error("{file}: {action}: {source}")]
     Kms {
         file: String,
+        /// What kmsfs was doing, e.g. "the DEK could not be unwrapped".
+        action: &'static str,
         #[source]
         source: KmsError,
     },

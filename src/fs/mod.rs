@@ -27,7 +27,7 @@ use crate::crypto::{self, BlockCipher};
 use crate::format::header::{self as hdr, Header, ParsedHeader};
 use crate::format::names::{is_reserved, sidecar_name};
 use crate::format::BlockGeometry;
-use crate::kms::{KmsRuntime, ProviderSet, WrapContext, WrappedDek};
+use crate::kms::{KeyProvider, KmsRuntime, ProviderSet, WrapContext, WrappedDek};
 use crate::metrics::Metrics;
 use crate::policy::{governing_by, is_within};
 use crypt_file::{CryptFile, PendingDurability};
@@ -44,7 +44,7 @@ pub struct FileHeader {
 }
 
 /// One object of the backing tree the kernel knows about.
-pub(crate) struct Inode {
+pub struct Inode {
     kind: FileType,
     /// O_PATH handle on the backing object: stays valid across renames and
     /// after unlink, so getattr/setattr never resolve paths.
@@ -466,7 +466,7 @@ impl Core {
 
     /// The shared open state of a regular file: header from the sidecar (once
     /// per inode), DEK from the cache or one KMS unwrap.
-    pub(crate) async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
+    pub async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
         if let Some(cf) = inode.open_file.lock().unwrap().upgrade() {
             return Ok(cf);
         }
@@ -502,6 +502,7 @@ impl Core {
         };
         let kms_err = |source| FsError::Kms {
             file: label.clone(),
+            action: "the DEK could not be unwrapped",
             source,
         };
         let dek = match self.cache.get(&wrapped, &ctx) {
@@ -609,6 +610,7 @@ impl Core {
                 .await
                 .map_err(|source| FsError::Kms {
                     file: name.to_string_lossy().into_owned(),
+                    action: "no DEK could be generated for the new file",
                     source,
                 })?;
         let header = Header {
@@ -1129,6 +1131,87 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// After opendir, unwraps the DEKs of the directory's files in the
+    /// background, in batches, so that readers opening them next find them
+    /// cached: one KMS request per batch instead of one per file. Only for
+    /// remote KMSs (a local keyring unwraps faster than a sidecar is read),
+    /// and at most as many files as the DEK cache holds.
+    pub fn prefetch_deks(self: &Arc<Self>, dir_ino: u64, fh: u64) {
+        const BATCH: usize = 240;
+        if self.policies.iter().all(|p| p.provider.kind() == "local") {
+            return;
+        }
+        let Ok(dir) = self.dir(dir_ino) else { return };
+        let h = self.handles.read().unwrap().get(&fh).cloned();
+        let Some(h) = h else { return };
+        let core = self.clone();
+        self.runtime.spawn(async move {
+            let Handle::Dir(entries) = &*h else { return };
+            let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<(WrappedDek, WrapContext)>)> =
+                Vec::new();
+            let names = entries
+                .iter()
+                .filter(|(_, kind, _)| *kind == FileType::RegularFile)
+                .map(|(_, _, name)| name)
+                .take(core.cache.capacity());
+            for name in names {
+                let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
+                    continue;
+                };
+                let Ok(fd) = sys::openat(
+                    dir.fd.as_raw_fd(),
+                    &sc,
+                    libc::O_RDONLY | libc::O_NOFOLLOW,
+                    0,
+                ) else {
+                    continue;
+                };
+                let mut raw = Vec::new();
+                if File::from(fd)
+                    .take(MAX_SIDECAR_LEN)
+                    .read_to_end(&mut raw)
+                    .is_err()
+                {
+                    continue;
+                }
+                let Ok(parsed) = hdr::parse(&raw) else {
+                    continue;
+                };
+                let h = parsed.header;
+                let item = (
+                    WrappedDek {
+                        key_ref: h.key_ref.clone(),
+                        blob: h.wrapped_dek,
+                    },
+                    WrapContext { file_id: h.file_id },
+                );
+                if core.cache.contains(&item.0, &item.1) {
+                    continue;
+                }
+                let Ok(provider) = core.providers.for_key(&h.key_ref) else {
+                    continue;
+                };
+                if provider.kind() == "local" {
+                    continue;
+                }
+                match groups.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &provider)) {
+                    Some((_, items)) => items.push(item),
+                    None => groups.push((provider, vec![item])),
+                }
+            }
+            for (provider, items) in groups {
+                for chunk in items.chunks(BATCH) {
+                    for (item, dek) in chunk.iter().zip(provider.unwrap_many(chunk).await) {
+                        // Failures are left to the open, which reports them.
+                        if let Ok(dek) = dek {
+                            core.cache.insert(&item.0, &item.1, Arc::new(dek));
+                        }
+                    }
+                }
+            }
+        });
     }
 
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {

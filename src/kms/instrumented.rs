@@ -25,7 +25,7 @@ impl Default for RetryPolicy {
         Self {
             attempts: 3,
             first_backoff: Duration::from_millis(100),
-            timeout: Duration::from_secs(15),
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -73,7 +73,13 @@ impl Instrumented {
             self.metrics
                 .record_kms(self.inner.kind(), operation, outcome, start.elapsed());
             match result {
-                Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
+                // A timeout already cost the user `timeout`; only quick
+                // failures (refused, reset, 5xx) are worth trying again here.
+                Err(e)
+                    if e.is_retryable()
+                        && !matches!(e, KmsError::Timeout { .. })
+                        && attempt < self.retry.attempts =>
+                {
                     tracing::warn!(
                         "{operation} attempt {attempt} failed, retrying in {backoff:?}: {e}"
                     );

@@ -194,6 +194,14 @@ impl KmsRuntime {
         self.rt.block_on(f)
     }
 
+    /// Runs `f` in the background.
+    pub fn spawn<F>(&self, f: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f);
+    }
+
     /// Polls `f` once on the calling thread (inside this runtime's context)
     /// and hands it to the runtime only if it has to wait. A local keyring
     /// or a DEK cache hit thus costs no thread hop; a remote KMS call never
