@@ -404,7 +404,7 @@ fn kms_config(args: &KmsArgs, backing: &Path) -> Result<KmsConfig> {
                     .transpose()?,
                 client_key: args.vault_client_key.as_deref().map(absolute).transpose()?,
                 skip_verify: args.vault_skip_verify,
-                timeout_secs: 10,
+                timeout_secs: kmsfs::kms::default_timeout_secs(),
             }))
         }
         #[cfg(feature = "aws")]
@@ -415,14 +415,14 @@ fn kms_config(args: &KmsArgs, backing: &Path) -> Result<KmsConfig> {
             profile: args.aws_profile.clone(),
             assume_role_arn: args.aws_assume_role.clone(),
             external_id: args.aws_external_id.clone(),
-            timeout_secs: 10,
+            timeout_secs: kmsfs::kms::default_timeout_secs(),
         })),
         #[cfg(feature = "azure")]
         "azure" => Ok(KmsConfig::Azure(kmsfs::kms::azure::AzureConfig {
             vault_url: need(&args.azure_vault_url, "--azure-vault-url URL", "azure")?.clone(),
             key_name: need(&args.azure_key, "--azure-key NAME", "azure")?.clone(),
             key_version: args.azure_key_version.clone().filter(|v| !v.is_empty()),
-            timeout_secs: 10,
+            timeout_secs: kmsfs::kms::default_timeout_secs(),
         })),
         #[cfg(feature = "gcp")]
         "gcp" => Ok(KmsConfig::Gcp(kmsfs::kms::gcp::GcpConfig {
@@ -437,7 +437,7 @@ fn kms_config(args: &KmsArgs, backing: &Path) -> Result<KmsConfig> {
                 .map(absolute)
                 .transpose()?,
             endpoint: args.gcp_endpoint.clone(),
-            timeout_secs: 10,
+            timeout_secs: kmsfs::kms::default_timeout_secs(),
         })),
         other => bail!(
             "KMS {other:?} is not available in this build (compiled without its cargo feature)"

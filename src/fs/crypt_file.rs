@@ -262,8 +262,10 @@ impl CryptFile {
             let mut sealed = buf.borrow_mut();
             let total =
                 (last - first) as usize * sbs + g.block_len(last, new_size) + BLOCK_OVERHEAD;
-            sealed.clear();
-            sealed.resize(total, 0);
+            // Every byte of the range is written below (old edge bytes, new
+            // data, nonces, tags), so the scratch needs no zeroing.
+            grow(&mut sealed, total);
+            let sealed = &mut sealed[..total];
             // Edge blocks keep the old bytes the write does not cover.
             let first_start = g.block_start(first);
             if offset > first_start
@@ -289,9 +291,9 @@ impl CryptFile {
                 src = &src[n..];
                 pos += n as u64;
             }
-            self.seal_blocks(first, &mut sealed);
+            self.seal_blocks(first, sealed);
             self.file
-                .write_all_at(&sealed, g.sealed_block_start(first))?;
+                .write_all_at(sealed, g.sealed_block_start(first))?;
             Ok(())
         })
     }

@@ -24,7 +24,7 @@ pub enum FsError {
         /// What kmsfs was doing, e.g. "the DEK could not be unwrapped".
         action: &'static str,
         #[source]
-        source: KmsError,
+        source: Box<KmsError>,
     },
 }
 

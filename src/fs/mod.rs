@@ -37,6 +37,9 @@ const ROOT_INO: u64 = 1;
 /// Sidecars are small; anything larger is not one of ours.
 const MAX_SIDECAR_LEN: u64 = 64 * 1024;
 
+/// A wrapped DEK with the context it was wrapped under.
+type UnwrapItem = (WrappedDek, WrapContext);
+
 /// A sidecar's bytes and their parse. Immutable for the life of the file.
 pub struct FileHeader {
     pub parsed: ParsedHeader,
@@ -503,7 +506,7 @@ impl Core {
         let kms_err = |source| FsError::Kms {
             file: label.clone(),
             action: "the DEK could not be unwrapped",
-            source,
+            source: Box::new(source),
         };
         let dek = match self.cache.get(&wrapped, &ctx) {
             Some(d) => d,
@@ -611,7 +614,7 @@ impl Core {
                 .map_err(|source| FsError::Kms {
                     file: name.to_string_lossy().into_owned(),
                     action: "no DEK could be generated for the new file",
-                    source,
+                    source: Box::new(source),
                 })?;
         let header = Header {
             cipher: policy.policy.cipher,
@@ -1149,8 +1152,7 @@ impl Core {
         let core = self.clone();
         self.runtime.spawn(async move {
             let Handle::Dir(entries) = &*h else { return };
-            let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<(WrappedDek, WrapContext)>)> =
-                Vec::new();
+            let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<UnwrapItem>)> = Vec::new();
             let names = entries
                 .iter()
                 .filter(|(_, kind, _)| *kind == FileType::RegularFile)

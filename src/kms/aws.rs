@@ -51,12 +51,8 @@ pub struct AwsConfig {
     pub assume_role_arn: Option<String>,
     #[serde(default)]
     pub external_id: Option<String>,
-    #[serde(default = "default_timeout")]
+    #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,
-}
-
-fn default_timeout() -> u64 {
-    10
 }
 
 /// One AWS KMS key, resolved to its ARN.

@@ -63,12 +63,8 @@ pub struct AzureConfig {
     /// Empty or absent: the latest version.
     #[serde(default)]
     pub key_version: Option<String>,
-    #[serde(default = "default_timeout")]
+    #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,
-}
-
-fn default_timeout() -> u64 {
-    10
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

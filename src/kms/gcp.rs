@@ -45,12 +45,8 @@ pub struct GcpConfig {
     /// Custom endpoint (tests).
     #[serde(default)]
     pub endpoint: Option<String>,
-    #[serde(default = "default_timeout")]
+    #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,
-}
-
-fn default_timeout() -> u64 {
-    10
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,6 +26,11 @@ use async_trait::async_trait;
 use crate::crypto::Dek;
 pub use crate::format::KeyRef;
 
+/// Default per-request timeout of the remote providers, in seconds.
+pub fn default_timeout_secs() -> u64 {
+    10
+}
+
 /// What is bound into a wrap besides the DEK: unwrapping with another
 /// context fails. Today that is the file ID, so a wrapped DEK copied into
 /// another file's sidecar does not unwrap.

@@ -43,10 +43,6 @@ fn default_mount() -> String {
     "transit".into()
 }
 
-fn default_timeout() -> u64 {
-    10
-}
-
 /// How to log in to Vault. Secrets are never stored in the configuration:
 /// the token comes from VAULT_TOKEN, an AppRole secret ID from a file or
 /// VAULT_SECRET_ID, a Kubernetes service-account JWT from a file.
@@ -106,7 +102,7 @@ pub struct VaultConfig {
     /// Skip TLS verification (prints a warning; for tests only).
     #[serde(default)]
     pub skip_verify: bool,
-    #[serde(default = "default_timeout")]
+    #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,
 }
 
