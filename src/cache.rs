@@ -91,6 +91,10 @@ impl DekCache {
         hit
     }
 
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn capacity(&self) -> usize {
         self.entries.lock().unwrap().cap().get()
     }

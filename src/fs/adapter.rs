@@ -226,6 +226,7 @@ impl Filesystem for KmsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.core.prefetch_siblings(ino.0);
         let core = self.core.clone();
         self.core.runtime().run_or_spawn(async move {
             match core.open(ino.0).await {

@@ -94,6 +94,8 @@ pub struct Core {
     inodes: RwLock<HashMap<u64, Arc<Inode>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+    /// Directories whose DEKs were prefetched, and when.
+    prefetched_dirs: Mutex<HashMap<u64, std::time::Instant>>,
     is_root_user: bool,
 }
 
@@ -204,6 +206,7 @@ impl Core {
             inodes: RwLock::new(inodes),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            prefetched_dirs: Mutex::new(HashMap::new()),
             is_root_user: unsafe { libc::geteuid() } == 0,
         })
     }
@@ -1142,23 +1145,90 @@ impl Core {
     /// remote KMSs (a local keyring unwraps faster than a sidecar is read),
     /// and at most as many files as the DEK cache holds.
     pub fn prefetch_deks(self: &Arc<Self>, dir_ino: u64, fh: u64) {
-        const BATCH: usize = 240;
-        if self.policies.iter().all(|p| p.provider.kind() == "local") {
+        if !self.has_remote_kms() || !self.claim_prefetch(dir_ino) {
             return;
         }
         let Ok(dir) = self.dir(dir_ino) else { return };
         let h = self.handles.read().unwrap().get(&fh).cloned();
         let Some(h) = h else { return };
+        let Handle::Dir(entries) = &*h else { return };
+        let names = entries
+            .iter()
+            .filter(|(_, kind, _)| *kind == FileType::RegularFile)
+            .map(|(_, _, name)| name.clone())
+            .collect();
+        self.spawn_prefetch(dir, names);
+    }
+
+    /// Before an open that will need the KMS: readers that open files from a
+    /// list (no directory listing) get the same batching, for the file's
+    /// directory, once per cache lifetime.
+    pub fn prefetch_siblings(self: &Arc<Self>, ino: u64) {
+        if !self.has_remote_kms() {
+            return;
+        }
+        let Ok(inode) = self.inode(ino) else { return };
+        if inode.kind != FileType::RegularFile
+            || inode.plain
+            || inode.open_file.lock().unwrap().upgrade().is_some()
+        {
+            return;
+        }
+        let Some((parent, _)) = inode.location.lock().unwrap().clone() else {
+            return;
+        };
+        let Ok(header) = self.header_of(&inode) else {
+            return;
+        };
+        let h = &header.parsed.header;
+        let wrapped = WrappedDek {
+            key_ref: h.key_ref.clone(),
+            blob: h.wrapped_dek.clone(),
+        };
+        if self
+            .cache
+            .contains(&wrapped, &WrapContext { file_id: h.file_id })
+            || !self.claim_prefetch(parent)
+        {
+            return;
+        }
+        let Ok(dir) = self.dir(parent) else { return };
+        let path = sys::proc_path(&dir.fd);
+        let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
+            return;
+        };
+        let names = rd
+            .flatten()
+            .filter(|e| {
+                e.file_type().is_ok_and(|t| t.is_file()) && !is_reserved(e.file_name().as_bytes())
+            })
+            .map(|e| e.file_name())
+            .collect();
+        self.spawn_prefetch(dir, names);
+    }
+
+    fn has_remote_kms(&self) -> bool {
+        self.policies.iter().any(|p| p.provider.kind() != "local")
+    }
+
+    /// True for the first prefetch of directory `ino` within the DEK TTL.
+    fn claim_prefetch(&self, ino: u64) -> bool {
+        let mut seen = self.prefetched_dirs.lock().unwrap();
+        let now = std::time::Instant::now();
+        let ttl = self.cache.ttl();
+        seen.retain(|_, t| now.duration_since(*t) < ttl);
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        seen.insert(ino, now).is_none()
+    }
+
+    fn spawn_prefetch(self: &Arc<Self>, dir: Arc<Inode>, names: Vec<OsString>) {
+        const BATCH: usize = 240;
         let core = self.clone();
         self.runtime.spawn(async move {
-            let Handle::Dir(entries) = &*h else { return };
             let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<UnwrapItem>)> = Vec::new();
-            let names = entries
-                .iter()
-                .filter(|(_, kind, _)| *kind == FileType::RegularFile)
-                .map(|(_, _, name)| name)
-                .take(core.cache.capacity());
-            for name in names {
+            for name in names.iter().take(core.cache.capacity()) {
                 let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
                     continue;
                 };
