@@ -350,7 +350,7 @@ impl CryptFile {
         if let Some(p) = pending.as_ref() {
             p.sidecar.sync_all()?;
             File::from(super::sys::reopen(
-                &p.parent_dir.fd,
+                p.parent_dir.raw_fd(),
                 libc::O_RDONLY | libc::O_DIRECTORY,
             )?)
             .sync_all()?;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,14 +49,18 @@ pub struct FileHeader {
 /// One object of the backing tree the kernel knows about.
 pub struct Inode {
     kind: FileType,
-    /// O_PATH handle on the backing object: stays valid across renames and
-    /// after unlink, so getattr/setattr never resolve paths.
-    fd: OwnedFd,
+    /// O_PATH handle on a backing directory: stays valid across renames.
+    /// None for every other kind: holding one descriptor per file would run
+    /// into the open-files limit (files are reached through `location`).
+    fd: Option<OwnedFd>,
     /// Kernel lookup count; the entry is dropped when it reaches zero.
     lookups: AtomicU64,
     /// Last known (parent inode, name); None for the root, or once the name
     /// was unlinked. Needed to find the sidecar and for log lines.
     location: Mutex<Option<(u64, OsString)>>,
+    /// Further names of a hard-linked file, so it stays reachable when the
+    /// name in `location` is unlinked or renamed away.
+    other_names: Mutex<Vec<(u64, OsString)>>,
     /// Shared open state while any handle is open (regular files).
     open_file: Mutex<Weak<CryptFile>>,
     /// The sidecar header, read at most once (headers never change).
@@ -64,6 +68,46 @@ pub struct Inode {
     /// A regular file without sidecar under a non-mandatory policy: its
     /// bytes are plaintext and pass through unchanged.
     plain: bool,
+}
+
+impl Inode {
+    /// Makes (parent, name) the name the inode is reached by, keeping the
+    /// previous one as an alternative (hard links).
+    fn note_name(&self, parent: u64, name: &OsStr) {
+        let mut loc = self.location.lock().unwrap();
+        let mut others = self.other_names.lock().unwrap();
+        others.retain(|(p, n)| !(*p == parent && n == name));
+        if let Some(old) = loc.take() {
+            if !(old.0 == parent && old.1 == name) && self.kind != FileType::Directory {
+                others.push(old);
+            }
+        }
+        *loc = Some((parent, name.to_owned()));
+    }
+
+    /// Forgets (parent, name), falling back to another known name.
+    fn drop_name(&self, parent: u64, name: &OsStr) {
+        let mut loc = self.location.lock().unwrap();
+        let mut others = self.other_names.lock().unwrap();
+        others.retain(|(p, n)| !(*p == parent && n == name));
+        if matches!(&*loc, Some((p, n)) if *p == parent && n == name) {
+            *loc = others.pop();
+        }
+    }
+
+    /// The O_PATH handle of a directory inode.
+    fn raw_fd(&self) -> RawFd {
+        self.fd
+            .as_ref()
+            .expect("directory inodes hold a handle")
+            .as_raw_fd()
+    }
+}
+
+/// How a non-directory inode is reached (see `Core::reach`).
+enum Reach {
+    Open(Arc<CryptFile>),
+    At(Arc<Inode>, std::ffi::CString),
 }
 
 /// An open file or directory handle.
@@ -183,9 +227,10 @@ impl Core {
         let st = sys::fstat(fd.as_raw_fd())?;
         let root = Arc::new(Inode {
             kind: FileType::Directory,
-            fd,
+            fd: Some(fd),
             lookups: AtomicU64::new(1),
             location: Mutex::new(None),
+            other_names: Mutex::new(Vec::new()),
             open_file: Mutex::new(Weak::new()),
             header: OnceLock::new(),
             plain: false,
@@ -331,7 +376,7 @@ impl Core {
         &self,
         parent: u64,
         name: &OsStr,
-        fd: OwnedFd,
+        fd: Option<OwnedFd>,
         st: &libc::stat,
         plain: bool,
     ) -> Arc<Inode> {
@@ -340,7 +385,7 @@ impl Core {
         if let Some(existing) = map.get(&ino) {
             existing.lookups.fetch_add(1, Ordering::Relaxed);
             if ino != ROOT_INO {
-                *existing.location.lock().unwrap() = Some((parent, name.to_owned()));
+                existing.note_name(parent, name);
             }
             return existing.clone();
         }
@@ -349,6 +394,7 @@ impl Core {
             fd,
             lookups: AtomicU64::new(1),
             location: Mutex::new(Some((parent, name.to_owned()))),
+            other_names: Mutex::new(Vec::new()),
             open_file: Mutex::new(Weak::new()),
             header: OnceLock::new(),
             plain,
@@ -365,11 +411,44 @@ impl Core {
         name: &OsStr,
     ) -> FsResult<(Arc<Inode>, FileAttr)> {
         let c = sys::cstr(name)?;
-        let fd = sys::open_path(dir.fd.as_raw_fd(), &c)?;
-        let st = sys::fstat(fd.as_raw_fd())?;
+        let (fd, st) = self.stat_new(dir, &c)?;
         let plain = self.is_plain(dir, name, &st)?;
         let inode = self.remember(parent, name, fd, &st, plain);
         Ok((inode, self.attr(&st, plain)))
+    }
+
+    /// Stats `name` in `dir`; for a directory also opens the O_PATH handle
+    /// its inode keeps.
+    fn stat_new(&self, dir: &Inode, c: &std::ffi::CStr) -> FsResult<(Option<OwnedFd>, libc::stat)> {
+        let st = sys::fstatat(dir.raw_fd(), c)?;
+        if kind_of(st.st_mode) != FileType::Directory {
+            return Ok((None, st));
+        }
+        let fd = sys::open_path(dir.raw_fd(), c)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        Ok((Some(fd), st))
+    }
+
+    /// Where a non-directory inode can be reached: its open file (which also
+    /// works after unlink), or its parent directory and name.
+    fn reach(&self, inode: &Inode) -> FsResult<Reach> {
+        if let Some(cf) = inode.open_file.lock().unwrap().upgrade() {
+            return Ok(Reach::Open(cf));
+        }
+        let Some((parent, name)) = inode.location.lock().unwrap().clone() else {
+            return Err(errno(libc::ENOENT));
+        };
+        Ok(Reach::At(self.dir(parent)?, sys::cstr(&name)?))
+    }
+
+    fn stat_of(&self, inode: &Inode) -> FsResult<libc::stat> {
+        if let Some(fd) = &inode.fd {
+            return Ok(sys::fstat(fd.as_raw_fd())?);
+        }
+        Ok(match self.reach(inode)? {
+            Reach::Open(cf) => sys::fstat(cf.file().as_raw_fd())?,
+            Reach::At(dir, name) => sys::fstatat(dir.raw_fd(), &name)?,
+        })
     }
 
     /// Whether `name` in `dir` is a plaintext file let through by a
@@ -382,7 +461,7 @@ impl Core {
             return Ok(false);
         }
         let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
-        Ok(sys::fstatat(dir.fd.as_raw_fd(), &sc).is_err())
+        Ok(sys::fstatat(dir.raw_fd(), &sc).is_err())
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
@@ -407,7 +486,7 @@ impl Core {
 
     pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         let inode = self.inode(ino)?;
-        let st = sys::fstat(inode.fd.as_raw_fd())?;
+        let st = self.stat_of(&inode)?;
         Ok(self.attr(&st, inode.plain))
     }
 
@@ -442,12 +521,7 @@ impl Core {
         };
         let dir = self.dir(parent)?;
         let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
-        let fd = match sys::openat(
-            dir.fd.as_raw_fd(),
-            &sc,
-            libc::O_RDONLY | libc::O_NOFOLLOW,
-            0,
-        ) {
+        let fd = match sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 return Err(FsError::header(
@@ -470,6 +544,14 @@ impl Core {
         Ok(inode.header.get_or_init(|| fh).clone())
     }
 
+    /// Opens a regular file's backing data with `flags`.
+    fn open_data(&self, inode: &Inode, flags: i32) -> FsResult<OwnedFd> {
+        Ok(match self.reach(inode)? {
+            Reach::Open(cf) => sys::reopen(cf.file().as_raw_fd(), flags)?,
+            Reach::At(dir, name) => sys::openat(dir.raw_fd(), &name, flags | libc::O_NOFOLLOW, 0)?,
+        })
+    }
+
     /// The shared open state of a regular file: header from the sidecar (once
     /// per inode), DEK from the cache or one KMS unwrap.
     pub async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
@@ -485,7 +567,7 @@ impl Core {
             libc::O_RDWR
         };
         if inode.plain {
-            let fd = sys::reopen(&inode.fd, flags)?;
+            let fd = self.open_data(inode, flags)?;
             let mut slot = inode.open_file.lock().unwrap();
             if let Some(cf) = slot.upgrade() {
                 return Ok(cf);
@@ -523,7 +605,7 @@ impl Core {
         };
         crypto::verify_header(&header.parsed, &dek).map_err(|e| FsError::header(&label, e))?;
         let cipher = BlockCipher::new(&dek, h);
-        let fd = sys::reopen(&inode.fd, flags)?;
+        let fd = self.open_data(inode, flags)?;
         let mut slot = inode.open_file.lock().unwrap();
         if let Some(cf) = slot.upgrade() {
             return Ok(cf);
@@ -570,17 +652,19 @@ impl Core {
 
     /// Owner of a new object: the caller, with the group inherited from a
     /// set-group-ID parent directory.
-    fn chown_new(&self, fd: &OwnedFd, parent: &Inode, caller: Caller) -> FsResult<()> {
+    fn chown_new(&self, parent: &Inode, name: &std::ffi::CStr, caller: Caller) -> FsResult<()> {
         if !self.is_root_user {
             return Ok(());
         }
-        let pst = sys::fstat(parent.fd.as_raw_fd())?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            pst.st_gid
-        } else {
-            caller.gid
-        };
-        sys::fchownat(fd.as_raw_fd(), caller.uid, gid)?;
+        let pst = sys::fstat(parent.raw_fd())?;
+        let setgid = pst.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid { pst.st_gid } else { caller.gid };
+        // The daemon (root) created it as root, with the parent's group where
+        // set-group-ID applies; chown only when that is not the answer.
+        let created_gid = if setgid { pst.st_gid } else { 0 };
+        if caller.uid != 0 || gid != created_gid {
+            sys::lchownat(parent.raw_fd(), name, caller.uid, gid)?;
+        }
         Ok(())
     }
 
@@ -597,7 +681,7 @@ impl Core {
             return Err(errno(libc::EROFS));
         }
         let dir = self.dir(parent)?;
-        let dfd = dir.fd.as_raw_fd();
+        let dfd = dir.raw_fd();
         let c = sys::cstr(name)?;
         if name.len() > crate::format::names::NAME_MAX {
             return Err(errno(libc::ENAMETOOLONG));
@@ -641,14 +725,13 @@ impl Core {
                 return Err(e.into());
             }
         };
-        self.chown_new(&data, &dir, caller)?;
+        self.chown_new(&dir, &c, caller)?;
         if mode & 0o7000 != 0 {
             // chown clears set-ID bits; put back what the caller asked for.
             sys::chmod_path(&sys::proc_path(&data), mode & 0o7777)?;
         }
-        let path_fd = sys::open_path(dfd, &c)?;
-        let st = sys::fstat(path_fd.as_raw_fd())?;
-        let inode = self.remember(parent, name, path_fd, &st, false);
+        let st = sys::fstat(data.as_raw_fd())?;
+        let inode = self.remember(parent, name, None, &st, false);
         let parsed =
             hdr::parse(&raw).map_err(|e| FsError::header_format(&name.to_string_lossy(), e))?;
         let _ = inode.header.set(Arc::new(FileHeader { parsed, raw }));
@@ -727,7 +810,7 @@ impl Core {
         reject_reserved(name)?;
         let dir = self.dir(parent)?;
         let c = sys::cstr(name)?;
-        sys::mkdirat(dir.fd.as_raw_fd(), &c, mode & 0o7777)?;
+        sys::mkdirat(dir.raw_fd(), &c, mode & 0o7777)?;
         self.finish_new(parent, &dir, name, caller, Some(mode))
     }
 
@@ -741,14 +824,14 @@ impl Core {
         mode: Option<u32>,
     ) -> FsResult<FileAttr> {
         let c = sys::cstr(name)?;
-        let fd = sys::open_path(dir.fd.as_raw_fd(), &c)?;
-        self.chown_new(&fd, dir, caller)?;
+        self.chown_new(dir, &c, caller)?;
         if let Some(mode) = mode {
             if mode & 0o7000 != 0 && kind_of(mode) != FileType::Symlink {
-                sys::chmod_path(&sys::proc_path(&fd), mode & 0o7777)?;
+                // chown clears set-ID bits; put back what the caller asked for.
+                sys::fchmodat(dir.raw_fd(), &c, mode & 0o7777)?;
             }
         }
-        let st = sys::fstat(fd.as_raw_fd())?;
+        let (fd, st) = self.stat_new(dir, &c)?;
         self.remember(parent, name, fd, &st, false);
         Ok(self.attr(&st, false))
     }
@@ -770,7 +853,7 @@ impl Core {
         }
         let dir = self.dir(parent)?;
         let c = sys::cstr(name)?;
-        sys::mknodat(dir.fd.as_raw_fd(), &c, mode, rdev as u64)?;
+        sys::mknodat(dir.raw_fd(), &c, mode, rdev as u64)?;
         self.finish_new(parent, &dir, name, caller, Some(mode))
     }
 
@@ -785,13 +868,16 @@ impl Core {
         let dir = self.dir(parent)?;
         let c = sys::cstr(name)?;
         let t = sys::cstr(target.as_os_str())?;
-        sys::symlinkat(&t, dir.fd.as_raw_fd(), &c)?;
+        sys::symlinkat(&t, dir.raw_fd(), &c)?;
         self.finish_new(parent, &dir, name, caller, None)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let inode = self.inode(ino)?;
-        Ok(sys::readlinkat(inode.fd.as_raw_fd())?)
+        match self.reach(&inode)? {
+            Reach::At(dir, name) => Ok(sys::readlinkat(dir.raw_fd(), &name)?),
+            Reach::Open(_) => Err(errno(libc::EINVAL)),
+        }
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -799,7 +885,7 @@ impl Core {
             return Err(errno(libc::ENOENT));
         }
         let dir = self.dir(parent)?;
-        let dfd = dir.fd.as_raw_fd();
+        let dfd = dir.raw_fd();
         let c = sys::cstr(name)?;
         let st = sys::fstatat(dfd, &c)?;
         sys::unlinkat(dfd, &c, 0)?;
@@ -814,10 +900,7 @@ impl Core {
     /// no longer has that name.
     fn forget_name(&self, parent: u64, name: &OsStr, st: &libc::stat) {
         if let Some(inode) = self.inodes.read().unwrap().get(&self.fuse_ino(st.st_ino)) {
-            let mut loc = inode.location.lock().unwrap();
-            if matches!(&*loc, Some((p, n)) if *p == parent && n == name) {
-                *loc = None;
-            }
+            inode.drop_name(parent, name);
         }
     }
 
@@ -826,7 +909,7 @@ impl Core {
             return Err(errno(libc::ENOENT));
         }
         let dir = self.dir(parent)?;
-        let dfd = dir.fd.as_raw_fd();
+        let dfd = dir.raw_fd();
         let c = sys::cstr(name)?;
         let st = sys::fstatat(dfd, &c)?;
         match sys::unlinkat(dfd, &c, libc::AT_REMOVEDIR) {
@@ -869,7 +952,7 @@ impl Core {
         }
         reject_reserved(newname)?;
         let (od, nd) = (self.dir(parent)?, self.dir(newparent)?);
-        let (ofd, nfd) = (od.fd.as_raw_fd(), nd.fd.as_raw_fd());
+        let (ofd, nfd) = (od.raw_fd(), nd.raw_fd());
         let (oc, nc) = (sys::cstr(name)?, sys::cstr(newname)?);
         let src = sys::fstatat(ofd, &oc)?;
         let dst = sys::fstatat(nfd, &nc).ok();
@@ -904,14 +987,14 @@ impl Core {
         let dst_inode = dst.and_then(|d| map.get(&self.fuse_ino(d.st_ino)).cloned());
         drop(map);
         if let Some(d) = &dst_inode {
-            *d.location.lock().unwrap() = if flags & libc::RENAME_EXCHANGE != 0 {
-                Some((parent, name.to_owned()))
-            } else {
-                None
-            };
+            d.drop_name(newparent, newname);
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                d.note_name(parent, name);
+            }
         }
         if let Some(s) = src_inode {
-            *s.location.lock().unwrap() = Some((newparent, newname.to_owned()));
+            s.drop_name(parent, name);
+            s.note_name(newparent, newname);
             if let Some(cf) = s.open_file.lock().unwrap().upgrade() {
                 cf.set_label(self.label(&s));
             }
@@ -966,7 +1049,7 @@ impl Core {
             return Err(errno(libc::EPERM));
         }
         let nd = self.dir(newparent)?;
-        let nfd = nd.fd.as_raw_fd();
+        let nfd = nd.raw_fd();
         let nc = sys::cstr(newname)?;
         if let Some((parent, name)) = inode.location.lock().unwrap().clone() {
             let od = self.dir(parent)?;
@@ -981,15 +1064,21 @@ impl Core {
         } else {
             None
         };
-        if let Err(e) = sys::linkat(inode.fd.as_raw_fd(), c"", nfd, &nc, libc::AT_EMPTY_PATH) {
+        let linked = match self.reach(&inode)? {
+            Reach::At(dir, name) => sys::linkat(dir.raw_fd(), &name, nfd, &nc, 0),
+            // Open but unlinked: linkat of a file with no names fails anyway.
+            Reach::Open(cf) => {
+                sys::linkat(cf.file().as_raw_fd(), c"", nfd, &nc, libc::AT_EMPTY_PATH)
+            }
+        };
+        if let Err(e) = linked {
             if sidecar.is_some() {
                 let _ = self.remove_sidecar(nfd, newname);
             }
             return Err(e.into());
         }
-        let fd = sys::open_path(nfd, &nc)?;
-        let st = sys::fstat(fd.as_raw_fd())?;
-        self.remember(newparent, newname, fd, &st, inode.plain);
+        let st = sys::fstatat(nfd, &nc)?;
+        self.remember(newparent, newname, None, &st, inode.plain);
         Ok(self.attr(&st, inode.plain))
     }
 
@@ -1006,18 +1095,45 @@ impl Core {
         fh: Option<u64>,
     ) -> FsResult<FileAttr> {
         let inode = self.inode(ino)?;
-        let fd = inode.fd.as_raw_fd();
         if self.read_only && (mode.is_some() || uid.is_some() || gid.is_some() || size.is_some()) {
             return Err(errno(libc::EROFS));
         }
+        if mode.is_some() && inode.kind == FileType::Symlink {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        // A directory through its own handle; anything else through its open
+        // file (also after unlink) or by name in its directory.
+        let (fd, at): (Option<RawFd>, Option<(Arc<Inode>, std::ffi::CString)>);
+        let _open;
+        match (
+            &inode.fd,
+            if inode.fd.is_some() {
+                None
+            } else {
+                Some(self.reach(&inode)?)
+            },
+        ) {
+            (Some(own), _) => (fd, at, _open) = (Some(own.as_raw_fd()), None, None),
+            (None, Some(Reach::Open(cf))) => {
+                (fd, at, _open) = (Some(cf.file().as_raw_fd()), None, Some(cf))
+            }
+            (None, Some(Reach::At(dir, name))) => (fd, at, _open) = (None, Some((dir, name)), None),
+            (None, None) => unreachable!("reach() answered"),
+        }
         if uid.is_some() || gid.is_some() {
-            sys::fchownat(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+            let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+            match (&fd, &at) {
+                (Some(fd), _) => sys::fchownat(*fd, u, g)?,
+                (_, Some((dir, name))) => sys::lchownat(dir.raw_fd(), name, u, g)?,
+                _ => unreachable!(),
+            }
         }
         if let Some(mode) = mode {
-            if inode.kind == FileType::Symlink {
-                return Err(errno(libc::EOPNOTSUPP));
+            match (&fd, &at) {
+                (Some(fd), _) => sys::chmod_path(&sys::proc_path(fd), mode & 0o7777)?,
+                (_, Some((dir, name))) => sys::fchmodat(dir.raw_fd(), name, mode & 0o7777)?,
+                _ => unreachable!(),
             }
-            sys::chmod_path(&sys::proc_path(&inode.fd), mode & 0o7777)?;
         }
         if let Some(size) = size {
             match inode.kind {
@@ -1033,19 +1149,12 @@ impl Core {
         }
         if atime.is_some() || mtime.is_some() {
             let times = [timespec(atime), timespec(mtime)];
-            if inode.kind == FileType::Symlink {
-                let Some((parent, name)) = inode.location.lock().unwrap().clone() else {
-                    return Err(errno(libc::ENOENT));
-                };
-                let dir = self.dir(parent)?;
-                sys::utimensat(
-                    dir.fd.as_raw_fd(),
-                    &sys::cstr(&name)?,
-                    &times,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )?;
-            } else {
-                sys::utimensat(libc::AT_FDCWD, &sys::proc_path(&inode.fd), &times, 0)?;
+            match (&fd, &at) {
+                (Some(fd), _) => sys::utimensat(libc::AT_FDCWD, &sys::proc_path(fd), &times, 0)?,
+                (_, Some((dir, name))) => {
+                    sys::utimensat(dir.raw_fd(), name, &times, libc::AT_SYMLINK_NOFOLLOW)?
+                }
+                _ => unreachable!(),
             }
         }
         self.getattr(ino)
@@ -1057,7 +1166,7 @@ impl Core {
             Some((p, _)) => *p,
             None => ROOT_INO,
         };
-        let path = sys::proc_path(&inode.fd);
+        let path = sys::proc_path(&inode.raw_fd());
         let mut entries = vec![
             (ino, FileType::Directory, OsString::from(".")),
             (parent_ino, FileType::Directory, OsString::from("..")),
@@ -1174,7 +1283,7 @@ impl Core {
         {
             return;
         }
-        let Some((parent, _)) = inode.location.lock().unwrap().clone() else {
+        let Some((parent, own_name)) = inode.location.lock().unwrap().clone() else {
             return;
         };
         let Ok(header) = self.header_of(&inode) else {
@@ -1193,14 +1302,17 @@ impl Core {
             return;
         }
         let Ok(dir) = self.dir(parent) else { return };
-        let path = sys::proc_path(&dir.fd);
+        let path = sys::proc_path(&dir.raw_fd());
         let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
             return;
         };
+        // The file being opened unwraps its own DEK; batch the others.
         let names = rd
             .flatten()
             .filter(|e| {
-                e.file_type().is_ok_and(|t| t.is_file()) && !is_reserved(e.file_name().as_bytes())
+                e.file_type().is_ok_and(|t| t.is_file())
+                    && !is_reserved(e.file_name().as_bytes())
+                    && e.file_name() != own_name
             })
             .map(|e| e.file_name())
             .collect();
@@ -1232,12 +1344,8 @@ impl Core {
                 let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
                     continue;
                 };
-                let Ok(fd) = sys::openat(
-                    dir.fd.as_raw_fd(),
-                    &sc,
-                    libc::O_RDONLY | libc::O_NOFOLLOW,
-                    0,
-                ) else {
+                let Ok(fd) = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                else {
                     continue;
                 };
                 let mut raw = Vec::new();
@@ -1288,26 +1396,47 @@ impl Core {
 
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
         let inode = self.dir(ino)?;
-        File::from(sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?).sync_all()?;
+        File::from(sys::reopen(
+            inode.raw_fd(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?)
+        .sync_all()?;
         Ok(())
     }
 
     pub fn statfs(&self) -> FsResult<libc::statvfs> {
         Ok(sys::fstatvfs(
-            sys::reopen(&self.root.fd, libc::O_RDONLY | libc::O_DIRECTORY)?.as_raw_fd(),
+            sys::reopen(self.root.raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?.as_raw_fd(),
         )?)
     }
 
-    fn xattr_path(&self, ino: u64) -> FsResult<std::ffi::CString> {
-        Ok(sys::proc_path(&self.inode(ino)?.fd))
+    /// A path to reach an inode's xattrs, whether the final name may be
+    /// followed, and what keeps that path valid while it is used.
+    fn xattr_path(&self, ino: u64) -> FsResult<(std::ffi::CString, bool, Option<Reach>)> {
+        let inode = self.inode(ino)?;
+        if inode.fd.is_some() {
+            return Ok((sys::proc_path(&inode.raw_fd()), true, None));
+        }
+        let reach = self.reach(&inode)?;
+        let (path, follow) = match &reach {
+            Reach::Open(cf) => (sys::proc_path(&cf.file().as_raw_fd()), true),
+            Reach::At(dir, name) => {
+                let mut p = format!("/proc/self/fd/{}/", dir.raw_fd()).into_bytes();
+                p.extend_from_slice(name.as_bytes());
+                (std::ffi::CString::new(p).expect("no NUL"), false)
+            }
+        };
+        Ok((path, follow, Some(reach)))
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         if is_reserved_xattr(name) {
             return Err(errno(libc::EPERM));
         }
+        let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::setxattr(
-            &self.xattr_path(ino)?,
+            &path,
+            follow,
             &sys::cstr(name)?,
             value,
             flags,
@@ -1318,11 +1447,13 @@ impl Core {
         if is_reserved_xattr(name) {
             return Err(errno(libc::ENODATA));
         }
-        Ok(sys::getxattr(&self.xattr_path(ino)?, &sys::cstr(name)?)?)
+        let (path, follow, _keep) = self.xattr_path(ino)?;
+        Ok(sys::getxattr(&path, follow, &sys::cstr(name)?)?)
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let all = sys::listxattr(&self.xattr_path(ino)?)?;
+        let (path, follow, _keep) = self.xattr_path(ino)?;
+        let all = sys::listxattr(&path, follow)?;
         let mut out = Vec::with_capacity(all.len());
         for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if !is_reserved_xattr(OsStr::from_bytes(n)) {
@@ -1337,7 +1468,8 @@ impl Core {
         if is_reserved_xattr(name) {
             return Err(errno(libc::EPERM));
         }
-        Ok(sys::removexattr(&self.xattr_path(ino)?, &sys::cstr(name)?)?)
+        let (path, follow, _keep) = self.xattr_path(ino)?;
+        Ok(sys::removexattr(&path, follow, &sys::cstr(name)?)?)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {

@@ -27,9 +27,10 @@ pub fn open_path(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
     openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
 }
 
-/// Reopens an O_PATH handle with real access flags (works after unlink).
-pub fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
-    let path = proc_path(fd);
+/// Reopens a handle (O_PATH or not) with real access flags; works after
+/// unlink.
+pub fn reopen(fd: RawFd, flags: i32) -> io::Result<OwnedFd> {
+    let path = proc_path(&fd);
     openat(libc::AT_FDCWD, &path, flags & !libc::O_CREAT, 0)
 }
 
@@ -80,9 +81,9 @@ pub fn linkat(odir: RawFd, old: &CStr, ndir: RawFd, new: &CStr, flags: i32) -> i
     check(unsafe { libc::linkat(odir, old.as_ptr(), ndir, new.as_ptr(), flags) }).map(drop)
 }
 
-pub fn readlinkat(fd: RawFd) -> io::Result<Vec<u8>> {
+pub fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    let n = unsafe { libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -101,6 +102,16 @@ pub fn fchownat(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
         )
     })
     .map(drop)
+}
+
+/// chown of `name` in `dir`, not following a final symlink.
+pub fn lchownat(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    check(unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
+        .map(drop)
+}
+
+pub fn fchmodat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::fchmodat(dir, name.as_ptr(), mode, 0) }).map(drop)
 }
 
 pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
@@ -122,9 +133,20 @@ pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs> {
     Ok(st)
 }
 
-pub fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+pub fn setxattr(
+    path: &CStr,
+    follow: bool,
+    name: &CStr,
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    let f = if follow {
+        libc::setxattr
+    } else {
+        libc::lsetxattr
+    };
     check(unsafe {
-        libc::setxattr(
+        f(
             path.as_ptr(),
             name.as_ptr(),
             value.as_ptr().cast(),
@@ -136,15 +158,20 @@ pub fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> io::Resul
 }
 
 /// The whole value of xattr `name`.
-pub fn getxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
+pub fn getxattr(path: &CStr, follow: bool, name: &CStr) -> io::Result<Vec<u8>> {
+    let get = if follow {
+        libc::getxattr
+    } else {
+        libc::lgetxattr
+    };
     loop {
-        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        let n = unsafe { get(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; n as usize];
         let m = unsafe {
-            libc::getxattr(
+            get(
                 path.as_ptr(),
                 name.as_ptr(),
                 buf.as_mut_ptr().cast(),
@@ -163,13 +190,18 @@ pub fn getxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
     }
 }
 
-pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
-    let n = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+pub fn listxattr(path: &CStr, follow: bool) -> io::Result<Vec<u8>> {
+    let list = if follow {
+        libc::listxattr
+    } else {
+        libc::llistxattr
+    };
+    let n = unsafe { list(path.as_ptr(), std::ptr::null_mut(), 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     let mut buf = vec![0u8; n as usize];
-    let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe { list(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -177,6 +209,11 @@ pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-pub fn removexattr(path: &CStr, name: &CStr) -> io::Result<()> {
-    check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+pub fn removexattr(path: &CStr, follow: bool, name: &CStr) -> io::Result<()> {
+    let remove = if follow {
+        libc::removexattr
+    } else {
+        libc::lremovexattr
+    };
+    check(unsafe { remove(path.as_ptr(), name.as_ptr()) }).map(drop)
 }
