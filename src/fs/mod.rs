@@ -110,11 +110,14 @@ enum Reach {
     At(Arc<Inode>, std::ffi::CString),
 }
 
+/// A directory listing: (fuse ino, kind, name).
+type DirEntries = Vec<(u64, FileType, OsString)>;
+
 /// An open file or directory handle.
 enum Handle {
     File(Arc<CryptFile>),
-    /// Directory snapshot taken at opendir: (fuse ino, kind, name).
-    Dir(Vec<(u64, FileType, OsString)>),
+    /// Directory snapshot taken at opendir.
+    Dir(Arc<DirEntries>),
 }
 
 /// Backing-directory state shared by all FUSE threads.
@@ -1182,7 +1185,15 @@ impl Core {
             let kind = FileType::from_std(ft).unwrap_or(FileType::RegularFile);
             entries.push((self.fuse_ino(e.ino()), kind, name));
         }
-        Ok(self.add_handle(Handle::Dir(entries)))
+        Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
+    }
+
+    /// The snapshot behind an open directory handle.
+    fn dir_entries(&self, fh: u64) -> FsResult<Arc<DirEntries>> {
+        match self.handles.read().unwrap().get(&fh).map(|h| &**h) {
+            Some(Handle::Dir(entries)) => Ok(entries.clone()),
+            _ => Err(errno(libc::EBADF)),
+        }
     }
 
     /// Entries of an open directory from `offset` on; `add` returns true when
@@ -1193,13 +1204,7 @@ impl Core {
         offset: u64,
         mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
     ) -> FsResult<()> {
-        let h = self.handles.read().unwrap().get(&fh).cloned();
-        let Some(h) = h else {
-            return Err(errno(libc::EBADF));
-        };
-        let Handle::Dir(entries) = &*h else {
-            return Err(errno(libc::EBADF));
-        };
+        let entries = self.dir_entries(fh)?;
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if add(*ino, i as u64 + 1, *kind, name) {
                 break;
@@ -1217,13 +1222,7 @@ impl Core {
         offset: u64,
         mut add: impl FnMut(u64, u64, &OsStr, &FileAttr) -> bool,
     ) -> FsResult<()> {
-        let h = self.handles.read().unwrap().get(&fh).cloned();
-        let Some(h) = h else {
-            return Err(errno(libc::EBADF));
-        };
-        let Handle::Dir(entries) = &*h else {
-            return Err(errno(libc::EBADF));
-        };
+        let entries = self.dir_entries(fh)?;
         let dir = self.dir(ino)?;
         for (i, (entry_ino, _, name)) in entries.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
@@ -1258,9 +1257,9 @@ impl Core {
             return;
         }
         let Ok(dir) = self.dir(dir_ino) else { return };
-        let h = self.handles.read().unwrap().get(&fh).cloned();
-        let Some(h) = h else { return };
-        let Handle::Dir(entries) = &*h else { return };
+        let Ok(entries) = self.dir_entries(fh) else {
+            return;
+        };
         let names = entries
             .iter()
             .filter(|(_, kind, _)| *kind == FileType::RegularFile)
