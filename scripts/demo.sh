@@ -13,7 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 WORK=${1:-${KMSFS_DEMO_DIR:-/tmp/kmsfs-demo}}
 WORK=$(abs_path "$WORK")
-KEYS=$WORK/keyring.json
+KEYS=$WORK/keyring
 BACKING=$WORK/backing
 MNT=$WORK/mnt
 LOG=$WORK/kmsfs.log

@@ -126,7 +126,7 @@ chmod 0755 "$MNT" "$SECONDARY"
 case $PEER in
     kmsfs)
         log "mounting a fresh kmsfs at $MNT (-o allow_other)"
-        if ! "$KMSFS" init "$WORK/backing" --kms local --key-file "$WORK/keyring.json" \
+        if ! "$KMSFS" init "$WORK/backing" --kms local --key-file "$WORK/keyring" \
             --key-name pjdfstest >"$WORK/init.out" 2>&1; then
             cat "$WORK/init.out" >&2
             die "kmsfs init failed"

@@ -219,7 +219,7 @@ fs_init() {
     plain) ;;
     gocryptfs) gocryptfs -init -q -extpass 'echo benchpw' "$g/backing" >"$g/init.log" 2>&1 ;;
     securefs) securefs create --pass benchpw "$g/backing" >"$g/init.log" 2>&1 ;;
-    kmsfs) "$KMSFS" init "$g/backing" --kms local --key-file "$g/keys.json" --key-name bench >"$g/init.log" 2>&1 ;;
+    kmsfs) "$KMSFS" init "$g/backing" --kms local --key-file "$g/keyring" --key-name bench >"$g/init.log" 2>&1 ;;
     kmsfs-vault)
         # shellcheck disable=SC1091
         (source "$VAULT_STATE/env" && "$KMSFS" init "$g/backing" --kms vault \
