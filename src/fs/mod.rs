@@ -523,9 +523,8 @@ impl Core {
             ));
         };
         let dir = self.dir(parent)?;
-        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
-        let fd = match sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
-            Ok(fd) => fd,
+        let raw = match read_sidecar(&dir, &name) {
+            Ok(raw) => raw,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 return Err(FsError::header(
                     &label,
@@ -534,8 +533,6 @@ impl Core {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut raw = Vec::new();
-        File::from(fd).take(MAX_SIDECAR_LEN).read_to_end(&mut raw)?;
         let parsed = hdr::parse(&raw).map_err(|e| FsError::header_format(&label, e))?;
         if parsed.header.geometry != self.geometry {
             return Err(FsError::header(
@@ -1340,21 +1337,9 @@ impl Core {
         self.runtime.spawn(async move {
             let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<UnwrapItem>)> = Vec::new();
             for name in names.iter().take(core.cache.capacity()) {
-                let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
+                let Ok(raw) = read_sidecar(&dir, name) else {
                     continue;
                 };
-                let Ok(fd) = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-                else {
-                    continue;
-                };
-                let mut raw = Vec::new();
-                if File::from(fd)
-                    .take(MAX_SIDECAR_LEN)
-                    .read_to_end(&mut raw)
-                    .is_err()
-                {
-                    continue;
-                }
                 let Ok(parsed) = hdr::parse(&raw) else {
                     continue;
                 };
@@ -1482,6 +1467,16 @@ impl Core {
         }
         Ok(())
     }
+}
+
+/// The bytes of the sidecar of `name` in directory `dir` (at most
+/// `MAX_SIDECAR_LEN`: anything larger is not one of ours).
+fn read_sidecar(dir: &Inode, name: &OsStr) -> std::io::Result<Vec<u8>> {
+    let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+    let fd = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+    let mut raw = Vec::new();
+    File::from(fd).take(MAX_SIDECAR_LEN).read_to_end(&mut raw)?;
+    Ok(raw)
 }
 
 /// xattr names kmsfs keeps for itself.
