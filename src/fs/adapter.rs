@@ -36,6 +36,8 @@ pub struct MountOptions {
 pub struct KmsFs {
     core: Arc<Core>,
     ttl: Duration,
+    /// Ask for the kernel's writeback cache (never on read-only mounts).
+    writeback_cache: bool,
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -86,6 +88,13 @@ impl Filesystem for KmsFs {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        if self.writeback_cache {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        // We clear set-ID bits and capabilities on write, truncate and chown
+        // (the backing chown does it), so the kernel need not ask for
+        // security.capability before every write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -106,7 +115,7 @@ impl Filesystem for KmsFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -122,10 +131,20 @@ impl Filesystem for KmsFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let (core, ttl) = (self.core.clone(), self.ttl);
+        let (core, ttl, who) = (self.core.clone(), self.ttl, caller(req));
         self.core.runtime().run_or_spawn(async move {
             match core
-                .setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0))
+                .setattr(
+                    ino.0,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime,
+                    mtime,
+                    fh.map(|f| f.0),
+                    who,
+                )
                 .await
             {
                 Ok(a) => reply.attr(&ttl, &a),
@@ -263,12 +282,13 @@ impl Filesystem for KmsFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.core.write(fh.0, offset, data, kill) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -515,6 +535,7 @@ pub fn mount(
     let fs = KmsFs {
         core,
         ttl: opts.attr_ttl,
+        writeback_cache: !opts.read_only,
     };
     let session = Session::new(fs, mountpoint, &config)?;
     raise_readahead(mountpoint);

@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, RwLock};
 
@@ -235,6 +236,12 @@ impl CryptFile {
             .open(index, &sealed, &mut dst[..len])
             .map_err(|e| FsError::block(&self.label(), index, e))?;
         Ok(len)
+    }
+
+    /// Clears set-ID bits and file capabilities before a write or truncate
+    /// by a caller without CAP_FSETID.
+    pub fn kill_privileges(&self) -> FsResult<()> {
+        Ok(super::sys::kill_privileges(self.file.as_raw_fd())?)
     }
 
     /// Writes `data` at plaintext `offset`, extending the file as needed.

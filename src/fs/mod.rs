@@ -36,6 +36,8 @@ use error::{FsError, FsResult};
 const ROOT_INO: u64 = 1;
 /// Sidecars are small; anything larger is not one of ours.
 const MAX_SIDECAR_LEN: u64 = 64 * 1024;
+/// Ciphertext read ahead when a file is first opened (a whole small file).
+const OPEN_READAHEAD: usize = 128 * 1024;
 
 /// A wrapped DEK with the context it was wrapped under.
 type UnwrapItem = (WrappedDek, WrapContext);
@@ -580,6 +582,11 @@ impl Core {
             *slot = Arc::downgrade(&cf);
             return Ok(cf);
         }
+        // Open the data first and start reading its head from disk, so that
+        // read overlaps the sidecar read and the unwrap.
+        let fd = self.open_data(inode, flags)?;
+        // SAFETY: fd is open for the duration of the call.
+        unsafe { libc::readahead(fd.as_raw_fd(), 0, OPEN_READAHEAD) };
         let header = self.header_of(inode)?;
         let h = &header.parsed.header;
         let label = self.label(inode);
@@ -605,7 +612,6 @@ impl Core {
         };
         crypto::verify_header(&header.parsed, &dek).map_err(|e| FsError::header(&label, e))?;
         let cipher = BlockCipher::new(&dek, h);
-        let fd = self.open_data(inode, flags)?;
         let mut slot = inode.open_file.lock().unwrap();
         if let Some(cf) = slot.upgrade() {
             return Ok(cf);
@@ -635,11 +641,16 @@ impl Core {
         Ok(())
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+    /// `kill_privileges`: the kernel flagged a writer without CAP_FSETID.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_privileges: bool) -> FsResult<()> {
         if self.read_only {
             return Err(errno(libc::EROFS));
         }
-        self.file_handle(fh)?.write(offset, data)?;
+        let cf = self.file_handle(fh)?;
+        if kill_privileges {
+            cf.kill_privileges()?;
+        }
+        cf.write(offset, data)?;
         self.metrics
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -1093,6 +1104,7 @@ impl Core {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<u64>,
+        caller: Caller,
     ) -> FsResult<FileAttr> {
         let inode = self.inode(ino)?;
         if self.read_only && (mode.is_some() || uid.is_some() || gid.is_some() || size.is_some()) {
@@ -1145,6 +1157,11 @@ impl Core {
                 Some(Ok(cf)) => cf,
                 _ => self.crypt_file(&inode).await?,
             };
+            // The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2) but does
+            // not pass fuser its flag; root stands in for CAP_FSETID.
+            if caller.uid != 0 {
+                cf.kill_privileges()?;
+            }
             cf.truncate(size)?;
         }
         if atime.is_some() || mtime.is_some() {
@@ -1265,13 +1282,13 @@ impl Core {
         self.spawn_prefetch(dir, names);
     }
 
-    /// Before an open that will need the KMS: readers that open files from a
-    /// list (no directory listing) get the same batching, for the file's
-    /// directory, once per cache lifetime.
+    /// Before the first cold open in a directory: readers that open files
+    /// from a list (no directory listing) would otherwise wait for each
+    /// sidecar's disk read, and with a remote KMS for each unwrap. With a
+    /// remote KMS the directory's DEKs are unwrapped in batches; with the
+    /// local keyring only its sidecars are read ahead (the unwrap is cheap).
+    /// Once per directory per cache lifetime.
     pub fn prefetch_siblings(self: &Arc<Self>, ino: u64) {
-        if !self.has_remote_kms() {
-            return;
-        }
         let Ok(inode) = self.inode(ino) else { return };
         if inode.kind != FileType::RegularFile
             || inode.plain
@@ -1282,19 +1299,26 @@ impl Core {
         let Some((parent, own_name)) = inode.location.lock().unwrap().clone() else {
             return;
         };
-        let Ok(header) = self.header_of(&inode) else {
+        let remote = self.has_remote_kms();
+        if remote {
+            let Ok(header) = self.header_of(&inode) else {
+                return;
+            };
+            let h = &header.parsed.header;
+            let wrapped = WrappedDek {
+                key_ref: h.key_ref.clone(),
+                blob: h.wrapped_dek.clone(),
+            };
+            if self
+                .cache
+                .contains(&wrapped, &WrapContext { file_id: h.file_id })
+            {
+                return;
+            }
+        } else if inode.header.get().is_some() {
             return;
-        };
-        let h = &header.parsed.header;
-        let wrapped = WrappedDek {
-            key_ref: h.key_ref.clone(),
-            blob: h.wrapped_dek.clone(),
-        };
-        if self
-            .cache
-            .contains(&wrapped, &WrapContext { file_id: h.file_id })
-            || !self.claim_prefetch(parent)
-        {
+        }
+        if !self.claim_prefetch(parent) {
             return;
         }
         let Ok(dir) = self.dir(parent) else { return };
@@ -1302,7 +1326,7 @@ impl Core {
         let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
             return;
         };
-        // The file being opened unwraps its own DEK; batch the others.
+        // The file being opened reads its own sidecar.
         let names = rd
             .flatten()
             .filter(|e| {
@@ -1311,8 +1335,13 @@ impl Core {
                     && e.file_name() != own_name
             })
             .map(|e| e.file_name())
+            .take(self.cache.capacity())
             .collect();
-        self.spawn_prefetch(dir, names);
+        if remote {
+            self.spawn_prefetch(dir, names);
+        } else {
+            spawn_sidecar_readahead(dir, names);
+        }
     }
 
     fn has_remote_kms(&self) -> bool {
@@ -1474,9 +1503,32 @@ impl Core {
 fn read_sidecar(dir: &Inode, name: &OsStr) -> std::io::Result<Vec<u8>> {
     let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
     let fd = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
-    let mut raw = Vec::new();
+    // Headers are a few hundred bytes: one read usually gets it all.
+    let mut raw = Vec::with_capacity(1024);
     File::from(fd).take(MAX_SIDECAR_LEN).read_to_end(&mut raw)?;
     Ok(raw)
+}
+
+/// Starts reading the sidecars of `names` into the page cache, off the
+/// request path (readahead does not wait for the disk).
+fn spawn_sidecar_readahead(dir: Arc<Inode>, names: Vec<OsString>) {
+    let work = move || {
+        for name in names {
+            let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
+                continue;
+            };
+            if let Ok(fd) = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
+                // SAFETY: fd is open for the duration of the call.
+                unsafe { libc::readahead(fd.as_raw_fd(), 0, MAX_SIDECAR_LEN as usize) };
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("kmsfs-readahead".into())
+        .spawn(work)
+    {
+        tracing::debug!("no sidecar readahead thread: {e}");
+    }
 }
 
 /// xattr names kmsfs keeps for itself.

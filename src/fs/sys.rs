@@ -114,6 +114,27 @@ pub fn fchmodat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     check(unsafe { libc::fchmodat(dir, name.as_ptr(), mode, 0) }).map(drop)
 }
 
+/// What the kernel does on a write or truncate by a caller without
+/// CAP_FSETID, done here because the mount takes it over
+/// (FUSE_HANDLE_KILLPRIV_V2): clear set-user-ID, set-group-ID on a
+/// group-executable file, and any file capability.
+pub fn kill_privileges(fd: RawFd) -> io::Result<()> {
+    let mode = fstat(fd)?.st_mode;
+    let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
+    if mode & libc::S_ISUID != 0 || mode & sgid_exec == sgid_exec {
+        let keep = if mode & sgid_exec == sgid_exec {
+            !(libc::S_ISUID | libc::S_ISGID)
+        } else {
+            !libc::S_ISUID
+        };
+        check(unsafe { libc::fchmod(fd, mode & keep & 0o7777) })?;
+    }
+    match check(unsafe { libc::fremovexattr(fd, c"security.capability".as_ptr()) }) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
 pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
     check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
 }
