@@ -672,3 +672,69 @@ fn many_files_do_not_exhaust_descriptors() {
     }
     assert_eq!(fs::read_dir(fs.path("many")).unwrap().count(), 4000);
 }
+
+/// The mount takes over clearing set-ID bits (FUSE_HANDLE_KILLPRIV_V2): a
+/// write or truncate by a user without CAP_FSETID must clear them, as on a
+/// local disk, while root's writes keep them.
+#[test]
+fn unprivileged_write_and_truncate_clear_set_id_bits() {
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    let mut fs = TestFs::new(&[]);
+    fs.umount();
+    fs.mount(&["-o", "allow_other"]);
+    // Let an unprivileged user reach the mountpoint.
+    std::fs::set_permissions(fs.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode_of = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let as_nobody = |script: &str| {
+        let st = Command::new("sh")
+            .args(["-c", script])
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script} failed as nobody");
+    };
+    let cases = [
+        // (mode before, how nobody changes it, mode after)
+        (0o4777, "write", 0o0777),
+        (0o2777, "write", 0o0777),
+        (0o6777, "truncate", 0o0777),
+        // set-group-ID without group execute marks mandatory locking: kept.
+        (0o2767, "write", 0o2767),
+    ];
+    for (i, (before, how, after)) in cases.into_iter().enumerate() {
+        let p = fs.path(&format!("setid-{i}"));
+        std::fs::write(&p, b"0123456789").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(before)).unwrap();
+        assert_eq!(mode_of(&p), before);
+        // Root (CAP_FSETID) writes without clearing anything.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"root")
+            .unwrap();
+        assert_eq!(mode_of(&p), before, "root's write changed the mode");
+        let path = p.to_str().unwrap();
+        match how {
+            "write" => as_nobody(&format!("printf more >> '{path}'")),
+            _ => as_nobody(&format!("truncate -s 3 '{path}'")),
+        }
+        assert_eq!(
+            mode_of(&p),
+            after,
+            "{how} by nobody on a {before:o} file left {:o}",
+            mode_of(&p)
+        );
+        // The backing file carries the same mode.
+        assert_eq!(
+            std::fs::metadata(fs.backing_path(&format!("setid-{i}")))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            after
+        );
+    }
+}

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rayon::prelude::*;
@@ -42,6 +43,12 @@ pub struct CryptFile {
     /// Readers share it; writers and truncates hold it exclusively, because
     /// they read-modify-write the blocks at the edges of their range.
     lock: RwLock<()>,
+    /// Length of the backing ciphertext (encrypted files). Every change to
+    /// the backing file goes through this struct (one per inode) under
+    /// `lock` held exclusively, so it is read from the file once and then
+    /// kept here, sparing an fstat per request; re-read after a failed
+    /// write, whose effect on the length is unknown.
+    ct_len: AtomicU64,
     /// Backing-relative path, for log lines only.
     label: Mutex<String>,
     /// Set for files created by this mount until their first fsync.
@@ -70,15 +77,17 @@ impl CryptFile {
         geometry: BlockGeometry,
         label: String,
         pending: Option<PendingDurability>,
-    ) -> Self {
-        Self {
+    ) -> std::io::Result<Self> {
+        let ct_len = AtomicU64::new(file.metadata()?.len());
+        Ok(Self {
             file,
             cipher: Some(cipher),
             geometry,
             lock: RwLock::new(()),
+            ct_len,
             label: Mutex::new(label),
             pending: Mutex::new(pending),
-        }
+        })
     }
 
     /// A plaintext file (no sidecar) in a subtree whose policy is not
@@ -89,6 +98,7 @@ impl CryptFile {
             cipher: None,
             geometry,
             lock: RwLock::new(()),
+            ct_len: AtomicU64::new(0),
             label: Mutex::new(label),
             pending: Mutex::new(None),
         }
@@ -113,7 +123,27 @@ impl CryptFile {
     }
 
     fn ct_size(&self) -> FsResult<u64> {
-        Ok(self.file.metadata()?.len())
+        match self.cipher {
+            Some(_) => Ok(self.ct_len.load(Ordering::Relaxed)),
+            None => Ok(self.file.metadata()?.len()),
+        }
+    }
+
+    /// Runs a change to the backing file (caller holds `lock` exclusively)
+    /// and records the length it leaves, re-reading it if the change failed.
+    fn changing_length(&self, change: impl FnOnce() -> FsResult<u64>) -> FsResult<()> {
+        match change() {
+            Ok(len) => {
+                self.ct_len.store(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(m) = self.file.metadata() {
+                    self.ct_len.store(m.len(), Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Plaintext size, from the ciphertext size alone.
@@ -203,7 +233,13 @@ impl CryptFile {
         SEALED.with(|buf| -> FsResult<()> {
             let mut sealed = buf.borrow_mut();
             grow(&mut sealed, ct_len);
-            self.file.read_exact_at(&mut sealed[..ct_len], ct_start)?;
+            self.file
+                .read_exact_at(&mut sealed[..ct_len], ct_start)
+                .map_err(|e| match e.kind() {
+                    // Shorter than this handle knows: cut behind our back.
+                    std::io::ErrorKind::UnexpectedEof => torn(&self.label(), last),
+                    _ => FsError::Io(e),
+                })?;
             grow(out, pt_len);
             self.open_blocks(first, &sealed[..ct_len], &mut out[..pt_len])
         })?;
@@ -254,7 +290,8 @@ impl CryptFile {
         }
         let _excl = self.lock.write().unwrap();
         let g = self.geometry;
-        let mut pt_size = g.plaintext_size(self.ct_size()?);
+        let old_ct = self.ct_size()?;
+        let mut pt_size = g.plaintext_size(old_ct);
         if offset > pt_size {
             self.resize_locked(pt_size, offset)?;
             pt_size = offset;
@@ -265,6 +302,8 @@ impl CryptFile {
         let last = g.block_of(end - 1);
         let bs = g.block_size();
         let sbs = g.sealed_block_size();
+        // The resize above may have changed it.
+        let old_ct = self.ct_size()?;
         SEALED.with(|buf| -> FsResult<()> {
             let mut sealed = buf.borrow_mut();
             let total =
@@ -299,9 +338,11 @@ impl CryptFile {
                 pos += n as u64;
             }
             self.seal_blocks(first, sealed);
-            self.file
-                .write_all_at(sealed, g.sealed_block_start(first))?;
-            Ok(())
+            let at = g.sealed_block_start(first);
+            self.changing_length(|| {
+                self.file.write_all_at(sealed, at)?;
+                Ok(old_ct.max(at + total as u64))
+            })
         })
     }
 
@@ -327,22 +368,28 @@ impl CryptFile {
         // The one block whose length changes: the old tail when growing, the
         // new tail when shrinking; none when that boundary is block-aligned.
         let boundary = if new > old { old } else { new };
+        let mut sealed = Vec::new();
         if boundary % bs as u64 != 0 {
             let index = g.block_of(boundary);
             let new_len = g.block_len(index, new);
-            let mut sealed = vec![0u8; NONCE_LEN + bs + BLOCK_OVERHEAD];
+            sealed = vec![0u8; NONCE_LEN + bs + BLOCK_OVERHEAD];
             self.read_block_into(index, old, &mut sealed[NONCE_LEN..NONCE_LEN + bs])?;
             sealed.truncate(new_len + BLOCK_OVERHEAD);
             sealed[NONCE_LEN + new_len..].fill(0);
             self.cipher().seal_in_place(index, &mut sealed);
-            if new < old {
-                self.file.set_len(g.sealed_block_start(index))?;
-            }
-            self.file
-                .write_all_at(&sealed, g.sealed_block_start(index))?;
         }
-        self.file.set_len(g.ciphertext_size(new))?;
-        Ok(())
+        self.changing_length(|| {
+            if !sealed.is_empty() {
+                let at = g.sealed_block_start(g.block_of(boundary));
+                if new < old {
+                    self.file.set_len(at)?;
+                }
+                self.file.write_all_at(&sealed, at)?;
+            }
+            let len = g.ciphertext_size(new);
+            self.file.set_len(len)?;
+            Ok(len)
+        })
     }
 
     /// fsync/fdatasync; the first one after creation also makes the sidecar
@@ -374,14 +421,15 @@ mod tests {
     use crate::format::{CipherSuite, Header, KeyRef};
     use proptest::prelude::*;
 
-    fn open_file(dir: &tempfile::TempDir, shift: u8) -> (CryptFile, std::path::PathBuf) {
-        let path = dir.path().join("f");
+    /// A CryptFile on `path` (created empty when `create`) under a fixed
+    /// test DEK, so the same file can be opened again.
+    fn crypt_file_at(path: &std::path::Path, shift: u8, create: bool) -> CryptFile {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+            .create(create)
+            .truncate(create)
+            .open(path)
             .unwrap();
         let header = Header {
             cipher: CipherSuite::Aes256Gcm,
@@ -394,11 +442,13 @@ mod tests {
             },
             wrapped_dek: vec![],
         };
-        let cipher = BlockCipher::new(&Dek::generate(), &header);
-        (
-            CryptFile::new(f, cipher, header.geometry, "f".into(), None),
-            path,
-        )
+        let cipher = BlockCipher::new(&Dek::from_slice(&[7; 32]).unwrap(), &header);
+        CryptFile::new(f, cipher, header.geometry, "f".into(), None).unwrap()
+    }
+
+    fn open_file(dir: &tempfile::TempDir, shift: u8) -> (CryptFile, std::path::PathBuf) {
+        let path = dir.path().join("f");
+        (crypt_file_at(&path, shift, true), path)
     }
 
     fn read_all(cf: &CryptFile) -> Vec<u8> {
@@ -486,6 +536,11 @@ mod tests {
         let ct = f.metadata().unwrap().len();
         f.set_len(ct - (ct % 4124) + 3).unwrap();
         let last = (ct / 4124) as usize;
+        // A file cut behind an open handle's back reads as damage too.
+        let err = cf.read(0, data.len(), &mut out).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // Opened afresh, the size shows the damage.
+        let cf = crypt_file_at(&path, 12, false);
         assert_eq!(
             cf.size().unwrap(),
             last as u64 * 4096 + 1,

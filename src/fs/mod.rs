@@ -622,7 +622,7 @@ impl Core {
             self.geometry,
             label,
             None,
-        ));
+        )?);
         *slot = Arc::downgrade(&cf);
         Ok(cf)
     }
@@ -757,7 +757,7 @@ impl Core {
                 sidecar,
                 parent_dir: dir.clone(),
             }),
-        ));
+        )?);
         *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
         Ok((self.attr(&st, false), cf))
     }
