@@ -738,3 +738,85 @@ fn unprivileged_write_and_truncate_clear_set_id_bits() {
         );
     }
 }
+
+/// A full backing filesystem: the writer gets ENOSPC (at the latest from
+/// fsync, as the kernel caches writes), the daemon says what to do, and the
+/// file holds consistent ciphertext afterwards: no block reads as damage,
+/// and files written before are intact.
+#[test]
+fn full_backing_disk_gives_enospc_and_no_damage() {
+    common::require_fuse();
+    let dir = tempfile::Builder::new()
+        .prefix("kmsfs-full")
+        .tempdir()
+        .unwrap();
+    let small = dir.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "cannot mount a 16 MiB tmpfs for the full-disk test"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _small_guard = Unmount(small.clone());
+    let (backing, mnt, keys, log) = (
+        small.join("backing"),
+        dir.path().join("mnt"),
+        dir.path().join("keys"),
+        dir.path().join("kmsfs.log"),
+    );
+    fs::create_dir(&mnt).unwrap();
+    let (b, m, k, l) = (
+        backing.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        keys.to_str().unwrap(),
+        log.to_str().unwrap(),
+    );
+    run(&["init", b, "--kms", "local", "--key-file", k], true);
+    run(&["mount", b, m, "--log-file", l], true);
+    let before = pattern(100_000, 1);
+    fs::write(mnt.join("before"), &before).unwrap();
+
+    let mut f = File::create(mnt.join("big")).unwrap();
+    let chunk = pattern(1 << 20, 2);
+    let mut err = None;
+    for _ in 0..32 {
+        if let Err(e) = f.write_all(&chunk) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.or_else(|| f.sync_all().err());
+    let err = err.expect("32 MiB into a 16 MiB filesystem reported no error");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    run(&["umount", m], true);
+    common::wait_for_daemon_exit(&mnt);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("free space in the backing directory"),
+        "{text}"
+    );
+
+    run(&["mount", b, m, "--log-file", l], true);
+    assert_eq!(fs::read(mnt.join("before")).unwrap(), before);
+    // Whatever part of big made it is whole chunks of the pattern.
+    let got = fs::read(mnt.join("big")).expect("the cut-short file reads without EIO");
+    for (i, c) in got.chunks(chunk.len()).enumerate() {
+        assert_eq!(c, &chunk[..c.len()], "chunk {i} differs");
+    }
+    run(&["umount", m], true);
+    common::wait_for_daemon_exit(&mnt);
+}

@@ -129,6 +129,34 @@ impl CryptFile {
         }
     }
 
+    /// Allocates backing space for growing the ciphertext from `old` to `new`
+    /// bytes before anything is written, so a full disk fails the request
+    /// with ENOSPC and leaves the file as it was, instead of a half-written
+    /// tail block that would read as damage. The size stays as it is.
+    fn reserve(&self, old: u64, new: u64) -> FsResult<()> {
+        if new <= old {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on an fd we own.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                old as libc::off_t,
+                (new - old) as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Backing filesystems without fallocate keep the old behaviour.
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
+            _ => Err(e.into()),
+        }
+    }
+
     /// Runs a change to the backing file (caller holds `lock` exclusively)
     /// and records the length it leaves, re-reading it if the change failed.
     fn changing_length(&self, change: impl FnOnce() -> FsResult<u64>) -> FsResult<()> {
@@ -339,9 +367,11 @@ impl CryptFile {
             }
             self.seal_blocks(first, sealed);
             let at = g.sealed_block_start(first);
+            let new_ct = old_ct.max(at + total as u64);
+            self.reserve(old_ct, new_ct)?;
             self.changing_length(|| {
                 self.file.write_all_at(sealed, at)?;
-                Ok(old_ct.max(at + total as u64))
+                Ok(new_ct)
             })
         })
     }
@@ -377,6 +407,9 @@ impl CryptFile {
             sealed.truncate(new_len + BLOCK_OVERHEAD);
             sealed[NONCE_LEN + new_len..].fill(0);
             self.cipher().seal_in_place(index, &mut sealed);
+        }
+        if new > old {
+            self.reserve(self.ct_size()?, g.ciphertext_size(new))?;
         }
         self.changing_length(|| {
             if !sealed.is_empty() {

@@ -65,10 +65,22 @@ impl FsError {
     }
 
     /// The errno the kernel gets. Integrity and KMS failures are EIO and are
-    /// logged here, once, with file and block; ordinary errors are not logged.
+    /// logged here, once, with file and block; a full backing filesystem is
+    /// logged too; other ordinary errors are not.
     pub fn to_errno(&self) -> i32 {
         match self {
-            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Io(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                if matches!(errno, libc::ENOSPC | libc::EDQUOT) {
+                    // With the writeback cache the writer may only see this
+                    // at fsync or close; say it where an operator looks.
+                    tracing::warn!(
+                        "backing filesystem refused space ({e}): the write failed and the file keeps \
+                         its previous contents there; free space in the backing directory"
+                    );
+                }
+                errno
+            }
             FsError::Errno(Errno(e)) => *e,
             FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => {
                 tracing::error!("{self}");
