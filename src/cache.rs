@@ -99,9 +99,13 @@ impl DekCache {
         self.entries.lock().unwrap().cap().get()
     }
 
-    /// Whether a fresh DEK is cached, without counting a hit.
+    /// Whether a fresh DEK is cached, without counting a hit or touching the
+    /// LRU order (a prefetch scan must not reorder what readers use).
     pub fn contains(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> bool {
-        self.lookup(&cache_key(wrapped, ctx)).is_some()
+        let entries = self.entries.lock().unwrap();
+        entries
+            .peek(&cache_key(wrapped, ctx))
+            .is_some_and(|e| e.inserted.elapsed() < self.ttl)
     }
 
     /// Stores a DEK this process just generated (so the new file's next open

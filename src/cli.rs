@@ -703,20 +703,33 @@ fn raise_fd_limit() {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(1 << 20);
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        let want = libc::rlimit {
-            rlim_cur: nr_open,
-            rlim_max: nr_open.max(lim.rlim_max),
+    let get = || {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
-            // Not privileged: settle for the hard limit.
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        tracing::info!("open-files limit {}", lim.rlim_cur);
+        // SAFETY: getrlimit writes into the struct we pass.
+        (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+    };
+    // SAFETY: setrlimit only reads the struct we pass.
+    let set = |lim: &libc::rlimit| unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, lim) } == 0;
+    let Some(cur) = get() else {
+        tracing::warn!("cannot read the open-files limit; keeping it");
+        return;
+    };
+    let want = libc::rlimit {
+        rlim_cur: nr_open,
+        rlim_max: nr_open.max(cur.rlim_max),
+    };
+    // Not privileged: settle for the hard limit.
+    if !set(&want) {
+        set(&libc::rlimit {
+            rlim_cur: cur.rlim_max,
+            rlim_max: cur.rlim_max,
+        });
+    }
+    if let Some(now) = get() {
+        tracing::info!("open-files limit {}", now.rlim_cur);
     }
 }
 

@@ -786,6 +786,16 @@ fn full_backing_disk_gives_enospc_and_no_damage() {
     );
     run(&["init", b, "--kms", "local", "--key-file", k], true);
     run(&["mount", b, m, "--log-file", l], true);
+    // Declared after the tmpfs guard, so it is dropped (unmounted) first.
+    struct Detach(std::path::PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            common::wait_for_daemon_exit(&self.0);
+        }
+    }
+    let _mount_guard = Detach(mnt.clone());
     let before = pattern(100_000, 1);
     fs::write(mnt.join("before"), &before).unwrap();
 
@@ -814,6 +824,11 @@ fn full_backing_disk_gives_enospc_and_no_damage() {
     assert_eq!(fs::read(mnt.join("before")).unwrap(), before);
     // Whatever part of big made it is whole chunks of the pattern.
     let got = fs::read(mnt.join("big")).expect("the cut-short file reads without EIO");
+    assert!(
+        got.len() >= chunk.len(),
+        "only {} bytes of big made it",
+        got.len()
+    );
     for (i, c) in got.chunks(chunk.len()).enumerate() {
         assert_eq!(c, &chunk[..c.len()], "chunk {i} differs");
     }

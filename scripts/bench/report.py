@@ -214,7 +214,7 @@ def main(meta_path, raw_path, out_dir):
         lines.append("↑ higher is better (throughput: ratio kmsfs/peer > 1 means kmsfs is faster); "
                      "↓ lower is better (times: ratio kmsfs_time/peer_time < 1 means kmsfs is faster).")
         lines.append("Cold = after unmount, sync + drop_caches, remount (a fresh daemon: empty DEK cache). "
-                     "4K random reads are cold (fio randommap: each block read once). ML warm = the second pass right after the cold one.")
+                     "4K random reads start cold; fio goes round the file again until the time is up, and FUSE filesystems then read from the backing page cache (fio drops only the mount's). ML warm = the second pass right after the cold one.")
         md += render_md(header, table)
 
     # Vault

@@ -256,9 +256,9 @@ fs_umount() {
     local fs=$1 g=$2
     [[ $fs == plain ]] && return 0
     if [[ $fs == kmsfs* ]]; then
-        force_unmount "$g/mnt"
+        force_unmount "$g/mnt" || return 1
     else
-        KMSFS='' force_unmount "$g/mnt"
+        KMSFS='' force_unmount "$g/mnt" || return 1
     fi
     # wait for the daemon to go, so the next mount does not compete with it
     for _ in $(seq 1 50); do pgrep -f -- " $g/backing $g/mnt" >/dev/null || break; sleep 0.1; done
@@ -290,7 +290,7 @@ rec_rss() {
 # Prints "UNWRAPS TOTAL" from the kmsfs metrics endpoint of group G.
 kms_counts() {
     curl -fsS --max-time 10 "http://127.0.0.1:${METRICS_PORT[$1]}/metrics" | awk '
-        /^kmsfs_kms_requests_total\{/ { t += $NF; if ($0 ~ /operation="unwrap"/) u += $NF }
+        /^kmsfs_kms_requests_total\{/ { t += $NF; if ($0 ~ /operation="unwrap(_batch)?"/) u += $NF }
         END { printf "%d %d\n", u, t }'
 }
 
@@ -312,14 +312,27 @@ fio_json_field() { # FILE read|write bw_bytes|iops
 }
 
 # ---------------------------------------------------------------- workloads
+# group_setup FS G TAG: init and mount for a workload group; on failure
+# records the error, cleans up and returns 1 (the group then returns 0).
+group_setup() {
+    local fs=$1 g=$2 tag=$3
+    fs_init "$fs" "$g" && fs_mount "$fs" "$g" && return 0
+    rec_err "$fs" "${tag}_setup" "init/mount failed (see $g)"
+    fs_umount "$fs" "$g" || true
+    return 1
+}
+
+# group_teardown FS G TAG: unmount (recording a failure) and drop the backing.
+group_teardown() {
+    local fs=$1 g=$2 tag=$3
+    fs_umount "$fs" "$g" || rec_err "$fs" "${tag}_umount" "unmount failed"
+    rm -rf "$g/backing"
+}
+
 group_seq() {
     local fs=$1 g=$RUN/$1-seq dir rep t out rc
     log "== $fs: sequential write / cold read / 4K random read (${SEQ_MIB} MiB file)"
-    if ! { fs_init "$fs" "$g" && fs_mount "$fs" "$g"; }; then
-        rec_err "$fs" seq_setup "init/mount failed (see $g)"
-        fs_umount "$fs" "$g" || true
-        return 0
-    fi
+    group_setup "$fs" "$g" seq || return 0
     dir=$(fs_dir "$fs" "$g")
     local fio_common=(--name=bench --filename="$dir/bench.dat" --ioengine=psync --numjobs=1
         --size="${SEQ_MIB}M" --fallocate=none --output-format=json)
@@ -360,8 +373,7 @@ group_seq() {
             fi
         fi
     done
-    fs_umount "$fs" "$g" || rec_err "$fs" seq_umount "unmount failed"
-    rm -rf "$g/backing"
+    group_teardown "$fs" "$g" seq
 }
 
 # The kernel tree: decompressed once into the cache, with md5 sums taken on
@@ -395,11 +407,7 @@ prepare_kernel() {
 group_kernel() {
     local fs=$1 g=$RUN/$1-kernel dir rep t rc tree
     log "== $fs: untar / md5sum -c / ls -lR / rm -rf of the Linux 6.1 tree ($KERNEL_SET, $KENTRIES entries)"
-    if ! { fs_init "$fs" "$g" && fs_mount "$fs" "$g"; }; then
-        rec_err "$fs" kernel_setup "init/mount failed (see $g)"
-        fs_umount "$fs" "$g" || true
-        return 0
-    fi
+    group_setup "$fs" "$g" kernel || return 0
     dir=$(fs_dir "$fs" "$g")
     tree=$dir/$KTOP
     for rep in $(seq 1 "$REPS"); do
@@ -429,8 +437,7 @@ group_kernel() {
         if ((rc)) || [[ -e $tree ]]; then rec_err "$fs" rm_rf "rm -rf failed (rc $rc, $g/rm.log)"; break; fi
         rec "$fs" rm_rf_s "$rep" "$t" s
     done
-    fs_umount "$fs" "$g" || rec_err "$fs" kernel_umount "unmount failed"
-    rm -rf "$g/backing"
+    group_teardown "$fs" "$g" kernel
 }
 
 # ML-style read: create the files (unmeasured), then per repetition remount
@@ -439,27 +446,27 @@ group_kernel() {
 group_ml() {
     local fs=$1 g=$RUN/$1-ml dir rep out rc before after c0 c1 list
     log "== $fs: ML-style read of $ML_FILES x 100 KiB files, $ML_PROCS readers"
-    if ! { fs_init "$fs" "$g" && fs_mount "$fs" "$g"; }; then
-        rec_err "$fs" ml_setup "init/mount failed (see $g)"
-        fs_umount "$fs" "$g" || true
-        return 0
-    fi
+    group_setup "$fs" "$g" ml || return 0
     dir=$(fs_dir "$fs" "$g")
-    if [[ $fs == kmsfs* ]]; then c0=$(kms_counts "$g") || c0="0 0"; fi
+    if [[ $fs == kmsfs* ]]; then c0=$(kms_counts "$g") || c0=; fi
     rc=0
     t=$(run_timed "$g/ml-create.log" python3 "$BENCH_DIR/ml_files.py" create "$dir/ml" "$ML_FILES" "$ML_SIZE") || rc=$?
-    if ((rc)); then rec_err "$fs" ml_create "creating the files failed (rc $rc): $(tail -n 1 "$g/ml-create.log" | cut -c1-200)"; fs_umount "$fs" "$g" || true; return 0; fi
+    if ((rc)); then rec_err "$fs" ml_create "creating the files failed (rc $rc): $(tail -n 1 "$g/ml-create.log" | cut -c1-200)"; group_teardown "$fs" "$g" ml; return 0; fi
     rec "$fs" ml_create_s 1 "$t" s
     if [[ $fs == kmsfs* ]]; then
-        c1=$(kms_counts "$g") || c1="0 0"
-        rec "$fs" ml_create_kms_requests 1 "$(( ${c1#* } - ${c0#* } ))" requests
+        c1=$(kms_counts "$g") || c1=
+        if [[ -n $c0 && -n $c1 ]]; then
+            rec "$fs" ml_create_kms_requests 1 "$(( ${c1#* } - ${c0#* } ))" requests
+        else
+            rec_err "$fs" ml_create_kms "could not read the daemon's /metrics"
+        fi
     fi
     for rep in $(seq 1 "$REPS"); do
         list=$g/list-$rep.txt
         python3 "$BENCH_DIR/ml_files.py" list "$dir/ml" "$ML_FILES" "$rep" "$list"
         cold_remount "$fs" "$g" || { rec_err "$fs" ml_cold "remount failed"; break; }
         for phase in cold warm; do
-            [[ $fs == kmsfs* ]] && { before=$(kms_counts "$g") || before="0 0"; }
+            [[ $fs == kmsfs* ]] && { before=$(kms_counts "$g") || before=; }
             out=$g/ml-$phase-$rep.json
             rc=0
             timeout "$STEP_TIMEOUT" python3 "$BENCH_DIR/ml_files.py" read "$list" "$ML_PROCS" >"$out" 2>>"$g/ml-read.log" || rc=$?
@@ -468,15 +475,18 @@ group_ml() {
             rec "$fs" "ml_${phase}_files_s" "$rep" "$(awk -v n="$files" -v t="$secs" 'BEGIN{printf "%.1f", n/t}')" files/s
             rec "$fs" "ml_${phase}_mbs" "$rep" "$(awk -v b="$bytes" -v t="$secs" 'BEGIN{printf "%.1f", b/t/1e6}')" MB/s
             if [[ $fs == kmsfs* ]]; then
-                after=$(kms_counts "$g") || after="0 0"
-                rec "$fs" "ml_${phase}_kms_unwraps" "$rep" "$(( ${after% *} - ${before% *} ))" requests \
-                    "\"all_kms_requests\":$(( ${after#* } - ${before#* } )),\"files\":$files"
+                after=$(kms_counts "$g") || after=
+                if [[ -n $before && -n $after ]]; then
+                    rec "$fs" "ml_${phase}_kms_unwraps" "$rep" "$(( ${after% *} - ${before% *} ))" requests \
+                        "\"all_kms_requests\":$(( ${after#* } - ${before#* } )),\"files\":$files"
+                else
+                    rec_err "$fs" "ml_${phase}_kms" "could not read the daemon's /metrics"
+                fi
             fi
         done
         rec_rss "$fs" "$g" after_ml "$rep"
     done
-    fs_umount "$fs" "$g" || rec_err "$fs" ml_umount "unmount failed"
-    rm -rf "$g/backing"
+    group_teardown "$fs" "$g" ml
 }
 
 group_vault() {
@@ -492,7 +502,7 @@ group_vault() {
     fi
     mkdir -p "$VAULT_STATE"
     VAULT_STARTED=1
-    if ! bash "$KMSFS_ROOT/scripts/dev-vault.sh" start "$VAULT_STATE" >"$RUN/vault.env" 2>"$RUN/vault.err"; then
+    if ! bash "$KMSFS_ROOT/scripts/dev-vault.sh" start "$VAULT_STATE" >/dev/null 2>"$RUN/vault.err"; then
         err=$(tail -n 3 "$RUN/vault.err" | tr '\n' ' ')
         rec_na kmsfs-vault ml "scripts/dev-vault.sh start failed: $err"
         return 0

@@ -134,27 +134,11 @@ impl CryptFile {
     /// with ENOSPC and leaves the file as it was, instead of a half-written
     /// tail block that would read as damage. The size stays as it is.
     fn reserve(&self, old: u64, new: u64) -> FsResult<()> {
-        if new <= old {
-            return Ok(());
-        }
-        // SAFETY: plain syscall on an fd we own.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                old as libc::off_t,
-                (new - old) as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
+        if new > old {
             // Backing filesystems without fallocate keep the old behaviour.
-            Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
-            _ => Err(e.into()),
+            super::sys::allocate_keep_size(self.file.as_raw_fd(), old, new - old)?;
         }
+        Ok(())
     }
 
     /// Runs a change to the backing file (caller holds `lock` exclusively)
@@ -318,8 +302,7 @@ impl CryptFile {
         }
         let _excl = self.lock.write().unwrap();
         let g = self.geometry;
-        let old_ct = self.ct_size()?;
-        let mut pt_size = g.plaintext_size(old_ct);
+        let mut pt_size = g.plaintext_size(self.ct_size()?);
         if offset > pt_size {
             self.resize_locked(pt_size, offset)?;
             pt_size = offset;
@@ -330,8 +313,7 @@ impl CryptFile {
         let last = g.block_of(end - 1);
         let bs = g.block_size();
         let sbs = g.sealed_block_size();
-        // The resize above may have changed it.
-        let old_ct = self.ct_size()?;
+        let old_ct = self.ct_size()?; // after the resize above
         SEALED.with(|buf| -> FsResult<()> {
             let mut sealed = buf.borrow_mut();
             let total =
@@ -398,26 +380,27 @@ impl CryptFile {
         // The one block whose length changes: the old tail when growing, the
         // new tail when shrinking; none when that boundary is block-aligned.
         let boundary = if new > old { old } else { new };
-        let mut sealed = Vec::new();
+        // (where it goes, its sealed bytes at the new length)
+        let mut edge = None;
         if boundary % bs as u64 != 0 {
             let index = g.block_of(boundary);
             let new_len = g.block_len(index, new);
-            sealed = vec![0u8; NONCE_LEN + bs + BLOCK_OVERHEAD];
+            let mut sealed = vec![0u8; NONCE_LEN + bs + BLOCK_OVERHEAD];
             self.read_block_into(index, old, &mut sealed[NONCE_LEN..NONCE_LEN + bs])?;
             sealed.truncate(new_len + BLOCK_OVERHEAD);
             sealed[NONCE_LEN + new_len..].fill(0);
             self.cipher().seal_in_place(index, &mut sealed);
+            edge = Some((g.sealed_block_start(index), sealed));
         }
         if new > old {
             self.reserve(self.ct_size()?, g.ciphertext_size(new))?;
         }
         self.changing_length(|| {
-            if !sealed.is_empty() {
-                let at = g.sealed_block_start(g.block_of(boundary));
+            if let Some((at, sealed)) = &edge {
                 if new < old {
-                    self.file.set_len(at)?;
+                    self.file.set_len(*at)?;
                 }
-                self.file.write_all_at(&sealed, at)?;
+                self.file.write_all_at(sealed, *at)?;
             }
             let len = g.ciphertext_size(new);
             self.file.set_len(len)?;

@@ -75,8 +75,8 @@ impl FsError {
                     // With the writeback cache the writer may only see this
                     // at fsync or close; say it where an operator looks.
                     tracing::warn!(
-                        "backing filesystem refused space ({e}): the write failed and the file keeps \
-                         its previous contents there; free space in the backing directory"
+                        "backing filesystem refused space ({e}): the request failed and changed \
+                         nothing; free space in the backing directory"
                     );
                 }
                 errno

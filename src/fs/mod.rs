@@ -106,10 +106,65 @@ impl Inode {
     }
 }
 
-/// How a non-directory inode is reached (see `Core::reach`).
+/// How the backing object of an inode is reached (see `Core::reach`). Each
+/// variant keeps what it refers to alive while it is used.
 enum Reach {
+    /// A directory, through its own O_PATH handle.
+    Dir(Arc<Inode>),
+    /// A file with open handles, through its open file (also after unlink).
     Open(Arc<CryptFile>),
+    /// Anything else by name in its directory (final symlink not followed).
     At(Arc<Inode>, std::ffi::CString),
+}
+
+impl Reach {
+    fn stat(&self) -> std::io::Result<libc::stat> {
+        match self {
+            Reach::Dir(d) => sys::fstat(d.raw_fd()),
+            Reach::Open(cf) => sys::fstat(cf.file().as_raw_fd()),
+            Reach::At(dir, name) => sys::fstatat(dir.raw_fd(), name),
+        }
+    }
+
+    fn chown(&self, uid: u32, gid: u32) -> std::io::Result<()> {
+        match self {
+            Reach::Dir(d) => sys::fchownat(d.raw_fd(), uid, gid),
+            Reach::Open(cf) => sys::fchownat(cf.file().as_raw_fd(), uid, gid),
+            Reach::At(dir, name) => sys::lchownat(dir.raw_fd(), name, uid, gid),
+        }
+    }
+
+    fn chmod(&self, mode: u32) -> std::io::Result<()> {
+        match self {
+            // fchmod refuses O_PATH handles.
+            Reach::Dir(d) => sys::chmod_path(&sys::proc_path(&d.raw_fd()), mode),
+            Reach::Open(cf) => sys::fchmod(cf.file().as_raw_fd(), mode),
+            Reach::At(dir, name) => sys::fchmodat(dir.raw_fd(), name, mode),
+        }
+    }
+
+    fn set_times(&self, times: &[libc::timespec; 2]) -> std::io::Result<()> {
+        match self {
+            Reach::Dir(d) => sys::utimensat(libc::AT_FDCWD, &sys::proc_path(&d.raw_fd()), times, 0),
+            Reach::Open(cf) => sys::futimens(cf.file().as_raw_fd(), times),
+            Reach::At(dir, name) => {
+                sys::utimensat(dir.raw_fd(), name, times, libc::AT_SYMLINK_NOFOLLOW)
+            }
+        }
+    }
+
+    /// A path for the *xattr calls, and whether they may follow it.
+    fn xattr_path(&self) -> (std::ffi::CString, bool) {
+        match self {
+            Reach::Dir(d) => (sys::proc_path(&d.raw_fd()), true),
+            Reach::Open(cf) => (sys::proc_path(&cf.file().as_raw_fd()), true),
+            Reach::At(dir, name) => {
+                let mut p = format!("/proc/self/fd/{}/", dir.raw_fd()).into_bytes();
+                p.extend_from_slice(name.as_bytes());
+                (std::ffi::CString::new(p).expect("no NUL"), false)
+            }
+        }
+    }
 }
 
 /// A directory listing: (fuse ino, kind, name).
@@ -434,9 +489,13 @@ impl Core {
         Ok((Some(fd), st))
     }
 
-    /// Where a non-directory inode can be reached: its open file (which also
-    /// works after unlink), or its parent directory and name.
-    fn reach(&self, inode: &Inode) -> FsResult<Reach> {
+    /// Where an inode's backing object can be reached: a directory through
+    /// its own handle, a file through its open file (which also works after
+    /// unlink), anything else by its parent directory and name.
+    fn reach(&self, inode: &Arc<Inode>) -> FsResult<Reach> {
+        if inode.fd.is_some() {
+            return Ok(Reach::Dir(inode.clone()));
+        }
         if let Some(cf) = inode.open_file.lock().unwrap().upgrade() {
             return Ok(Reach::Open(cf));
         }
@@ -444,16 +503,6 @@ impl Core {
             return Err(errno(libc::ENOENT));
         };
         Ok(Reach::At(self.dir(parent)?, sys::cstr(&name)?))
-    }
-
-    fn stat_of(&self, inode: &Inode) -> FsResult<libc::stat> {
-        if let Some(fd) = &inode.fd {
-            return Ok(sys::fstat(fd.as_raw_fd())?);
-        }
-        Ok(match self.reach(inode)? {
-            Reach::Open(cf) => sys::fstat(cf.file().as_raw_fd())?,
-            Reach::At(dir, name) => sys::fstatat(dir.raw_fd(), &name)?,
-        })
     }
 
     /// Whether `name` in `dir` is a plaintext file let through by a
@@ -491,7 +540,7 @@ impl Core {
 
     pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         let inode = self.inode(ino)?;
-        let st = self.stat_of(&inode)?;
+        let st = self.reach(&inode)?.stat()?;
         Ok(self.attr(&st, inode.plain))
     }
 
@@ -547,10 +596,11 @@ impl Core {
     }
 
     /// Opens a regular file's backing data with `flags`.
-    fn open_data(&self, inode: &Inode, flags: i32) -> FsResult<OwnedFd> {
+    fn open_data(&self, inode: &Arc<Inode>, flags: i32) -> FsResult<OwnedFd> {
         Ok(match self.reach(inode)? {
             Reach::Open(cf) => sys::reopen(cf.file().as_raw_fd(), flags)?,
             Reach::At(dir, name) => sys::openat(dir.raw_fd(), &name, flags | libc::O_NOFOLLOW, 0)?,
+            Reach::Dir(_) => return Err(errno(libc::EISDIR)),
         })
     }
 
@@ -585,8 +635,7 @@ impl Core {
         // Open the data first and start reading its head from disk, so that
         // read overlaps the sidecar read and the unwrap.
         let fd = self.open_data(inode, flags)?;
-        // SAFETY: fd is open for the duration of the call.
-        unsafe { libc::readahead(fd.as_raw_fd(), 0, OPEN_READAHEAD) };
+        sys::readahead(fd.as_raw_fd(), OPEN_READAHEAD);
         let header = self.header_of(inode)?;
         let h = &header.parsed.header;
         let label = self.label(inode);
@@ -739,7 +788,7 @@ impl Core {
         self.chown_new(&dir, &c, caller)?;
         if mode & 0o7000 != 0 {
             // chown clears set-ID bits; put back what the caller asked for.
-            sys::chmod_path(&sys::proc_path(&data), mode & 0o7777)?;
+            sys::fchmod(data.as_raw_fd(), mode & 0o7777)?;
         }
         let st = sys::fstat(data.as_raw_fd())?;
         let inode = self.remember(parent, name, None, &st, false);
@@ -887,7 +936,7 @@ impl Core {
         let inode = self.inode(ino)?;
         match self.reach(&inode)? {
             Reach::At(dir, name) => Ok(sys::readlinkat(dir.raw_fd(), &name)?),
-            Reach::Open(_) => Err(errno(libc::EINVAL)),
+            Reach::Open(_) | Reach::Dir(_) => Err(errno(libc::EINVAL)),
         }
     }
 
@@ -1081,6 +1130,7 @@ impl Core {
             Reach::Open(cf) => {
                 sys::linkat(cf.file().as_raw_fd(), c"", nfd, &nc, libc::AT_EMPTY_PATH)
             }
+            Reach::Dir(_) => return Err(errno(libc::EPERM)),
         };
         if let Err(e) = linked {
             if sidecar.is_some() {
@@ -1113,39 +1163,12 @@ impl Core {
         if mode.is_some() && inode.kind == FileType::Symlink {
             return Err(errno(libc::EOPNOTSUPP));
         }
-        // A directory through its own handle; anything else through its open
-        // file (also after unlink) or by name in its directory.
-        let (fd, at): (Option<RawFd>, Option<(Arc<Inode>, std::ffi::CString)>);
-        let _open;
-        match (
-            &inode.fd,
-            if inode.fd.is_some() {
-                None
-            } else {
-                Some(self.reach(&inode)?)
-            },
-        ) {
-            (Some(own), _) => (fd, at, _open) = (Some(own.as_raw_fd()), None, None),
-            (None, Some(Reach::Open(cf))) => {
-                (fd, at, _open) = (Some(cf.file().as_raw_fd()), None, Some(cf))
-            }
-            (None, Some(Reach::At(dir, name))) => (fd, at, _open) = (None, Some((dir, name)), None),
-            (None, None) => unreachable!("reach() answered"),
-        }
+        let target = self.reach(&inode)?;
         if uid.is_some() || gid.is_some() {
-            let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-            match (&fd, &at) {
-                (Some(fd), _) => sys::fchownat(*fd, u, g)?,
-                (_, Some((dir, name))) => sys::lchownat(dir.raw_fd(), name, u, g)?,
-                _ => unreachable!(),
-            }
+            target.chown(uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
         if let Some(mode) = mode {
-            match (&fd, &at) {
-                (Some(fd), _) => sys::chmod_path(&sys::proc_path(fd), mode & 0o7777)?,
-                (_, Some((dir, name))) => sys::fchmodat(dir.raw_fd(), name, mode & 0o7777)?,
-                _ => unreachable!(),
-            }
+            target.chmod(mode & 0o7777)?;
         }
         if let Some(size) = size {
             match inode.kind {
@@ -1165,14 +1188,7 @@ impl Core {
             cf.truncate(size)?;
         }
         if atime.is_some() || mtime.is_some() {
-            let times = [timespec(atime), timespec(mtime)];
-            match (&fd, &at) {
-                (Some(fd), _) => sys::utimensat(libc::AT_FDCWD, &sys::proc_path(fd), &times, 0)?,
-                (_, Some((dir, name))) => {
-                    sys::utimensat(dir.raw_fd(), name, &times, libc::AT_SYMLINK_NOFOLLOW)?
-                }
-                _ => unreachable!(),
-            }
+            target.set_times(&[timespec(atime), timespec(mtime)])?;
         }
         self.getattr(ino)
     }
@@ -1274,12 +1290,14 @@ impl Core {
         let Ok(entries) = self.dir_entries(fh) else {
             return;
         };
-        let names = entries
+        let names: Vec<OsString> = entries
             .iter()
             .filter(|(_, kind, _)| *kind == FileType::RegularFile)
             .map(|(_, _, name)| name.clone())
+            .take(self.cache.capacity())
             .collect();
-        self.spawn_prefetch(dir, names);
+        let core = self.clone();
+        spawn_background(move || core.unwrap_in_batches(&dir, &names));
     }
 
     /// Before the first cold open in a directory: readers that open files
@@ -1296,9 +1314,6 @@ impl Core {
         {
             return;
         }
-        let Some((parent, own_name)) = inode.location.lock().unwrap().clone() else {
-            return;
-        };
         let remote = self.has_remote_kms();
         if remote {
             let Ok(header) = self.header_of(&inode) else {
@@ -1318,30 +1333,36 @@ impl Core {
         } else if inode.header.get().is_some() {
             return;
         }
+        let Some((parent, own_name)) = inode.location.lock().unwrap().clone() else {
+            return;
+        };
         if !self.claim_prefetch(parent) {
             return;
         }
         let Ok(dir) = self.dir(parent) else { return };
-        let path = sys::proc_path(&dir.raw_fd());
-        let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
-            return;
-        };
-        // The file being opened reads its own sidecar.
-        let names = rd
-            .flatten()
-            .filter(|e| {
-                e.file_type().is_ok_and(|t| t.is_file())
-                    && !is_reserved(e.file_name().as_bytes())
-                    && e.file_name() != own_name
-            })
-            .map(|e| e.file_name())
-            .take(self.cache.capacity())
-            .collect();
-        if remote {
-            self.spawn_prefetch(dir, names);
-        } else {
-            spawn_sidecar_readahead(dir, names);
-        }
+        let (core, cap) = (self.clone(), self.cache.capacity());
+        spawn_background(move || {
+            let path = sys::proc_path(&dir.raw_fd());
+            let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
+                return;
+            };
+            // The file being opened reads its own sidecar.
+            let names: Vec<OsString> = rd
+                .flatten()
+                .filter(|e| {
+                    e.file_type().is_ok_and(|t| t.is_file())
+                        && !is_reserved(e.file_name().as_bytes())
+                        && e.file_name() != own_name
+                })
+                .map(|e| e.file_name())
+                .take(cap)
+                .collect();
+            if remote {
+                core.unwrap_in_batches(&dir, &names);
+            } else {
+                read_sidecars_ahead(&dir, &names);
+            }
+        });
     }
 
     fn has_remote_kms(&self) -> bool {
@@ -1350,61 +1371,66 @@ impl Core {
 
     /// True for the first prefetch of directory `ino` within the DEK TTL.
     fn claim_prefetch(&self, ino: u64) -> bool {
+        const PRUNE_AT: usize = 10_000;
         let mut seen = self.prefetched_dirs.lock().unwrap();
         let now = std::time::Instant::now();
         let ttl = self.cache.ttl();
-        seen.retain(|_, t| now.duration_since(*t) < ttl);
-        if seen.len() > 100_000 {
-            seen.clear();
+        if seen.get(&ino).is_some_and(|t| now.duration_since(*t) < ttl) {
+            return false;
         }
-        seen.insert(ino, now).is_none()
+        if seen.len() >= PRUNE_AT {
+            seen.retain(|_, t| now.duration_since(*t) < ttl);
+        }
+        seen.insert(ino, now);
+        true
     }
 
-    fn spawn_prefetch(self: &Arc<Self>, dir: Arc<Inode>, names: Vec<OsString>) {
+    /// Reads the sidecars of `names` in `dir` and unwraps their DEKs into the
+    /// cache, in batches per remote provider. Runs on a background thread:
+    /// the sidecar reads block, so they stay off the KMS runtime's workers.
+    fn unwrap_in_batches(&self, dir: &Inode, names: &[OsString]) {
         const BATCH: usize = 240;
-        let core = self.clone();
-        self.runtime.spawn(async move {
-            let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<UnwrapItem>)> = Vec::new();
-            for name in names.iter().take(core.cache.capacity()) {
-                let Ok(raw) = read_sidecar(&dir, name) else {
-                    continue;
-                };
-                let Ok(parsed) = hdr::parse(&raw) else {
-                    continue;
-                };
-                let h = parsed.header;
-                let item = (
-                    WrappedDek {
-                        key_ref: h.key_ref.clone(),
-                        blob: h.wrapped_dek,
-                    },
-                    WrapContext { file_id: h.file_id },
-                );
-                if core.cache.contains(&item.0, &item.1) {
-                    continue;
-                }
-                let Ok(provider) = core.providers.for_key(&h.key_ref) else {
-                    continue;
-                };
-                if provider.kind() == "local" {
-                    continue;
-                }
-                match groups.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &provider)) {
-                    Some((_, items)) => items.push(item),
-                    None => groups.push((provider, vec![item])),
-                }
+        let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<UnwrapItem>)> = Vec::new();
+        for name in names {
+            let Ok(raw) = read_sidecar(dir, name) else {
+                continue;
+            };
+            let Ok(parsed) = hdr::parse(&raw) else {
+                continue;
+            };
+            let h = parsed.header;
+            let item = (
+                WrappedDek {
+                    key_ref: h.key_ref.clone(),
+                    blob: h.wrapped_dek,
+                },
+                WrapContext { file_id: h.file_id },
+            );
+            if self.cache.contains(&item.0, &item.1) {
+                continue;
             }
-            for (provider, items) in groups {
-                for chunk in items.chunks(BATCH) {
-                    for (item, dek) in chunk.iter().zip(provider.unwrap_many(chunk).await) {
-                        // Failures are left to the open, which reports them.
-                        if let Ok(dek) = dek {
-                            core.cache.insert(&item.0, &item.1, Arc::new(dek));
-                        }
+            let Ok(provider) = self.providers.for_key(&h.key_ref) else {
+                continue;
+            };
+            if provider.kind() == "local" {
+                continue;
+            }
+            match groups.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &provider)) {
+                Some((_, items)) => items.push(item),
+                None => groups.push((provider, vec![item])),
+            }
+        }
+        for (provider, items) in groups {
+            for chunk in items.chunks(BATCH) {
+                let deks = self.runtime.block_on(provider.unwrap_many(chunk));
+                for (item, dek) in chunk.iter().zip(deks) {
+                    // Failures are left to the open, which reports them.
+                    if let Ok(dek) = dek {
+                        self.cache.insert(&item.0, &item.1, Arc::new(dek));
                     }
                 }
             }
-        });
+        }
     }
 
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
@@ -1425,21 +1451,10 @@ impl Core {
 
     /// A path to reach an inode's xattrs, whether the final name may be
     /// followed, and what keeps that path valid while it is used.
-    fn xattr_path(&self, ino: u64) -> FsResult<(std::ffi::CString, bool, Option<Reach>)> {
-        let inode = self.inode(ino)?;
-        if inode.fd.is_some() {
-            return Ok((sys::proc_path(&inode.raw_fd()), true, None));
-        }
-        let reach = self.reach(&inode)?;
-        let (path, follow) = match &reach {
-            Reach::Open(cf) => (sys::proc_path(&cf.file().as_raw_fd()), true),
-            Reach::At(dir, name) => {
-                let mut p = format!("/proc/self/fd/{}/", dir.raw_fd()).into_bytes();
-                p.extend_from_slice(name.as_bytes());
-                (std::ffi::CString::new(p).expect("no NUL"), false)
-            }
-        };
-        Ok((path, follow, Some(reach)))
+    fn xattr_path(&self, ino: u64) -> FsResult<(std::ffi::CString, bool, Reach)> {
+        let reach = self.reach(&self.inode(ino)?)?;
+        let (path, follow) = reach.xattr_path();
+        Ok((path, follow, reach))
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
@@ -1509,25 +1524,27 @@ fn read_sidecar(dir: &Inode, name: &OsStr) -> std::io::Result<Vec<u8>> {
     Ok(raw)
 }
 
-/// Starts reading the sidecars of `names` into the page cache, off the
-/// request path (readahead does not wait for the disk).
-fn spawn_sidecar_readahead(dir: Arc<Inode>, names: Vec<OsString>) {
-    let work = move || {
-        for name in names {
-            let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
-                continue;
-            };
-            if let Ok(fd) = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
-                // SAFETY: fd is open for the duration of the call.
-                unsafe { libc::readahead(fd.as_raw_fd(), 0, MAX_SIDECAR_LEN as usize) };
-            }
+/// Starts reading the sidecars of `names` into the page cache (readahead
+/// does not wait for the disk).
+fn read_sidecars_ahead(dir: &Inode, names: &[OsString]) {
+    for name in names {
+        let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
+            continue;
+        };
+        if let Ok(fd) = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
+            sys::readahead(fd.as_raw_fd(), MAX_SIDECAR_LEN as usize);
         }
-    };
+    }
+}
+
+/// Runs prefetch work on its own short-lived thread, off the FUSE workers
+/// and the KMS runtime (it does blocking directory and sidecar reads).
+fn spawn_background(work: impl FnOnce() + Send + 'static) {
     if let Err(e) = std::thread::Builder::new()
-        .name("kmsfs-readahead".into())
+        .name("kmsfs-prefetch".into())
         .spawn(work)
     {
-        tracing::debug!("no sidecar readahead thread: {e}");
+        tracing::debug!("no prefetch thread: {e}");
     }
 }
 

@@ -120,18 +120,51 @@ pub fn fchmodat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
 /// group-executable file, and any file capability.
 pub fn kill_privileges(fd: RawFd) -> io::Result<()> {
     let mode = fstat(fd)?.st_mode;
-    let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
-    if mode & libc::S_ISUID != 0 || mode & sgid_exec == sgid_exec {
-        let keep = if mode & sgid_exec == sgid_exec {
-            !(libc::S_ISUID | libc::S_ISGID)
-        } else {
-            !libc::S_ISUID
-        };
-        check(unsafe { libc::fchmod(fd, mode & keep & 0o7777) })?;
+    let mut clear = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        clear |= libc::S_ISGID;
+    }
+    if mode & clear != 0 {
+        fchmod(fd, mode & !clear & 0o7777)?;
     }
     match check(unsafe { libc::fremovexattr(fd, c"security.capability".as_ptr()) }) {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(()),
         r => r.map(drop),
+    }
+}
+
+/// chmod of an fd opened for I/O (not O_PATH).
+pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::fchmod(fd, mode) }).map(drop)
+}
+
+/// Sets atime/mtime of an fd opened for I/O (not O_PATH).
+pub fn futimens(fd: RawFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+    check(unsafe { libc::futimens(fd, times.as_ptr()) }).map(drop)
+}
+
+/// Starts reading the first `len` bytes of `fd` into the page cache without
+/// waiting for them. Best effort: a hint, so failures are ignored.
+pub fn readahead(fd: RawFd, len: usize) {
+    // SAFETY: a plain syscall on a descriptor the caller keeps open.
+    unsafe { libc::readahead(fd, 0, len) };
+}
+
+/// Allocates `len` bytes at `offset` without changing the file size. Ok(false)
+/// when the filesystem cannot (EOPNOTSUPP).
+pub fn allocate_keep_size(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> {
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    match check(r) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
