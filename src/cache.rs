@@ -43,6 +43,27 @@ pub struct DekCache {
     pub stats: CacheStats,
 }
 
+/// A batch's hold on one DEK's unwrap (see [`DekCache::claim`]).
+pub struct Claim<'a> {
+    cache: &'a DekCache,
+    key: CacheKey,
+    /// Held until drop: waiting `get_or_unwrap` callers go on after it.
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Claim<'_> {
+    /// Caches the DEK the batch unwrapped.
+    pub fn fill(self, dek: Arc<Dek>) {
+        self.cache.insert_key(self.key, dek);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.cache.in_flight.lock().unwrap().remove(&self.key);
+    }
+}
+
 fn cache_key(wrapped: &WrappedDek, ctx: &WrapContext) -> CacheKey {
     let mut h = Sha256::new();
     for part in [
@@ -111,11 +132,38 @@ impl DekCache {
     /// Stores a DEK this process just generated (so the new file's next open
     /// is a hit).
     pub fn insert(&self, wrapped: &WrappedDek, ctx: &WrapContext, dek: Arc<Dek>) {
+        self.insert_key(cache_key(wrapped, ctx), dek);
+    }
+
+    /// Takes the one unwrap of a DEK for a batch (prefetch): None when it is
+    /// cached or someone is unwrapping it already. Until the claim is filled
+    /// or dropped, `get_or_unwrap` callers for the same DEK wait for it
+    /// instead of asking the KMS themselves.
+    pub fn claim(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Option<Claim<'_>> {
+        let key = cache_key(wrapped, ctx);
+        if self.contains(wrapped, ctx) {
+            return None;
+        }
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let guard = flight.try_lock_owned().ok()?;
+        Some(Claim {
+            cache: self,
+            key,
+            _guard: guard,
+        })
+    }
+
+    fn insert_key(&self, key: CacheKey, dek: Arc<Dek>) {
         let entry = Entry {
             dek,
             inserted: Instant::now(),
         };
-        let key = cache_key(wrapped, ctx);
         if let Some((old_key, _)) = self.entries.lock().unwrap().push(key, entry) {
             if old_key != key {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
@@ -123,7 +171,8 @@ impl DekCache {
         }
     }
 
-    /// Cached DEK, or one unwrap by `kms` shared by all concurrent callers.
+    /// Cached DEK, or one unwrap by `kms` shared by all concurrent callers
+    /// (and by a batch that claimed it).
     pub async fn get_or_unwrap(
         &self,
         wrapped: &WrappedDek,
