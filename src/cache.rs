@@ -144,19 +144,23 @@ impl DekCache {
         if self.contains(wrapped, ctx) {
             return None;
         }
-        let flight = self
-            .in_flight
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
+        let flight = self.flight(key);
         let guard = flight.try_lock_owned().ok()?;
         Some(Claim {
             cache: self,
             key,
             _guard: guard,
         })
+    }
+
+    /// The in-flight lock of `key`: whoever holds it is unwrapping that DEK.
+    fn flight(&self, key: CacheKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.in_flight
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
     }
 
     fn insert_key(&self, key: CacheKey, dek: Arc<Dek>) {
@@ -184,13 +188,7 @@ impl DekCache {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(d);
         }
-        let flight = self
-            .in_flight
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
+        let flight = self.flight(key);
         let _turn = flight.lock().await;
         // Someone ahead of us in the flight may have filled it.
         if let Some(d) = self.lookup(&key) {

@@ -70,6 +70,12 @@ pub struct Inode {
     /// A regular file without sidecar under a non-mandatory policy: its
     /// bytes are plaintext and pass through unchanged.
     plain: bool,
+    /// An O_PATH handle taken when the object's last name goes (unlink,
+    /// rename over it) while the kernel still knows the inode. It keeps the
+    /// backing inode number from being reused by a new object until the
+    /// kernel forgets this one: inodes are keyed by that number, and a new
+    /// directory must not be taken for the old file.
+    pinned: Mutex<Option<OwnedFd>>,
 }
 
 impl Inode {
@@ -294,6 +300,7 @@ impl Core {
             open_file: Mutex::new(Weak::new()),
             header: OnceLock::new(),
             plain: false,
+            pinned: Mutex::new(None),
         });
         let mut inodes = HashMap::new();
         inodes.insert(ROOT_INO, root.clone());
@@ -458,6 +465,7 @@ impl Core {
             open_file: Mutex::new(Weak::new()),
             header: OnceLock::new(),
             plain,
+            pinned: Mutex::new(None),
         });
         map.insert(ino, inode.clone());
         inode
@@ -948,12 +956,29 @@ impl Core {
         let dfd = dir.raw_fd();
         let c = sys::cstr(name)?;
         let st = sys::fstatat(dfd, &c)?;
+        self.pin_if_last_name(&dir, &c, &st);
         sys::unlinkat(dfd, &c, 0)?;
         if kind_of(st.st_mode) == FileType::RegularFile {
             self.remove_sidecar(dfd, name)?;
         }
         self.forget_name(parent, name, &st);
         Ok(())
+    }
+
+    /// Before `name` in `dir` (with stat `st`) loses what may be its last
+    /// link: if the kernel still knows that inode, pin the backing object
+    /// (see `Inode::pinned`). Directories hold their handle anyway.
+    fn pin_if_last_name(&self, dir: &Inode, name: &std::ffi::CStr, st: &libc::stat) {
+        if kind_of(st.st_mode) == FileType::Directory || st.st_nlink > 1 {
+            return;
+        }
+        let map = self.inodes.read().unwrap();
+        let Some(inode) = map.get(&self.fuse_ino(st.st_ino)) else {
+            return;
+        };
+        if let Ok(fd) = sys::open_path(dir.raw_fd(), name) {
+            *inode.pinned.lock().unwrap() = Some(fd);
+        }
     }
 
     /// After a name went away: the inode keeps working through its fd, but
@@ -1019,6 +1044,9 @@ impl Core {
         self.check_same_policy(&od, name, kind_of(src.st_mode), &nd, newname)?;
         if let Some(d) = dst.filter(|_| flags & libc::RENAME_EXCHANGE != 0) {
             self.check_same_policy(&nd, newname, kind_of(d.st_mode), &od, name)?;
+        }
+        if let Some(d) = dst.filter(|_| flags & libc::RENAME_EXCHANGE == 0) {
+            self.pin_if_last_name(&nd, &nc, &d);
         }
         sys::renameat2(ofd, &oc, nfd, &nc, flags)?;
         // Data moved; now its sidecar follows (see docs/ARCHITECTURE.md on the
