@@ -517,8 +517,15 @@ group_vault() {
 }
 
 # ---------------------------------------------------------------- main
-rm -rf "$RUN"
+# Remove only a run directory this script made (marker file), and never
+# while something below it is still mounted.
+if [[ -e $RUN ]]; then
+    [[ -f $RUN/.kmsfs-bench-run || -f $RUN/meta.json ]] || die "$RUN exists and was not made by this script; choose another --workdir"
+    if grep -q " $(realpath "$RUN")/" /proc/self/mounts; then die "something is still mounted below $RUN"; fi
+    rm -rf "$RUN"
+fi
 mkdir -p "$RUN"
+: >"$RUN/.kmsfs-bench-run"
 : >"$RAW"
 if [[ -n ${KMSFS_BIN:-} ]]; then KMSFS_BIN=$(abs_path "$KMSFS_BIN"); fi
 snapshot_kmsfs
