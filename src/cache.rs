@@ -43,27 +43,6 @@ pub struct DekCache {
     pub stats: CacheStats,
 }
 
-/// A batch's hold on one DEK's unwrap (see [`DekCache::claim`]).
-pub struct Claim<'a> {
-    cache: &'a DekCache,
-    key: CacheKey,
-    /// Held until drop: waiting `get_or_unwrap` callers go on after it.
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl Claim<'_> {
-    /// Caches the DEK the batch unwrapped.
-    pub fn fill(self, dek: Arc<Dek>) {
-        self.cache.insert_key(self.key, dek);
-    }
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        self.cache.in_flight.lock().unwrap().remove(&self.key);
-    }
-}
-
 fn cache_key(wrapped: &WrappedDek, ctx: &WrapContext) -> CacheKey {
     let mut h = Sha256::new();
     for part in [
@@ -132,25 +111,16 @@ impl DekCache {
     /// Stores a DEK this process just generated (so the new file's next open
     /// is a hit).
     pub fn insert(&self, wrapped: &WrappedDek, ctx: &WrapContext, dek: Arc<Dek>) {
-        self.insert_key(cache_key(wrapped, ctx), dek);
-    }
-
-    /// Takes the one unwrap of a DEK for a batch (prefetch): None when it is
-    /// cached or someone is unwrapping it already. Until the claim is filled
-    /// or dropped, `get_or_unwrap` callers for the same DEK wait for it
-    /// instead of asking the KMS themselves.
-    pub fn claim(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Option<Claim<'_>> {
         let key = cache_key(wrapped, ctx);
-        if self.contains(wrapped, ctx) {
-            return None;
+        let entry = Entry {
+            dek,
+            inserted: Instant::now(),
+        };
+        if let Some((old_key, _)) = self.entries.lock().unwrap().push(key, entry) {
+            if old_key != key {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        let flight = self.flight(key);
-        let guard = flight.try_lock_owned().ok()?;
-        Some(Claim {
-            cache: self,
-            key,
-            _guard: guard,
-        })
     }
 
     /// The in-flight lock of `key`: whoever holds it is unwrapping that DEK.
@@ -163,20 +133,7 @@ impl DekCache {
             .clone()
     }
 
-    fn insert_key(&self, key: CacheKey, dek: Arc<Dek>) {
-        let entry = Entry {
-            dek,
-            inserted: Instant::now(),
-        };
-        if let Some((old_key, _)) = self.entries.lock().unwrap().push(key, entry) {
-            if old_key != key {
-                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Cached DEK, or one unwrap by `kms` shared by all concurrent callers
-    /// (and by a batch that claimed it).
+    /// Cached DEK, or one unwrap by `kms` shared by all concurrent callers.
     pub async fn get_or_unwrap(
         &self,
         wrapped: &WrappedDek,
