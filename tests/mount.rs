@@ -397,6 +397,34 @@ fn posix_behaviour_of_a_local_disk() {
         )
     };
     assert_eq!(r, -1);
+    // ACLs (not enforced on a FUSE mount without FUSE_POSIX_ACL) and SELinux
+    // labels (the security module's business) are refused, not stored.
+    // A valid ACL value: version 2; user::rw-, group::r--, other::r--.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    fs::create_dir(fs.path("acl-dir")).unwrap();
+    let dir = std::ffi::CString::new(fs.path("acl-dir").to_str().unwrap()).unwrap();
+    for (path, name) in [
+        (&p, c"system.posix_acl_access"),
+        (&dir, c"system.posix_acl_default"),
+        (&p, c"security.selinux"),
+    ] {
+        let (v, n) = (acl.as_ptr().cast(), acl.len());
+        let r = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), v, n, 0) };
+        let e = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, e), (-1, Some(libc::EOPNOTSUPP)), "setxattr {name:?}");
+        let r =
+            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
+        let e = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, e), (-1, Some(libc::EOPNOTSUPP)), "getxattr {name:?}");
+    }
+    let mut names = [0u8; 256];
+    let n = unsafe { libc::listxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert_eq!(&names[..n.max(0) as usize], b"user.color\0");
 
     // statfs answers.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -4,6 +4,7 @@
 mod adapter;
 pub mod crypt_file;
 pub mod error;
+mod reaper;
 mod sys;
 
 pub use adapter::{mount, MountOptions};
@@ -32,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::policy::{governing_by, is_within};
 use crypt_file::{CryptFile, PendingDurability};
 use error::{FsError, FsResult};
+use reaper::Reaper;
 
 const ROOT_INO: u64 = 1;
 /// Sidecars are small; anything larger is not one of ours.
@@ -206,6 +208,8 @@ pub struct Core {
     next_fh: AtomicU64,
     /// Directories whose DEKs were prefetched, and when.
     prefetched_dirs: Mutex<HashMap<u64, std::time::Instant>>,
+    /// Closes descriptors of unlinked backing files off the request path.
+    reaper: Reaper,
     is_root_user: bool,
 }
 
@@ -319,6 +323,7 @@ impl Core {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             prefetched_dirs: Mutex::new(HashMap::new()),
+            reaper: Reaper::start(),
             is_root_user: unsafe { libc::geteuid() } == 0,
         })
     }
@@ -538,10 +543,19 @@ impl Core {
         if ino == ROOT_INO {
             return;
         }
-        let mut map = self.inodes.write().unwrap();
-        if let Some(i) = map.get(&ino) {
-            if i.lookups.fetch_sub(n, Ordering::Relaxed) <= n {
-                map.remove(&ino);
+        let gone = {
+            let mut map = self.inodes.write().unwrap();
+            match map.get(&ino) {
+                Some(i) if i.lookups.fetch_sub(n, Ordering::Relaxed) <= n => map.remove(&ino),
+                _ => None,
+            }
+        };
+        // Not under the table lock, which every request takes: closing the
+        // last handle on an unlinked file frees its blocks (rm -rf spent
+        // most of its time waiting for the table while that happened).
+        if let Some(inode) = gone {
+            if let Some(fd) = inode.pinned.lock().unwrap().take() {
+                self.reaper.close_later(fd);
             }
         }
     }
@@ -566,7 +580,9 @@ impl Core {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.write().unwrap().remove(&fh);
+        let gone = self.handles.write().unwrap().remove(&fh);
+        // Closed outside the lock (see `forget`).
+        drop(gone);
     }
 
     /// The sidecar header of a regular file, read once per inode.
@@ -860,12 +876,19 @@ impl Core {
         Err(errno(libc::EEXIST))
     }
 
+    /// Removes the sidecar of `name` if there is one. Its space is freed on
+    /// the reaper thread (see `reaper`), not while the caller waits.
     fn remove_sidecar(&self, dfd: i32, name: &OsStr) -> FsResult<()> {
         let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        let held = sys::open_path(dfd, &sc).ok();
         match sys::unlinkat(dfd, &sc, 0) {
-            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e.into()),
-            _ => Ok(()),
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e.into()),
+            _ => {}
         }
+        if let Some(fd) = held {
+            self.reaper.close_later(fd);
+        }
+        Ok(())
     }
 
     pub fn mkdir(
@@ -1503,9 +1526,7 @@ impl Core {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
-        if is_reserved_xattr(name) {
-            return Err(errno(libc::EPERM));
-        }
+        XattrClass::of(name).refuse_change()?;
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::setxattr(
             &path,
@@ -1517,8 +1538,10 @@ impl Core {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        if is_reserved_xattr(name) {
-            return Err(errno(libc::ENODATA));
+        match XattrClass::of(name) {
+            XattrClass::Reserved => return Err(errno(libc::ENODATA)),
+            XattrClass::Unsupported => return Err(errno(libc::EOPNOTSUPP)),
+            XattrClass::Kept => {}
         }
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::getxattr(&path, follow, &sys::cstr(name)?)?)
@@ -1529,7 +1552,7 @@ impl Core {
         let all = sys::listxattr(&path, follow)?;
         let mut out = Vec::with_capacity(all.len());
         for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-            if !is_reserved_xattr(OsStr::from_bytes(n)) {
+            if XattrClass::of(OsStr::from_bytes(n)) == XattrClass::Kept {
                 out.extend_from_slice(n);
                 out.push(0);
             }
@@ -1538,9 +1561,7 @@ impl Core {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        if is_reserved_xattr(name) {
-            return Err(errno(libc::EPERM));
-        }
+        XattrClass::of(name).refuse_change()?;
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::removexattr(&path, follow, &sys::cstr(name)?)?)
     }
@@ -1593,7 +1614,40 @@ fn spawn_background(work: impl FnOnce() + Send + 'static) {
     }
 }
 
-/// xattr names kmsfs keeps for itself.
-fn is_reserved_xattr(name: &OsStr) -> bool {
-    name.as_bytes().starts_with(b"user.kmsfs.")
+/// What kmsfs does with an extended attribute name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XattrClass {
+    /// `user.kmsfs.*`: kmsfs's own; invisible, and not to be set.
+    Reserved,
+    /// Not kept, answered EOPNOTSUPP (so tools such as `ls -l` stop asking
+    /// per file, and `setfacl` fails instead of storing a no-op):
+    /// - POSIX ACLs: neither the kernel (no FUSE_POSIX_ACL) nor kmsfs
+    ///   enforces them, so a stored ACL would only look like protection;
+    /// - `security.selinux`: a FUSE mount's label comes from the security
+    ///   module (genfscon or the `context=` mount option), which answers
+    ///   before the daemon is asked; a stored label would have no effect.
+    Unsupported,
+    /// Everything else, kept on the backing file.
+    Kept,
+}
+
+impl XattrClass {
+    fn of(name: &OsStr) -> XattrClass {
+        match name.as_bytes() {
+            n if n.starts_with(b"user.kmsfs.") => XattrClass::Reserved,
+            b"system.posix_acl_access" | b"system.posix_acl_default" | b"security.selinux" => {
+                XattrClass::Unsupported
+            }
+            _ => XattrClass::Kept,
+        }
+    }
+
+    /// The error for setting or removing this name, if any.
+    fn refuse_change(self) -> FsResult<()> {
+        match self {
+            XattrClass::Reserved => Err(errno(libc::EPERM)),
+            XattrClass::Unsupported => Err(errno(libc::EOPNOTSUPP)),
+            XattrClass::Kept => Ok(()),
+        }
+    }
 }
