@@ -404,7 +404,7 @@ impl CryptFile {
                 Some((File::from(fd), u64::from(offset)))
             })
             .as_ref()?;
-        (at % align == 0 && len as u64 % align == 0).then_some(file)
+        (at.is_multiple_of(*align) && (len as u64).is_multiple_of(*align)).then_some(file)
     }
 
     /// Sets the plaintext size (truncate up or down).
