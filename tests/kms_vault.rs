@@ -650,6 +650,21 @@ impl Drop for VaultMount<'_> {
     }
 }
 
+/// Waits (at most 10 s) until the audit log holds at least `count` requests
+/// under `prefix`, and returns how many it holds then.
+fn wait_for_requests(bao: &Bao, prefix: &str, count: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let n = bao.audit_requests(prefix);
+        if n >= count || std::time::Instant::now() > deadline {
+            // Anything still in flight would land within a few ms.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return bao.audit_requests(prefix);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
@@ -696,13 +711,13 @@ fn mount_with_vault_survives_remount_and_rotation() {
     m.mount();
     let d0 = bao.audit_requests("transit/decrypt/");
     assert_eq!(read(&m.path("f0.bin")), files[0].1);
-    // The first cold open also prefetches its siblings' DEKs in the
-    // background (one batch request); let that finish.
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let d1 = bao.audit_requests("transit/decrypt/");
-    assert!(
-        d1 > d0,
-        "the first open after a mount made no transit decrypt call"
+    // The first cold open unwraps its DEK and prefetches its four siblings'
+    // in the background (one batch request): two requests in all.
+    let d1 = wait_for_requests(&bao, "transit/decrypt/", d0 + 2);
+    assert_eq!(
+        d1,
+        d0 + 2,
+        "the first open after a mount: expected its own decrypt and one batch"
     );
     // A second open of the same file is served from the DEK cache.
     assert_eq!(read(&m.path("f0.bin")), files[0].1);
@@ -789,11 +804,12 @@ fn tls_with_ca_cert_and_skip_verify() {
     );
 }
 
-/// A directory listing batches the cold unwraps; while Vault is stopped,
-/// files whose DEKs are cached keep working and other opens fail with EIO
-/// and a log line naming Vault; the mount recovers when Vault is back.
+/// A listing asks Vault for nothing; the first open in a directory batches
+/// the cold unwraps of the rest; while Vault is stopped, files whose DEKs
+/// are cached keep working and other opens fail with EIO and a log line
+/// naming Vault; the mount recovers when Vault is back.
 #[test]
-fn listing_batches_unwraps_and_outages_spare_cached_files() {
+fn first_open_batches_a_directory_and_outages_spare_cached_files() {
     let bao = Bao::start();
     let mut m = VaultMount::init(&bao);
     m.mount();
@@ -811,12 +827,17 @@ fn listing_batches_unwraps_and_outages_spare_cached_files() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(names.len(), 300);
-    // Prefetch runs in the background after the listing; give it a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while bao.audit_requests("transit/decrypt/") - d0 < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A listing alone asks the KMS for nothing.
+    std::fs::metadata(m.path("data/f0")).unwrap();
+    assert_eq!(
+        bao.audit_requests("transit/decrypt/"),
+        d0,
+        "ls unwrapped DEKs"
+    );
+    // The first open unwraps its own DEK and its 299 siblings' in the
+    // background, in two batches (240 + 59).
+    assert_eq!(read(&m.path("data/f0")), b"sample 0");
+    wait_for_requests(&bao, "transit/decrypt/", d0 + 3);
     for i in 0..300 {
         assert_eq!(
             read(&m.path(&format!("data/f{i}"))),
@@ -824,9 +845,9 @@ fn listing_batches_unwraps_and_outages_spare_cached_files() {
         );
     }
     let cold = bao.audit_requests("transit/decrypt/") - d0;
-    assert!(
-        cold <= 4,
-        "300 cold opens after a listing made {cold} decrypt requests (expected 2 batches)"
+    assert_eq!(
+        cold, 3,
+        "300 cold opens in one directory made {cold} decrypt requests (expected 1 + 2 batches)"
     );
 
     // Outage: cached files still read, an uncached one fails with EIO.

@@ -336,10 +336,7 @@ impl Filesystem for KmsFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
-            Ok(fh) => {
-                reply.opened(FileHandle(fh), FopenFlags::empty());
-                self.core.prefetch_deks(ino.0, fh);
-            }
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
     }

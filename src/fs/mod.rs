@@ -1328,35 +1328,14 @@ impl Core {
         Ok(())
     }
 
-    /// After opendir, unwraps the DEKs of the directory's files in the
-    /// background, in batches, so that readers opening them next find them
-    /// cached: one KMS request per batch instead of one per file. Only for
-    /// remote KMSs (a local keyring unwraps faster than a sidecar is read),
-    /// and at most as many files as the DEK cache holds.
-    pub fn prefetch_deks(self: &Arc<Self>, dir_ino: u64, fh: u64) {
-        if !self.has_remote_kms() || !self.claim_prefetch(dir_ino) {
-            return;
-        }
-        let Ok(dir) = self.dir(dir_ino) else { return };
-        let Ok(entries) = self.dir_entries(fh) else {
-            return;
-        };
-        let names: Vec<OsString> = entries
-            .iter()
-            .filter(|(_, kind, _)| *kind == FileType::RegularFile)
-            .map(|(_, _, name)| name.clone())
-            .take(self.cache.capacity())
-            .collect();
-        let core = self.clone();
-        spawn_background(move || core.unwrap_in_batches(&dir, &names));
-    }
-
-    /// Before the first cold open in a directory: readers that open files
-    /// from a list (no directory listing) would otherwise wait for each
-    /// sidecar's disk read, and with a remote KMS for each unwrap. With a
-    /// remote KMS the directory's DEKs are unwrapped in batches; with the
-    /// local keyring only its sidecars are read ahead (the unwrap is cheap).
-    /// Once per directory per cache lifetime.
+    /// Before the first cold open in a directory: readers working through
+    /// a directory would otherwise wait for each sidecar's disk read, and
+    /// with a remote KMS for each unwrap. With a remote KMS the directory's
+    /// DEKs (at most as many as the cache holds) are unwrapped in batches,
+    /// one KMS request per batch instead of one per file; with the local
+    /// keyring only its sidecars are read ahead (the unwrap is cheap).
+    /// Once per directory per cache lifetime. Listing a directory does not
+    /// start it: `ls -lR` or `find` must not unwrap every DEK in the tree.
     pub fn prefetch_siblings(self: &Arc<Self>, ino: u64) {
         let Ok(inode) = self.inode(ino) else { return };
         if inode.kind != FileType::RegularFile
