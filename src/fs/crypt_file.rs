@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use rayon::prelude::*;
 
@@ -18,14 +18,6 @@ use crate::format::BlockGeometry;
 /// Below this many blocks a request is sealed/opened on the calling thread:
 /// handing off to the pool costs more than it saves.
 const PARALLEL_MIN_BLOCKS: usize = 16;
-/// Sealed writes at least this large go to the backing file with O_DIRECT
-/// when aligned: it skips copying them into the backing page cache (on the
-/// 2-core benchmark machine that copy is a quarter of a streaming write's
-/// CPU time), and the writer's own page cache already serves rereads.
-/// Smaller writes stay buffered: a direct write waits for the disk.
-const DIRECT_MIN_BYTES: usize = 256 * 1024;
-/// Alignment of the sealed scratch buffer; direct I/O needs at most this.
-const SCRATCH_ALIGN: usize = 4096;
 
 thread_local! {
     /// Per-thread scratch for sealed bytes, reused across requests so the hot
@@ -61,13 +53,6 @@ pub struct CryptFile {
     label: Mutex<String>,
     /// Set for files created by this mount until their first fsync.
     pending: Mutex<Option<PendingDurability>>,
-    /// A second descriptor on the same backing file opened with O_DIRECT,
-    /// and the offset/length alignment it needs; opened at the first large
-    /// write, None where direct I/O is unavailable. Writes through it still
-    /// hold `lock` exclusively, so the page cache of `file` never holds
-    /// stale blocks for a reader (the kernel writes back and drops cached
-    /// pages of a range before writing it directly).
-    direct: OnceLock<Option<(File, u64)>>,
 }
 
 /// Makes `buf` at least `len` long, zero-filling only new bytes.
@@ -102,7 +87,6 @@ impl CryptFile {
             ct_len,
             label: Mutex::new(label),
             pending: Mutex::new(pending),
-            direct: OnceLock::new(),
         })
     }
 
@@ -117,7 +101,6 @@ impl CryptFile {
             ct_len: AtomicU64::new(0),
             label: Mutex::new(label),
             pending: Mutex::new(None),
-            direct: OnceLock::new(),
         }
     }
 
@@ -337,9 +320,8 @@ impl CryptFile {
                 (last - first) as usize * sbs + g.block_len(last, new_size) + BLOCK_OVERHEAD;
             // Every byte of the range is written below (old edge bytes, new
             // data, nonces, tags), so the scratch needs no zeroing.
-            grow(&mut sealed, total + SCRATCH_ALIGN);
-            let skip = sealed.as_ptr().align_offset(SCRATCH_ALIGN);
-            let sealed = &mut sealed[skip..skip + total];
+            grow(&mut sealed, total);
+            let sealed = &mut sealed[..total];
             // Edge blocks keep the old bytes the write does not cover.
             let first_start = g.block_start(first);
             if offset > first_start
@@ -370,41 +352,10 @@ impl CryptFile {
             let new_ct = old_ct.max(at + total as u64);
             self.reserve(old_ct, new_ct)?;
             self.changing_length(|| {
-                match self.direct_for(at, sealed.len()) {
-                    Some(direct) => match direct.write_all_at(sealed, at) {
-                        // Refused after all (a short write left an unaligned
-                        // rest): the buffered descriptor takes it.
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                            self.file.write_all_at(sealed, at)?
-                        }
-                        r => r?,
-                    },
-                    None => self.file.write_all_at(sealed, at)?,
-                }
+                self.file.write_all_at(sealed, at)?;
                 Ok(new_ct)
             })
         })
-    }
-
-    /// The O_DIRECT descriptor, if a sealed write of `len` bytes at `at`
-    /// (from the aligned scratch) may use it.
-    fn direct_for(&self, at: u64, len: usize) -> Option<&File> {
-        if len < DIRECT_MIN_BYTES {
-            return None;
-        }
-        let (file, align) = self
-            .direct
-            .get_or_init(|| {
-                let (mem, offset) = super::sys::direct_io_alignment(self.file.as_raw_fd())?;
-                if mem as usize > SCRATCH_ALIGN {
-                    return None;
-                }
-                let fd = super::sys::reopen(self.file.as_raw_fd(), libc::O_WRONLY | libc::O_DIRECT)
-                    .ok()?;
-                Some((File::from(fd), u64::from(offset)))
-            })
-            .as_ref()?;
-        (at.is_multiple_of(*align) && (len as u64).is_multiple_of(*align)).then_some(file)
     }
 
     /// Sets the plaintext size (truncate up or down).
@@ -521,35 +472,6 @@ mod tests {
         cf.read(0, cf.size().unwrap() as usize + 10, &mut out)
             .unwrap();
         out
-    }
-
-    #[test]
-    fn large_aligned_writes_go_direct_and_stay_coherent_with_small_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cf, path) = open_file(&dir, 12);
-        assert!(
-            crate::fs::sys::direct_io_alignment(cf.file().as_raw_fd()).is_some(),
-            "the temp directory's filesystem reports no direct-I/O alignment; \
-             this test needs one that does (ext4, xfs, btrfs)"
-        );
-        let mib = 1 << 20;
-        let mut model: Vec<u8> = (0..3 * mib).map(|i| (i * 7 % 251) as u8).collect();
-        for chunk in 0..3 {
-            let at = chunk * mib;
-            cf.write(at as u64, &model[at..at + mib]).unwrap();
-        }
-        assert!(matches!(cf.direct.get(), Some(Some(_))), "no direct write");
-        // A small buffered write leaves its block in the page cache...
-        cf.write(mib as u64 + 5000, b"small").unwrap();
-        model[mib + 5000..mib + 5005].copy_from_slice(b"small");
-        assert_eq!(read_all(&cf), model);
-        // ...which a later direct write over it must not leave stale.
-        let fresh: Vec<u8> = (0..mib).map(|i| (i % 13) as u8).collect();
-        cf.write(mib as u64, &fresh).unwrap();
-        model[mib..2 * mib].copy_from_slice(&fresh);
-        assert_eq!(read_all(&cf), model);
-        drop(cf);
-        assert_eq!(read_all(&crypt_file_at(&path, 12, false)), model);
     }
 
     #[derive(Debug, Clone)]

@@ -168,25 +168,6 @@ pub fn allocate_keep_size(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> 
     }
 }
 
-/// Direct-I/O alignment of an open file: (memory, file offset and length)
-/// in bytes, or None where the filesystem does not report it (statx
-/// STATX_DIOALIGN, Linux 6.1+) or does not support direct I/O.
-pub fn direct_io_alignment(fd: RawFd) -> Option<(u32, u32)> {
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::statx(
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    let known = r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0;
-    (known && stx.stx_dio_offset_align != 0)
-        .then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
-}
-
 pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
     check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
 }
