@@ -2,9 +2,9 @@
 //! adapter (`adapter`), which turns [`FsError`] into errno in one place.
 
 mod adapter;
+mod background;
 pub mod crypt_file;
 pub mod error;
-mod reaper;
 mod sys;
 
 pub use adapter::{mount, MountOptions};
@@ -31,9 +31,9 @@ use crate::format::BlockGeometry;
 use crate::kms::{KeyProvider, KmsRuntime, ProviderSet, WrapContext, WrappedDek};
 use crate::metrics::Metrics;
 use crate::policy::{governing_by, is_within};
+use background::Worker;
 use crypt_file::{CryptFile, PendingDurability};
 use error::{FsError, FsResult};
-use reaper::Reaper;
 
 const ROOT_INO: u64 = 1;
 /// Sidecars are small; anything larger is not one of ours.
@@ -209,7 +209,9 @@ pub struct Core {
     /// Directories whose DEKs were prefetched, and when.
     prefetched_dirs: Mutex<HashMap<u64, std::time::Instant>>,
     /// Closes descriptors of unlinked backing files off the request path.
-    reaper: Reaper,
+    reaper: Worker,
+    /// Reads sidecars ahead for the local keyring (`prefetch_siblings`).
+    readahead: Worker,
     is_root_user: bool,
 }
 
@@ -323,7 +325,8 @@ impl Core {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             prefetched_dirs: Mutex::new(HashMap::new()),
-            reaper: Reaper::start(),
+            reaper: Worker::start("kmsfs-reaper", 1024),
+            readahead: Worker::start("kmsfs-readahead", 64),
             is_root_user: unsafe { libc::geteuid() } == 0,
         })
     }
@@ -877,7 +880,7 @@ impl Core {
     }
 
     /// Removes the sidecar of `name` if there is one. Its space is freed on
-    /// the reaper thread (see `reaper`), not while the caller waits.
+    /// the reaper thread (see `background`), not while the caller waits.
     fn remove_sidecar(&self, dfd: i32, name: &OsStr) -> FsResult<()> {
         let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
         let held = sys::open_path(dfd, &sc).ok();
@@ -1388,14 +1391,15 @@ impl Core {
             .map(|e| e.file_name())
             .take(self.cache.capacity())
             .collect();
-        let core = self.clone();
-        spawn_background(move || {
-            if remote {
-                core.unwrap_in_batches(&dir, &names);
-            } else {
-                read_sidecars_ahead(&dir, &names);
-            }
-        });
+        if remote {
+            let core = self.clone();
+            spawn_background(move || core.unwrap_in_batches(&dir, &names));
+        } else {
+            // A hint: with the queue full, this directory goes without.
+            let _ = self
+                .readahead
+                .try_queue(Box::new(move || read_sidecars_ahead(&dir, &names)));
+        }
     }
 
     fn has_remote_kms(&self) -> bool {
@@ -1582,8 +1586,10 @@ fn read_sidecars_ahead(dir: &Inode, names: &[OsString]) {
     }
 }
 
-/// Runs prefetch work on its own short-lived thread, off the FUSE workers
-/// and the KMS runtime (it does blocking directory and sidecar reads).
+/// Runs DEK prefetch on its own short-lived thread, off the FUSE workers
+/// and the KMS runtime (it reads sidecars and waits for the KMS); one
+/// thread per directory, so that one directory's batches do not wait for
+/// another's.
 fn spawn_background(work: impl FnOnce() + Send + 'static) {
     if let Err(e) = std::thread::Builder::new()
         .name("kmsfs-prefetch".into())
