@@ -38,6 +38,8 @@ pub struct KmsFs {
     ttl: Duration,
     /// Ask for the kernel's writeback cache (never on read-only mounts).
     writeback_cache: bool,
+    /// Answer FLUSH with ENOSYS (see `flush`).
+    refuse_flush: bool,
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -304,9 +306,15 @@ impl Filesystem for KmsFs {
     ) {
         // Writes go straight to the backing file; nothing is buffered here.
         // ENOSYS tells the kernel so once: it stops sending FLUSH on every
-        // close (one round trip per file saved) and still writes back its
-        // dirty pages and reports their errors at close.
-        reply.error(Errno::from_i32(libc::ENOSYS));
+        // close (one round trip per file saved). Linux 6.1 and later (read
+        // in its fuse_flush) still write back dirty pages and report their
+        // errors at close then; older kernels skip that, so they keep
+        // getting an answer.
+        if self.refuse_flush {
+            reply.error(Errno::from_i32(libc::ENOSYS));
+        } else {
+            reply.ok();
+        }
     }
 
     fn release(
@@ -536,6 +544,7 @@ pub fn mount(
         core,
         ttl: opts.attr_ttl,
         writeback_cache: !opts.read_only,
+        refuse_flush: super::sys::kernel_version().is_some_and(|v| v >= (6, 1)),
     };
     let session = Session::new(fs, mountpoint, &config)?;
     raise_readahead(mountpoint);

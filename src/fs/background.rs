@@ -8,8 +8,8 @@
 //!   unlink itself while a descriptor is held. `unlink` therefore holds an
 //!   O_PATH descriptor across the unlink of a sidecar and hands it here;
 //!   `forget` hands over a pinned file's. The names are gone synchronously,
-//!   so nothing a later request does can see the difference; only the
-//!   freeing of space happens a little later.
+//!   so no later lookup, create or rename can tell; only the freed space
+//!   shows up in `statfs` a little later.
 //! - sidecar readahead for the local keyring (see `Core::prefetch_siblings`),
 //!   which used to start a thread per directory on the open path.
 
@@ -66,21 +66,47 @@ mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, FromRawFd};
 
-    #[test]
-    fn handed_descriptors_get_closed() {
+    fn pipe() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Worker::start("test-reaper", 4).close_later(write_end);
-        // The read end hangs up once the last write end is closed.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Whether the write end of the pipe whose read end is `read_end` has
+    /// been closed, waiting at most `ms`.
+    fn hung_up(read_end: &OwnedFd, ms: i32) -> bool {
         let mut pfd = libc::pollfd {
             fd: read_end.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        assert_eq!(n, 1, "write end still open after 10 s");
-        assert_ne!(pfd.revents & libc::POLLHUP, 0);
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        n == 1 && pfd.revents & libc::POLLHUP != 0
+    }
+
+    #[test]
+    fn descriptors_close_on_the_worker_or_at_once_when_it_is_behind() {
+        let w = Worker::start("test-reaper", 1);
+        // Keep the worker busy until told otherwise.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        w.try_queue(Box::new(move || {
+            started_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        }))
+        .ok()
+        .unwrap();
+        started_rx.recv().unwrap();
+        // Queued behind the busy job: still open.
+        let (queued_r, queued_w) = pipe();
+        w.close_later(queued_w);
+        assert!(!hung_up(&queued_r, 0), "closed before the worker got to it");
+        // The queue (one slot) is full now: closed on this thread, at once.
+        let (inline_r, inline_w) = pipe();
+        w.close_later(inline_w);
+        assert!(hung_up(&inline_r, 0), "a full queue kept the descriptor");
+        // Once the worker is free it closes the queued one.
+        release_tx.send(()).unwrap();
+        assert!(hung_up(&queued_r, 10_000), "still open after 10 s");
     }
 }

@@ -40,6 +40,9 @@ const ROOT_INO: u64 = 1;
 const MAX_SIDECAR_LEN: u64 = 64 * 1024;
 /// Ciphertext read ahead when a file is first opened (a whole small file).
 const OPEN_READAHEAD: usize = 128 * 1024;
+/// Opening a sidecar to read it: a FIFO planted under a sidecar's name in
+/// the backing directory must not block the opener (no effect on files).
+const SIDECAR_READ_FLAGS: i32 = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
 
 /// A wrapped DEK with the context it was wrapped under.
 type UnwrapItem = (WrappedDek, WrapContext);
@@ -1395,10 +1398,12 @@ impl Core {
             let core = self.clone();
             spawn_background(move || core.unwrap_in_batches(&dir, &names));
         } else {
-            // A hint: with the queue full, this directory goes without.
-            let _ = self
-                .readahead
-                .try_queue(Box::new(move || read_sidecars_ahead(&dir, &names)));
+            // A hint: with the queue full, this directory goes without, and
+            // a later open may try again.
+            let job = Box::new(move || read_sidecars_ahead(&dir, &names));
+            if self.readahead.try_queue(job).is_err() {
+                self.prefetched_dirs.lock().unwrap().remove(&parent);
+            }
         }
     }
 
@@ -1544,7 +1549,11 @@ impl Core {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        XattrClass::of(name).refuse_change()?;
+        // Removing is let through for unsupported names, so that ACLs an
+        // earlier version stored can still be cleared (`setfacl -b`).
+        if XattrClass::of(name) == XattrClass::Reserved {
+            return Err(errno(libc::EPERM));
+        }
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::removexattr(&path, follow, &sys::cstr(name)?)?)
     }
@@ -1566,7 +1575,7 @@ impl Core {
 /// `MAX_SIDECAR_LEN`: anything larger is not one of ours).
 fn read_sidecar(dir: &Inode, name: &OsStr) -> std::io::Result<Vec<u8>> {
     let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
-    let fd = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+    let fd = sys::openat(dir.raw_fd(), &sc, SIDECAR_READ_FLAGS, 0)?;
     // Headers are a few hundred bytes: one read usually gets it all.
     let mut raw = Vec::with_capacity(1024);
     File::from(fd).take(MAX_SIDECAR_LEN).read_to_end(&mut raw)?;
@@ -1580,7 +1589,7 @@ fn read_sidecars_ahead(dir: &Inode, names: &[OsString]) {
         let Ok(sc) = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes()))) else {
             continue;
         };
-        if let Ok(fd) = sys::openat(dir.raw_fd(), &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
+        if let Ok(fd) = sys::openat(dir.raw_fd(), &sc, SIDECAR_READ_FLAGS, 0) {
             sys::readahead(fd.as_raw_fd(), MAX_SIDECAR_LEN as usize);
         }
     }
@@ -1604,8 +1613,9 @@ fn spawn_background(work: impl FnOnce() + Send + 'static) {
 enum XattrClass {
     /// `user.kmsfs.*`: kmsfs's own; invisible, and not to be set.
     Reserved,
-    /// Not kept, answered EOPNOTSUPP (so tools such as `ls -l` stop asking
-    /// per file, and `setfacl` fails instead of storing a no-op):
+    /// Not kept, answered EOPNOTSUPP on get and set (so tools such as
+    /// `ls -l` stop asking per file, and `setfacl` fails instead of storing
+    /// a no-op); remove is passed through, to clear old values:
     /// - POSIX ACLs: neither the kernel (no FUSE_POSIX_ACL) nor kmsfs
     ///   enforces them, so a stored ACL would only look like protection;
     /// - `security.selinux`: a FUSE mount's label comes from the security
@@ -1627,7 +1637,7 @@ impl XattrClass {
         }
     }
 
-    /// The error for setting or removing this name, if any.
+    /// The error for setting this name, if any.
     fn refuse_change(self) -> FsResult<()> {
         match self {
             XattrClass::Reserved => Err(errno(libc::EPERM)),

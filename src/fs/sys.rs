@@ -168,6 +168,17 @@ pub fn allocate_keep_size(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> 
     }
 }
 
+/// The running kernel's (major, minor) version, from uname(2).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::uname(&mut u) }).ok()?;
+    let release = unsafe { CStr::from_ptr(u.release.as_ptr()) }
+        .to_str()
+        .ok()?;
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
     check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
 }
