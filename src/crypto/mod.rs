@@ -128,12 +128,18 @@ impl BlockCipher {
     pub fn seal_in_place(&self, index: u64, sealed: &mut [u8]) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        self.seal_in_place_with_nonce(index, &nonce, sealed);
+        self.seal_with_nonce(index, &nonce, sealed);
     }
 
     /// As [`Self::seal_in_place`] with a caller-chosen nonce. Only for test
-    /// vectors: reusing a nonce under one key breaks the AEAD.
+    /// vectors (feature `test-vectors`): reusing a nonce under one key
+    /// breaks the AEAD.
+    #[cfg(feature = "test-vectors")]
     pub fn seal_in_place_with_nonce(&self, index: u64, nonce: &[u8; NONCE_LEN], sealed: &mut [u8]) {
+        self.seal_with_nonce(index, nonce, sealed);
+    }
+
+    fn seal_with_nonce(&self, index: u64, nonce: &[u8; NONCE_LEN], sealed: &mut [u8]) {
         let n = sealed.len() - NONCE_LEN - TAG_LEN;
         let (nonce_out, rest) = sealed.split_at_mut(NONCE_LEN);
         nonce_out.copy_from_slice(nonce);
