@@ -399,13 +399,12 @@ fn posix_behaviour_of_a_local_disk() {
     assert_eq!(r, -1);
     // ACLs (not enforced on a FUSE mount without FUSE_POSIX_ACL) and SELinux
     // labels (the security module's business) are refused, not stored.
-    // A valid ACL value: version 2; user::rw-, group::r--, other::r--.
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&u32::MAX.to_le_bytes());
-    }
+    // A valid ACL value: user::rw-, group::r--, other::r--.
+    let acl = acl_xattr(&[
+        (0x01, 6, u32::MAX),
+        (0x04, 4, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ]);
     fs::create_dir(fs.path("acl-dir")).unwrap();
     let dir = std::ffi::CString::new(fs.path("acl-dir").to_str().unwrap()).unwrap();
     let mut refused = vec![
@@ -431,18 +430,13 @@ fn posix_behaviour_of_a_local_disk() {
     // removing it through the mount clears it. Not one the mode bits can
     // express, or ext4 keeps none: user::rw-, user:65534:r--, group::r--,
     // mask::r--, other::r--.
-    let mut extended = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (0x01u16, 6u16, u32::MAX),
+    let extended = acl_xattr(&[
+        (0x01, 6, u32::MAX),
         (0x02, 4, 65534),
         (0x04, 4, u32::MAX),
         (0x10, 4, u32::MAX),
         (0x20, 4, u32::MAX),
-    ] {
-        extended.extend_from_slice(&tag.to_le_bytes());
-        extended.extend_from_slice(&perm.to_le_bytes());
-        extended.extend_from_slice(&id.to_le_bytes());
-    }
+    ]);
     let bp = std::ffi::CString::new(fs.backing_path("dst").to_str().unwrap()).unwrap();
     let access = c"system.posix_acl_access";
     let (v, n) = (extended.as_ptr().cast(), extended.len());
@@ -898,4 +892,16 @@ fn full_backing_disk_gives_enospc_and_no_damage() {
     }
     run(&["umount", m], true);
     common::wait_for_daemon_exit(&mnt);
+}
+
+/// A POSIX ACL in its xattr form (version 2), from (tag, permissions, id)
+/// entries.
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
 }

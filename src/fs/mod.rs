@@ -1514,7 +1514,7 @@ impl Core {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
-        XattrClass::of(name).refuse_change()?;
+        XattrClass::of(name).allows(XattrOp::Set)?;
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::setxattr(
             &path,
@@ -1526,11 +1526,7 @@ impl Core {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        match XattrClass::of(name) {
-            XattrClass::Reserved => return Err(errno(libc::ENODATA)),
-            XattrClass::Unsupported => return Err(errno(libc::EOPNOTSUPP)),
-            XattrClass::Kept => {}
-        }
+        XattrClass::of(name).allows(XattrOp::Get)?;
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::getxattr(&path, follow, &sys::cstr(name)?)?)
     }
@@ -1549,11 +1545,7 @@ impl Core {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        // Removing is let through for unsupported names, so that ACLs an
-        // earlier version stored can still be cleared (`setfacl -b`).
-        if XattrClass::of(name) == XattrClass::Reserved {
-            return Err(errno(libc::EPERM));
-        }
+        XattrClass::of(name).allows(XattrOp::Remove)?;
         let (path, follow, _keep) = self.xattr_path(ino)?;
         Ok(sys::removexattr(&path, follow, &sys::cstr(name)?)?)
     }
@@ -1615,7 +1607,7 @@ enum XattrClass {
     Reserved,
     /// Not kept, answered EOPNOTSUPP on get and set (so tools such as
     /// `ls -l` stop asking per file, and `setfacl` fails instead of storing
-    /// a no-op); remove is passed through, to clear old values:
+    /// a no-op):
     /// - POSIX ACLs: neither the kernel (no FUSE_POSIX_ACL) nor kmsfs
     ///   enforces them, so a stored ACL would only look like protection;
     /// - `security.selinux`: a FUSE mount's label comes from the security
@@ -1637,12 +1629,25 @@ impl XattrClass {
         }
     }
 
-    /// The error for setting this name, if any.
-    fn refuse_change(self) -> FsResult<()> {
-        match self {
-            XattrClass::Reserved => Err(errno(libc::EPERM)),
-            XattrClass::Unsupported => Err(errno(libc::EOPNOTSUPP)),
-            XattrClass::Kept => Ok(()),
-        }
+    /// Whether `op` goes through to the backing object, or the error that
+    /// answers it instead. Removing an unsupported name goes through, so
+    /// that ACLs an earlier version stored can still be cleared
+    /// (`setfacl -b`).
+    fn allows(self, op: XattrOp) -> FsResult<()> {
+        let refused = match (self, op) {
+            (XattrClass::Kept, _) | (XattrClass::Unsupported, XattrOp::Remove) => return Ok(()),
+            (XattrClass::Reserved, XattrOp::Get) => libc::ENODATA,
+            (XattrClass::Reserved, _) => libc::EPERM,
+            (XattrClass::Unsupported, _) => libc::EOPNOTSUPP,
+        };
+        Err(errno(refused))
     }
+}
+
+/// An extended-attribute request, for `XattrClass::allows`.
+#[derive(Debug, Clone, Copy)]
+enum XattrOp {
+    Get,
+    Set,
+    Remove,
 }
