@@ -1376,31 +1376,23 @@ impl Core {
             return;
         }
         let Ok(dir) = self.dir(parent) else { return };
-        // Listed here rather than on the prefetch thread: the batch then goes
-        // out sooner, before the other readers' opens unwrap one by one
-        // (measured: half the KMS requests). One getdents pass per directory.
-        let path = sys::proc_path(&dir.raw_fd());
-        let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
-            return;
-        };
-        // The file being opened reads its own sidecar.
-        let names: Vec<OsString> = rd
-            .flatten()
-            .filter(|e| {
-                e.file_type().is_ok_and(|t| t.is_file())
-                    && !is_reserved(e.file_name().as_bytes())
-                    && e.file_name() != own_name
-            })
-            .map(|e| e.file_name())
-            .take(self.cache.capacity())
-            .collect();
+        let cap = self.cache.capacity();
         if remote {
+            // Listed here rather than on the prefetch thread: the batch then
+            // goes out sooner, before the other readers' opens unwrap one by
+            // one (measured: half the KMS requests). One getdents pass.
+            let names = sibling_names(&dir, &own_name, cap);
+            if names.is_empty() {
+                return;
+            }
             let core = self.clone();
             spawn_background(move || core.unwrap_in_batches(&dir, &names));
         } else {
-            // A hint: with the queue full, this directory goes without, and
-            // a later open may try again.
-            let job = Box::new(move || read_sidecars_ahead(&dir, &names));
+            // Listed and read ahead on the readahead thread. Only a hint:
+            // with its queue full this directory goes without, and a later
+            // open may try again.
+            let job =
+                Box::new(move || read_sidecars_ahead(&dir, &sibling_names(&dir, &own_name, cap)));
             if self.readahead.try_queue(job).is_err() {
                 self.prefetched_dirs.lock().unwrap().remove(&parent);
             }
@@ -1572,6 +1564,24 @@ fn read_sidecar(dir: &Inode, name: &OsStr) -> std::io::Result<Vec<u8>> {
     let mut raw = Vec::with_capacity(1024);
     File::from(fd).take(MAX_SIDECAR_LEN).read_to_end(&mut raw)?;
     Ok(raw)
+}
+
+/// Names of up to `cap` regular files in `dir` other than `own_name` (the
+/// file being opened reads its own sidecar); empty if it cannot be listed.
+fn sibling_names(dir: &Inode, own_name: &OsStr, cap: usize) -> Vec<OsString> {
+    let path = sys::proc_path(&dir.raw_fd());
+    let Ok(rd) = std::fs::read_dir(OsStr::from_bytes(path.as_bytes())) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            e.file_type().is_ok_and(|t| t.is_file())
+                && !is_reserved(e.file_name().as_bytes())
+                && e.file_name() != own_name
+        })
+        .map(|e| e.file_name())
+        .take(cap)
+        .collect()
 }
 
 /// Starts reading the sidecars of `names` into the page cache (readahead
