@@ -116,6 +116,15 @@ impl BlockGeometry {
             (pt_size - start).min(self.block_size() as u64) as usize
         }
     }
+
+    /// Indices of the blocks lying wholly inside plaintext `[start, end)`:
+    /// full-length whatever the file's size.
+    pub fn blocks_within(&self, start: u64, end: u64) -> std::ops::Range<u64> {
+        let bs = self.block_size() as u64;
+        let from = start.div_ceil(bs);
+        let to = (end / bs).max(from);
+        from..to
+    }
 }
 
 /// Associated data of block `index` in the file `file_id`: binds each block to
@@ -189,6 +198,17 @@ mod tests {
         fn plaintext_size_inverts_ciphertext_size(shift in 12u8..=20, pt in 0u64..(1u64 << 40)) {
             let g = BlockGeometry::from_shift(shift).unwrap();
             prop_assert_eq!(g.plaintext_size(g.ciphertext_size(pt)), pt);
+        }
+
+        #[test]
+        fn blocks_within_are_whole_and_all(start in 0u64..100_000, len in 0u64..100_000) {
+            let g = BlockGeometry::from_shift(12).unwrap();
+            let end = start + len;
+            let whole = g.blocks_within(start, end);
+            for i in whole.start.saturating_sub(2)..whole.end + 2 {
+                let inside = g.block_start(i) >= start && g.block_start(i + 1) <= end;
+                prop_assert_eq!(whole.contains(&i), inside, "block {}", i);
+            }
         }
 
         #[test]

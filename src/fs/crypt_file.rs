@@ -55,6 +55,24 @@ pub struct CryptFile {
     pending: Mutex<Option<PendingDurability>>,
 }
 
+/// Copies `data`, written at plaintext `offset`, into the plaintext parts of
+/// the sealed-block slots in `sealed` (slot 0 is block `first`).
+fn lay_into_slots(g: BlockGeometry, sealed: &mut [u8], first: u64, offset: u64, data: &[u8]) {
+    let bs = g.block_size();
+    let sbs = g.sealed_block_size();
+    let mut src = data;
+    let mut pos = offset;
+    while !src.is_empty() {
+        let index = g.block_of(pos);
+        let in_block = (pos - g.block_start(index)) as usize;
+        let n = src.len().min(bs - in_block);
+        let at = (index - first) as usize * sbs + NONCE_LEN + in_block;
+        sealed[at..at + n].copy_from_slice(&src[..n]);
+        src = &src[n..];
+        pos += n as u64;
+    }
+}
+
 /// Makes `buf` at least `len` long, zero-filling only new bytes.
 fn grow(buf: &mut Vec<u8>, len: usize) {
     if buf.len() < len {
@@ -300,55 +318,48 @@ impl CryptFile {
         if self.cipher.is_none() {
             return Ok(self.file.write_all_at(data, offset)?);
         }
-        let _excl = self.lock.write().unwrap();
         let g = self.geometry;
-        let mut pt_size = g.plaintext_size(self.ct_size()?);
-        if offset > pt_size {
-            self.resize_locked(pt_size, offset)?;
-            pt_size = offset;
-        }
         let end = offset + data.len() as u64;
-        let new_size = pt_size.max(end);
         let first = g.block_of(offset);
         let last = g.block_of(end - 1);
-        let bs = g.block_size();
         let sbs = g.sealed_block_size();
-        let old_ct = self.ct_size()?; // after the resize above
+        // Blocks the write covers whole are full-length whatever the file's
+        // size, so they are filled and sealed before taking the lock: only
+        // the edge blocks and the backing write serialise writers.
+        let whole = g.blocks_within(offset, end);
         SEALED.with(|buf| -> FsResult<()> {
             let mut sealed = buf.borrow_mut();
+            // Every byte that is written out below is set first (new data,
+            // old edge bytes, nonces, tags), so the scratch needs no zeroing.
+            grow(&mut sealed, (last - first + 1) as usize * sbs);
+            lay_into_slots(g, &mut sealed, first, offset, data);
+            if !whole.is_empty() {
+                let slots =
+                    (whole.start - first) as usize * sbs..(whole.end - first) as usize * sbs;
+                self.seal_blocks(whole.start, &mut sealed[slots]);
+            }
+            let _excl = self.lock.write().unwrap();
+            let mut pt_size = g.plaintext_size(self.ct_size()?);
+            if offset > pt_size {
+                self.resize_locked(pt_size, offset)?;
+                pt_size = offset;
+            }
+            let new_size = pt_size.max(end);
             let total =
                 (last - first) as usize * sbs + g.block_len(last, new_size) + BLOCK_OVERHEAD;
-            // Every byte of the range is written below (old edge bytes, new
-            // data, nonces, tags), so the scratch needs no zeroing.
-            grow(&mut sealed, total);
             let sealed = &mut sealed[..total];
-            // Edge blocks keep the old bytes the write does not cover.
-            let first_start = g.block_start(first);
-            if offset > first_start
-                || (first == last && end < first_start + g.block_len(first, pt_size) as u64)
-            {
-                let n = g.block_len(first, new_size);
-                self.read_block_into(first, pt_size, &mut sealed[NONCE_LEN..NONCE_LEN + n])?;
+            let edges: &[u64] = if first == last {
+                &[first]
+            } else {
+                &[first, last]
+            };
+            for &index in edges.iter().filter(|i| !whole.contains(i)) {
+                let at = (index - first) as usize * sbs;
+                let slot = &mut sealed[at..(at + sbs).min(total)];
+                self.complete_edge(index, offset..end, pt_size, new_size, slot)?;
             }
-            if last != first && end < g.block_start(last) + g.block_len(last, pt_size) as u64 {
-                let at = (last - first) as usize * sbs + NONCE_LEN;
-                let n = g.block_len(last, new_size);
-                self.read_block_into(last, pt_size, &mut sealed[at..at + n])?;
-            }
-            // Lay the new bytes into the block slots.
-            let mut src = data;
-            let mut pos = offset;
-            while !src.is_empty() {
-                let index = g.block_of(pos);
-                let in_block = (pos - g.block_start(index)) as usize;
-                let n = src.len().min(bs - in_block);
-                let at = (index - first) as usize * sbs + NONCE_LEN + in_block;
-                sealed[at..at + n].copy_from_slice(&src[..n]);
-                src = &src[n..];
-                pos += n as u64;
-            }
-            self.seal_blocks(first, sealed);
             let at = g.sealed_block_start(first);
+            let old_ct = self.ct_size()?; // after the resize above
             let new_ct = old_ct.max(at + total as u64);
             self.reserve(old_ct, new_ct)?;
             self.changing_length(|| {
@@ -356,6 +367,36 @@ impl CryptFile {
                 Ok(new_ct)
             })
         })
+    }
+
+    /// Seals edge block `index` of a write of `range` (laid into `slot`
+    /// already), keeping the old bytes the write does not cover. The file
+    /// holds `pt_size` bytes now and `new_size` after the write.
+    fn complete_edge(
+        &self,
+        index: u64,
+        range: std::ops::Range<u64>,
+        pt_size: u64,
+        new_size: u64,
+        slot: &mut [u8],
+    ) -> FsResult<()> {
+        let g = self.geometry;
+        let start = g.block_start(index);
+        let len = g.block_len(index, new_size);
+        // The write covers [head, tail) of the block. Bytes outside it lie
+        // before the old end (a write past the end was preceded by a
+        // resize to its offset), so they are all old bytes.
+        let head = range.start.saturating_sub(start) as usize;
+        let tail = ((range.end - start) as usize).min(len);
+        if head > 0 || tail < len {
+            let mut old = vec![0u8; g.block_size()];
+            self.read_block_into(index, pt_size, &mut old)?;
+            slot[NONCE_LEN..NONCE_LEN + head].copy_from_slice(&old[..head]);
+            slot[NONCE_LEN + tail..NONCE_LEN + len].copy_from_slice(&old[tail..len]);
+        }
+        self.cipher()
+            .seal_in_place(index, &mut slot[..len + BLOCK_OVERHEAD]);
+        Ok(())
     }
 
     /// Sets the plaintext size (truncate up or down).
@@ -565,6 +606,27 @@ mod tests {
         cf.read(6 * 4096, (last - 6) * 4096, &mut out).unwrap();
         let err = cf.read(0, data.len(), &mut out).unwrap_err();
         assert!(err.to_string().contains(&format!("block {last}")), "{err}");
+    }
+
+    #[test]
+    fn concurrent_writers_sharing_edge_blocks_keep_each_others_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cf, _) = open_file(&dir, 12);
+        // Neighbouring ranges meet inside blocks, so every edge block is
+        // written by two threads; each round reverses the start order.
+        const PART: usize = 70_001;
+        let expected: Vec<u8> = (0..8 * PART).map(|i| (i / PART) as u8 + 1).collect();
+        for round in 0..4 {
+            std::thread::scope(|s| {
+                for i in 0..8 {
+                    let k = if round % 2 == 0 { i } else { 7 - i };
+                    let (cf, data) = (&cf, &expected[k * PART..(k + 1) * PART]);
+                    s.spawn(move || cf.write((k * PART) as u64, data).unwrap());
+                }
+            });
+            assert_eq!(read_all(&cf), expected, "round {round}");
+            cf.truncate(0).unwrap();
+        }
     }
 
     #[test]
