@@ -150,6 +150,21 @@ pub fn readahead(fd: RawFd, len: usize) {
     unsafe { libc::readahead(fd, 0, len) };
 }
 
+/// Starts writing the dirty pages of `fd` in `[offset, offset + len)` to
+/// disk without waiting for them. Best effort: a hint, so failures are
+/// ignored (fsync still reports write errors).
+pub fn start_writeback(fd: RawFd, offset: u64, len: u64) {
+    // SAFETY: a plain syscall on a descriptor the caller keeps open.
+    unsafe {
+        libc::sync_file_range(
+            fd,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 /// Allocates `len` bytes at `offset` without changing the file size. Ok(false)
 /// when the filesystem cannot (EOPNOTSUPP).
 pub fn allocate_keep_size(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> {
