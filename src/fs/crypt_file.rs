@@ -22,6 +22,7 @@ const PARALLEL_MIN_BLOCKS: usize = 16;
 /// An appending writer has the backing written out behind it in steps of
 /// this many bytes (see `CryptFile::written_behind`).
 const WRITE_BEHIND_STEP: u64 = 8 << 20;
+const PAGE: u64 = 4096;
 
 thread_local! {
     /// Per-thread scratch for sealed bytes, reused across requests so the hot
@@ -107,14 +108,15 @@ impl CryptFile {
         label: String,
         pending: Option<PendingDurability>,
     ) -> std::io::Result<Self> {
-        let ct_len = AtomicU64::new(file.metadata()?.len());
+        let len = file.metadata()?.len();
         Ok(Self {
             file,
             cipher: Some(cipher),
             geometry,
             lock: RwLock::new(()),
-            ct_len,
-            written_behind: AtomicU64::new(0),
+            ct_len: AtomicU64::new(len),
+            // Bytes already there were not written by this appender.
+            written_behind: AtomicU64::new(len),
             label: Mutex::new(label),
             pending: Mutex::new(pending),
         })
@@ -396,10 +398,15 @@ impl CryptFile {
     fn claim_write_behind(&self, old_ct: u64, at: u64) -> Option<(u64, u64)> {
         // Behind a truncate, start again from the new end.
         let from = self.written_behind.load(Ordering::Relaxed).min(old_ct);
-        let due = at >= from + WRITE_BEHIND_STEP;
-        let mark = if due { at } else { from };
-        self.written_behind.store(mark, Ordering::Relaxed);
-        due.then_some((from, at - from))
+        // Stop at a page boundary: the page holding `at` is still being
+        // written (a tail block is resealed by the next append).
+        let to = at - at % PAGE;
+        if to < from + WRITE_BEHIND_STEP {
+            self.written_behind.store(from, Ordering::Relaxed);
+            return None;
+        }
+        self.written_behind.store(to, Ordering::Relaxed);
+        Some((from, to - from))
     }
 
     /// Seals edge block `index` of a write of `range` (laid into `slot`
@@ -665,25 +672,37 @@ mod tests {
     #[test]
     fn write_behind_follows_an_appending_writer_only() {
         let dir = tempfile::tempdir().unwrap();
-        let (cf, _) = open_file(&dir, 12);
+        let (cf, path) = open_file(&dir, 12);
         let behind = || cf.written_behind.load(Ordering::Relaxed);
         let chunk = vec![7u8; 1 << 20];
         let sealed_chunk = cf.geometry.ciphertext_size(1 << 20);
         for i in 0..9u64 {
             cf.write(i << 20, &chunk).unwrap();
         }
-        // The ninth append starts past the first step: [0, its start) is due.
-        assert_eq!(behind(), 8 * sealed_chunk);
+        // The ninth append starts past the first step: [0, its start) is due
+        // (to the page holding that start).
+        let page_floor = |x: u64| x - x % 4096;
+        assert_eq!(behind(), page_floor(8 * sealed_chunk));
         // Rewrites inside the file move nothing.
         for _ in 0..20 {
             cf.write(0, &chunk).unwrap();
         }
-        assert_eq!(behind(), 8 * sealed_chunk);
+        assert_eq!(behind(), page_floor(8 * sealed_chunk));
+        // A growing write that starts before the mark starts nothing.
+        let end = cf.size().unwrap();
+        cf.write(end - 10_000, &chunk).unwrap();
+        assert_eq!(behind(), page_floor(8 * sealed_chunk));
         // After a truncate the mark follows the new end down.
         cf.truncate(1 << 20).unwrap();
         cf.write(1 << 20, &chunk).unwrap();
         assert_eq!(behind(), sealed_chunk);
         assert_eq!(read_all(&cf).len(), 2 << 20);
+        // A file opened again counts from its length then.
+        let reopened = crypt_file_at(&path, 12, false);
+        assert_eq!(
+            reopened.written_behind.load(Ordering::Relaxed),
+            cf.geometry.ciphertext_size(2 << 20)
+        );
     }
 
     #[test]
