@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rayon::prelude::*;
@@ -18,6 +18,32 @@ use crate::format::BlockGeometry;
 /// Below this many blocks a request is sealed/opened on the calling thread:
 /// handing off to the pool costs more than it saves.
 const PARALLEL_MIN_BLOCKS: usize = 16;
+
+/// Requests sealing or opening blocks right now, across all files.
+static CRYPTO_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one request in `CRYPTO_IN_FLIGHT` while alive.
+struct InFlight(usize);
+
+impl InFlight {
+    fn enter() -> Self {
+        Self(CRYPTO_IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Whether `blocks` blocks are worth spreading over the pool: enough of
+    /// them, and cores to spare. When other requests are already busy (many
+    /// readers, the kernel's concurrent writeback), each one on its own
+    /// thread keeps the cores just as busy without the hand-offs.
+    fn parallel(&self, blocks: usize) -> bool {
+        blocks >= PARALLEL_MIN_BLOCKS && self.0 < rayon::current_num_threads()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        CRYPTO_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// An appending writer has the backing written out behind it in steps of
 /// this many bytes (see `CryptFile::written_behind`).
@@ -209,7 +235,8 @@ impl CryptFile {
             let index = first + i as u64;
             self.cipher().open(index, s, o).map_err(|e| (index, e))
         };
-        let result: Result<(), (u64, CryptoError)> = if out.len() / bs >= PARALLEL_MIN_BLOCKS {
+        let busy = InFlight::enter();
+        let result: Result<(), (u64, CryptoError)> = if busy.parallel(out.len() / bs) {
             sealed
                 .par_chunks(sbs)
                 .zip(out.par_chunks_mut(bs))
@@ -229,7 +256,8 @@ impl CryptFile {
         let sbs = self.geometry.sealed_block_size();
         let seal_one =
             |(i, s): (usize, &mut [u8])| self.cipher().seal_in_place(first + i as u64, s);
-        if sealed.len() / sbs >= PARALLEL_MIN_BLOCKS {
+        let busy = InFlight::enter();
+        if busy.parallel(sealed.len() / sbs) {
             sealed.par_chunks_mut(sbs).enumerate().for_each(seal_one);
         } else {
             sealed.chunks_mut(sbs).enumerate().for_each(seal_one);
