@@ -49,6 +49,13 @@ impl Instrumented {
         })
     }
 
+    fn timed_out(&self) -> KmsError {
+        KmsError::Timeout {
+            kms: self.inner.describe(),
+            seconds: self.retry.timeout.as_secs(),
+        }
+    }
+
     async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, KmsError>
     where
         F: Fn() -> Fut + Send + Sync,
@@ -61,10 +68,7 @@ impl Instrumented {
             let start = Instant::now();
             let result = match tokio::time::timeout(self.retry.timeout, f()).await {
                 Ok(r) => r,
-                Err(_) => Err(KmsError::Timeout {
-                    kms: self.inner.describe(),
-                    seconds: self.retry.timeout.as_secs(),
-                }),
+                Err(_) => Err(self.timed_out()),
             };
             let outcome = match &result {
                 Ok(_) => "ok",
@@ -119,12 +123,18 @@ impl KeyProvider for Instrumented {
     }
     async fn unwrap_many(&self, items: &[(WrappedDek, WrapContext)]) -> Vec<Result<Dek, KmsError>> {
         let start = Instant::now();
-        let out = self.inner.unwrap_many(items).await;
-        let outcome = if out.iter().all(|r| r.is_ok()) {
-            "ok"
-        } else {
-            "partial_error"
-        };
+        // Batches only prefetch: one that outlives the timeout is given up
+        // (each open then unwraps its own DEK), so its thread does not wait
+        // on a stalled KMS for ever.
+        let (out, outcome) =
+            match tokio::time::timeout(self.retry.timeout, self.inner.unwrap_many(items)).await {
+                Ok(out) if out.iter().all(|r| r.is_ok()) => (out, "ok"),
+                Ok(out) => (out, "partial_error"),
+                Err(_) => (
+                    items.iter().map(|_| Err(self.timed_out())).collect(),
+                    "timeout",
+                ),
+            };
         self.metrics
             .record_kms(self.inner.kind(), "unwrap_batch", outcome, start.elapsed());
         out
@@ -209,6 +219,63 @@ mod tests {
             .unwrap();
         let r = rt.block_on(p.unwrap(&w, &WrapContext { file_id: [0; 16] }));
         (r, inner.calls.load(Ordering::SeqCst), metrics)
+    }
+
+    /// Never answers.
+    struct Stalled;
+
+    #[async_trait]
+    impl KeyProvider for Stalled {
+        fn describe(&self) -> String {
+            "stalled".into()
+        }
+        fn kind(&self) -> &'static str {
+            "stalled"
+        }
+        fn handles(&self, _: &KeyRef) -> bool {
+            true
+        }
+        async fn wrap(&self, _: &Dek, _: &WrapContext) -> Result<WrappedDek, KmsError> {
+            std::future::pending().await
+        }
+        async fn unwrap(&self, _: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
+            std::future::pending().await
+        }
+    }
+
+    #[test]
+    fn a_stalled_batch_gives_up_at_the_timeout() {
+        let metrics = Arc::new(Metrics::default());
+        let p = Instrumented::wrap(
+            Arc::new(Stalled),
+            metrics.clone(),
+            RetryPolicy {
+                attempts: 3,
+                first_backoff: Duration::from_millis(1),
+                timeout: Duration::from_millis(50),
+            },
+        );
+        let item = (
+            WrappedDek {
+                key_ref: KeyRef {
+                    provider: "stalled".into(),
+                    key_id: "k".into(),
+                    key_version: "".into(),
+                },
+                blob: vec![],
+            },
+            WrapContext { file_id: [0; 16] },
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let out = rt.block_on(p.unwrap_many(&[item.clone(), item]));
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|r| matches!(r, Err(KmsError::Timeout { .. }))));
+        assert_eq!(metrics.kms_requests("unwrap_batch"), 1);
     }
 
     #[test]
