@@ -47,7 +47,7 @@ impl Drop for InFlight {
 
 /// An appending writer has the backing written out behind it in steps of
 /// this many bytes (see `CryptFile::written_behind`).
-const WRITE_BEHIND_STEP: u64 = 8 << 20;
+const WRITE_BEHIND_STEP: u64 = 32 << 20;
 const PAGE: u64 = 4096;
 
 thread_local! {
@@ -704,22 +704,26 @@ mod tests {
         let behind = || cf.written_behind.load(Ordering::Relaxed);
         let chunk = vec![7u8; 1 << 20];
         let sealed_chunk = cf.geometry.ciphertext_size(1 << 20);
-        for i in 0..9u64 {
+        // Appends of 1 MiB: the one at `steps` MiB is the first to start
+        // past one step of ciphertext (sealed chunks are a little larger).
+        let steps = WRITE_BEHIND_STEP >> 20;
+        for i in 0..steps {
             cf.write(i << 20, &chunk).unwrap();
+            assert_eq!(behind(), 0, "append {i}");
         }
-        // The ninth append starts past the first step: [0, its start) is due
-        // (to the page holding that start).
+        cf.write(steps << 20, &chunk).unwrap();
+        // That append made [0, its start) due (to the page holding the start).
         let page_floor = |x: u64| x - x % 4096;
-        assert_eq!(behind(), page_floor(8 * sealed_chunk));
+        assert_eq!(behind(), page_floor(steps * sealed_chunk));
         // Rewrites inside the file move nothing.
         for _ in 0..20 {
             cf.write(0, &chunk).unwrap();
         }
-        assert_eq!(behind(), page_floor(8 * sealed_chunk));
+        assert_eq!(behind(), page_floor(steps * sealed_chunk));
         // A growing write that starts before the mark starts nothing.
         let end = cf.size().unwrap();
         cf.write(end - 10_000, &chunk).unwrap();
-        assert_eq!(behind(), page_floor(8 * sealed_chunk));
+        assert_eq!(behind(), page_floor(steps * sealed_chunk));
         // After a truncate the mark follows the new end down.
         cf.truncate(1 << 20).unwrap();
         cf.write(1 << 20, &chunk).unwrap();
