@@ -399,7 +399,7 @@ impl CryptFile {
             for &index in edges.iter().filter(|i| !whole.contains(i)) {
                 let at = (index - first) as usize * sbs;
                 let slot = &mut sealed[at..(at + sbs).min(total)];
-                self.complete_edge(index, offset..end, pt_size, new_size, slot)?;
+                self.complete_edge(index, offset, data, pt_size, new_size, slot)?;
             }
             let at = g.sealed_block_start(first);
             let old_ct = self.ct_size()?; // after the resize above
@@ -409,9 +409,11 @@ impl CryptFile {
                 self.file.write_all_at(sealed, at)?;
                 Ok(new_ct)
             })?;
-            Ok((new_ct > old_ct)
-                .then(|| self.claim_write_behind(old_ct, at))
-                .flatten())
+            Ok(if new_ct > old_ct {
+                self.claim_write_behind(old_ct, at)
+            } else {
+                None
+            })
         })?;
         if let Some((from, len)) = behind {
             // Outside the lock: starting writeback can wait for the disk queue.
@@ -437,13 +439,14 @@ impl CryptFile {
         Some((from, to - from))
     }
 
-    /// Seals edge block `index` of a write of `range` (laid into `slot`
-    /// already), keeping the old bytes the write does not cover. The file
-    /// holds `pt_size` bytes now and `new_size` after the write.
+    /// Seals edge block `index` of a write of `data` at `offset` (laid into
+    /// `slot` already), keeping the old bytes the write does not cover. The
+    /// file holds `pt_size` bytes now and `new_size` after the write.
     fn complete_edge(
         &self,
         index: u64,
-        range: std::ops::Range<u64>,
+        offset: u64,
+        data: &[u8],
         pt_size: u64,
         new_size: u64,
         slot: &mut [u8],
@@ -451,16 +454,17 @@ impl CryptFile {
         let g = self.geometry;
         let start = g.block_start(index);
         let len = g.block_len(index, new_size);
-        // The write covers [head, tail) of the block. Bytes outside it lie
-        // before the old end (a write past the end was preceded by a
-        // resize to its offset), so they are all old bytes.
-        let head = range.start.saturating_sub(start) as usize;
-        let tail = ((range.end - start) as usize).min(len);
-        if head > 0 || tail < len {
-            let mut old = vec![0u8; g.block_size()];
-            self.read_block_into(index, pt_size, &mut old)?;
-            slot[NONCE_LEN..NONCE_LEN + head].copy_from_slice(&old[..head]);
-            slot[NONCE_LEN + tail..NONCE_LEN + len].copy_from_slice(&old[tail..len]);
+        let block_end = start + len as u64;
+        let end = offset + data.len() as u64;
+        if offset > start || end < block_end {
+            // The bytes the write leaves alone lie before the old end (a
+            // write past the end was preceded by a resize to its offset):
+            // decrypt the old block into the slot, then lay the new bytes
+            // over it again.
+            self.read_block_into(index, pt_size, &mut slot[NONCE_LEN..NONCE_LEN + len])?;
+            let (from, to) = (offset.max(start), end.min(block_end));
+            let part = &data[(from - offset) as usize..(to - offset) as usize];
+            lay_into_slots(g, slot, index, from, part);
         }
         self.cipher()
             .seal_in_place(index, &mut slot[..len + BLOCK_OVERHEAD]);
