@@ -149,11 +149,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// Fails with `err` the first `failures` calls, then succeeds.
+    /// Fails the first `failures` calls (retryably or not), then succeeds;
+    /// with `stalls`, never answers at all.
     struct Flaky {
         calls: AtomicU32,
         failures: u32,
         retryable: bool,
+        stalls: bool,
     }
 
     #[async_trait]
@@ -172,6 +174,9 @@ mod tests {
         }
         async fn unwrap(&self, _: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.stalls {
+                std::future::pending::<()>().await;
+            }
             if n < self.failures {
                 return Err(if self.retryable {
                     KmsError::Unreachable {
@@ -189,20 +194,24 @@ mod tests {
         }
     }
 
-    fn run(failures: u32, retryable: bool) -> (Result<Dek, KmsError>, u32, Arc<Metrics>) {
-        let inner = Arc::new(Flaky {
-            calls: AtomicU32::new(0),
-            failures,
-            retryable,
-        });
+    /// `inner` behind `Instrumented` with quick retries and `timeout`, the
+    /// metrics it records into, and an item to unwrap.
+    fn instrumented(
+        inner: Arc<Flaky>,
+        timeout: Duration,
+    ) -> (
+        Arc<dyn KeyProvider>,
+        Arc<Metrics>,
+        (WrappedDek, WrapContext),
+    ) {
         let metrics = Arc::new(Metrics::default());
         let p = Instrumented::wrap(
-            inner.clone(),
+            inner,
             metrics.clone(),
             RetryPolicy {
                 attempts: 3,
                 first_backoff: Duration::from_millis(1),
-                timeout: Duration::from_secs(1),
+                timeout,
             },
         );
         let w = WrappedDek {
@@ -213,64 +222,37 @@ mod tests {
             },
             blob: vec![],
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let r = rt.block_on(p.unwrap(&w, &WrapContext { file_id: [0; 16] }));
-        (r, inner.calls.load(Ordering::SeqCst), metrics)
+        (p, metrics, (w, WrapContext { file_id: [0; 16] }))
     }
 
-    /// Never answers.
-    struct Stalled;
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
 
-    #[async_trait]
-    impl KeyProvider for Stalled {
-        fn describe(&self) -> String {
-            "stalled".into()
-        }
-        fn kind(&self) -> &'static str {
-            "stalled"
-        }
-        fn handles(&self, _: &KeyRef) -> bool {
-            true
-        }
-        async fn wrap(&self, _: &Dek, _: &WrapContext) -> Result<WrappedDek, KmsError> {
-            std::future::pending().await
-        }
-        async fn unwrap(&self, _: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
-            std::future::pending().await
-        }
+    fn flaky(failures: u32, retryable: bool, stalls: bool) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            calls: AtomicU32::new(0),
+            failures,
+            retryable,
+            stalls,
+        })
+    }
+
+    fn run(failures: u32, retryable: bool) -> (Result<Dek, KmsError>, u32, Arc<Metrics>) {
+        let inner = flaky(failures, retryable, false);
+        let (p, metrics, (w, ctx)) = instrumented(inner.clone(), Duration::from_secs(1));
+        let r = block_on(p.unwrap(&w, &ctx));
+        (r, inner.calls.load(Ordering::SeqCst), metrics)
     }
 
     #[test]
     fn a_stalled_batch_gives_up_at_the_timeout() {
-        let metrics = Arc::new(Metrics::default());
-        let p = Instrumented::wrap(
-            Arc::new(Stalled),
-            metrics.clone(),
-            RetryPolicy {
-                attempts: 3,
-                first_backoff: Duration::from_millis(1),
-                timeout: Duration::from_millis(50),
-            },
-        );
-        let item = (
-            WrappedDek {
-                key_ref: KeyRef {
-                    provider: "stalled".into(),
-                    key_id: "k".into(),
-                    key_version: "".into(),
-                },
-                blob: vec![],
-            },
-            WrapContext { file_id: [0; 16] },
-        );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let out = rt.block_on(p.unwrap_many(&[item.clone(), item]));
+        let (p, metrics, item) = instrumented(flaky(0, false, true), Duration::from_millis(50));
+        let out = block_on(p.unwrap_many(&[item.clone(), item]));
         assert_eq!(out.len(), 2);
         assert!(out
             .iter()
