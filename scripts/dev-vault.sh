@@ -17,7 +17,8 @@
 #   KMSFS_VAULT_KEY    the transit key created (mount "transit")
 #   KMSFS_VAULT_PID    the server's PID
 #   KMSFS_VAULT_AUDIT  its file audit log (JSON lines, one "request" and one
-#                      "response" entry per API call; tests count requests)
+#                      "response" entry per API call; tests count requests);
+#                      not printed with KMSFS_VAULT_NO_AUDIT=1
 #   KMSFS_VAULT_BAO    the bao binary (for admin calls: rotate, config, ...)
 #   KMSFS_VAULT_STATE  the state directory
 #   VAULT_CACERT       only with KMSFS_VAULT_TLS=1: the generated CA (PEM)
@@ -36,7 +37,11 @@
 #      default 60), enables transit, creates the aes256-gcm96 key KEY
 #      (argument, else $KMSFS_VAULT_KEY, else "kmsfs"). The file audit
 #      device is declared in the server config (OpenBao refuses enabling
-#      audit devices through the API).
+#      audit devices through the API); KMSFS_VAULT_NO_AUDIT=1 leaves it out
+#      (the benchmark does: hashing every field of every batch item for the
+#      log was half the server's CPU, on the cores the workload runs on).
+#      Telemetry is on either way: `GET /v1/sys/metrics?format=prometheus`
+#      counts requests per route (vault_route_update_transit__count).
 #   4. writes the export lines to STATE_DIR/env (mode 0600) and prints them.
 # With KMSFS_VAULT_TLS=1 the server listens with TLS (`-dev-tls`: a generated
 # CA, certificate and key in STATE_DIR/tls) and VAULT_ADDR is https://.
@@ -150,12 +155,22 @@ cmd_start() {
     TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     local audit=$STATE/audit.log deadline pid port attempt
     cat >"$STATE/server.hcl" <<EOF
+telemetry {
+  disable_hostname = true
+  prometheus_retention_time = "24h"
+}
+EOF
+    if [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]]; then
+        audit=
+    else
+        cat >>"$STATE/server.hcl" <<EOF
 audit "file" "kmsfs-audit" {
   options {
     file_path = "$audit"
   }
 }
 EOF
+    fi
     local timeout_s=${KMSFS_VAULT_START_TIMEOUT:-60} scheme=http
     local -a tls_args=()
     CACERT=
@@ -199,13 +214,13 @@ EOF
         { cat "$STATE/setup.err" >&2; cmd_stop "$STATE"; die "enabling transit failed"; }
     bao_cli write -f "transit/keys/$key" >/dev/null 2>"$STATE/setup.err" ||
         { cat "$STATE/setup.err" >&2; cmd_stop "$STATE"; die "creating transit key $key failed"; }
-    [[ -f $audit ]] || say "warning: the audit log $audit was not created"
+    [[ -z $audit || -f $audit ]] || say "warning: the audit log $audit was not created"
     {
         printf 'export VAULT_ADDR=%q\n' "$ADDR"
         printf 'export VAULT_TOKEN=%q\n' "$TOKEN"
         printf 'export KMSFS_VAULT_KEY=%q\n' "$key"
         printf 'export KMSFS_VAULT_PID=%q\n' "$pid"
-        printf 'export KMSFS_VAULT_AUDIT=%q\n' "$audit"
+        [[ -z $audit ]] || printf 'export KMSFS_VAULT_AUDIT=%q\n' "$audit"
         printf 'export KMSFS_VAULT_BAO=%q\n' "$BAO"
         printf 'export KMSFS_VAULT_STATE=%q\n' "$STATE"
         [[ -z $CACERT ]] || printf 'export VAULT_CACERT=%q\n' "$CACERT"
