@@ -54,12 +54,19 @@ pub enum KeyringError {
 }
 
 /// One key-encryption key. Zeroized on drop; no Debug.
-struct Kek(Zeroizing<[u8; 32]>);
+struct Kek {
+    /// The key bytes, kept only to write the keyring back.
+    raw: Zeroizing<[u8; 32]>,
+    /// Its AEAD context (key schedule), built once rather than per wrap and
+    /// unwrap; aws-lc cleanses it when dropped.
+    cipher: LessSafeKey,
+}
 
 impl Kek {
-    /// An AEAD context for this KEK (cleansed by aws-lc when dropped).
-    fn cipher(&self) -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0[..]).expect("32-byte KEK"))
+    fn new(raw: Zeroizing<[u8; 32]>) -> Self {
+        let cipher =
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw[..]).expect("32-byte KEK"));
+        Self { raw, cipher }
     }
 }
 
@@ -142,7 +149,7 @@ impl Keyring {
             if keys
                 .entry(parts[1].to_owned())
                 .or_default()
-                .insert(version, Kek(k))
+                .insert(version, Kek::new(k))
                 .is_some()
             {
                 return Err(bad(i + 1, "duplicate key version"));
@@ -237,7 +244,7 @@ impl Keyring {
         for (name, versions) in &self.keys {
             for (v, k) in versions {
                 let b64 =
-                    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&k.0[..]));
+                    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&k.raw[..]));
                 text.push_str(&format!("key {name} {v} {}\n", b64.as_str()));
             }
         }
@@ -294,7 +301,7 @@ fn check_key_name(name: &str) -> Result<(), String> {
 fn random_kek() -> Kek {
     let mut k = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(&mut k[..]);
-    Kek(k)
+    Kek::new(k)
 }
 
 fn wrap_aad(name: &str, version: u32, ctx: &WrapContext) -> Vec<u8> {
@@ -352,7 +359,7 @@ impl LocalKms {
         let (body, tag_out) = out[12..].split_at_mut(DEK_LEN);
         body.copy_from_slice(dek.as_bytes());
         let tag = kek
-            .cipher()
+            .cipher
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
             .expect("DEK fits the AEAD limits");
         tag_out.copy_from_slice(tag.as_ref());
@@ -441,7 +448,7 @@ impl KeyProvider for LocalKms {
         let mut body = Zeroizing::new([0u8; DEK_LEN]);
         let mut nonce = [0u8; 12];
         nonce.copy_from_slice(&blob[..12]);
-        kek.cipher()
+        kek.cipher
             .open_separate_gather(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(wrap_aad(&kr_ref.key_id, version, ctx)),
