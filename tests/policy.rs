@@ -117,7 +117,24 @@ fn nearest_policy_applies_and_crossing_keys_is_exdev() {
         &["policy", "unset", fs.backing.to_str().unwrap(), "/"],
         false,
     );
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("root policy cannot be removed") && err.contains("kmsfs policy set"),
+        "{err}"
+    );
+    assert_eq!(policy_dirs(&fs), ["/"]);
+}
+
+/// The directories that have a policy, from `kmsfs policy list`.
+fn policy_dirs(fs: &TestFs) -> Vec<String> {
+    let out = run(&["policy", "list", fs.backing.to_str().unwrap()], true);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["dir"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[test]
@@ -254,11 +271,23 @@ fn kms_test_and_status_report_health() {
         &["kms", "test", fs.backing.to_str().unwrap(), "/any/dir"],
         true,
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("round trip"));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("ok: local keyring")
+            && said.contains("(policy of /): wrap/unwrap round trip"),
+        "{said}"
+    );
     let out = run(&["kms", "status", fs.backing.to_str().unwrap()], true);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v[0]["ok"], true, "{v}");
-    // A policy on a new keyring creates it, and the round trip check passes.
+    assert_eq!(v.as_array().unwrap().len(), 1, "one KMS: {v}");
+    for field in ["ok", "reachable", "authenticated", "key_present"] {
+        assert_eq!(v[0][field], true, "{field}: {v}");
+    }
+    assert_eq!(v[0]["policies"], serde_json::json!(["/"]), "{v}");
+    // A policy on a new keyring creates it (owner-only), and the round trip
+    // check passes.
+    let new_keys = fs.dir.path().join("other-keys");
+    assert!(!new_keys.exists());
     let out = run(
         &[
             "policy",
@@ -268,13 +297,23 @@ fn kms_test_and_status_report_health() {
             "--kms",
             "local",
             "--key-file",
-            fs.dir.path().join("other-keys").to_str().unwrap(),
+            new_keys.to_str().unwrap(),
             "--key-name",
             "k",
         ],
         true,
     );
-    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("policy for /x saved"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = fs::metadata(&new_keys).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    assert_eq!(policy_dirs(&fs), ["/", "/x"]);
     // A keyring others can read is refused, and nothing is saved.
     let open_keys = fs.dir.path().join("open-keys");
     run(
@@ -299,8 +338,16 @@ fn kms_test_and_status_report_health() {
         ],
         false,
     );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
-    let out = run(&["policy", "list", fs.backing.to_str().unwrap()], true);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("\"/y\""));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("readable or writable by group/others")
+            && err.contains(&format!("chmod 600 {}", open_keys.display())),
+        "{err}"
+    );
+    assert_eq!(
+        policy_dirs(&fs),
+        ["/", "/x"],
+        "the refused policy is not saved"
+    );
 }
