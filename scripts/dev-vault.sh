@@ -134,6 +134,23 @@ print_env() {
     cat -- "$STATE/env"
 }
 
+# The server's config file for the requested mode (audit device or not).
+server_config() {
+    cat <<EOF
+telemetry {
+  disable_hostname = true
+  prometheus_retention_time = "24h"
+}
+EOF
+    [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]] || cat <<EOF
+audit "file" "kmsfs-audit" {
+  options {
+    file_path = "$STATE/audit.log"
+  }
+}
+EOF
+}
+
 cmd_start() {
     STATE=$(state_dir "${1:-}")
     local key=${2:-${KMSFS_VAULT_KEY:-kmsfs}}
@@ -142,35 +159,24 @@ cmd_start() {
     if [[ -f $STATE/env && -f $STATE/server.pid ]] && is_dev_server "$(cat "$STATE/server.pid")"; then
         ADDR=$(sed -n 's/^export VAULT_ADDR=//p' "$STATE/env")
         CACERT=$(sed -n 's/^export VAULT_CACERT=//p' "$STATE/env")
-        if healthy; then
+        if [[ $(cat -- "$STATE/server.hcl" 2>/dev/null) != "$(server_config)" ]]; then
+            say "the server in $STATE was started with another configuration (audit device, telemetry); restarting it"
+            cmd_stop "$STATE"
+        elif healthy; then
             say "reusing the running server in $STATE"
             print_env
             return
+        else
+            say "the server in $STATE is not healthy; restarting it"
+            cmd_stop "$STATE"
         fi
-        say "the server in $STATE is not healthy; restarting it"
-        cmd_stop "$STATE"
     fi
     rm -f -- "$STATE/env" "$STATE/server.pid" "$STATE/audit.log"
     umask 077
     TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     local audit=$STATE/audit.log deadline pid port attempt
-    cat >"$STATE/server.hcl" <<EOF
-telemetry {
-  disable_hostname = true
-  prometheus_retention_time = "24h"
-}
-EOF
-    if [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]]; then
-        audit=
-    else
-        cat >>"$STATE/server.hcl" <<EOF
-audit "file" "kmsfs-audit" {
-  options {
-    file_path = "$audit"
-  }
-}
-EOF
-    fi
+    [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]] && audit=
+    server_config >"$STATE/server.hcl"
     local timeout_s=${KMSFS_VAULT_START_TIMEOUT:-60} scheme=http
     local -a tls_args=()
     CACERT=

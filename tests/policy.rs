@@ -280,9 +280,11 @@ fn kms_test_and_status_report_health() {
     let out = run(&["kms", "status", fs.backing.to_str().unwrap()], true);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "one KMS: {v}");
-    for field in ["ok", "reachable", "authenticated", "key_present"] {
-        assert_eq!(v[0][field], true, "{field}: {v}");
-    }
+    assert_eq!(v[0]["ok"], true, "{v}");
+    assert!(
+        v[0]["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{v}"
+    );
     assert_eq!(v[0]["policies"], serde_json::json!(["/"]), "{v}");
     // A policy on a new keyring creates it (owner-only), and the round trip
     // check passes.

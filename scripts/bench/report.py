@@ -245,8 +245,11 @@ def main(meta_path, raw_path, out_dir):
                     errkeys = ["ml_cold", "ml_create", "ml_setup"]
                 elif key.startswith("ml_warm"):
                     errkeys = ["ml_warm", "ml_create", "ml_setup"]
-                if "_server_" in key:
-                    errkeys = errkeys + [key.split("_server_")[0] + "_server"]
+                # A figure whose own reading failed (run.sh: rec_err with
+                # e.g. "ml_cold_server") shows as ERROR, not as missing.
+                for part in ("_server", "_daemon_cpu", "_kms"):
+                    if part + "_" in key:
+                        errkeys = errkeys + [key.split(part + "_")[0] + part]
                 lc = cell("kmsfs", key, errkeys)
                 vc = cell("kmsfs-vault", key, errkeys)
                 if lc is None and vc is None:

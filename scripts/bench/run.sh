@@ -307,11 +307,13 @@ vault_server_counts() {
     (
         # shellcheck disable=SC1091
         source "$VAULT_STATE/env" || exit 1
-        n=$(curl -fsS --max-time 10 -H "X-Vault-Token: $VAULT_TOKEN" \
+        # The token goes in through a file descriptor, not argv (ps).
+        n=$(curl -fsS --max-time 10 -H @<(printf 'X-Vault-Token: %s\n' "$VAULT_TOKEN") \
             "$VAULT_ADDR/v1/sys/metrics?format=prometheus" |
             awk '$1 == "vault_route_update_transit__count" { print $2 }') || exit 1
         [[ -n $n ]] || exit 1
-        echo "$n $(cpu_seconds "$KMSFS_VAULT_PID")"
+        cpu=$(cpu_seconds "$KMSFS_VAULT_PID") || exit 1
+        echo "$n $cpu"
     )
 }
 
