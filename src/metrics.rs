@@ -25,7 +25,10 @@ struct Series {
 pub struct Metrics {
     /// (provider, operation, outcome) -> latency series.
     kms: Mutex<BTreeMap<(String, &'static str, &'static str), Series>>,
+    /// Plaintext served to READ requests.
     pub bytes_read: AtomicU64,
+    /// Plaintext put into the kernel's page cache at open (no READ follows).
+    pub bytes_filled: AtomicU64,
     pub bytes_written: AtomicU64,
 }
 
@@ -117,8 +120,13 @@ impl Metrics {
             ),
             (
                 "kmsfs_read_bytes_total",
-                "Plaintext bytes read through the mount.",
+                "Plaintext bytes served to read requests.",
                 &self.bytes_read,
+            ),
+            (
+                "kmsfs_open_fill_bytes_total",
+                "Plaintext bytes put into the kernel's page cache when a file was first opened for reading (reads of them make no request).",
+                &self.bytes_filled,
             ),
             (
                 "kmsfs_written_bytes_total",

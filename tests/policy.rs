@@ -241,7 +241,11 @@ fn dek_cache_keeps_the_kms_off_the_hot_path() {
         metric(&text, "kmsfs_dek_cache_hits_total", "") >= 30,
         "{text}"
     );
-    assert!(metric(&text, "kmsfs_read_bytes_total", "") > 0);
+    // Plaintext reached the kernel, by READ requests or filled at open.
+    let served = metric(&text, "kmsfs_read_bytes_total", "")
+        + metric(&text, "kmsfs_open_fill_bytes_total", "");
+    let sizes: u64 = (0..30).map(|i| format!("file {i}").len() as u64).sum();
+    assert!(served >= sizes, "{text}");
 
     // Concurrent opens of one uncached file make one unwrap.
     fs::write(fs.path("hot"), b"hot file").unwrap();
@@ -262,6 +266,89 @@ fn dek_cache_keeps_the_kms_off_the_hot_path() {
         ),
         1
     );
+}
+
+/// The bytes READ requests were served, and the bytes filled at open.
+fn served(port: u16) -> (u64, u64) {
+    let text = scrape(port);
+    (
+        metric(&text, "kmsfs_read_bytes_total", ""),
+        metric(&text, "kmsfs_open_fill_bytes_total", ""),
+    )
+}
+
+/// Bytes of a pattern that differs per offset and per `seed`.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+#[test]
+fn first_open_for_reading_fills_the_page_cache() {
+    const FILL: u64 = 128 * 1024;
+    let mut fs = TestFs::new(&[]);
+    let small = pattern(10_000, 1);
+    let big = pattern(300 * 1024 + 5, 2);
+    fs::write(fs.path("small"), &small).unwrap();
+    fs::write(fs.path("big"), &big).unwrap();
+    fs::write(fs.path("rw"), &small).unwrap();
+    fs.umount();
+    let port = free_port();
+    fs.mount(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+
+    // A small file: all of it is filled at open, and reading it makes no
+    // READ request.
+    assert_eq!(fs::read(fs.path("small")).unwrap(), small);
+    assert_eq!(served(port), (0, small.len() as u64));
+    // Opened again while the kernel keeps its pages: nothing more.
+    assert_eq!(fs::read(fs.path("small")).unwrap(), small);
+    assert_eq!(served(port), (0, small.len() as u64));
+    // A larger file: its head is filled, the rest comes by READ.
+    assert_eq!(fs::read(fs.path("big")).unwrap(), big);
+    assert_eq!(
+        served(port),
+        (big.len() as u64 - FILL, small.len() as u64 + FILL)
+    );
+    // Opened for writing: no fill (a store must not meet dirty pages).
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fs.path("rw"))
+        .unwrap();
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert_eq!(got, small);
+    drop(f);
+    assert_eq!(
+        served(port),
+        (
+            big.len() as u64 - FILL + small.len() as u64,
+            small.len() as u64 + FILL
+        )
+    );
+}
+
+/// A reader's first open fills the page cache while a writer opens and
+/// writes the same file: the writer's bytes must win every time (a fill
+/// that landed on the writer's dirty pages would put the old bytes back).
+#[test]
+fn page_cache_fill_never_undoes_a_concurrent_write() {
+    let fs = TestFs::new(&[]);
+    let path = fs.path("contended");
+    fs::write(&path, pattern(64 * 1024, 0)).unwrap();
+    for round in 1..=40u8 {
+        // The kernel forgets the inode, so the next open fills again.
+        fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        let new = pattern(64 * 1024, round);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut f = fs::File::open(&path).unwrap();
+                let mut buf = vec![0u8; 4096];
+                f.read_exact(&mut buf).unwrap();
+            });
+            s.spawn(|| fs::write(&path, &new).unwrap());
+        });
+        assert!(fs::read(&path).unwrap() == new, "round {round}: the write was undone");
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
@@ -246,11 +246,12 @@ impl Filesystem for KmsFs {
         self.entry(reply, self.core.link(ino.0, newparent.0, newname));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.core.prefetch_siblings(ino.0);
         let core = self.core.clone();
+        let reading_only = flags.acc_mode() == OpenAccMode::O_RDONLY;
         self.core.runtime().run_or_spawn(async move {
-            match core.open(ino.0).await {
+            match core.open(ino.0, reading_only).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -540,6 +541,7 @@ pub fn mount(
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    let filler_core = core.clone();
     let fs = KmsFs {
         core,
         ttl: opts.attr_ttl,
@@ -547,6 +549,10 @@ pub fn mount(
         refuse_flush: super::sys::kernel_version().is_some_and(|v| v >= (6, 1)),
     };
     let session = Session::new(fs, mountpoint, &config)?;
+    let notifier = session.notifier();
+    filler_core.set_page_filler(Box::new(move |ino, data| {
+        notifier.store(INodeNo(ino), 0, data)
+    }));
     raise_readahead(mountpoint);
     Ok(session)
 }

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,14 +38,24 @@ use error::{FsError, FsResult};
 const ROOT_INO: u64 = 1;
 /// Sidecars are small; anything larger is not one of ours.
 const MAX_SIDECAR_LEN: u64 = 64 * 1024;
-/// Ciphertext read ahead when a file is first opened (a whole small file).
-const OPEN_READAHEAD: usize = 128 * 1024;
+/// Plaintext put into the kernel's page cache when a file is first opened
+/// for reading (a whole small file; see `Core::fill_page_cache`). Its
+/// ciphertext is read ahead at every first open.
+const OPEN_FILL: u64 = 128 * 1024;
 /// Opening a sidecar to read it: a FIFO planted under a sidecar's name in
 /// the backing directory must not block the opener (no effect on files).
 const SIDECAR_READ_FLAGS: i32 = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
 
 /// A wrapped DEK with the context it was wrapped under.
 type UnwrapItem = (WrappedDek, WrapContext);
+
+/// See `Core::page_filler`: (FUSE inode, bytes for offset 0).
+pub type PageFiller = Box<dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync>;
+
+thread_local! {
+    /// Per-thread plaintext buffer of `Core::fill_page_cache`.
+    static FILL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A sidecar's bytes and their parse. Immutable for the life of the file.
 pub struct FileHeader {
@@ -81,6 +91,10 @@ pub struct Inode {
     /// kernel forgets this one: inodes are keyed by that number, and a new
     /// directory must not be taken for the old file.
     pinned: Mutex<Option<OwnedFd>>,
+    /// Set once the file's head went into the kernel's page cache at an open
+    /// (`Core::fill_page_cache`); never again while the kernel knows the
+    /// inode, whose pages stay cached across opens (FOPEN_KEEP_CACHE).
+    filled: AtomicBool,
 }
 
 impl Inode {
@@ -215,6 +229,10 @@ pub struct Core {
     reaper: Worker,
     /// Reads sidecars ahead for the local keyring (`prefetch_siblings`).
     readahead: Worker,
+    /// Puts plaintext at offset 0 of a FUSE inode into the kernel's page
+    /// cache (FUSE_NOTIFY_STORE). Set by the FUSE adapter once mounted;
+    /// unset where `Core` is driven without a kernel (then nothing is filled).
+    page_filler: OnceLock<PageFiller>,
     is_root_user: bool,
 }
 
@@ -308,6 +326,7 @@ impl Core {
             other_names: Mutex::new(Vec::new()),
             open_file: Mutex::new(Weak::new()),
             header: OnceLock::new(),
+            filled: AtomicBool::new(false),
             plain: false,
             pinned: Mutex::new(None),
         });
@@ -330,8 +349,15 @@ impl Core {
             prefetched_dirs: Mutex::new(HashMap::new()),
             reaper: Worker::start("kmsfs-reaper", 1024),
             readahead: Worker::start("kmsfs-readahead", 64),
+            page_filler: OnceLock::new(),
             is_root_user: unsafe { libc::geteuid() } == 0,
         })
+    }
+
+    /// Installs how file heads reach the kernel's page cache (see
+    /// `fill_page_cache`); the first one installed stays.
+    pub fn set_page_filler(&self, filler: PageFiller) {
+        let _ = self.page_filler.set(filler);
     }
 
     pub fn runtime(&self) -> &KmsRuntime {
@@ -475,6 +501,7 @@ impl Core {
             other_names: Mutex::new(Vec::new()),
             open_file: Mutex::new(Weak::new()),
             header: OnceLock::new(),
+            filled: AtomicBool::new(false),
             plain,
             pinned: Mutex::new(None),
         });
@@ -635,8 +662,14 @@ impl Core {
     }
 
     /// The shared open state of a regular file: header from the sidecar (once
-    /// per inode), DEK from the cache or one KMS unwrap.
-    pub async fn crypt_file(&self, inode: &Arc<Inode>) -> FsResult<Arc<CryptFile>> {
+    /// per inode), DEK from the cache or one KMS unwrap. With `fill` (the
+    /// inode's FUSE number, for an open for reading), an open state made
+    /// here also has the file's head put into the kernel's page cache.
+    pub async fn crypt_file(
+        &self,
+        inode: &Arc<Inode>,
+        fill: Option<u64>,
+    ) -> FsResult<Arc<CryptFile>> {
         if let Some(cf) = inode.open_file.lock().unwrap().upgrade() {
             return Ok(cf);
         }
@@ -665,7 +698,10 @@ impl Core {
         // Open the data first and start reading its head from disk, so that
         // read overlaps the sidecar read and the unwrap.
         let fd = self.open_data(inode, flags)?;
-        sys::readahead(fd.as_raw_fd(), OPEN_READAHEAD);
+        sys::readahead(
+            fd.as_raw_fd(),
+            self.geometry.ciphertext_size(OPEN_FILL) as usize,
+        );
         let header = self.header_of(inode)?;
         let h = &header.parsed.header;
         let label = self.label(inode);
@@ -703,12 +739,60 @@ impl Core {
             None,
         )?);
         *slot = Arc::downgrade(&cf);
+        if let Some(ino) = fill {
+            // Still under `slot`: see `fill_page_cache`.
+            self.fill_page_cache(ino, inode, &cf);
+        }
         Ok(cf)
     }
 
-    pub async fn open(&self, ino: u64) -> FsResult<u64> {
+    /// Puts the first `OPEN_FILL` bytes of a file just opened for reading
+    /// into the kernel's page cache, so that reading them makes no READ
+    /// request: for a small file the READ's round trip costs more than its
+    /// decryption. Once per inode while the kernel knows it.
+    ///
+    /// Called with the inode's `open_file` slot held, right after its open
+    /// state was made: a store overwrites the kernel's pages, so none of them
+    /// may be dirty. With no open state there is no open handle, and the
+    /// kernel writes dirty pages back before a handle's release; while the
+    /// slot is held no other open can hand out a handle to write through.
+    ///
+    /// Best effort: nothing is stored if a block fails authentication (the
+    /// READ that follows reports it) or the kernel refuses.
+    fn fill_page_cache(&self, ino: u64, inode: &Inode, cf: &CryptFile) {
+        let Some(store) = self.page_filler.get() else {
+            return;
+        };
+        if inode.filled.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let len = match cf.size() {
+            Ok(size) => size.min(OPEN_FILL) as usize,
+            Err(_) => return,
+        };
+        if len == 0 {
+            return;
+        }
+        FILL_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if cf.read(0, len, &mut buf).is_err() {
+                return;
+            }
+            match store(ino, &buf) {
+                Ok(()) => {
+                    self.metrics
+                        .bytes_filled
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!("page cache fill of inode {ino} refused: {e}"),
+            }
+        });
+    }
+
+    /// `reading_only`: opened O_RDONLY (only such opens fill the page cache).
+    pub async fn open(&self, ino: u64, reading_only: bool) -> FsResult<u64> {
         let inode = self.inode(ino)?;
-        let cf = self.crypt_file(&inode).await?;
+        let cf = self.crypt_file(&inode, reading_only.then_some(ino)).await?;
         Ok(self.add_handle(Handle::File(cf)))
     }
 
@@ -1235,7 +1319,7 @@ impl Core {
             }
             let cf = match fh.map(|fh| self.file_handle(fh)) {
                 Some(Ok(cf)) => cf,
-                _ => self.crypt_file(&inode).await?,
+                _ => self.crypt_file(&inode, None).await?,
             };
             // The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2) but does
             // not pass fuser its flag; root stands in for CAP_FSETID.
