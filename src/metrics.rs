@@ -125,7 +125,7 @@ impl Metrics {
             ),
             (
                 "kmsfs_open_fill_bytes_total",
-                "Plaintext bytes put into the kernel's page cache when a file was first opened for reading (reads of them make no request).",
+                "Plaintext bytes sent to the kernel's page cache when a file was first opened for reading (reads of them make no request).",
                 &self.bytes_filled,
             ),
             (

@@ -249,7 +249,9 @@ impl Filesystem for KmsFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.core.prefetch_siblings(ino.0);
         let core = self.core.clone();
-        let reading_only = flags.acc_mode() == OpenAccMode::O_RDONLY;
+        // O_TRUNC comes as a SETATTR after the open: nothing to fill.
+        let reading_only =
+            flags.acc_mode() == OpenAccMode::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
         self.core.runtime().run_or_spawn(async move {
             match core.open(ino.0, reading_only).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),

@@ -92,8 +92,9 @@ pub struct Inode {
     /// directory must not be taken for the old file.
     pinned: Mutex<Option<OwnedFd>>,
     /// Set once the file's head went into the kernel's page cache at an open
-    /// (`Core::fill_page_cache`); never again while the kernel knows the
-    /// inode, whose pages stay cached across opens (FOPEN_KEEP_CACHE).
+    /// (`Core::fill_page_cache`); not again while the kernel knows the inode.
+    /// The pages usually stay cached across opens (FOPEN_KEEP_CACHE); when
+    /// the kernel drops them, READ requests serve the file as before.
     filled: AtomicBool,
 }
 
@@ -758,12 +759,15 @@ impl Core {
     /// slot is held no other open can hand out a handle to write through.
     ///
     /// Best effort: nothing is stored if a block fails authentication (the
-    /// READ that follows reports it) or the kernel refuses.
+    /// READ that follows reports it) or the kernel refuses. (After a failed
+    /// writeback the kernel may still cache bytes that never reached the
+    /// backing file; a store then replaces only the first `OPEN_FILL` of
+    /// them. The failed write was reported with EIO.)
     fn fill_page_cache(&self, ino: u64, inode: &Inode, cf: &CryptFile) {
         let Some(store) = self.page_filler.get() else {
             return;
         };
-        if inode.filled.swap(true, Ordering::Relaxed) {
+        if inode.filled.load(Ordering::Relaxed) {
             return;
         }
         let len = match cf.size() {
@@ -780,6 +784,7 @@ impl Core {
             }
             match store(ino, &buf) {
                 Ok(()) => {
+                    inode.filled.store(true, Ordering::Relaxed);
                     self.metrics
                         .bytes_filled
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -789,7 +794,8 @@ impl Core {
         });
     }
 
-    /// `reading_only`: opened O_RDONLY (only such opens fill the page cache).
+    /// `reading_only`: opened O_RDONLY without O_TRUNC (only such opens fill
+    /// the page cache).
     pub async fn open(&self, ino: u64, reading_only: bool) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         let cf = self.crypt_file(&inode, reading_only.then_some(ino)).await?;
