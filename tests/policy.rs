@@ -359,7 +359,10 @@ fn page_cache_fill_never_undoes_a_concurrent_write() {
         );
     }
     let (_, filled) = served(port);
-    assert!(filled > 0, "no open filled the page cache: the race was not run");
+    assert!(
+        filled > 0,
+        "no open filled the page cache: the race was not run"
+    );
 }
 
 #[test]
