@@ -327,31 +327,37 @@ fn first_open_for_reading_fills_the_page_cache() {
     );
 }
 
-/// A reader's first open fills the page cache while a writer opens and
-/// writes the same file: the writer's bytes must win every time (a fill
-/// that landed on the writer's dirty pages would put the old bytes back).
+/// A reader's first open fills the page cache while a writer opens the
+/// same file and writes it: the writer's bytes must win every time. A fill
+/// that landed on the writer's dirty pages would put the old bytes back,
+/// and the writer's close would write those out.
 #[test]
 fn page_cache_fill_never_undoes_a_concurrent_write() {
+    use std::io::Write;
     let mut fs = TestFs::new(&[]);
     let path = fs.path("contended");
     fs::write(&path, pattern(64 * 1024, 0)).unwrap();
     fs.umount();
     let port = free_port();
     fs.mount(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
-    for round in 1..=40u8 {
+    for round in 1..=30u8 {
         // Usually makes the kernel forget the inode, so that the next open
         // fills again.
         fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
         let new = pattern(64 * 1024, round);
         std::thread::scope(|s| {
             s.spawn(|| {
-                // Whatever it sees (the old bytes, none after the writer's
-                // O_TRUNC, or the new ones) is fine; the open is the point.
                 let mut f = fs::File::open(&path).unwrap();
-                let mut buf = vec![0u8; 4096];
-                let _ = f.read(&mut buf).unwrap();
+                let _ = f.read(&mut [0u8; 4096]).unwrap();
             });
-            s.spawn(|| fs::write(&path, &new).unwrap());
+            s.spawn(|| {
+                // Open just after the reader, and keep the written pages
+                // dirty in the kernel for a while before the close.
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.write_all(&new).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            });
         });
         assert!(
             fs::read(&path).unwrap() == new,
