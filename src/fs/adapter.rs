@@ -1,7 +1,6 @@
 //! The fuser adapter: unpacks requests, calls [`Core`], and turns results
 //! into replies. The only place errors become errno (`FsError::to_errno`).
 
-use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
@@ -52,11 +51,6 @@ fn caller(req: &Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
     }
-}
-
-thread_local! {
-    /// Per-thread plaintext buffer for read replies.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl KmsFs {
@@ -272,10 +266,9 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        READ_BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            match self.core.read(fh.0, offset, size as usize, &mut buf) {
-                Ok(()) => reply.data(&buf),
+        super::with_plaintext_scratch(|buf| {
+            match self.core.read(fh.0, offset, size as usize, buf) {
+                Ok(()) => reply.data(buf),
                 Err(e) => reply.error(errno(&e)),
             }
         });

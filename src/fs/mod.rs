@@ -53,8 +53,15 @@ type UnwrapItem = (WrappedDek, WrapContext);
 pub type PageFiller = Box<dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync>;
 
 thread_local! {
-    /// Per-thread plaintext buffer of `Core::fill_page_cache`.
-    static FILL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread plaintext scratch, reused so that READ replies and
+    /// page-cache fills do not allocate per request. Neither use runs inside
+    /// the other, so it is never borrowed twice.
+    static PLAINTEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's plaintext scratch (see `PLAINTEXT`).
+pub(crate) fn with_plaintext_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    PLAINTEXT.with(|buf| f(&mut buf.borrow_mut()))
 }
 
 /// A sidecar's bytes and their parse. Immutable for the life of the file.
@@ -777,12 +784,11 @@ impl Core {
         if len == 0 {
             return;
         }
-        FILL_BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            if cf.read(0, len, &mut buf).is_err() {
+        with_plaintext_scratch(|buf| {
+            if cf.read(0, len, buf).is_err() {
                 return;
             }
-            match store(ino, &buf) {
+            match store(ino, buf) {
                 Ok(()) => {
                     inode.filled.store(true, Ordering::Relaxed);
                     self.metrics
