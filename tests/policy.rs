@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
 
-use common::{run, TestFs};
+use common::{pattern, run, TestFs};
 
 fn info(fs: &TestFs, rel: &str) -> serde_json::Value {
     let out = run(&["info", fs.path(rel).to_str().unwrap()], true);
@@ -277,11 +277,6 @@ fn served(port: u16) -> (u64, u64) {
     )
 }
 
-/// Bytes of a pattern that differs per offset and per `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
-}
-
 #[test]
 fn first_open_for_reading_fills_the_page_cache() {
     const FILL: u64 = 128 * 1024;
@@ -340,7 +335,7 @@ fn page_cache_fill_never_undoes_a_concurrent_write() {
     fs.umount();
     let port = free_port();
     fs.mount(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
-    for round in 1..=30u8 {
+    for round in 1..=30u64 {
         // Usually makes the kernel forget the inode, so that the next open
         // fills again.
         fs::write("/proc/sys/vm/drop_caches", "3").unwrap();

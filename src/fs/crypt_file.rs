@@ -717,7 +717,7 @@ mod tests {
         }
         cf.write(steps << 20, &chunk).unwrap();
         // That append made [0, its start) due (to the page holding the start).
-        let page_floor = |x: u64| x - x % 4096;
+        let page_floor = |x: u64| x - x % PAGE;
         assert_eq!(behind(), page_floor(steps * sealed_chunk));
         // Rewrites inside the file move nothing.
         for _ in 0..20 {
