@@ -134,18 +134,25 @@ print_env() {
     cat -- "$STATE/env"
 }
 
+# The file audit log's path, or nothing with KMSFS_VAULT_NO_AUDIT=1.
+audit_log() {
+    [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]] || echo "$STATE/audit.log"
+}
+
 # The server's config file for the requested mode (audit device or not).
 server_config() {
+    local audit
+    audit=$(audit_log)
     cat <<EOF
 telemetry {
   disable_hostname = true
   prometheus_retention_time = "24h"
 }
 EOF
-    [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]] || cat <<EOF
+    [[ -z $audit ]] || cat <<EOF
 audit "file" "kmsfs-audit" {
   options {
-    file_path = "$STATE/audit.log"
+    file_path = "$audit"
   }
 }
 EOF
@@ -174,8 +181,8 @@ cmd_start() {
     rm -f -- "$STATE/env" "$STATE/server.pid" "$STATE/audit.log"
     umask 077
     TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-    local audit=$STATE/audit.log deadline pid port attempt
-    [[ ${KMSFS_VAULT_NO_AUDIT:-0} == 1 ]] && audit=
+    local audit deadline pid port attempt
+    audit=$(audit_log)
     server_config >"$STATE/server.hcl"
     local timeout_s=${KMSFS_VAULT_START_TIMEOUT:-60} scheme=http
     local -a tls_args=()

@@ -326,7 +326,7 @@ rec_server() {
         return 0
     fi
     rec "$fs" "${m}_server_requests" "$rep" "$(awk -v a="${before% *}" -v b="${after% *}" 'BEGIN { printf "%d", b - a }')" requests
-    rec "$fs" "${m}_server_cpu_s" "$rep" "$(awk -v a="${before#* }" -v b="${after#* }" 'BEGIN { printf "%.2f", b - a }')" s
+    rec "$fs" "${m}_server_cpu_s" "$rep" "$(elapsed "${before#* }" "${after#* }")" s
 }
 
 # run_timed LOG CMD...: runs CMD with a timeout, prints its wall seconds.
@@ -528,7 +528,7 @@ group_ml() {
                     rec_err "$fs" "ml_${phase}_kms" "could not read the daemon's /metrics"
                 fi
                 if [[ -n $cpu0 ]] && cpu1=$(cpu_seconds "$pid" 2>/dev/null); then
-                    rec "$fs" "ml_${phase}_daemon_cpu_s" "$rep" "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.2f", b - a }')" s
+                    rec "$fs" "ml_${phase}_daemon_cpu_s" "$rep" "$(elapsed "$cpu0" "$cpu1")" s
                 else
                     rec_err "$fs" "ml_${phase}_daemon_cpu" "could not read the daemon's CPU time"
                 fi
