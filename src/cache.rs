@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,22 +16,13 @@ use sha2::{Digest, Sha256};
 
 use crate::crypto::Dek;
 use crate::kms::{KeyProvider, KmsError, WrapContext, WrappedDek};
+use crate::metrics::CacheStats;
 
 type CacheKey = [u8; 32];
 
 struct Entry {
     dek: Arc<Dek>,
     inserted: Instant,
-}
-
-/// Cache counters, for metrics and tests.
-#[derive(Default)]
-pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub evictions: AtomicU64,
-    /// Unwrap calls actually sent to a KMS.
-    pub unwraps: AtomicU64,
 }
 
 pub struct DekCache {
@@ -166,34 +157,8 @@ impl DekCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kms::testing::FakeKms;
     use crate::kms::KeyRef;
-    use async_trait::async_trait;
-
-    /// Counts unwraps and takes a while, to expose duplicate calls.
-    struct SlowKms {
-        calls: AtomicU64,
-    }
-
-    #[async_trait]
-    impl KeyProvider for SlowKms {
-        fn describe(&self) -> String {
-            "slow test kms".into()
-        }
-        fn kind(&self) -> &'static str {
-            "test"
-        }
-        fn handles(&self, _: &KeyRef) -> bool {
-            true
-        }
-        async fn wrap(&self, _: &Dek, _: &WrapContext) -> Result<WrappedDek, KmsError> {
-            unreachable!()
-        }
-        async fn unwrap(&self, w: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Dek::from_slice(&w.blob).map_err(|e| KmsError::Config(e.to_string()))
-        }
-    }
 
     fn wrapped(b: u8) -> WrappedDek {
         WrappedDek {
@@ -213,33 +178,30 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let kms = Arc::new(SlowKms {
-            calls: AtomicU64::new(0),
-        });
+        // Slow enough that all 16 callers miss while the first one waits.
+        let kms = Arc::new(FakeKms::new("k").with_delay(Duration::from_millis(50)));
         let cache = Arc::new(DekCache::new(10, Duration::from_millis(300)));
         let ctx = WrapContext { file_id: [0; 16] };
+        let (dek, w) = rt.block_on(kms.generate_dek(&ctx)).unwrap();
         rt.block_on(async {
             let mut tasks = Vec::new();
             for _ in 0..16 {
-                let (cache, kms) = (cache.clone(), kms.clone());
+                let (cache, kms, w) = (cache.clone(), kms.clone(), w.clone());
                 tasks.push(tokio::spawn(async move {
-                    cache
-                        .get_or_unwrap(&wrapped(5), &ctx, kms.as_ref())
-                        .await
-                        .unwrap()
+                    cache.get_or_unwrap(&w, &ctx, kms.as_ref()).await.unwrap()
                 }));
             }
             for t in tasks {
-                assert_eq!(t.await.unwrap().as_bytes(), &[5u8; 32]);
+                assert_eq!(t.await.unwrap().as_bytes(), dek.as_bytes());
             }
         });
-        assert_eq!(kms.calls.load(Ordering::SeqCst), 1);
-        assert!(cache.get(&wrapped(5), &ctx).is_some());
+        assert_eq!(kms.unwraps(), 1);
+        assert!(cache.get(&w, &ctx).is_some());
         std::thread::sleep(Duration::from_millis(350));
-        assert!(cache.get(&wrapped(5), &ctx).is_none(), "expired by TTL");
-        rt.block_on(cache.get_or_unwrap(&wrapped(5), &ctx, kms.as_ref()))
+        assert!(cache.get(&w, &ctx).is_none(), "expired by TTL");
+        rt.block_on(cache.get_or_unwrap(&w, &ctx, kms.as_ref()))
             .unwrap();
-        assert_eq!(kms.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(kms.unwraps(), 2);
     }
 
     #[test]

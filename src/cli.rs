@@ -14,11 +14,11 @@ use clap::{Args, Parser, Subcommand};
 
 use kmsfs::cache::DekCache;
 use kmsfs::config::{Config, KmsConfig, CONFIG_VERSION};
-use kmsfs::format::names::{is_reserved, sidecar_name};
+use kmsfs::format::names::is_reserved;
 use kmsfs::format::{header, BlockGeometry, CipherSuite};
-use kmsfs::fs::{self, MountOptions};
+use kmsfs::fs::{self, sidecar, MountOptions};
 use kmsfs::kms::local::Keyring;
-use kmsfs::kms::{KmsError, KmsRuntime, WrapContext, WrappedDek};
+use kmsfs::kms::{KmsError, KmsRuntime, WrapContext};
 use kmsfs::metrics::Metrics;
 use kmsfs::policy::{normalize_dir, Policy};
 
@@ -839,16 +839,13 @@ fn info(path: &Path, verify: bool) -> Result<()> {
     if is_reserved(name.as_bytes()) {
         bail!("{} is kmsfs metadata, not a file", path.display());
     }
-    let sidecar = file.with_file_name(std::ffi::OsStr::from_bytes(&sidecar_name(name.as_bytes())));
-    let raw = std::fs::read(&sidecar).map_err(|e| {
+    let header = sidecar::read_beside(&file).map_err(|e| {
         anyhow!(
-            "{}: no readable kmsfs header ({}: {e}); is it a regular file in a kmsfs mount or backing directory?",
+            "{}: no readable kmsfs header ({e}); is it a regular file in a kmsfs mount or backing directory?",
             path.display(),
-            sidecar.display()
         )
     })?;
-    let parsed =
-        header::parse(&raw).map_err(|e| anyhow!("{}: damaged header: {e}", path.display()))?;
+    let parsed = &header.parsed;
     let h = &parsed.header;
     let ct_size = std::fs::metadata(&file).map(|m| m.len()).ok();
     let mut out = serde_json::json!({
@@ -859,11 +856,11 @@ fn info(path: &Path, verify: bool) -> Result<()> {
         "block_size": h.geometry.block_size(),
         "file_id": hex::encode(h.file_id),
         "key": {
-            "provider": h.key_ref.provider,
-            "key_id": h.key_ref.key_id,
-            "key_version": h.key_ref.key_version,
+            "provider": h.wrapped.key_ref.provider,
+            "key_id": h.wrapped.key_ref.key_id,
+            "key_version": h.wrapped.key_ref.key_version,
         },
-        "wrapped_dek_bytes": h.wrapped_dek.len(),
+        "wrapped_dek_bytes": h.wrapped.blob.len(),
         "plaintext_size": ct_size.map(|c| h.geometry.plaintext_size(c)),
         "ciphertext_size": ct_size,
     });
@@ -874,14 +871,9 @@ fn info(path: &Path, verify: bool) -> Result<()> {
         let rt = KmsRuntime::new()?;
         let connected = cfg.connect(&rt, &Arc::new(Metrics::default()))?;
         let ctx = WrapContext { file_id: h.file_id };
-        let wrapped = WrappedDek {
-            key_ref: h.key_ref.clone(),
-            blob: h.wrapped_dek.clone(),
-        };
-        let p = connected.providers.for_key(&h.key_ref)?;
-        let dek = rt.block_on(p.unwrap(&wrapped, &ctx))?;
-        kmsfs::crypto::verify_header(&parsed, &dek)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let p = connected.providers.for_key(&h.wrapped.key_ref)?;
+        let dek = rt.block_on(p.unwrap(&h.wrapped, &ctx))?;
+        kmsfs::crypto::open_header(parsed, &dek).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         out["header_verified"] = serde_json::Value::Bool(true);
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -1031,17 +1023,13 @@ fn policy_status(backing: &Path) -> Result<()> {
             if ft.is_dir() {
                 stack.push((e.path(), format!("{rel}/{}", name.to_string_lossy())));
             } else if ft.is_file() {
-                let sidecar = dir.join(std::ffi::OsStr::from_bytes(&sidecar_name(name.as_bytes())));
                 let row = &mut rows[policy_idx];
-                match std::fs::read(&sidecar)
-                    .ok()
-                    .and_then(|raw| header::parse(&raw).ok())
-                {
+                match sidecar::read_beside(&e.path()).ok() {
                     None => row.files_without_sidecar += 1,
-                    Some(p)
+                    Some(h)
                         if connected.policies[policy_idx]
                             .provider
-                            .is_current_key(&p.header.key_ref) =>
+                            .is_current_key(&h.parsed.header.wrapped.key_ref) =>
                     {
                         row.files_on_current_key += 1
                     }

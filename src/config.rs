@@ -12,9 +12,9 @@ use crate::format::names::CONFIG_FILE;
 use crate::format::BlockGeometry;
 #[cfg(test)]
 use crate::format::CipherSuite;
+pub use crate::kms::config::{ConnectError, KmsConfig};
 use crate::kms::instrumented::{Instrumented, RetryPolicy};
-use crate::kms::local::{KeyringError, LocalKms};
-use crate::kms::{KeyProvider, KmsError, KmsRuntime, ProviderSet};
+use crate::kms::{KeyProvider, KmsRuntime, ProviderSet};
 use crate::metrics::Metrics;
 use crate::policy::{governing, normalize_dir, Policy};
 
@@ -37,46 +37,13 @@ pub enum ConfigError {
     #[error("{path} is not a valid kmsfs configuration: {detail}")]
     Invalid { path: PathBuf, detail: String },
     #[error(transparent)]
-    Keyring(#[from] KeyringError),
-    #[error(transparent)]
-    Kms(#[from] KmsError),
+    Connect(#[from] ConnectError),
 }
 
-/// Which KMS key wraps DEKs, by provider.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
-pub enum KmsConfig {
-    Local {
-        /// Keyring file, absolute, outside the backing directory.
-        key_file: PathBuf,
-        /// Key name in the keyring.
-        key: String,
-    },
-    #[cfg(feature = "vault")]
-    Vault(crate::kms::vault::VaultConfig),
-    #[cfg(feature = "aws")]
-    Aws(crate::kms::aws::AwsConfig),
-    #[cfg(feature = "azure")]
-    Azure(crate::kms::azure::AzureConfig),
-    #[cfg(feature = "gcp")]
-    Gcp(crate::kms::gcp::GcpConfig),
-}
-
-impl KmsConfig {
-    /// Connects to (or opens) the KMS this configuration names.
-    pub fn build(&self, rt: &KmsRuntime) -> Result<Arc<dyn KeyProvider>, ConfigError> {
-        let _ = rt;
-        Ok(match self {
-            KmsConfig::Local { key_file, key } => Arc::new(LocalKms::open(key_file, key)?),
-            #[cfg(feature = "vault")]
-            KmsConfig::Vault(c) => rt.block_on(crate::kms::vault::VaultKms::connect(c))?,
-            #[cfg(feature = "aws")]
-            KmsConfig::Aws(c) => rt.block_on(crate::kms::aws::AwsKms::connect(c))?,
-            #[cfg(feature = "azure")]
-            KmsConfig::Azure(c) => rt.block_on(crate::kms::azure::AzureKms::connect(c))?,
-            #[cfg(feature = "gcp")]
-            KmsConfig::Gcp(c) => rt.block_on(crate::kms::gcp::GcpKms::connect(c))?,
-        })
+impl ConfigError {
+    /// Whether trying again later can help (a KMS was unreachable).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConfigError::Connect(ConnectError::Kms(e)) if e.is_retryable())
     }
 }
 

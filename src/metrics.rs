@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cache::CacheStats;
-
 /// Upper bounds (seconds) of the KMS latency histogram buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
@@ -19,6 +17,16 @@ struct Series {
     count: u64,
     sum_seconds: f64,
     buckets: [u64; BUCKETS.len()],
+}
+
+/// DEK cache counters, kept by the cache and rendered here.
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Unwrap calls actually sent to a KMS.
+    pub unwraps: AtomicU64,
 }
 
 #[derive(Default)]

@@ -4,9 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::KmsConfig;
 use crate::format::names::is_reserved;
 use crate::format::CipherSuite;
+use crate::kms::config::KmsConfig;
 
 fn yes() -> bool {
     true

@@ -1,9 +1,9 @@
 //! Fixed test vectors for the on-disk format. The same hex strings appear in
 //! docs/FORMAT.md; this test checks both the code and the document.
 
-use kmsfs::crypto::{seal_header, verify_header, BlockCipher, Dek};
+use kmsfs::crypto::{open_header, seal_header, Dek};
 use kmsfs::format::header::parse;
-use kmsfs::format::{BlockGeometry, CipherSuite, Header, KeyRef};
+use kmsfs::format::{BlockGeometry, CipherSuite, Header, KeyRef, WrappedDek};
 
 fn dek() -> Dek {
     Dek::from_slice(&(0u8..32).collect::<Vec<_>>()).unwrap()
@@ -14,17 +14,19 @@ fn header(cipher: CipherSuite) -> Header {
         cipher,
         geometry: BlockGeometry::from_shift(12).unwrap(),
         file_id: core::array::from_fn(|i| 0xA0 + i as u8),
-        key_ref: KeyRef {
-            provider: "local".into(),
-            key_id: "default".into(),
-            key_version: "1".into(),
+        wrapped: WrappedDek {
+            key_ref: KeyRef {
+                provider: "local".into(),
+                key_id: "default".into(),
+                key_version: "1".into(),
+            },
+            blob: vec![0x11; 60],
         },
-        wrapped_dek: vec![0x11; 60],
     }
 }
 
 fn sealed_block(cipher: CipherSuite) -> String {
-    let c = BlockCipher::new(&dek(), &header(cipher));
+    let (_, c) = seal_header(&header(cipher), &dek()).unwrap();
     let pt = b"kmsfs test vector";
     let mut buf = vec![0u8; pt.len() + 28];
     buf[12..12 + pt.len()].copy_from_slice(pt);
@@ -81,9 +83,9 @@ const BLOCK_CHACHA: &str =
 
 #[test]
 fn vectors_match_code_and_docs() {
-    let h = seal_header(&header(CipherSuite::Aes256Gcm), &dek()).unwrap();
+    let (h, _) = seal_header(&header(CipherSuite::Aes256Gcm), &dek()).unwrap();
     let parsed = parse(&h).unwrap();
-    verify_header(&parsed, &dek()).unwrap();
+    open_header(&parsed, &dek()).unwrap();
     let got = [
         ("header (AES-256-GCM)", hex::encode(&h), HEADER_AES),
         (

@@ -77,22 +77,32 @@ fn header_mac(dek: &Dek, file_id: &[u8; 16], authenticated: &[u8]) -> Hmac<Sha25
     mac
 }
 
-/// Encodes `header` and appends its MAC (keyed from `dek`).
-pub fn seal_header(header: &Header, dek: &Dek) -> Result<Vec<u8>, crate::format::FormatError> {
+/// Seals the header of a new file: encodes `header` and appends its MAC
+/// (keyed from `dek`). Returns the sidecar bytes and the file's block cipher.
+pub fn seal_header(
+    header: &Header,
+    dek: &Dek,
+) -> Result<(Vec<u8>, BlockCipher), crate::format::FormatError> {
     let mut bytes = header.encode_unauthenticated()?;
     let tag = header_mac(dek, &header.file_id, &bytes)
         .finalize()
         .into_bytes();
     debug_assert_eq!(tag.len(), MAC_LEN);
     bytes.extend_from_slice(&tag);
-    Ok(bytes)
+    Ok((bytes, BlockCipher::new(dek, header)))
 }
 
-/// Checks a parsed header's MAC against the unwrapped DEK (constant time).
-pub fn verify_header(parsed: &crate::format::ParsedHeader, dek: &Dek) -> Result<(), CryptoError> {
+/// The one way to an existing file's block cipher: checks the parsed
+/// header's MAC against the unwrapped DEK (constant time) first, and only
+/// then trusts the header's fields (cipher, file ID) to build the cipher.
+pub fn open_header(
+    parsed: &crate::format::ParsedHeader,
+    dek: &Dek,
+) -> Result<BlockCipher, CryptoError> {
     header_mac(dek, &parsed.header.file_id, &parsed.authenticated)
         .verify_slice(&parsed.mac)
-        .map_err(|_| CryptoError::HeaderAuth)
+        .map_err(|_| CryptoError::HeaderAuth)?;
+    Ok(BlockCipher::new(dek, &parsed.header))
 }
 
 /// Seals and opens the blocks of one file. Holds only the derived block key,
@@ -108,7 +118,9 @@ pub struct BlockCipher {
 }
 
 impl BlockCipher {
-    pub fn new(dek: &Dek, header: &Header) -> Self {
+    /// Only through [`seal_header`] and [`open_header`], and tests: an
+    /// existing file's header must be authenticated first.
+    pub(crate) fn new(dek: &Dek, header: &Header) -> Self {
         let key = derive(dek, &header.file_id, BLOCK_KEY_INFO);
         let alg = match header.cipher {
             crate::format::CipherSuite::Aes256Gcm => &AES_256_GCM,
@@ -185,19 +197,21 @@ impl BlockCipher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{BlockGeometry, CipherSuite, KeyRef};
+    use crate::format::{BlockGeometry, CipherSuite, KeyRef, WrappedDek};
 
     fn header(cipher: CipherSuite, id: u8) -> Header {
         Header {
             cipher,
             geometry: BlockGeometry::from_shift(12).unwrap(),
             file_id: [id; 16],
-            key_ref: KeyRef {
-                provider: "local".into(),
-                key_id: "k".into(),
-                key_version: "1".into(),
+            wrapped: WrappedDek {
+                key_ref: KeyRef {
+                    provider: "local".into(),
+                    key_id: "k".into(),
+                    key_version: "1".into(),
+                },
+                blob: vec![1, 2, 3],
             },
-            wrapped_dek: vec![1, 2, 3],
         }
     }
 
@@ -237,21 +251,24 @@ mod tests {
     fn header_mac_detects_every_flip() {
         let dek = Dek::generate();
         let h = header(CipherSuite::Aes256Gcm, 9);
-        let bytes = seal_header(&h, &dek).unwrap();
+        let (bytes, _) = seal_header(&h, &dek).unwrap();
         let parsed = crate::format::header::parse(&bytes).unwrap();
-        verify_header(&parsed, &dek).unwrap();
+        open_header(&parsed, &dek).unwrap();
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut bad = bytes.clone();
                 bad[i] ^= 1 << bit;
                 let ok = crate::format::header::parse(&bad)
-                    .map(|p| verify_header(&p, &dek).is_ok())
+                    .map(|p| open_header(&p, &dek).is_ok())
                     .unwrap_or(false);
                 assert!(!ok, "flip of bit {bit} in byte {i} went unnoticed");
             }
         }
         let wrong = Dek::generate();
-        assert_eq!(verify_header(&parsed, &wrong), Err(CryptoError::HeaderAuth));
+        assert!(matches!(
+            open_header(&parsed, &wrong),
+            Err(CryptoError::HeaderAuth)
+        ));
     }
 
     #[test]

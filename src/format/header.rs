@@ -76,15 +76,21 @@ pub struct KeyRef {
     pub key_version: String,
 }
 
+/// A DEK as a KMS wrapped it (opaque ciphertext), with the key that did so.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WrappedDek {
+    pub key_ref: KeyRef,
+    pub blob: Vec<u8>,
+}
+
 /// Parsed, not yet authenticated, header of one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
     pub cipher: CipherSuite,
     pub geometry: BlockGeometry,
     pub file_id: [u8; FILE_ID_LEN],
-    pub key_ref: KeyRef,
-    /// The DEK as wrapped by the KMS (opaque ciphertext).
-    pub wrapped_dek: Vec<u8>,
+    /// The file's DEK, wrapped by the KMS key its key reference names.
+    pub wrapped: WrappedDek,
 }
 
 /// A header together with the bytes its MAC covers.
@@ -99,16 +105,17 @@ pub struct ParsedHeader {
 impl Header {
     /// Encodes the header without its MAC; the caller appends the MAC.
     pub fn encode_unauthenticated(&self) -> Result<Vec<u8>, FormatError> {
-        let mut out = Vec::with_capacity(64 + self.wrapped_dek.len() + self.key_ref.key_id.len());
+        let key_ref = &self.wrapped.key_ref;
+        let mut out = Vec::with_capacity(64 + self.wrapped.blob.len() + key_ref.key_id.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_be_bytes());
         out.push(self.cipher.id());
         out.push(self.geometry.shift());
         out.extend_from_slice(&self.file_id);
-        put_u8_field(&mut out, "provider", self.key_ref.provider.as_bytes())?;
-        put_u16_field(&mut out, "key id", self.key_ref.key_id.as_bytes())?;
-        put_u8_field(&mut out, "key version", self.key_ref.key_version.as_bytes())?;
-        put_u16_field(&mut out, "wrapped DEK", &self.wrapped_dek)?;
+        put_u8_field(&mut out, "provider", key_ref.provider.as_bytes())?;
+        put_u16_field(&mut out, "key id", key_ref.key_id.as_bytes())?;
+        put_u8_field(&mut out, "key version", key_ref.key_version.as_bytes())?;
+        put_u16_field(&mut out, "wrapped DEK", &self.wrapped.blob)?;
         Ok(out)
     }
 }
@@ -175,7 +182,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedHeader, FormatError> {
     let n = r.u8()? as usize;
     let key_version = r.string("key version", n)?;
     let n = r.u16()? as usize;
-    let wrapped_dek = r.take(n)?.to_vec();
+    let blob = r.take(n)?.to_vec();
     let authenticated = bytes[..r.pos].to_vec();
     let mut mac = [0u8; MAC_LEN];
     mac.copy_from_slice(r.take(MAC_LEN)?);
@@ -187,12 +194,14 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedHeader, FormatError> {
             cipher,
             geometry,
             file_id,
-            key_ref: KeyRef {
-                provider,
-                key_id,
-                key_version,
+            wrapped: WrappedDek {
+                key_ref: KeyRef {
+                    provider,
+                    key_id,
+                    key_version,
+                },
+                blob,
             },
-            wrapped_dek,
         },
         authenticated,
         mac,
@@ -209,12 +218,14 @@ mod tests {
             cipher: CipherSuite::Aes256Gcm,
             geometry: BlockGeometry::from_shift(12).unwrap(),
             file_id: [7u8; 16],
-            key_ref: KeyRef {
-                provider: "local".into(),
-                key_id: "default".into(),
-                key_version: "1".into(),
+            wrapped: WrappedDek {
+                key_ref: KeyRef {
+                    provider: "local".into(),
+                    key_id: "default".into(),
+                    key_version: "1".into(),
+                },
+                blob: vec![0xAB; 60],
             },
-            wrapped_dek: vec![0xAB; 60],
         }
     }
 

@@ -7,7 +7,7 @@ pub mod header;
 pub mod names;
 
 pub use block::BlockGeometry;
-pub use header::{CipherSuite, Header, KeyRef, ParsedHeader};
+pub use header::{CipherSuite, Header, KeyRef, ParsedHeader, WrappedDek};
 
 /// Errors from parsing or building format structures. None of them can be
 /// fixed by retrying: the bytes on disk are what they are.

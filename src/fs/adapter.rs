@@ -1,7 +1,9 @@
-//! The fuser adapter: unpacks requests, calls [`Core`], and turns results
-//! into replies. The only place errors become errno (`FsError::to_errno`).
+//! The fuser adapter: unpacks requests, calls [`Core`] once per request, and
+//! turns results into replies. Errors become errno here, and are logged here
+//! (once, with the request's name) when an operator should hear of them.
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,8 +16,8 @@ use fuser::{
     WriteFlags,
 };
 
-use super::error::FsError;
-use super::{Caller, Core};
+use super::error::FsResult;
+use super::{Caller, Core, SetAttr};
 
 /// Largest read/write request we ask the kernel for (it allows 256 pages).
 const MAX_REQUEST: u32 = 1 << 20;
@@ -42,10 +44,6 @@ pub struct KmsFs {
     refuse_flush: bool,
 }
 
-fn errno(e: &FsError) -> Errno {
-    Errno::from_i32(e.to_errno())
-}
-
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -53,28 +51,82 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// A fuser reply that can carry an error.
+trait ErrorReply {
+    fn error(self, e: Errno);
+}
+
+macro_rules! error_reply {
+    ($($t:ty),*) => {$(
+        impl ErrorReply for $t {
+            fn error(self, e: Errno) {
+                <$t>::error(self, e)
+            }
+        }
+    )*};
+}
+error_reply!(
+    ReplyAttr,
+    ReplyCreate,
+    ReplyData,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyEmpty,
+    ReplyEntry,
+    ReplyOpen,
+    ReplyStatfs,
+    ReplyWrite,
+    ReplyXattr
+);
+
+/// Replies to request `op` with `ok(reply, value)`, or with the error's
+/// errno after logging it (`FsError::log`).
+fn answer<R: ErrorReply, T>(op: &'static str, reply: R, r: FsResult<T>, ok: impl FnOnce(R, T)) {
+    match r {
+        Ok(v) => ok(reply, v),
+        Err(e) => {
+            e.log(op);
+            reply.error(Errno::from_i32(e.to_errno()));
+        }
+    }
+}
+
+fn answer_empty(op: &'static str, reply: ReplyEmpty, r: FsResult<()>) {
+    answer(op, reply, r, |reply, ()| reply.ok());
+}
+
 impl KmsFs {
-    fn entry(&self, reply: ReplyEntry, r: Result<fuser::FileAttr, FsError>) {
-        match r {
-            Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+    fn entry(&self, op: &'static str, reply: ReplyEntry, r: FsResult<fuser::FileAttr>) {
+        let ttl = self.ttl;
+        answer(op, reply, r, |reply, attr| {
+            reply.entry(&ttl, &attr, Generation(0))
+        });
     }
 
-    fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+    /// Runs `work`, which may wait for the KMS, without holding this FUSE
+    /// thread when it has to wait (`KmsRuntime::run_or_spawn`), then replies.
+    fn answer_later<R, T, F>(&self, op: &'static str, reply: R, work: F, ok: fn(R, T, Duration))
+    where
+        R: ErrorReply + Send + 'static,
+        T: Send + 'static,
+        F: Future<Output = FsResult<T>> + Send + 'static,
+    {
+        let ttl = self.ttl;
+        self.core.runtime().run_or_spawn(async move {
+            answer(op, reply, work.await, |reply, v| ok(reply, v, ttl));
+        });
     }
 
-    fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
-        match r {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno(&e)),
-        }
+    fn xattr_reply(op: &'static str, reply: ReplyXattr, size: u32, r: FsResult<Vec<u8>>) {
+        answer(op, reply, r, |reply, v| {
+            if size == 0 {
+                reply.size(v.len() as u32)
+            } else if v.len() > size as usize {
+                reply.error(Errno::from_i32(libc::ERANGE))
+            } else {
+                reply.data(&v)
+            }
+        });
     }
 }
 
@@ -96,7 +148,7 @@ impl Filesystem for KmsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.core.lookup(parent.0, name));
+        self.entry("lookup", reply, self.core.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -104,10 +156,10 @@ impl Filesystem for KmsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.ttl, &a),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let ttl = self.ttl;
+        answer("getattr", reply, self.core.getattr(ino.0), |reply, a| {
+            reply.attr(&ttl, &a)
+        });
     }
 
     fn setattr(
@@ -128,33 +180,24 @@ impl Filesystem for KmsFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let (core, ttl, who) = (self.core.clone(), self.ttl, caller(req));
-        self.core.runtime().run_or_spawn(async move {
-            match core
-                .setattr(
-                    ino.0,
-                    mode,
-                    uid,
-                    gid,
-                    size,
-                    atime,
-                    mtime,
-                    fh.map(|f| f.0),
-                    who,
-                )
-                .await
-            {
-                Ok(a) => reply.attr(&ttl, &a),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh: fh.map(|f| f.0),
+        };
+        let (core, who) = (self.core.clone(), caller(req));
+        let work = async move { core.setattr(ino.0, set, who).await };
+        self.answer_later("setattr", reply, work, |reply, a, ttl| reply.attr(&ttl, &a));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.core.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
-        }
+        answer("readlink", reply, self.core.readlink(ino.0), |reply, t| {
+            reply.data(&t)
+        });
     }
 
     fn mknod(
@@ -167,12 +210,10 @@ impl Filesystem for KmsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let (core, ttl, who, name) = (self.core.clone(), self.ttl, caller(req), name.to_owned());
-        self.core.runtime().run_or_spawn(async move {
-            match core.mknod(parent.0, &name, mode & !umask, rdev, who).await {
-                Ok(a) => reply.entry(&ttl, &a, Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+        let (core, who, name) = (self.core.clone(), caller(req), name.to_owned());
+        let work = async move { core.mknod(parent.0, &name, mode & !umask, rdev, who).await };
+        self.answer_later("mknod", reply, work, |reply, a, ttl| {
+            reply.entry(&ttl, &a, Generation(0))
         });
     }
 
@@ -185,18 +226,16 @@ impl Filesystem for KmsFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            reply,
-            self.core.mkdir(parent.0, name, mode & !umask, caller(req)),
-        );
+        let r = self.core.mkdir(parent.0, name, mode & !umask, caller(req));
+        self.entry("mkdir", reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(reply, self.core.unlink(parent.0, name));
+        answer_empty("unlink", reply, self.core.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(reply, self.core.rmdir(parent.0, name));
+        answer_empty("rmdir", reply, self.core.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -207,10 +246,8 @@ impl Filesystem for KmsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            reply,
-            self.core.symlink(parent.0, link_name, target, caller(req)),
-        );
+        let r = self.core.symlink(parent.0, link_name, target, caller(req));
+        self.entry("symlink", reply, r);
     }
 
     fn rename(
@@ -223,11 +260,10 @@ impl Filesystem for KmsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        Self::empty(
-            reply,
-            self.core
-                .rename(parent.0, name, newparent.0, newname, flags.bits()),
-        );
+        let r = self
+            .core
+            .rename(parent.0, name, newparent.0, newname, flags.bits());
+        answer_empty("rename", reply, r);
     }
 
     fn link(
@@ -238,20 +274,17 @@ impl Filesystem for KmsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(reply, self.core.link(ino.0, newparent.0, newname));
+        self.entry("link", reply, self.core.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.core.prefetch_siblings(ino.0);
-        let core = self.core.clone();
         // O_TRUNC comes as a SETATTR after the open: nothing to fill.
         let reading_only =
             flags.acc_mode() == OpenAccMode::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
-        self.core.runtime().run_or_spawn(async move {
-            match core.open(ino.0, reading_only).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(errno(&e)),
-            }
+        let core = self.core.clone();
+        let work = async move { core.open(ino.0, reading_only).await };
+        self.answer_later("open", reply, work, |reply, fh, _| {
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
         });
     }
 
@@ -267,10 +300,8 @@ impl Filesystem for KmsFs {
         reply: ReplyData,
     ) {
         super::with_plaintext_scratch(|buf| {
-            match self.core.read(fh.0, offset, size as usize, buf) {
-                Ok(()) => reply.data(buf),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let r = self.core.read(fh.0, offset, size as usize, buf);
+            answer("read", reply, r, |reply, ()| reply.data(buf));
         });
     }
 
@@ -287,10 +318,10 @@ impl Filesystem for KmsFs {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.core.write(fh.0, offset, data, kill) {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let r = self.core.write(fh.0, offset, data, kill);
+        answer("write", reply, r, |reply, ()| {
+            reply.written(data.len() as u32)
+        });
     }
 
     fn flush(
@@ -336,14 +367,13 @@ impl Filesystem for KmsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.core.fsync(fh.0, datasync));
+        answer_empty("fsync", reply, self.core.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
-        }
+        answer("opendir", reply, self.core.opendir(ino.0), |reply, fh| {
+            reply.opened(FileHandle(fh), FopenFlags::empty())
+        });
     }
 
     fn readdir(
@@ -357,10 +387,7 @@ impl Filesystem for KmsFs {
         let r = self.core.readdir(fh.0, offset, |ino, off, kind, name| {
             reply.add(INodeNo(ino), off, kind, name)
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        answer("readdir", reply, r, |reply, ()| reply.ok());
     }
 
     fn readdirplus(
@@ -377,10 +404,7 @@ impl Filesystem for KmsFs {
             .readdirplus(ino.0, fh.0, offset, |ino, off, name, attr| {
                 reply.add(INodeNo(ino), off, name, &ttl, attr, Generation(0))
             });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        answer("readdirplus", reply, r, |reply, ()| reply.ok());
     }
 
     fn releasedir(
@@ -391,7 +415,7 @@ impl Filesystem for KmsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.release(fh.0);
+        self.core.releasedir(fh.0);
         reply.ok();
     }
 
@@ -403,12 +427,12 @@ impl Filesystem for KmsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.core.fsyncdir(ino.0));
+        answer_empty("fsyncdir", reply, self.core.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.core.statfs() {
-            Ok(s) => reply.statfs(
+        answer("statfs", reply, self.core.statfs(), |reply, s| {
+            reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
                 s.f_bavail,
@@ -417,9 +441,8 @@ impl Filesystem for KmsFs {
                 s.f_bsize as u32,
                 255,
                 s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+            )
+        });
     }
 
     fn setxattr(
@@ -432,19 +455,20 @@ impl Filesystem for KmsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.core.setxattr(ino.0, name, value, flags));
+        let r = self.core.setxattr(ino.0, name, value, flags);
+        answer_empty("setxattr", reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        Self::xattr_reply(reply, size, self.core.getxattr(ino.0, name));
+        Self::xattr_reply("getxattr", reply, size, self.core.getxattr(ino.0, name));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        Self::xattr_reply(reply, size, self.core.listxattr(ino.0));
+        Self::xattr_reply("listxattr", reply, size, self.core.listxattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(reply, self.core.removexattr(ino.0, name));
+        answer_empty("removexattr", reply, self.core.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -462,18 +486,16 @@ impl Filesystem for KmsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let (core, ttl, who, name) = (self.core.clone(), self.ttl, caller(req), name.to_owned());
-        self.core.runtime().run_or_spawn(async move {
-            match core.create_open(parent.0, &name, mode & !umask, who).await {
-                Ok((attr, fh)) => reply.created(
-                    &ttl,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                ),
-                Err(e) => reply.error(errno(&e)),
-            }
+        let (core, who, name) = (self.core.clone(), caller(req), name.to_owned());
+        let work = async move { core.create_open(parent.0, &name, mode & !umask, who).await };
+        self.answer_later("create", reply, work, |reply, (attr, fh), ttl| {
+            reply.created(
+                &ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            )
         });
     }
 
@@ -503,7 +525,8 @@ impl Filesystem for KmsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.core.fallocate(fh.0, offset, length, mode));
+        let r = self.core.fallocate(fh.0, offset, length, mode);
+        answer_empty("fallocate", reply, r);
     }
 }
 

@@ -58,10 +58,10 @@ thread_local! {
 
 /// A created file's sidecar and directory, fsynced on the file's first fsync
 /// so a synced file is findable after a crash.
-pub struct PendingDurability {
+pub(crate) struct PendingDurability {
     pub sidecar: File,
     /// The directory holding both names (reopened for fsync only then).
-    pub parent_dir: std::sync::Arc<super::Inode>,
+    pub parent_dir: std::sync::Arc<super::inode::Inode>,
 }
 
 /// One open backing file shared by every handle on the same inode.
@@ -547,7 +547,7 @@ impl CryptFile {
 mod tests {
     use super::*;
     use crate::crypto::Dek;
-    use crate::format::{CipherSuite, Header, KeyRef};
+    use crate::format::{CipherSuite, Header, KeyRef, WrappedDek};
     use proptest::prelude::*;
 
     /// A CryptFile on `path` (created empty when `create`) under a fixed
@@ -564,12 +564,14 @@ mod tests {
             cipher: CipherSuite::Aes256Gcm,
             geometry: BlockGeometry::from_shift(shift).unwrap(),
             file_id: [3; 16],
-            key_ref: KeyRef {
-                provider: "t".into(),
-                key_id: "t".into(),
-                key_version: "1".into(),
+            wrapped: WrappedDek {
+                key_ref: KeyRef {
+                    provider: "t".into(),
+                    key_id: "t".into(),
+                    key_version: "1".into(),
+                },
+                blob: vec![],
             },
-            wrapped_dek: vec![],
         };
         let cipher = BlockCipher::new(&Dek::from_slice(&[7; 32]).unwrap(), &header);
         CryptFile::new(f, cipher, header.geometry, "f".into(), None).unwrap()

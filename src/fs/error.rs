@@ -64,28 +64,33 @@ impl FsError {
         Self::header(file, e)
     }
 
-    /// The errno the kernel gets. Integrity and KMS failures are EIO and are
-    /// logged here, once, with file and block; a full backing filesystem is
-    /// logged too; other ordinary errors are not.
+    /// The errno the kernel gets. Integrity, header and KMS failures are EIO.
     pub fn to_errno(&self) -> i32 {
         match self {
-            FsError::Io(e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                if matches!(errno, libc::ENOSPC | libc::EDQUOT) {
-                    // With the writeback cache the writer may only see this
-                    // at fsync or close; say it where an operator looks.
-                    tracing::warn!(
-                        "backing filesystem refused space ({e}): the request failed and changed \
-                         nothing; free space in the backing directory"
-                    );
-                }
-                errno
-            }
+            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Errno(Errno(e)) => *e,
-            FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => {
-                tracing::error!("{self}");
-                libc::EIO
+            FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => libc::EIO,
+        }
+    }
+
+    /// Logs the error if an operator should hear of it, once, naming the
+    /// request `op` that failed: integrity, header and KMS failures (with
+    /// file and block), and a full backing filesystem. Ordinary errors such
+    /// as ENOENT are not logged. Called where the reply is made.
+    pub fn log(&self, op: &str) {
+        match self {
+            FsError::Io(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                // With the writeback cache the writer may only see this at
+                // fsync or close; say it where an operator looks.
+                tracing::warn!(
+                    "{op}: backing filesystem refused space ({e}): the request failed and changed \
+                     nothing; free space in the backing directory"
+                )
             }
+            FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => {
+                tracing::error!("{op}: {self}")
+            }
+            FsError::Io(_) | FsError::Errno(_) => {}
         }
     }
 }

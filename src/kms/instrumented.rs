@@ -147,57 +147,12 @@ impl KeyProvider for Instrumented {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// Fails the first `failures` calls (retryably or not), then succeeds;
-    /// with `stalls`, never answers at all.
-    struct Flaky {
-        calls: AtomicU32,
-        failures: u32,
-        retryable: bool,
-        stalls: bool,
-    }
-
-    #[async_trait]
-    impl KeyProvider for Flaky {
-        fn describe(&self) -> String {
-            "flaky".into()
-        }
-        fn kind(&self) -> &'static str {
-            "flaky"
-        }
-        fn handles(&self, _: &KeyRef) -> bool {
-            true
-        }
-        async fn wrap(&self, _: &Dek, _: &WrapContext) -> Result<WrappedDek, KmsError> {
-            unreachable!()
-        }
-        async fn unwrap(&self, _: &WrappedDek, _: &WrapContext) -> Result<Dek, KmsError> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            if self.stalls {
-                std::future::pending::<()>().await;
-            }
-            if n < self.failures {
-                return Err(if self.retryable {
-                    KmsError::Unreachable {
-                        kms: "flaky".into(),
-                        detail: "down".into(),
-                    }
-                } else {
-                    KmsError::AuthFailed {
-                        kms: "flaky".into(),
-                        detail: "no".into(),
-                    }
-                });
-            }
-            Ok(Dek::from_slice(&[7; 32]).unwrap())
-        }
-    }
+    use crate::kms::testing::FakeKms;
 
     /// `inner` behind `Instrumented` with quick retries and `timeout`, the
-    /// metrics it records into, and an item to unwrap.
+    /// metrics it records into, and an item `inner` wrapped.
     fn instrumented(
-        inner: Arc<Flaky>,
+        inner: Arc<FakeKms>,
         timeout: Duration,
     ) -> (
         Arc<dyn KeyProvider>,
@@ -205,6 +160,8 @@ mod tests {
         (WrappedDek, WrapContext),
     ) {
         let metrics = Arc::new(Metrics::default());
+        let ctx = WrapContext { file_id: [0; 16] };
+        let (_, w) = block_on(inner.generate_dek(&ctx)).unwrap();
         let p = Instrumented::wrap(
             inner,
             metrics.clone(),
@@ -214,15 +171,7 @@ mod tests {
                 timeout,
             },
         );
-        let w = WrappedDek {
-            key_ref: KeyRef {
-                provider: "flaky".into(),
-                key_id: "k".into(),
-                key_version: "".into(),
-            },
-            blob: vec![],
-        };
-        (p, metrics, (w, WrapContext { file_id: [0; 16] }))
+        (p, metrics, (w, ctx))
     }
 
     fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -233,25 +182,29 @@ mod tests {
             .block_on(f)
     }
 
-    fn flaky(failures: u32, retryable: bool, stalls: bool) -> Arc<Flaky> {
-        Arc::new(Flaky {
-            calls: AtomicU32::new(0),
-            failures,
-            retryable,
-            stalls,
-        })
+    fn unreachable() -> KmsError {
+        KmsError::Unreachable {
+            kms: "fake".into(),
+            detail: "down".into(),
+        }
     }
 
-    fn run(failures: u32, retryable: bool) -> (Result<Dek, KmsError>, u32, Arc<Metrics>) {
-        let inner = flaky(failures, retryable, false);
+    /// Unwraps once through `Instrumented` after the first `failures` calls
+    /// fail with `error`: the result, unwrap calls made, and the metrics.
+    fn run(failures: u32, error: KmsError) -> (Result<Dek, KmsError>, u32, Arc<Metrics>) {
+        let inner = Arc::new(FakeKms::new("k"));
         let (p, metrics, (w, ctx)) = instrumented(inner.clone(), Duration::from_secs(1));
+        inner.fail_next(failures, error);
         let r = block_on(p.unwrap(&w, &ctx));
-        (r, inner.calls.load(Ordering::SeqCst), metrics)
+        let calls = metrics.kms_requests("unwrap") as u32;
+        (r, calls, metrics)
     }
 
     #[test]
     fn a_stalled_batch_gives_up_at_the_timeout() {
-        let (p, metrics, item) = instrumented(flaky(0, false, true), Duration::from_millis(50));
+        let inner = Arc::new(FakeKms::new("k"));
+        let (p, metrics, item) = instrumented(inner.clone(), Duration::from_millis(50));
+        inner.set_stalled(true);
         let out = block_on(p.unwrap_many(&[item.clone(), item]));
         assert_eq!(out.len(), 2);
         assert!(out
@@ -262,14 +215,18 @@ mod tests {
 
     #[test]
     fn retries_only_what_a_retry_can_fix() {
-        let (r, calls, m) = run(2, true);
+        let (r, calls, m) = run(2, unreachable());
         assert!(r.is_ok());
         assert_eq!(calls, 3);
         assert_eq!(m.kms_requests("unwrap"), 3);
-        let (r, calls, _) = run(5, true);
+        let (r, calls, _) = run(5, unreachable());
         assert!(matches!(r, Err(KmsError::Unreachable { .. })));
         assert_eq!(calls, 3, "bounded");
-        let (r, calls, _) = run(1, false);
+        let auth = KmsError::AuthFailed {
+            kms: "fake".into(),
+            detail: "no".into(),
+        };
+        let (r, calls, _) = run(1, auth);
         assert!(matches!(r, Err(KmsError::AuthFailed { .. })));
         assert_eq!(calls, 1, "auth errors are not retried");
     }

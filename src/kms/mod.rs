@@ -11,10 +11,13 @@
 pub mod aws;
 #[cfg(feature = "azure")]
 pub mod azure;
+pub mod config;
 #[cfg(feature = "gcp")]
 pub mod gcp;
 pub mod instrumented;
 pub mod local;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 #[cfg(feature = "vault")]
 pub mod vault;
 
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::crypto::Dek;
-pub use crate::format::KeyRef;
+pub use crate::format::{KeyRef, WrappedDek};
 
 /// Default per-request timeout of the remote providers, in seconds.
 pub fn default_timeout_secs() -> u64 {
@@ -53,16 +56,9 @@ impl WrapContext {
     }
 }
 
-/// A DEK as the KMS wrapped it, with the key that did so.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct WrappedDek {
-    pub key_ref: KeyRef,
-    pub blob: Vec<u8>,
-}
-
 /// Why a KMS operation failed. Messages name the KMS and what to check, and
 /// never contain key material or credentials.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum KmsError {
     #[error("{kms} is unreachable: {detail}; check its address, network and TLS settings")]
     Unreachable { kms: String, detail: String },

@@ -722,7 +722,7 @@ impl VaultKms {
         let body = json!({ "batch_input": batch });
         let ans = match self.request(&self.op_path(Op::Decrypt), Some(&body)).await {
             Ok(a) => a,
-            Err(e) => return items.iter().map(|_| Err(clone_err(&e))).collect(),
+            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
         };
         let results = ans.body["data"]["batch_results"].as_array();
         let Some(results) = results.filter(|r| r.len() == items.len()) else {
@@ -734,7 +734,7 @@ impl VaultKms {
             } else {
                 self.classify(Op::Decrypt, &ans, None).await
             };
-            return items.iter().map(|_| Err(clone_err(&e))).collect();
+            return items.iter().map(|_| Err(e.clone())).collect();
         };
         results
             .iter()
@@ -760,57 +760,6 @@ fn ciphertext_version(ct: &str) -> Option<u32> {
         return None;
     }
     n.parse().ok()
-}
-
-/// KmsError is not Clone; batch failures of one request apply to every item.
-fn clone_err(e: &KmsError) -> KmsError {
-    match e {
-        KmsError::Unreachable { kms, detail } => KmsError::Unreachable {
-            kms: kms.clone(),
-            detail: detail.clone(),
-        },
-        KmsError::Timeout { kms, seconds } => KmsError::Timeout {
-            kms: kms.clone(),
-            seconds: *seconds,
-        },
-        KmsError::AuthFailed { kms, detail } => KmsError::AuthFailed {
-            kms: kms.clone(),
-            detail: detail.clone(),
-        },
-        KmsError::PermissionDenied {
-            kms,
-            operation,
-            detail,
-        } => KmsError::PermissionDenied {
-            kms: kms.clone(),
-            operation,
-            detail: detail.clone(),
-        },
-        KmsError::KeyNotFound { kms, key } => KmsError::KeyNotFound {
-            kms: kms.clone(),
-            key: key.clone(),
-        },
-        KmsError::KeyVersionUnusable {
-            kms,
-            key,
-            version,
-            detail,
-        } => KmsError::KeyVersionUnusable {
-            kms: kms.clone(),
-            key: key.clone(),
-            version: version.clone(),
-            detail: detail.clone(),
-        },
-        KmsError::UnwrapFailed { kms, detail } => KmsError::UnwrapFailed {
-            kms: kms.clone(),
-            detail: detail.clone(),
-        },
-        KmsError::NoProvider { provider, key } => KmsError::NoProvider {
-            provider: provider.clone(),
-            key: key.clone(),
-        },
-        KmsError::Config(s) => KmsError::Config(s.clone()),
-    }
 }
 
 fn build_client(cfg: &VaultConfig) -> Result<VaultClient, KmsError> {

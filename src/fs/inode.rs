@@ -1,0 +1,368 @@
+//! The inode table: which backing objects the kernel knows, under which
+//! FUSE inode numbers, and how each is reached (`Reach`).
+//!
+//! Inodes are keyed by the backing inode number; the backing root is swapped
+//! with FUSE inode 1. Directories hold an O_PATH handle (valid across
+//! renames); other objects hold none, so a large tree does not exhaust the
+//! open-files limit, and are reached through their open file while one is
+//! open (also after unlink), else by name in their parent directory.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+use fuser::FileType;
+
+use super::crypt_file::CryptFile;
+use super::error::{FsError, FsResult};
+use super::sidecar::FileHeader;
+use super::sys;
+
+pub const ROOT_INO: u64 = 1;
+
+/// The FUSE file type of a `st_mode`.
+pub fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// One object of the backing tree the kernel knows about.
+pub struct Inode {
+    pub kind: FileType,
+    /// O_PATH handle on a backing directory: stays valid across renames.
+    /// None for every other kind (see the module documentation).
+    pub fd: Option<OwnedFd>,
+    /// Kernel lookup count; the entry is dropped when it reaches zero.
+    lookups: AtomicU64,
+    /// Last known (parent inode, name); None for the root, or once the name
+    /// was unlinked. Needed to find the sidecar and for log lines.
+    pub location: Mutex<Option<(u64, OsString)>>,
+    /// Further names of a hard-linked file, so it stays reachable when the
+    /// name in `location` is unlinked or renamed away.
+    other_names: Mutex<Vec<(u64, OsString)>>,
+    /// Shared open state while any handle is open (regular files).
+    pub open_file: Mutex<Weak<CryptFile>>,
+    /// The sidecar header, read at most once (headers never change).
+    pub header: OnceLock<Arc<FileHeader>>,
+    /// A regular file without sidecar under a non-mandatory policy: its
+    /// bytes are plaintext and pass through unchanged.
+    pub plain: bool,
+    /// An O_PATH handle taken when the object's last name goes (unlink,
+    /// rename over it) while the kernel still knows the inode. It keeps the
+    /// backing inode number from being reused by a new object until the
+    /// kernel forgets this one: inodes are keyed by that number, and a new
+    /// directory must not be taken for the old file.
+    pub pinned: Mutex<Option<OwnedFd>>,
+    /// Set once the file's head went into the kernel's page cache at an open
+    /// (`Core::fill_page_cache`); not again while the kernel knows the inode.
+    pub filled: AtomicBool,
+}
+
+impl Inode {
+    fn new(
+        kind: FileType,
+        fd: Option<OwnedFd>,
+        location: Option<(u64, OsString)>,
+        plain: bool,
+    ) -> Self {
+        Inode {
+            kind,
+            fd,
+            lookups: AtomicU64::new(1),
+            location: Mutex::new(location),
+            other_names: Mutex::new(Vec::new()),
+            open_file: Mutex::new(Weak::new()),
+            header: OnceLock::new(),
+            plain,
+            pinned: Mutex::new(None),
+            filled: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes (parent, name) the name the inode is reached by, keeping the
+    /// previous one as an alternative (hard links).
+    pub fn note_name(&self, parent: u64, name: &OsStr) {
+        let mut loc = self.location.lock().unwrap();
+        let mut others = self.other_names.lock().unwrap();
+        others.retain(|(p, n)| !(*p == parent && n == name));
+        if let Some(old) = loc.take() {
+            if !(old.0 == parent && old.1 == name) && self.kind != FileType::Directory {
+                others.push(old);
+            }
+        }
+        *loc = Some((parent, name.to_owned()));
+    }
+
+    /// Forgets (parent, name), falling back to another known name.
+    pub fn drop_name(&self, parent: u64, name: &OsStr) {
+        let mut loc = self.location.lock().unwrap();
+        let mut others = self.other_names.lock().unwrap();
+        others.retain(|(p, n)| !(*p == parent && n == name));
+        if matches!(&*loc, Some((p, n)) if *p == parent && n == name) {
+            *loc = others.pop();
+        }
+    }
+
+    /// The current (parent, name), if the object still has one.
+    pub fn location(&self) -> Option<(u64, OsString)> {
+        self.location.lock().unwrap().clone()
+    }
+
+    /// The O_PATH handle of a directory inode.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
+            .as_ref()
+            .expect("directory inodes hold a handle")
+            .as_raw_fd()
+    }
+
+    /// The open state of a regular file, while any handle is open.
+    pub fn open_state(&self) -> Option<Arc<CryptFile>> {
+        self.open_file.lock().unwrap().upgrade()
+    }
+}
+
+/// How the backing object of an inode is reached (see `InodeTable::reach`).
+/// Each variant keeps what it refers to alive while it is used.
+pub enum Reach {
+    /// A directory, through its own O_PATH handle.
+    Dir(Arc<Inode>),
+    /// A file with open handles, through its open file (also after unlink).
+    Open(Arc<CryptFile>),
+    /// Anything else by name in its directory (final symlink not followed).
+    At(Arc<Inode>, CString),
+}
+
+impl Reach {
+    pub fn stat(&self) -> std::io::Result<libc::stat> {
+        match self {
+            Reach::Dir(d) => sys::fstat(d.raw_fd()),
+            Reach::Open(cf) => sys::fstat(cf.file().as_raw_fd()),
+            Reach::At(dir, name) => sys::fstatat(dir.raw_fd(), name),
+        }
+    }
+
+    pub fn chown(&self, uid: u32, gid: u32) -> std::io::Result<()> {
+        match self {
+            Reach::Dir(d) => sys::fchownat(d.raw_fd(), uid, gid),
+            Reach::Open(cf) => sys::fchownat(cf.file().as_raw_fd(), uid, gid),
+            Reach::At(dir, name) => sys::lchownat(dir.raw_fd(), name, uid, gid),
+        }
+    }
+
+    pub fn chmod(&self, mode: u32) -> std::io::Result<()> {
+        match self {
+            // fchmod refuses O_PATH handles.
+            Reach::Dir(d) => sys::chmod_path(&sys::proc_path(&d.raw_fd()), mode),
+            Reach::Open(cf) => sys::fchmod(cf.file().as_raw_fd(), mode),
+            Reach::At(dir, name) => sys::fchmodat(dir.raw_fd(), name, mode),
+        }
+    }
+
+    pub fn set_times(&self, times: &[libc::timespec; 2]) -> std::io::Result<()> {
+        match self {
+            Reach::Dir(d) => sys::utimensat(libc::AT_FDCWD, &sys::proc_path(&d.raw_fd()), times, 0),
+            Reach::Open(cf) => sys::futimens(cf.file().as_raw_fd(), times),
+            Reach::At(dir, name) => {
+                sys::utimensat(dir.raw_fd(), name, times, libc::AT_SYMLINK_NOFOLLOW)
+            }
+        }
+    }
+
+    /// A path for the *xattr calls, and whether they may follow it.
+    pub fn xattr_path(&self) -> (CString, bool) {
+        match self {
+            Reach::Dir(d) => (sys::proc_path(&d.raw_fd()), true),
+            Reach::Open(cf) => (sys::proc_path(&cf.file().as_raw_fd()), true),
+            Reach::At(dir, name) => {
+                let mut p = format!("/proc/self/fd/{}/", dir.raw_fd()).into_bytes();
+                p.extend_from_slice(name.as_bytes());
+                (CString::new(p).expect("no NUL"), false)
+            }
+        }
+    }
+}
+
+/// Every inode the kernel knows, keyed by FUSE inode number.
+pub struct InodeTable {
+    /// The backing root, FUSE inode 1.
+    pub root: Arc<Inode>,
+    /// Backing inode number of the root.
+    root_backing_ino: u64,
+    /// Invariant: holds every inode with a non-zero lookup count, plus root.
+    map: RwLock<HashMap<u64, Arc<Inode>>>,
+}
+
+impl InodeTable {
+    /// A table holding the backing root, reached through `root_fd`.
+    pub fn new(root_fd: OwnedFd) -> std::io::Result<Self> {
+        let st = sys::fstat(root_fd.as_raw_fd())?;
+        let root = Arc::new(Inode::new(FileType::Directory, Some(root_fd), None, false));
+        let mut map = HashMap::new();
+        map.insert(ROOT_INO, root.clone());
+        Ok(InodeTable {
+            root,
+            root_backing_ino: st.st_ino,
+            map: RwLock::new(map),
+        })
+    }
+
+    /// FUSE inode number of a backing inode number (root is always 1).
+    pub fn fuse_ino(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_backing_ino {
+            ROOT_INO
+        } else if backing_ino == ROOT_INO {
+            self.root_backing_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    pub fn get(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        self.map
+            .read()
+            .unwrap()
+            .get(&ino)
+            .cloned()
+            .ok_or_else(|| FsError::errno(libc::ENOENT))
+    }
+
+    /// The inode of the backing object with stat `st`, if the kernel knows it.
+    pub fn known(&self, st: &libc::stat) -> Option<Arc<Inode>> {
+        self.map
+            .read()
+            .unwrap()
+            .get(&self.fuse_ino(st.st_ino))
+            .cloned()
+    }
+
+    pub fn dir(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        let i = self.get(ino)?;
+        if i.kind != FileType::Directory {
+            return Err(FsError::errno(libc::ENOTDIR));
+        }
+        Ok(i)
+    }
+
+    /// Records that the kernel now knows `name` in `parent` (one lookup).
+    pub fn remember(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        fd: Option<OwnedFd>,
+        st: &libc::stat,
+        plain: bool,
+    ) -> Arc<Inode> {
+        let ino = self.fuse_ino(st.st_ino);
+        let mut map = self.map.write().unwrap();
+        if let Some(existing) = map.get(&ino) {
+            existing.lookups.fetch_add(1, Ordering::Relaxed);
+            if ino != ROOT_INO {
+                existing.note_name(parent, name);
+            }
+            return existing.clone();
+        }
+        let inode = Arc::new(Inode::new(
+            kind_of(st.st_mode),
+            fd,
+            Some((parent, name.to_owned())),
+            plain,
+        ));
+        map.insert(ino, inode.clone());
+        inode
+    }
+
+    /// Takes back `n` lookups; returns the inode when that was its last.
+    pub fn forget(&self, ino: u64, n: u64) -> Option<Arc<Inode>> {
+        if ino == ROOT_INO {
+            return None;
+        }
+        let mut map = self.map.write().unwrap();
+        match map.get(&ino) {
+            Some(i) if i.lookups.fetch_sub(n, Ordering::Relaxed) <= n => map.remove(&ino),
+            _ => None,
+        }
+    }
+
+    /// Mount-relative path ("/" or "/a/b") of an inode, from the names the
+    /// kernel last looked it up by; None once unlinked.
+    pub fn rel_path(&self, inode: &Inode) -> Option<String> {
+        if std::ptr::eq(inode, &*self.root) {
+            return Some("/".into());
+        }
+        let mut parts = Vec::new();
+        let mut loc = inode.location();
+        while let Some((parent, name)) = loc {
+            parts.push(name.to_string_lossy().into_owned());
+            if parent == ROOT_INO {
+                let mut path = String::new();
+                for p in parts.iter().rev() {
+                    path.push('/');
+                    path.push_str(p);
+                }
+                return Some(path);
+            }
+            if parts.len() > 4096 {
+                return None;
+            }
+            loc = self.map.read().unwrap().get(&parent)?.location();
+        }
+        None
+    }
+
+    /// Backing-relative path of an inode, for log lines.
+    pub fn label(&self, inode: &Inode) -> String {
+        match self.rel_path(inode) {
+            Some(p) => p.trim_start_matches('/').to_owned(),
+            None => "(unlinked file)".into(),
+        }
+    }
+
+    /// Where an inode's backing object can be reached: a directory through
+    /// its own handle, a file through its open file (which also works after
+    /// unlink), anything else by its parent directory and name.
+    pub fn reach(&self, inode: &Arc<Inode>) -> FsResult<Reach> {
+        if inode.fd.is_some() {
+            return Ok(Reach::Dir(inode.clone()));
+        }
+        if let Some(cf) = inode.open_state() {
+            return Ok(Reach::Open(cf));
+        }
+        let Some((parent, name)) = inode.location() else {
+            return Err(FsError::errno(libc::ENOENT));
+        };
+        Ok(Reach::At(self.dir(parent)?, sys::cstr(&name)?))
+    }
+
+    /// Before `name` in `dir` (with stat `st`) loses what may be its last
+    /// link: if the kernel still knows that inode, pin the backing object
+    /// (see `Inode::pinned`). Directories hold their handle anyway.
+    pub fn pin_if_last_name(&self, dir: &Inode, name: &std::ffi::CStr, st: &libc::stat) {
+        if kind_of(st.st_mode) == FileType::Directory || st.st_nlink > 1 {
+            return;
+        }
+        let Some(inode) = self.known(st) else {
+            return;
+        };
+        if let Ok(fd) = sys::open_path(dir.raw_fd(), name) {
+            *inode.pinned.lock().unwrap() = Some(fd);
+        }
+    }
+
+    /// After a name went away: the inode keeps working through its fd, but
+    /// no longer has that name.
+    pub fn forget_name(&self, parent: u64, name: &OsStr, st: &libc::stat) {
+        if let Some(inode) = self.known(st) {
+            inode.drop_name(parent, name);
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! Namespace operations: lookup, create, mkdir, mknod, symlink, unlink,
+//! rmdir, rename and link. A regular file is two backing objects (data and
+//! sidecar), so several of these are two steps; docs/ARCHITECTURE.md lists
+//! the crash windows between them.
+
+use std::ffi::{CStr, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use fuser::{FileAttr, FileType};
+
+use super::crypt_file::{CryptFile, PendingDurability};
+use super::error::{FsError, FsResult};
+use super::inode::{kind_of, Inode, Reach};
+use super::{sidecar, sys, Caller, Core};
+use crate::format::names::{is_reserved, sidecar_name, NAME_MAX};
+use crate::policy::is_within;
+
+fn errno(e: i32) -> FsError {
+    FsError::errno(e)
+}
+
+fn reject_reserved(name: &OsStr) -> FsResult<()> {
+    if is_reserved(name.as_bytes()) {
+        return Err(errno(libc::EPERM));
+    }
+    Ok(())
+}
+
+impl Core {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        let dir = self.inodes.dir(parent)?;
+        self.lookup_in(parent, &dir, name).map(|(_, a)| a)
+    }
+
+    /// Opens `name` in `parent` as an inode the kernel now knows.
+    pub(super) fn lookup_in(
+        &self,
+        parent: u64,
+        dir: &Inode,
+        name: &OsStr,
+    ) -> FsResult<(Arc<Inode>, FileAttr)> {
+        let c = sys::cstr(name)?;
+        let (fd, st) = stat_new(dir, &c)?;
+        let plain = self.is_plain(dir, name, &st)?;
+        let inode = self.inodes.remember(parent, name, fd, &st, plain);
+        Ok((inode, self.attr(&st, plain)))
+    }
+
+    /// Whether `name` in `dir` is a plaintext file let through by a
+    /// non-mandatory policy (costs a sidecar check only in such subtrees).
+    fn is_plain(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
+        if !self.has_optional_policy
+            || kind_of(st.st_mode) != FileType::RegularFile
+            || self.policy_in(dir)?.policy.mandatory
+        {
+            return Ok(false);
+        }
+        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+        Ok(sys::fstatat(dir.raw_fd(), &sc).is_err())
+    }
+
+    /// Owner of a new object: the caller, with the group inherited from a
+    /// set-group-ID parent directory.
+    fn chown_new(&self, parent: &Inode, name: &CStr, caller: Caller) -> FsResult<()> {
+        if !self.is_root_user {
+            return Ok(());
+        }
+        let pst = sys::fstat(parent.raw_fd())?;
+        let setgid = pst.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid { pst.st_gid } else { caller.gid };
+        // The daemon (root) created it as root, with the parent's group where
+        // set-group-ID applies; chown only when that is not the answer.
+        let created_gid = if setgid { pst.st_gid } else { 0 };
+        if caller.uid != 0 || gid != created_gid {
+            sys::lchownat(parent.raw_fd(), name, caller.uid, gid)?;
+        }
+        Ok(())
+    }
+
+    /// Creates a regular file with a fresh DEK; returns its open state.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<(FileAttr, Arc<CryptFile>)> {
+        reject_reserved(name)?;
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        let dir = self.inodes.dir(parent)?;
+        let dfd = dir.raw_fd();
+        let c = sys::cstr(name)?;
+        if name.len() > NAME_MAX {
+            return Err(errno(libc::ENAMETOOLONG));
+        }
+        if sys::fstatat(dfd, &c).is_ok() {
+            // Checked before asking the KMS for a key that would go unused.
+            return Err(errno(libc::EEXIST));
+        }
+        let policy = self.policy_in(&dir)?;
+        let label = name.to_string_lossy();
+        let new = self
+            .keys
+            .create(
+                policy.provider.as_ref(),
+                policy.policy.cipher,
+                self.geometry,
+                &label,
+            )
+            .await?;
+        let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
+        let data = match sys::openat(
+            dfd,
+            &c,
+            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
+            mode & 0o7777,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = self.remove_sidecar(dfd, name);
+                return Err(e.into());
+            }
+        };
+        self.chown_new(&dir, &c, caller)?;
+        if mode & 0o7000 != 0 {
+            // chown clears set-ID bits; put back what the caller asked for.
+            sys::fchmod(data.as_raw_fd(), mode & 0o7777)?;
+        }
+        let st = sys::fstat(data.as_raw_fd())?;
+        let inode = self.inodes.remember(parent, name, None, &st, false);
+        let _ = inode.header.set(Arc::new(new.header));
+        let cf = Arc::new(CryptFile::new(
+            File::from(data),
+            new.cipher,
+            self.geometry,
+            self.inodes.label(&inode),
+            Some(PendingDurability {
+                sidecar,
+                parent_dir: dir.clone(),
+            }),
+        )?);
+        *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
+        Ok((self.attr(&st, false), cf))
+    }
+
+    pub async fn create_open(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<(FileAttr, u64)> {
+        let (attr, cf) = self.create(parent, name, mode, caller).await?;
+        Ok((attr, self.handles.add_file(cf)))
+    }
+
+    /// Removes the sidecar of `name` if there is one. Its space is freed on
+    /// the reaper thread (see `background`), not while the caller waits.
+    fn remove_sidecar(&self, dfd: i32, name: &OsStr) -> FsResult<()> {
+        if let Some(held) = sidecar::remove_at(dfd, name)? {
+            self.reaper.close_later(held);
+        }
+        Ok(())
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        reject_reserved(name)?;
+        let dir = self.inodes.dir(parent)?;
+        let c = sys::cstr(name)?;
+        sys::mkdirat(dir.raw_fd(), &c, mode & 0o7777)?;
+        self.finish_new(parent, &dir, name, caller, Some(mode))
+    }
+
+    /// Common tail of mkdir/mknod/symlink: chown, then look up.
+    fn finish_new(
+        &self,
+        parent: u64,
+        dir: &Inode,
+        name: &OsStr,
+        caller: Caller,
+        mode: Option<u32>,
+    ) -> FsResult<FileAttr> {
+        let c = sys::cstr(name)?;
+        self.chown_new(dir, &c, caller)?;
+        if let Some(mode) = mode {
+            if mode & 0o7000 != 0 && kind_of(mode) != FileType::Symlink {
+                // chown clears set-ID bits; put back what the caller asked for.
+                sys::fchmodat(dir.raw_fd(), &c, mode & 0o7777)?;
+            }
+        }
+        let (fd, st) = stat_new(dir, &c)?;
+        self.inodes.remember(parent, name, fd, &st, false);
+        Ok(self.attr(&st, false))
+    }
+
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        reject_reserved(name)?;
+        if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+            return self
+                .create(parent, name, mode & 0o7777, caller)
+                .await
+                .map(|(a, _)| a);
+        }
+        let dir = self.inodes.dir(parent)?;
+        let c = sys::cstr(name)?;
+        sys::mknodat(dir.raw_fd(), &c, mode, rdev as u64)?;
+        self.finish_new(parent, &dir, name, caller, Some(mode))
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        reject_reserved(name)?;
+        let dir = self.inodes.dir(parent)?;
+        let c = sys::cstr(name)?;
+        let t = sys::cstr(target.as_os_str())?;
+        sys::symlinkat(&t, dir.raw_fd(), &c)?;
+        self.finish_new(parent, &dir, name, caller, None)
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        match self.inodes.reach(&inode)? {
+            Reach::At(dir, name) => Ok(sys::readlinkat(dir.raw_fd(), &name)?),
+            Reach::Open(_) | Reach::Dir(_) => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        let dir = self.inodes.dir(parent)?;
+        let dfd = dir.raw_fd();
+        let c = sys::cstr(name)?;
+        let st = sys::fstatat(dfd, &c)?;
+        self.inodes.pin_if_last_name(&dir, &c, &st);
+        sys::unlinkat(dfd, &c, 0)?;
+        if kind_of(st.st_mode) == FileType::RegularFile {
+            self.remove_sidecar(dfd, name)?;
+        }
+        self.inodes.forget_name(parent, name, &st);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        let dir = self.inodes.dir(parent)?;
+        let dfd = dir.raw_fd();
+        let c = sys::cstr(name)?;
+        let st = sys::fstatat(dfd, &c)?;
+        match sys::unlinkat(dfd, &c, libc::AT_REMOVEDIR) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                // Empty to the user but holding leftover sidecars: remove them.
+                let sub = sys::openat(
+                    dfd,
+                    &c,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+                let entries: Vec<OsString> =
+                    std::fs::read_dir(OsStr::from_bytes(sys::proc_path(&sub).as_bytes()))?
+                        .filter_map(|e| e.ok().map(|e| e.file_name()))
+                        .collect();
+                if entries.iter().any(|n| !is_reserved(n.as_bytes())) {
+                    return Err(e.into());
+                }
+                for n in entries {
+                    sys::unlinkat(sub.as_raw_fd(), &sys::cstr(&n)?, 0)?;
+                }
+                sys::unlinkat(dfd, &c, libc::AT_REMOVEDIR)?;
+            }
+            r => r?,
+        }
+        self.inodes.forget_name(parent, name, &st);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if is_reserved(name.as_bytes()) {
+            return Err(errno(libc::ENOENT));
+        }
+        reject_reserved(newname)?;
+        let (od, nd) = (self.inodes.dir(parent)?, self.inodes.dir(newparent)?);
+        let (ofd, nfd) = (od.raw_fd(), nd.raw_fd());
+        let (oc, nc) = (sys::cstr(name)?, sys::cstr(newname)?);
+        let src = sys::fstatat(ofd, &oc)?;
+        let dst = sys::fstatat(nfd, &nc).ok();
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        self.check_same_policy(&od, name, kind_of(src.st_mode), &nd, newname)?;
+        if let Some(d) = dst.filter(|_| exchange) {
+            self.check_same_policy(&nd, newname, kind_of(d.st_mode), &od, name)?;
+        }
+        if let Some(d) = dst.filter(|_| !exchange) {
+            self.inodes.pin_if_last_name(&nd, &nc, &d);
+        }
+        sys::renameat2(ofd, &oc, nfd, &nc, flags)?;
+        // Data moved; now its sidecar follows (see docs/ARCHITECTURE.md on the
+        // crash window between the two steps).
+        let is_reg = |st: &libc::stat| kind_of(st.st_mode) == FileType::RegularFile;
+        let src_reg = is_reg(&src);
+        let dst_reg = dst.as_ref().is_some_and(is_reg);
+        if exchange {
+            match (src_reg, dst_reg) {
+                (true, true) => sidecar::rename_at(ofd, name, nfd, newname, libc::RENAME_EXCHANGE)?,
+                (true, false) => sidecar::rename_at(ofd, name, nfd, newname, 0)?,
+                (false, true) => sidecar::rename_at(nfd, newname, ofd, name, 0)?,
+                (false, false) => {}
+            }
+        } else if src_reg {
+            sidecar::rename_at(ofd, name, nfd, newname, 0)?;
+        } else if dst_reg {
+            self.remove_sidecar(nfd, newname)?;
+        }
+        // Update where the kernel's inodes now live.
+        let src_inode = self.inodes.known(&src);
+        let dst_inode = dst.and_then(|d| self.inodes.known(&d));
+        if let Some(d) = &dst_inode {
+            d.drop_name(newparent, newname);
+            if exchange {
+                d.note_name(parent, name);
+            }
+        }
+        if let Some(s) = src_inode {
+            s.drop_name(parent, name);
+            s.note_name(newparent, newname);
+            if let Some(cf) = s.open_state() {
+                cf.set_label(self.inodes.label(&s));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moving or linking an entry between subtrees protected by different
+    /// keys fails with EXDEV (as fscrypt does), so tools fall back to a copy
+    /// that is encrypted under the destination's key.
+    fn check_same_policy(
+        &self,
+        od: &Inode,
+        name: &OsStr,
+        kind: FileType,
+        nd: &Inode,
+        newname: &OsStr,
+    ) -> FsResult<()> {
+        if self.policies.len() == 1 {
+            return Ok(());
+        }
+        let (Some(op), Some(np)) = (self.inodes.rel_path(od), self.inodes.rel_path(nd)) else {
+            return Err(errno(libc::ENOENT));
+        };
+        let join =
+            |dir: &str, n: &OsStr| format!("{}/{}", dir.trim_end_matches('/'), n.to_string_lossy());
+        let (src, dst) = if kind == FileType::Directory {
+            let src = join(&op, name);
+            // A policy rooted inside the moved tree would no longer match.
+            if self
+                .policies
+                .iter()
+                .any(|p| p.policy.dir != src && is_within(&p.policy.dir, &src))
+            {
+                return Err(errno(libc::EXDEV));
+            }
+            (self.policy_at(&src), self.policy_at(&join(&np, newname)))
+        } else {
+            (self.policy_at(&op), self.policy_at(&np))
+        };
+        if src.policy.same_protection(&dst.policy) {
+            Ok(())
+        } else {
+            Err(errno(libc::EXDEV))
+        }
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<FileAttr> {
+        reject_reserved(newname)?;
+        let inode = self.inodes.get(ino)?;
+        if inode.kind == FileType::Directory {
+            return Err(errno(libc::EPERM));
+        }
+        let nd = self.inodes.dir(newparent)?;
+        let nfd = nd.raw_fd();
+        let nc = sys::cstr(newname)?;
+        if let Some((parent, name)) = inode.location() {
+            let od = self.inodes.dir(parent)?;
+            self.check_same_policy(&od, &name, inode.kind, &nd, newname)?;
+        }
+        if sys::fstatat(nfd, &nc).is_ok() {
+            return Err(errno(libc::EEXIST));
+        }
+        let sidecar = if inode.kind == FileType::RegularFile && !inode.plain {
+            let header = self.header_of(&inode)?;
+            Some(sidecar::create_at(nfd, newname, &header.raw)?)
+        } else {
+            None
+        };
+        let linked = match self.inodes.reach(&inode)? {
+            Reach::At(dir, name) => sys::linkat(dir.raw_fd(), &name, nfd, &nc, 0),
+            // Open but unlinked: linkat of a file with no names fails anyway.
+            Reach::Open(cf) => {
+                sys::linkat(cf.file().as_raw_fd(), c"", nfd, &nc, libc::AT_EMPTY_PATH)
+            }
+            Reach::Dir(_) => return Err(errno(libc::EPERM)),
+        };
+        if let Err(e) = linked {
+            if sidecar.is_some() {
+                let _ = self.remove_sidecar(nfd, newname);
+            }
+            return Err(e.into());
+        }
+        let st = sys::fstatat(nfd, &nc)?;
+        self.inodes
+            .remember(newparent, newname, None, &st, inode.plain);
+        Ok(self.attr(&st, inode.plain))
+    }
+}
+
+/// Stats `name` in `dir`; for a directory also opens the O_PATH handle its
+/// inode keeps.
+pub(super) fn stat_new(dir: &Inode, c: &CStr) -> FsResult<(Option<OwnedFd>, libc::stat)> {
+    let st = sys::fstatat(dir.raw_fd(), c)?;
+    if kind_of(st.st_mode) != FileType::Directory {
+        return Ok((None, st));
+    }
+    let fd = sys::open_path(dir.raw_fd(), c)?;
+    let st = sys::fstat(fd.as_raw_fd())?;
+    Ok((Some(fd), st))
+}

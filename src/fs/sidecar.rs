@@ -1,0 +1,264 @@
+//! Sidecar I/O: reading, writing and removing the header file that sits
+//! beside each encrypted file (`format::names` says what it is called). The
+//! mount, `kmsfs info`, `kmsfs policy status` and repair tools all read
+//! headers through here, so a sidecar is opened and checked one way only.
+//!
+//! The backing directory is untrusted: a sidecar name may hold a symlink, a
+//! FIFO, a device or a huge file. Sidecars are opened without following
+//! symlinks, without blocking (a FIFO must not hang the opener), without
+//! becoming a controlling terminal, must be regular files, and are read up
+//! to `MAX_SIDECAR_LEN` bytes only.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::error::{FsError, FsResult};
+use super::sys;
+use crate::format::header::{self as hdr, ParsedHeader};
+use crate::format::names::sidecar_name;
+use crate::format::FormatError;
+
+/// Sidecars are small; anything larger is not one of ours.
+pub const MAX_SIDECAR_LEN: u64 = 64 * 1024;
+
+const READ_FLAGS: i32 = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+
+/// A sidecar's bytes and their parse (not yet authenticated).
+pub struct FileHeader {
+    pub parsed: ParsedHeader,
+    pub raw: Vec<u8>,
+}
+
+/// Why a header could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("sidecar is missing (not a kmsfs file, or its sidecar was deleted)")]
+    Missing,
+    #[error("sidecar is not a regular file")]
+    NotRegular,
+    #[error("sidecar is larger than {MAX_SIDECAR_LEN} bytes, so not a kmsfs header")]
+    TooLarge,
+    #[error("{0}")]
+    Format(#[from] FormatError),
+    #[error("sidecar could not be read: {0}")]
+    Io(std::io::Error),
+}
+
+impl SidecarError {
+    /// As a filesystem error about file `label`. I/O errors keep their errno
+    /// (EACCES stays EACCES); a sidecar that is missing, of the wrong type or
+    /// unparsable makes the file unreadable (EIO with a log line).
+    pub fn for_file(self, label: &str) -> FsError {
+        match self {
+            SidecarError::Io(e) => FsError::Io(e),
+            other => FsError::header(label, other),
+        }
+    }
+}
+
+fn sidecar_cstr(name: &OsStr) -> std::io::Result<std::ffi::CString> {
+    sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))
+}
+
+/// Opens the sidecar of `name` in directory `dir` for reading, checked to be
+/// a regular file.
+fn open_checked(dir: RawFd, name: &OsStr) -> Result<File, SidecarError> {
+    let sc = sidecar_cstr(name).map_err(SidecarError::Io)?;
+    let fd = match sys::openat(dir, &sc, READ_FLAGS, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(SidecarError::Missing),
+        // A symlink planted under a sidecar's name.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(SidecarError::NotRegular),
+        Err(e) => return Err(SidecarError::Io(e)),
+    };
+    let st = sys::fstat(fd.as_raw_fd()).map_err(SidecarError::Io)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(SidecarError::NotRegular);
+    }
+    Ok(File::from(fd))
+}
+
+/// The raw bytes of the sidecar of `name` in directory `dir`.
+pub fn read_raw_at(dir: RawFd, name: &OsStr) -> Result<Vec<u8>, SidecarError> {
+    let f = open_checked(dir, name)?;
+    // Headers are a few hundred bytes: one read usually gets it all.
+    let mut raw = Vec::with_capacity(1024);
+    f.take(MAX_SIDECAR_LEN + 1)
+        .read_to_end(&mut raw)
+        .map_err(SidecarError::Io)?;
+    if raw.len() as u64 > MAX_SIDECAR_LEN {
+        return Err(SidecarError::TooLarge);
+    }
+    Ok(raw)
+}
+
+/// The parsed header of `name` in directory `dir`.
+pub fn read_at(dir: RawFd, name: &OsStr) -> Result<FileHeader, SidecarError> {
+    let raw = read_raw_at(dir, name)?;
+    let parsed = hdr::parse(&raw)?;
+    Ok(FileHeader { parsed, raw })
+}
+
+/// The parsed header of the file at `path` (its sidecar sits beside it),
+/// for tools working on a backing directory by path.
+pub fn read_beside(path: &Path) -> Result<FileHeader, SidecarError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or(SidecarError::Io(std::io::Error::from_raw_os_error(
+            libc::EINVAL,
+        )))?;
+    let dir = sys::cstr(parent.as_os_str()).map_err(SidecarError::Io)?;
+    let dir = sys::openat(libc::AT_FDCWD, &dir, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(SidecarError::Io)?;
+    read_at(dir.as_raw_fd(), name)
+}
+
+/// Starts reading the sidecars of `names` in `dir` into the page cache,
+/// without waiting (a hint; failures are ignored).
+pub fn read_ahead_at(dir: RawFd, names: &[std::ffi::OsString]) {
+    for name in names {
+        if let Ok(f) = open_checked(dir, name) {
+            sys::readahead(f.as_raw_fd(), MAX_SIDECAR_LEN as usize);
+        }
+    }
+}
+
+/// Writes a new sidecar holding `raw` for `name` in `dir` (O_EXCL, mode
+/// 0600). A leftover sidecar whose data file is gone (a crash between the
+/// two unlinks) is replaced. Returns the open sidecar, for a later fsync.
+pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
+    let sc = sidecar_cstr(name)?;
+    let c = sys::cstr(name)?;
+    for _ in 0..2 {
+        match sys::openat(
+            dir,
+            &sc,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NOCTTY,
+            0o600,
+        ) {
+            Ok(fd) => {
+                let mut f = File::from(fd);
+                if let Err(e) = f.write_all(raw) {
+                    let _ = sys::unlinkat(dir, &sc, 0);
+                    return Err(e.into());
+                }
+                return Ok(f);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => match sys::fstatat(dir, &c) {
+                Ok(_) => return Err(FsError::errno(libc::EEXIST)),
+                Err(_) => sys::unlinkat(dir, &sc, 0)?,
+            },
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(FsError::errno(libc::EEXIST))
+}
+
+/// Removes the sidecar of `name` in `dir` if there is one. Returns an O_PATH
+/// handle on the removed sidecar when one was taken, so the caller can have
+/// its space freed off the request path (closing the last reference is when
+/// the backing filesystem frees it).
+pub fn remove_at(dir: RawFd, name: &OsStr) -> FsResult<Option<OwnedFd>> {
+    let sc = sidecar_cstr(name)?;
+    let held = sys::open_path(dir, &sc).ok();
+    match sys::unlinkat(dir, &sc, 0) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e.into()),
+        _ => Ok(held),
+    }
+}
+
+/// Moves the sidecar of `old` in `odir` to be that of `new` in `ndir`
+/// (`renameat2` flags as given).
+pub fn rename_at(odir: RawFd, old: &OsStr, ndir: RawFd, new: &OsStr, flags: u32) -> FsResult<()> {
+    let (o, n) = (sidecar_cstr(old)?, sidecar_cstr(new)?);
+    Ok(sys::renameat2(odir, &o, ndir, &n, flags)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn dir_fd(p: &Path) -> OwnedFd {
+        let c = sys::cstr(p.as_os_str()).unwrap();
+        sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap()
+    }
+
+    #[test]
+    fn hostile_sidecars_are_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let fd = dir_fd(d.path());
+        let dir = fd.as_raw_fd();
+        assert!(matches!(
+            read_raw_at(dir, OsStr::new("none")),
+            Err(SidecarError::Missing)
+        ));
+        // A FIFO must neither block nor be read.
+        let fifo = sys::cstr(OsStr::new(".kmsfs.fifo")).unwrap();
+        assert_eq!(
+            unsafe { libc::mkfifo(fifo_path(d.path(), &fifo).as_ptr(), 0o600) },
+            0
+        );
+        assert!(matches!(
+            read_raw_at(dir, OsStr::new("fifo")),
+            Err(SidecarError::NotRegular)
+        ));
+        // A symlink to a real file is not followed.
+        std::fs::write(d.path().join("target"), b"x").unwrap();
+        symlink(d.path().join("target"), d.path().join(".kmsfs.link")).unwrap();
+        assert!(matches!(
+            read_raw_at(dir, OsStr::new("link")),
+            Err(SidecarError::NotRegular)
+        ));
+        // A directory is not a sidecar.
+        std::fs::create_dir(d.path().join(".kmsfs.sub")).unwrap();
+        assert!(read_raw_at(dir, OsStr::new("sub")).is_err());
+        // Too large.
+        std::fs::write(
+            d.path().join(".kmsfs.big"),
+            vec![0u8; MAX_SIDECAR_LEN as usize + 1],
+        )
+        .unwrap();
+        assert!(matches!(
+            read_raw_at(dir, OsStr::new("big")),
+            Err(SidecarError::TooLarge)
+        ));
+        std::fs::write(d.path().join(".kmsfs.ok"), b"abc").unwrap();
+        assert_eq!(read_raw_at(dir, OsStr::new("ok")).unwrap(), b"abc");
+    }
+
+    fn fifo_path(dir: &Path, name: &std::ffi::CStr) -> std::ffi::CString {
+        let mut p = dir.as_os_str().as_bytes().to_vec();
+        p.push(b'/');
+        p.extend_from_slice(name.to_bytes());
+        std::ffi::CString::new(p).unwrap()
+    }
+
+    #[test]
+    fn create_replaces_only_orphans() {
+        let d = tempfile::tempdir().unwrap();
+        let fd = dir_fd(d.path());
+        let dir = fd.as_raw_fd();
+        create_at(dir, OsStr::new("f"), b"one").unwrap();
+        // An orphan (no data file): replaced.
+        create_at(dir, OsStr::new("f"), b"two").unwrap();
+        assert_eq!(read_raw_at(dir, OsStr::new("f")).unwrap(), b"two");
+        // With a data file: EEXIST.
+        std::fs::write(d.path().join("f"), b"").unwrap();
+        let e = create_at(dir, OsStr::new("f"), b"three").unwrap_err();
+        assert!(matches!(
+            e,
+            FsError::Errno(super::super::error::Errno(libc::EEXIST))
+        ));
+        assert!(remove_at(dir, OsStr::new("f")).unwrap().is_some());
+        assert!(remove_at(dir, OsStr::new("f")).unwrap().is_none());
+    }
+}
