@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole kmsfs test suite, as CI runs it:
 #   setup -> cargo fmt --check -> cargo clippy -D warnings -> cargo test --release
+#   -> the filesystem-core tests again as an unprivileged user without /dev/fuse
 #   -> pjdfstest on a real kmsfs mount.
 # Every step runs even if an earlier one failed (setup aside), so one run shows
 # every problem; the exit status is non-zero if any step failed.
@@ -63,6 +64,7 @@ export KMSFS_SETUP_DONE=1
 run_step fmt cargo fmt --check
 run_step clippy cargo clippy --all-targets -- -D warnings
 run_step test cargo test --release
+run_step core-nofuse bash scripts/test-core-unprivileged.sh
 
 skip_pjdfstest=${KMSFS_SKIP_PJDFSTEST:-0}
 if [[ ${CI:-} == true && $skip_pjdfstest == 1 ]]; then
@@ -77,7 +79,7 @@ fi
 
 banner "summary"
 for i in "${!names[@]}"; do
-    printf '  %-10s %-8s %s\n' "${names[$i]}" "${times[$i]}" "${results[$i]}"
+    printf '  %-12s %-8s %s\n' "${names[$i]}" "${times[$i]}" "${results[$i]}"
 done
 if ((skipped)); then
     echo "steps: $passed passed, $failed failed, $skipped skipped"

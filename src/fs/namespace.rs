@@ -3,7 +3,7 @@
 //! sidecar), so several of these are two steps; docs/ARCHITECTURE.md lists
 //! the crash windows between them.
 
-use std::ffi::{CStr, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -252,14 +252,26 @@ impl Core {
         }
     }
 
-    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+    /// The entry `name` in directory `parent` that an unlink or rmdir is
+    /// about to remove: the directory, the name, and the entry's stat.
+    /// Reserved names do not exist as far as the mount is concerned.
+    fn entry_to_remove(
+        &self,
+        parent: u64,
+        name: &OsStr,
+    ) -> FsResult<(Arc<Inode>, CString, libc::stat)> {
         if is_reserved(name.as_bytes()) {
             return Err(errno(libc::ENOENT));
         }
         let dir = self.inodes.dir(parent)?;
-        let dfd = dir.raw_fd();
         let c = sys::cstr(name)?;
-        let st = sys::fstatat(dfd, &c)?;
+        let st = sys::fstatat(dir.raw_fd(), &c)?;
+        Ok((dir, c, st))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let (dir, c, st) = self.entry_to_remove(parent, name)?;
+        let dfd = dir.raw_fd();
         self.inodes.pin_if_last_name(&dir, &c, &st);
         sys::unlinkat(dfd, &c, 0)?;
         if kind_of(st.st_mode) == FileType::RegularFile {
@@ -270,13 +282,8 @@ impl Core {
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        if is_reserved(name.as_bytes()) {
-            return Err(errno(libc::ENOENT));
-        }
-        let dir = self.inodes.dir(parent)?;
+        let (dir, c, st) = self.entry_to_remove(parent, name)?;
         let dfd = dir.raw_fd();
-        let c = sys::cstr(name)?;
-        let st = sys::fstatat(dfd, &c)?;
         match sys::unlinkat(dfd, &c, libc::AT_REMOVEDIR) {
             Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
                 // Empty to the user but holding leftover sidecars: remove them.

@@ -127,9 +127,16 @@ pub fn kill_privileges(fd: RawFd) -> io::Result<()> {
     if mode & clear != 0 {
         fchmod(fd, mode & !clear & 0o7777)?;
     }
-    match check(unsafe { libc::fremovexattr(fd, c"security.capability".as_ptr()) }) {
+    // Removing a security.* name needs privileges even when it is absent
+    // (EPERM for an unprivileged daemon), so look first.
+    let cap = c"security.capability";
+    match check(unsafe { libc::fgetxattr(fd, cap.as_ptr(), std::ptr::null_mut(), 0) } as i32) {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(()),
-        r => r.map(drop),
+        Err(e) => Err(e),
+        Ok(_) => match check(unsafe { libc::fremovexattr(fd, cap.as_ptr()) }) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+            r => r.map(drop),
+        },
     }
 }
 
