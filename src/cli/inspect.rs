@@ -2,6 +2,7 @@
 //! `kmsfs policy status` (which key each file is wrapped under). Both read
 //! headers through `kmsfs::fs::sidecar`, as the mount does.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use kmsfs::fs::sidecar;
 use kmsfs::kms::{KmsRuntime, WrapContext};
 use kmsfs::metrics::Metrics;
 
-use super::{load_config, mountinfo, print_json};
+use super::{backing_walk, load_config, mountinfo, print_json};
 
 /// `kmsfs info`: a file's header facts as JSON; with `verify`, also unwraps
 /// its DEK and authenticates the header.
@@ -123,37 +124,19 @@ pub fn policy_status(backing: &Path) -> Result<()> {
             ..Default::default()
         })
         .collect();
-    let mut stack = vec![(backing.clone(), String::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let here = if rel.is_empty() {
-            "/".to_owned()
-        } else {
-            rel.clone()
-        };
-        let governing = kmsfs::policy::governing(&cfg.policies, &here);
+    backing_walk::walk(&backing, |dir, rel, files| {
+        let governing = kmsfs::policy::governing(&cfg.policies, rel);
         let provider = &connected.policies[governing].provider;
         let row = &mut rows[governing];
-        for e in
-            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
-        {
-            let e = e?;
-            let name = e.file_name();
-            if is_reserved(name.as_bytes()) {
-                continue;
-            }
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                stack.push((e.path(), format!("{rel}/{}", name.to_string_lossy())));
-            } else if ft.is_file() {
-                match sidecar::read_beside(&e.path()) {
-                    Err(_) => row.files_without_sidecar += 1,
-                    Ok(h) if provider.is_current_key(&h.parsed.header.wrapped.key_ref) => {
-                        row.files_on_current_key += 1
-                    }
-                    Ok(_) => row.files_on_other_keys += 1,
+        for name in files {
+            match sidecar::read_at(dir.as_raw_fd(), name) {
+                Err(_) => row.files_without_sidecar += 1,
+                Ok(h) if provider.is_current_key(&h.parsed.header.wrapped.key_ref) => {
+                    row.files_on_current_key += 1
                 }
+                Ok(_) => row.files_on_other_keys += 1,
             }
         }
-    }
+    })?;
     print_json(&rows)
 }

@@ -3,10 +3,11 @@
 //! - `init`, `keys`, `policy`, `kms_cmd` (`kms test|status`): those commands;
 //! - `mount`: the mount command; `daemon`: the background daemon (start,
 //!   readiness, signals) and `umount`;
-//! - `inspect`: `info` and `policy status`;
+//! - `inspect`: `info` and `policy status`, over `backing_walk`;
 //! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
 //! - `mountinfo`: what is mounted where.
 
+mod backing_walk;
 mod daemon;
 mod init;
 mod inspect;
