@@ -1,15 +1,92 @@
 //! The `kmsfs` command without a mount: its exit codes, which scripts and
-//! service managers act on (2: a usage error), and `policy status` on
-//! hostile backing trees.
+//! service managers act on (75, temporary failure, means a retry may help;
+//! 1 that it will not; 2 a usage error), and `policy status` on hostile
+//! backing trees.
 
 mod common;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
+use std::path::PathBuf;
 use std::process::Output;
 
+const EXIT_FAILURE: i32 = 1;
 const EXIT_USAGE: i32 = 2;
+const EXIT_TEMPFAIL: i32 = 75;
+
+/// A backing directory whose policy for /v names a Vault nobody listens on
+/// (port 1 refuses connections at once), and an empty mountpoint.
+struct UnreachableVault {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+}
+
+impl UnreachableVault {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        let mnt = dir.path().join("mnt");
+        let key_file = dir.path().join("keys");
+        std::fs::create_dir(&mnt).unwrap();
+        let b = backing.to_str().unwrap();
+        common::run(
+            &[
+                "init",
+                b,
+                "--kms",
+                "local",
+                "--key-file",
+                key_file.to_str().unwrap(),
+            ],
+            true,
+        );
+        common::run(
+            &[
+                "policy",
+                "set",
+                b,
+                "/v",
+                "--kms",
+                "vault",
+                "--vault-addr",
+                "http://127.0.0.1:1",
+                "--vault-key",
+                "kmsfs",
+                "--no-check",
+            ],
+            true,
+        );
+        UnreachableVault {
+            _dir: dir,
+            backing,
+            mnt,
+        }
+    }
+
+    /// Every command that connects to the backing directory's KMSs.
+    fn connecting_commands(&self) -> Vec<Vec<&str>> {
+        let (b, m) = (self.backing.to_str().unwrap(), self.mnt.to_str().unwrap());
+        vec![
+            vec!["mount", b, m],
+            vec!["policy", "status", b],
+            vec!["kms", "test", b, "/v"],
+            vec!["kms", "status", b],
+        ]
+    }
+}
+
+/// Runs kmsfs with VAULT_TOKEN set or unset, and no VAULT_ADDR.
+fn kmsfs(args: &[&str], vault_token: Option<&str>) -> Output {
+    let mut cmd = common::kmsfs();
+    cmd.args(args).env_remove("VAULT_ADDR");
+    match vault_token {
+        Some(t) => cmd.env("VAULT_TOKEN", t),
+        None => cmd.env_remove("VAULT_TOKEN"),
+    };
+    cmd.output().expect("run kmsfs")
+}
 
 fn said(out: &Output) -> String {
     format!(
@@ -17,6 +94,44 @@ fn said(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+#[test]
+fn an_unreachable_kms_is_a_temporary_failure() {
+    let fs = UnreachableVault::new();
+    for args in fs.connecting_commands() {
+        let out = kmsfs(&args, Some("any-token"));
+        let said = said(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_TEMPFAIL),
+            "kmsfs {args:?}: {said}"
+        );
+        assert!(
+            said.contains("is unreachable") && said.contains("127.0.0.1:1"),
+            "kmsfs {args:?}: {said}"
+        );
+    }
+    assert!(
+        fs.mnt.read_dir().unwrap().next().is_none(),
+        "nothing was mounted"
+    );
+}
+
+#[test]
+fn a_kms_misconfiguration_is_a_lasting_failure() {
+    // Without VAULT_TOKEN, no retry can help.
+    let fs = UnreachableVault::new();
+    for args in fs.connecting_commands() {
+        let out = kmsfs(&args, None);
+        let said = said(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_FAILURE),
+            "kmsfs {args:?}: {said}"
+        );
+        assert!(said.contains("VAULT_TOKEN"), "kmsfs {args:?}: {said}");
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use kmsfs::kms::KmsRuntime;
 use kmsfs::policy::normalize_dir;
 
-use super::{load_config, print_json};
+use super::{is_retryable, load_config, print_json, RetryLater};
 
 #[derive(Subcommand)]
 pub enum KmsCmd {
@@ -47,12 +47,13 @@ fn test(backing: PathBuf, dir: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// Checks every KMS and prints one JSON row each; fails if any failed.
+/// Checks every KMS and prints one JSON row each; fails if any failed, as a
+/// temporary failure when a retry may fix every one of them.
 fn status(backing: PathBuf) -> Result<()> {
     let cfg = load_config(&backing)?.1;
     let rt = KmsRuntime::new()?;
     let mut rows = Vec::new();
-    let mut failed = 0;
+    let mut failures = Vec::new();
     for k in cfg.all_kms() {
         let dirs: Vec<&str> = cfg
             .policies
@@ -72,14 +73,19 @@ fn status(backing: PathBuf) -> Result<()> {
                 "latency_ms": took.as_secs_f64() * 1000.0,
             }),
             Err(e) => {
-                failed += 1;
-                serde_json::json!({ "kms": format!("{k:?}"), "policies": dirs, "ok": false, "error": format!("{e:#}") })
+                let row = serde_json::json!({ "kms": format!("{k:?}"), "policies": dirs, "ok": false, "error": format!("{e:#}") });
+                failures.push(e);
+                row
             }
         });
     }
     print_json(&rows)?;
-    if failed > 0 {
-        bail!("{failed} KMS(s) failed their check");
+    if failures.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let summary = format!("{} KMS(s) failed their check", failures.len());
+    if failures.iter().all(is_retryable) {
+        return Err(RetryLater(summary).into());
+    }
+    bail!(summary)
 }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use kmsfs::config::Config;
+use kmsfs::config::{Config, ConfigError, ConnectError};
 use kmsfs::kms::KmsError;
 
 /// Exit codes; a usage error exits 2, through clap.
@@ -101,13 +101,27 @@ pub fn run() -> i32 {
     }
 }
 
+/// A failure already described in full by its message (for a command that
+/// sums up several failures in one line), that a retry may fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RetryLater(String);
+
 /// Whether trying the command again later may succeed: some cause in the
-/// chain is a retryable KMS failure.
+/// chain is a retryable KMS failure, or a [`RetryLater`]. `ConfigError` and
+/// `ConnectError` wrap a `KmsError` transparently (it is no link of the
+/// chain of its own), so they are asked too.
 fn is_retryable(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
-        cause
-            .downcast_ref::<KmsError>()
-            .is_some_and(KmsError::is_retryable)
+        if let Some(e) = cause.downcast_ref::<KmsError>() {
+            e.is_retryable()
+        } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
+            e.is_retryable()
+        } else if let Some(ConnectError::Kms(e)) = cause.downcast_ref::<ConnectError>() {
+            e.is_retryable()
+        } else {
+            cause.is::<RetryLater>()
+        }
     })
 }
 
