@@ -1,14 +1,14 @@
-//! The `kmsfs` command without a mount: its exit codes, which scripts and
-//! service managers act on (75, temporary failure, means a retry may help;
-//! 1 that it will not; 2 a usage error), and `policy status` on hostile
-//! backing trees.
+//! The `kmsfs` command's contract with scripts and service managers: its
+//! exit codes (75, temporary failure, means a retry may help; 1 that it
+//! will not; 2 a usage error), `policy status` on hostile backing trees, and
+//! the daemon's clean unmount on SIGTERM, SIGINT and SIGHUP.
 
 mod common;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 const EXIT_FAILURE: i32 = 1;
@@ -192,4 +192,36 @@ fn policy_status_counts_regular_files_and_follows_no_symlink() {
     assert_eq!(rows[0]["files_without_sidecar"], 2, "{rows}");
     assert_eq!(rows[0]["files_on_current_key"], 0, "{rows}");
     assert_eq!(rows[0]["files_on_other_keys"], 0, "{rows}");
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = mnt.to_str().unwrap();
+    mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(mnt))
+}
+
+#[test]
+fn termination_signals_unmount_cleanly() {
+    let mut fs = common::TestFs::new(&[]);
+    std::fs::write(fs.path("f"), b"data").unwrap();
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        let pid = fs.daemon_pid().expect("a daemon serves the mount");
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        common::wait_for_daemon_exit(&fs.mnt);
+        assert!(common::daemon_pids(&fs.mnt).is_empty(), "signal {signal}");
+        fs.set_mounted(is_mounted(&fs.mnt));
+        assert!(
+            !is_mounted(&fs.mnt),
+            "signal {signal} left the mount behind; log:\n{}",
+            fs.log_text()
+        );
+        assert!(
+            fs.log_text()
+                .contains(&format!("signal {signal}: unmounting")),
+            "{}",
+            fs.log_text()
+        );
+        fs.mount(&[]);
+        assert_eq!(std::fs::read(fs.path("f")).unwrap(), b"data");
+    }
 }

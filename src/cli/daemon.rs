@@ -184,8 +184,8 @@ fn termination_signal_set() -> libc::sigset_t {
 }
 
 /// Blocks the termination signals in this thread and the threads it starts
-/// afterwards (the FUSE workers), so that only the thread of
-/// [`unmount_on_termination_signal`] receives them.
+/// afterwards, so that only the thread of [`unmount_on_termination_signal`]
+/// takes them.
 pub fn block_termination_signals() {
     let set = termination_signal_set();
     // SAFETY: the set is initialised; the old mask is not asked for.

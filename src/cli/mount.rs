@@ -48,6 +48,12 @@ pub struct MountArgs {
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {
+    if a.foreground {
+        // Before any thread starts (the KMS runtime's first): threads inherit
+        // the mask, and a signal taken by a thread that does not block it
+        // ends the process without unmounting.
+        daemon::block_termination_signals();
+    }
     let backing = absolute(&a.backing)?;
     let mountpoint = absolute(&a.mountpoint)?;
     // Everything that can be checked before forking is checked here, so the
@@ -87,7 +93,6 @@ pub fn mount(a: MountArgs) -> Result<()> {
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
-    daemon::block_termination_signals();
     let session = match fs::mount(core, &mountpoint, &opts) {
         Ok(s) => s,
         Err(e) => {
