@@ -32,7 +32,7 @@ pub fn cipher_suite() -> impl TypedValueParser<Value = CipherSuite> {
 
 /// `--kms`: which provider holds the key.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KmsProvider {
+enum KmsProvider {
     Local,
     Vault,
     Aws,
@@ -57,17 +57,17 @@ impl KmsProvider {
 pub struct KmsArgs {
     /// KMS provider of the key that wraps new files' DEKs.
     #[arg(long, value_enum)]
-    pub kms: KmsProvider,
+    kms: KmsProvider,
     #[command(flatten)]
-    pub local: LocalArgs,
+    local: LocalArgs,
     #[command(flatten)]
-    pub vault: VaultArgs,
+    vault: VaultArgs,
     #[command(flatten)]
-    pub aws: AwsArgs,
+    aws: AwsArgs,
     #[command(flatten)]
-    pub azure: AzureArgs,
+    azure: AzureArgs,
     #[command(flatten)]
-    pub gcp: GcpArgs,
+    gcp: GcpArgs,
 }
 
 impl KmsArgs {
@@ -121,13 +121,13 @@ fn need(value: &Option<String>, flag: &str, kms: KmsProvider) -> Result<String> 
 
 #[derive(Args, Clone)]
 #[command(next_help_heading = "Local keyring (--kms local)")]
-pub struct LocalArgs {
+struct LocalArgs {
     /// Keyring file (outside the backing directory); created if missing.
     #[arg(long)]
-    pub key_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     /// Key name within the keyring.
     #[arg(long, default_value = "default")]
-    pub key_name: String,
+    key_name: String,
 }
 
 impl LocalArgs {
@@ -170,7 +170,7 @@ fn ensure_local_key(key_file: &Path, name: &str) -> Result<()> {
 
 /// `--vault-auth`: how kmsfs logs in to Vault.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VaultAuthMethod {
+enum VaultAuthMethod {
     Token,
     Approle,
     Kubernetes,
@@ -178,49 +178,49 @@ pub enum VaultAuthMethod {
 
 #[derive(Args, Clone)]
 #[command(next_help_heading = "Vault / OpenBao transit (--kms vault)")]
-pub struct VaultArgs {
+struct VaultArgs {
     /// Server address, e.g. http://127.0.0.1:8200 (token from VAULT_TOKEN).
     #[arg(long)]
-    pub vault_addr: Option<String>,
+    vault_addr: Option<String>,
     /// Transit key name.
     #[arg(long)]
-    pub vault_key: Option<String>,
+    vault_key: Option<String>,
     /// Transit mount path.
     #[arg(long, default_value = "transit")]
-    pub vault_mount: String,
+    vault_mount: String,
     /// Enterprise namespace.
     #[arg(long)]
-    pub vault_namespace: Option<String>,
+    vault_namespace: Option<String>,
     /// Auth method.
     #[arg(long, value_enum, default_value_t = VaultAuthMethod::Token)]
-    pub vault_auth: VaultAuthMethod,
+    vault_auth: VaultAuthMethod,
     /// approle: role ID (secret ID from --vault-secret-id-file or VAULT_SECRET_ID).
     #[arg(long)]
-    pub vault_role_id: Option<String>,
+    vault_role_id: Option<String>,
     /// approle: file holding the secret ID.
     #[arg(long)]
-    pub vault_secret_id_file: Option<PathBuf>,
+    vault_secret_id_file: Option<PathBuf>,
     /// kubernetes: role name.
     #[arg(long)]
-    pub vault_k8s_role: Option<String>,
+    vault_k8s_role: Option<String>,
     /// kubernetes: service-account JWT file.
     #[arg(long)]
-    pub vault_k8s_jwt_file: Option<PathBuf>,
+    vault_k8s_jwt_file: Option<PathBuf>,
     /// Auth mount path (default: approle / kubernetes).
     #[arg(long)]
-    pub vault_auth_mount: Option<String>,
+    vault_auth_mount: Option<String>,
     /// CA certificate to verify the server with (PEM).
     #[arg(long)]
-    pub vault_ca_cert: Option<PathBuf>,
+    vault_ca_cert: Option<PathBuf>,
     /// Client certificate for TLS client authentication (PEM).
     #[arg(long)]
-    pub vault_client_cert: Option<PathBuf>,
+    vault_client_cert: Option<PathBuf>,
     /// Private key of --vault-client-cert (PEM).
     #[arg(long)]
-    pub vault_client_key: Option<PathBuf>,
+    vault_client_key: Option<PathBuf>,
     /// Do not verify the server's TLS certificate (tests only).
     #[arg(long)]
-    pub vault_skip_verify: bool,
+    vault_skip_verify: bool,
 }
 
 #[cfg(feature = "vault")]
@@ -267,25 +267,25 @@ impl VaultArgs {
 
 #[derive(Args, Clone)]
 #[command(next_help_heading = "AWS KMS (--kms aws)")]
-pub struct AwsArgs {
+struct AwsArgs {
     /// Key ID, key ARN or alias (alias/NAME).
     #[arg(long)]
-    pub aws_key_id: Option<String>,
+    aws_key_id: Option<String>,
     /// Region (default: AWS_REGION or the profile's region).
     #[arg(long)]
-    pub aws_region: Option<String>,
+    aws_region: Option<String>,
     /// Custom endpoint (LocalStack, moto).
     #[arg(long)]
-    pub aws_endpoint: Option<String>,
+    aws_endpoint: Option<String>,
     /// Named profile from the shared AWS config files.
     #[arg(long)]
-    pub aws_profile: Option<String>,
+    aws_profile: Option<String>,
     /// Role ARN to assume.
     #[arg(long)]
-    pub aws_assume_role: Option<String>,
+    aws_assume_role: Option<String>,
     /// External ID to present when assuming --aws-assume-role.
     #[arg(long)]
-    pub aws_external_id: Option<String>,
+    aws_external_id: Option<String>,
 }
 
 #[cfg(feature = "aws")]
@@ -305,16 +305,16 @@ impl AwsArgs {
 
 #[derive(Args, Clone)]
 #[command(next_help_heading = "Azure Key Vault (--kms azure)")]
-pub struct AzureArgs {
+struct AzureArgs {
     /// Vault URL, e.g. https://NAME.vault.azure.net
     #[arg(long)]
-    pub azure_vault_url: Option<String>,
+    azure_vault_url: Option<String>,
     /// Key name.
     #[arg(long)]
-    pub azure_key: Option<String>,
+    azure_key: Option<String>,
     /// Key version (default: latest).
     #[arg(long)]
-    pub azure_key_version: Option<String>,
+    azure_key_version: Option<String>,
 }
 
 #[cfg(feature = "azure")]
@@ -332,28 +332,28 @@ impl AzureArgs {
 
 #[derive(Args, Clone)]
 #[command(next_help_heading = "GCP Cloud KMS (--kms gcp)")]
-pub struct GcpArgs {
+struct GcpArgs {
     /// Project ID.
     #[arg(long)]
-    pub gcp_project: Option<String>,
+    gcp_project: Option<String>,
     /// Location of the key ring, e.g. global or europe-west1.
     #[arg(long)]
-    pub gcp_location: Option<String>,
+    gcp_location: Option<String>,
     /// Key ring name.
     #[arg(long)]
-    pub gcp_key_ring: Option<String>,
+    gcp_key_ring: Option<String>,
     /// Key name.
     #[arg(long)]
-    pub gcp_key: Option<String>,
+    gcp_key: Option<String>,
     /// Key version that encrypts (default: the primary version).
     #[arg(long)]
-    pub gcp_key_version: Option<String>,
+    gcp_key_version: Option<String>,
     /// Service-account key file (default: application default credentials).
     #[arg(long)]
-    pub gcp_credentials_file: Option<PathBuf>,
+    gcp_credentials_file: Option<PathBuf>,
     /// Custom endpoint (tests).
     #[arg(long)]
-    pub gcp_endpoint: Option<String>,
+    gcp_endpoint: Option<String>,
 }
 
 #[cfg(feature = "gcp")]

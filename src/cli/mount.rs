@@ -29,7 +29,7 @@ pub struct MountArgs {
     options: Vec<String>,
     /// Log file of the background daemon.
     #[arg(long)]
-    pub log_file: Option<PathBuf>,
+    log_file: Option<PathBuf>,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 /// One line of mountinfo.
 pub struct Mount {
     /// The filesystem's source; a kmsfs mount's is `kmsfs:BACKING`.
-    pub source: String,
+    source: String,
     pub mountpoint: PathBuf,
-    pub fs_type: String,
+    fs_type: String,
 }
 
 impl Mount {
