@@ -1,0 +1,183 @@
+//! Walking a backing directory tree for the inspection commands. The tree is
+//! untrusted: directories are reached through their parent's handle without
+//! following symlinks (a symlinked directory is not entered), each directory
+//! is opened once, and only regular files are reported, so that sidecars can
+//! be read beside them with `sidecar::read_at`.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::rc::Rc;
+
+use anyhow::{Context, Result};
+
+use kmsfs::format::names::is_reserved;
+
+/// Calls `visit(dir, rel, files)` for every directory under (and including)
+/// `root`: `dir` is a handle on it, `rel` its path below `root` ("/" for the
+/// root, "/a/b" below it) and `files` the names of its regular files.
+/// kmsfs's reserved names are left out.
+pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString])) -> Result<()> {
+    let cannot_read = |rel: &str| format!("cannot read {}{rel}", root.display());
+    // Directories still to visit: (parent, name, rel). A parent stays open
+    // while any of its subdirectories waits, so about one handle per level
+    // of the tree is open at a time.
+    let mut pending: Vec<(Rc<DirHandle>, OsString, String)> = Vec::new();
+    let mut list_and_visit = |dir: DirHandle, rel: String, pending: &mut Vec<_>| -> Result<()> {
+        let dir = Rc::new(dir);
+        let mut files = Vec::new();
+        for (name, kind) in dir.entries().with_context(|| cannot_read(&rel))? {
+            if is_reserved(name.as_bytes()) {
+                continue;
+            }
+            match kind {
+                Kind::Directory => {
+                    let sub = format!("{rel}/{}", name.to_string_lossy());
+                    pending.push((dir.clone(), name, sub));
+                }
+                Kind::RegularFile => files.push(name),
+                Kind::Other => {}
+            }
+        }
+        visit(dir.as_fd(), if rel.is_empty() { "/" } else { &rel }, &files);
+        Ok(())
+    };
+    // The root is the user's own path: symlinks in it are theirs to follow.
+    let root_dir = DirHandle::open(libc::AT_FDCWD, &path_cstr(root.as_os_str())?, 0)
+        .with_context(|| cannot_read(""))?;
+    list_and_visit(root_dir, String::new(), &mut pending)?;
+    while let Some((parent, name, rel)) = pending.pop() {
+        let dir = match DirHandle::open(parent.as_raw_fd(), &path_cstr(&name)?, libc::O_NOFOLLOW) {
+            Ok(dir) => dir,
+            // No longer a directory since it was listed (a symlink now,
+            // perhaps): not entered.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => continue,
+            Err(e) => return Err(e).with_context(|| cannot_read(&rel)),
+        };
+        list_and_visit(dir, rel, &mut pending)?;
+    }
+    Ok(())
+}
+
+fn path_cstr(p: &OsStr) -> Result<CString> {
+    CString::new(p.as_bytes()).with_context(|| format!("{} contains a NUL byte", p.display()))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Directory,
+    RegularFile,
+    /// Symlinks, FIFOs, sockets, devices: never opened.
+    Other,
+}
+
+/// An open directory stream; its descriptor also serves `*at` calls.
+struct DirHandle(NonNull<libc::DIR>);
+
+impl DirHandle {
+    /// Opens directory `name` in `parent` (or the cwd) for listing, with
+    /// `extra_flags` (O_NOFOLLOW below the root).
+    fn open(parent: RawFd, name: &CStr, extra_flags: i32) -> std::io::Result<Self> {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | extra_flags;
+        // SAFETY: `name` is a valid C string; the result is checked.
+        let fd = unsafe { libc::openat(parent, name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: on success the stream owns `fd`; on failure it is closed here.
+        match NonNull::new(unsafe { libc::fdopendir(fd) }) {
+            Some(stream) => Ok(DirHandle(stream)),
+            None => {
+                let e = std::io::Error::last_os_error();
+                unsafe { libc::close(fd) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Every entry but `.` and `..`, with its kind (from the listing, or
+    /// from an lstat where the filesystem does not say).
+    fn entries(&self) -> std::io::Result<Vec<(OsString, Kind)>> {
+        let mut out = Vec::new();
+        loop {
+            // readdir reports errors only through errno.
+            // SAFETY: errno is this thread's; the stream is open.
+            let entry = unsafe {
+                *libc::__errno_location() = 0;
+                libc::readdir(self.0.as_ptr())
+            };
+            if entry.is_null() {
+                let e = std::io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(0) => Ok(out),
+                    _ => Err(e),
+                };
+            }
+            // SAFETY: a non-null entry is valid until the next readdir.
+            let (name, d_type) = unsafe {
+                let entry = &*entry;
+                (CStr::from_ptr(entry.d_name.as_ptr()), entry.d_type)
+            };
+            if matches!(name.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            let kind = match d_type {
+                libc::DT_DIR => Kind::Directory,
+                libc::DT_REG => Kind::RegularFile,
+                libc::DT_UNKNOWN => self.kind_by_lstat(name)?,
+                _ => Kind::Other,
+            };
+            out.push((OsStr::from_bytes(name.to_bytes()).to_owned(), kind));
+        }
+    }
+
+    fn kind_by_lstat(&self, name: &CStr) -> std::io::Result<Kind> {
+        // SAFETY: `st` is written by fstatat before it is read.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::fstatat(
+                self.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // Removed since it was listed: nothing to report.
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(Kind::Other),
+                _ => Err(e),
+            };
+        }
+        Ok(match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Directory,
+            libc::S_IFREG => Kind::RegularFile,
+            _ => Kind::Other,
+        })
+    }
+}
+
+impl AsRawFd for DirHandle {
+    fn as_raw_fd(&self) -> RawFd {
+        // SAFETY: the stream is open until drop.
+        unsafe { libc::dirfd(self.0.as_ptr()) }
+    }
+}
+
+impl AsFd for DirHandle {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor stays open as long as the stream, which
+        // outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
+    }
+}
+
+impl Drop for DirHandle {
+    fn drop(&mut self) {
+        // SAFETY: the stream is open and closed only here.
+        unsafe { libc::closedir(self.0.as_ptr()) };
+    }
+}

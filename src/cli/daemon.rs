@@ -1,0 +1,249 @@
+//! The mount's daemon and its lifetime: starting it in the background and
+//! waiting for it to report the mount ready, the serving process's logging
+//! and open-files limit, unmounting on SIGTERM/SIGINT/SIGHUP, and
+//! `kmsfs umount`.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{absolute, mountinfo};
+
+/// Set in the daemon child: report readiness on stdout.
+const READY_ENV: &str = "KMSFS_REPORT_READY";
+
+/// Signals that end the mount: each unmounts cleanly, so the session ends
+/// and the process exits 0.
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Re-runs this command in the foreground as a detached child, logging to
+/// `log_file` (default: one per mountpoint in the temp directory), and waits
+/// for it to report the mount ready or failed.
+pub fn spawn(log_file: Option<&Path>, mountpoint: &Path) -> Result<()> {
+    let log = match log_file {
+        Some(p) => absolute(p)?,
+        None => default_log_file(mountpoint),
+    };
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open log file {}", log.display()))?;
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = unsafe {
+        Command::new(std::env::current_exe()?)
+            .args(&args)
+            .env(READY_ENV, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+            .spawn()
+            .context("cannot start the kmsfs daemon")?
+    };
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    match line.trim() {
+        "ready" => {
+            eprintln!(
+                "kmsfs: mounted at {} (log: {})",
+                mountpoint.display(),
+                log.display()
+            );
+            Ok(())
+        }
+        other => {
+            let _ = child.wait();
+            if other.is_empty() {
+                bail!(
+                    "the kmsfs daemon exited before the mount was ready; last log lines ({}):\n{}",
+                    log.display(),
+                    last_lines(&log, 5)
+                );
+            }
+            bail!("{}", other.trim_start_matches("error: "))
+        }
+    }
+}
+
+/// `$TMPDIR/kmsfs_mnt_path.log` for mountpoint /mnt/path.
+fn default_log_file(mountpoint: &Path) -> PathBuf {
+    let tag: String = mountpoint
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() {
+                b as char
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::env::temp_dir().join(format!("kmsfs{tag}.log"))
+}
+
+/// The last `n` lines of the file at `path` (empty if unreadable).
+fn last_lines(path: &Path, n: usize) -> String {
+    let mut text = String::new();
+    let _ = std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text));
+    let tail: Vec<&str> = text.lines().rev().take(n).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Tells the waiting parent (if any) that the mount is ready or failed.
+pub fn report_ready(r: std::result::Result<(), &str>) {
+    if std::env::var_os(READY_ENV).is_none() {
+        return;
+    }
+    let mut out = std::io::stdout();
+    let _ = match r {
+        Ok(()) => writeln!(out, "ready"),
+        Err(msg) => writeln!(out, "error: {msg}"),
+    };
+    let _ = out.flush();
+    // Detach from the parent's pipe.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
+    }
+}
+
+/// Logs to stderr (the log file, for the daemon) at `level_default` unless
+/// KMSFS_LOG says otherwise.
+pub fn init_logging(level_default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level_default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// The daemon holds one O_PATH descriptor per inode the kernel remembers
+/// (tens of thousands after an untar): lift the open-files limit as far as
+/// the system allows.
+pub fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let get = || {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+    };
+    // SAFETY: setrlimit only reads the struct we pass.
+    let set = |lim: &libc::rlimit| unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, lim) } == 0;
+    let Some(cur) = get() else {
+        tracing::warn!("cannot read the open-files limit; keeping it");
+        return;
+    };
+    let want = libc::rlimit {
+        rlim_cur: nr_open,
+        rlim_max: nr_open.max(cur.rlim_max),
+    };
+    // Not privileged: settle for the hard limit.
+    if !set(&want) {
+        set(&libc::rlimit {
+            rlim_cur: cur.rlim_max,
+            rlim_max: cur.rlim_max,
+        });
+    }
+    if let Some(now) = get() {
+        tracing::info!("open-files limit {}", now.rlim_cur);
+    }
+}
+
+fn termination_signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset only writes to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in TERMINATION_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the termination signals in this thread and the threads it starts
+/// afterwards, so that only the thread of [`unmount_on_termination_signal`]
+/// takes them.
+pub fn block_termination_signals() {
+    let set = termination_signal_set();
+    // SAFETY: the set is initialised; the old mask is not asked for.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// On SIGTERM/SIGINT/SIGHUP, unmount cleanly so the session ends and the
+/// process exits 0.
+pub fn unmount_on_termination_signal(mountpoint: PathBuf) {
+    std::thread::spawn(move || {
+        let set = termination_signal_set();
+        let mut sig = 0;
+        // SAFETY: both pointers are to live locals.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
+        let _ = unmount_path(&mountpoint, true);
+    });
+}
+
+/// `kmsfs umount`.
+pub fn umount(mnt: &Path) -> Result<()> {
+    let mnt = absolute(mnt)?;
+    if !mountinfo::mounts()
+        .iter()
+        .any(|m| m.mountpoint == mnt && m.is_fuse())
+    {
+        bail!("{} is not a FUSE mount point", mnt.display());
+    }
+    unmount_path(&mnt, false).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => anyhow!(
+            "{} is busy: a process still uses it (see `fuser -vm {}`); close it and retry",
+            mnt.display(),
+            mnt.display()
+        ),
+        _ => anyhow!("cannot unmount {}: {e}", mnt.display()),
+    })
+}
+
+/// Unmounts `mnt` (`lazy`: detach now, finish when no longer busy); as root
+/// directly, otherwise through fusermount3.
+fn unmount_path(mnt: &Path, lazy: bool) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mnt.as_os_str().as_bytes())?;
+    if unsafe { libc::geteuid() } == 0 {
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut cmd = Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let st = cmd.arg(mnt).status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("fusermount3 -u failed"))
+    }
+}

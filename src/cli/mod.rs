@@ -1,0 +1,143 @@
+//! The `kmsfs` command line. Here: the commands' clap types, and how a
+//! failure ends (one message on stderr, one exit code). Elsewhere:
+//! - `init`, `keys`, `policy`, `kms_cmd` (`kms test|status`): those commands;
+//! - `mount`: the mount command; `daemon`: the background daemon (start,
+//!   readiness, signals) and `umount`;
+//! - `inspect`: `info` and `policy status`, over `backing_walk`;
+//! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
+//! - `mountinfo`: what is mounted where.
+
+mod backing_walk;
+mod daemon;
+mod init;
+mod inspect;
+mod keys;
+mod kms_args;
+mod kms_cmd;
+mod mount;
+mod mountinfo;
+mod policy;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use kmsfs::config::{Config, ConfigError, ConnectError};
+use kmsfs::kms::KmsError;
+
+/// Exit codes; a usage error exits 2, through clap.
+const EXIT_OK: i32 = 0;
+const EXIT_FAILURE: i32 = 1;
+/// A retry may fix it, e.g. a KMS was unreachable (EX_TEMPFAIL).
+const EXIT_TEMPFAIL: i32 = 75;
+
+#[derive(Parser)]
+#[command(
+    name = "kmsfs",
+    version,
+    about = "Encrypted FUSE filesystem with per-file keys wrapped by a KMS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Prepare a backing directory (created if needed) and its root key policy.
+    Init(init::InitArgs),
+    /// Mount BACKING at MOUNTPOINT; returns once the mount is ready.
+    Mount(mount::MountArgs),
+    /// Unmount a kmsfs mount.
+    Umount { mountpoint: PathBuf },
+    /// Print a file's header facts as JSON (never key bytes).
+    Info {
+        /// A file inside a kmsfs mount, or inside a backing directory.
+        path: PathBuf,
+        /// Also unwrap the DEK through the KMS and authenticate the header.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Manage a local keyring file.
+    Keys {
+        #[command(subcommand)]
+        action: keys::KeysCmd,
+    },
+    /// Directory-level key policies (DIR is a path inside the mount, like /pii).
+    Policy {
+        #[command(subcommand)]
+        action: policy::PolicyCmd,
+    },
+    /// Check the KMSs a backing directory uses.
+    Kms {
+        #[command(subcommand)]
+        action: kms_cmd::KmsCmd,
+    },
+}
+
+/// Runs the command line's command; returns the process exit code.
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Init(a) => init::init(a),
+        Cmd::Mount(a) => mount::mount(a),
+        Cmd::Umount { mountpoint } => daemon::umount(&mountpoint),
+        Cmd::Info { path, verify } => inspect::info(&path, verify),
+        Cmd::Keys { action } => keys::keys(action),
+        Cmd::Policy { action } => policy::policy(action),
+        Cmd::Kms { action } => kms_cmd::kms_cmd(action),
+    };
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("kmsfs: error: {e:#}");
+            if is_retryable(&e) {
+                EXIT_TEMPFAIL
+            } else {
+                EXIT_FAILURE
+            }
+        }
+    }
+}
+
+/// A failure already described in full by its message (for a command that
+/// sums up several failures in one line), that a retry may fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RetryLater(String);
+
+/// Whether trying the command again later may succeed: some cause in the
+/// chain is a retryable KMS failure, or a [`RetryLater`]. `ConfigError` and
+/// `ConnectError` wrap a `KmsError` transparently (it is no link of the
+/// chain of its own), so they are asked too.
+fn is_retryable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<KmsError>() {
+            e.is_retryable()
+        } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
+            e.is_retryable()
+        } else if let Some(ConnectError::Kms(e)) = cause.downcast_ref::<ConnectError>() {
+            e.is_retryable()
+        } else {
+            cause.is::<RetryLater>()
+        }
+    })
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
+}
+
+/// The backing directory given on the command line, absolute, and its
+/// configuration.
+fn load_config(backing: &Path) -> Result<(PathBuf, Config)> {
+    let backing = absolute(backing)?;
+    let cfg = Config::load(&backing)?;
+    Ok((backing, cfg))
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! `kmsfs mount`: checks everything it can up front, then either serves the
+//! mount in this process (`--foreground`) or starts the daemon that does
+//! (see `daemon`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use kmsfs::cache::DekCache;
+use kmsfs::config::Config;
+use kmsfs::fs::{self, MountOptions};
+use kmsfs::kms::KmsRuntime;
+use kmsfs::metrics::Metrics;
+
+use super::{absolute, daemon, mountinfo};
+
+#[derive(Args)]
+pub struct MountArgs {
+    backing: PathBuf,
+    mountpoint: PathBuf,
+    /// Stay in the foreground (logs to stderr).
+    #[arg(long, short = 'f')]
+    foreground: bool,
+    /// Mount options, comma separated: ro, allow_other, or kernel options.
+    #[arg(short = 'o', value_delimiter = ',')]
+    options: Vec<String>,
+    /// Log file of the background daemon.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// DEK cache capacity (entries).
+    #[arg(long, default_value_t = 100_000)]
+    cache_size: usize,
+    /// DEK cache time-to-live, seconds.
+    #[arg(long, default_value_t = 3600)]
+    cache_ttl: u64,
+    /// Kernel attribute/entry cache timeout, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    attr_timeout: f64,
+    /// Serve Prometheus metrics on HOST:PORT (/metrics).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+}
+
+pub fn mount(a: MountArgs) -> Result<()> {
+    if a.foreground {
+        // Before any thread starts (the KMS runtime's first): threads inherit
+        // the mask, and a signal taken by a thread that does not block it
+        // ends the process without unmounting.
+        daemon::block_termination_signals();
+    }
+    let backing = absolute(&a.backing)?;
+    let mountpoint = absolute(&a.mountpoint)?;
+    // Everything that can be checked before forking is checked here, so the
+    // user sees the reason directly.
+    let cfg = Config::load(&backing)?;
+    let runtime = KmsRuntime::new()?;
+    let metrics = Arc::new(Metrics::default());
+    let connected = cfg.connect(&runtime, &metrics)?;
+    check_mountpoint(&mountpoint)?;
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or install fuse3");
+    }
+    if !a.foreground {
+        return daemon::spawn(a.log_file.as_deref(), &mountpoint);
+    }
+    daemon::init_logging("info");
+    daemon::raise_fd_limit();
+    let (ro, allow_other, extra) = parse_mount_options(&a.options);
+    let cache = DekCache::new(a.cache_size, Duration::from_secs(a.cache_ttl));
+    // The adapter applies each caller's umask; the daemon's own must not
+    // mask the backing files' modes a second time.
+    unsafe { libc::umask(0) };
+    let core = fs::Core::new(&backing, &cfg, connected, cache, runtime, metrics, ro)
+        .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
+    let opts = MountOptions {
+        read_only: ro,
+        allow_other,
+        threads: a.threads,
+        attr_ttl: Duration::from_secs_f64(a.attr_timeout.max(0.0)),
+        extra,
+        fs_name: format!("kmsfs:{}", backing.display()),
+    };
+    let core = Arc::new(core);
+    if let Some(addr) = &a.metrics_addr {
+        let c = core.clone();
+        let bound = kmsfs::metrics::serve(addr, Arc::new(move || c.render_metrics()))
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
+    let session = match fs::mount(core, &mountpoint, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount at {}: {e}", mountpoint.display());
+            daemon::report_ready(Err(&msg));
+            bail!(msg);
+        }
+    };
+    tracing::info!("mounted {} at {}", backing.display(), mountpoint.display());
+    daemon::unmount_on_termination_signal(mountpoint.clone());
+    daemon::report_ready(Ok(()));
+    session.run().context("FUSE session failed")?;
+    tracing::info!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn check_mountpoint(mnt: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(mnt).map_err(|e| anyhow::anyhow!("mountpoint {}: {e}", mnt.display()))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", mnt.display());
+    }
+    if mountinfo::mounts().iter().any(|m| m.mountpoint == mnt) {
+        bail!(
+            "mountpoint {} is busy: something is already mounted there (unmount it first: kmsfs umount {})",
+            mnt.display(),
+            mnt.display()
+        );
+    }
+    Ok(())
+}
+
+/// Splits `-o` options into (read-only, allow_other, options passed to the
+/// kernel as they are); a later ro/rw wins.
+fn parse_mount_options(opts: &[String]) -> (bool, bool, Vec<String>) {
+    let (mut ro, mut allow_other, mut extra) = (false, false, Vec::new());
+    for o in opts.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+        match o {
+            "ro" => ro = true,
+            "rw" => ro = false,
+            "allow_other" => allow_other = true,
+            other => extra.push(other.to_owned()),
+        }
+    }
+    (ro, allow_other, extra)
+}
