@@ -528,6 +528,27 @@ fn mount(env: &[(&str, &str)], backing: &Path, mnt: &Path, log: &Path) -> Mounte
     }
 }
 
+/// A temp dir (removed on drop) with the paths of a backing directory, a
+/// mountpoint (created) and a log file in it.
+struct Places {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+fn places(prefix: &str) -> Places {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    Places {
+        backing: dir.path().join("backing"),
+        log: dir.path().join("kmsfs.log"),
+        mnt,
+        _dir: dir,
+    }
+}
+
 fn umount(env: &[(&str, &str)], m: &mut Mounted) {
     kmsfs_with(env, &["umount", m.mnt.to_str().unwrap()]);
     m.mounted = false;
@@ -538,14 +559,12 @@ fn umount(env: &[(&str, &str)], m: &mut Mounted) {
 fn mount_write_remount_read_with_aws_kms() {
     common::require_fuse();
     let moto = Moto::start();
-    let dir = tempfile::Builder::new()
-        .prefix("kmsfs-aws")
-        .tempdir()
-        .unwrap();
-    let backing = dir.path().join("backing");
-    let mnt = dir.path().join("mnt");
-    let log = dir.path().join("kmsfs.log");
-    std::fs::create_dir(&mnt).unwrap();
+    let Places {
+        _dir,
+        backing,
+        mnt,
+        log,
+    } = places("kmsfs-aws");
     let env = [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -604,14 +623,12 @@ fn mount_write_remount_read_with_aws_kms() {
 fn assume_role_goes_through_sts() {
     common::require_fuse();
     let moto = Moto::start();
-    let dir = tempfile::Builder::new()
-        .prefix("kmsfs-aws-role")
-        .tempdir()
-        .unwrap();
-    let backing = dir.path().join("backing");
-    let mnt = dir.path().join("mnt");
-    let log = dir.path().join("kmsfs.log");
-    std::fs::create_dir(&mnt).unwrap();
+    let Places {
+        _dir,
+        backing,
+        mnt,
+        log,
+    } = places("kmsfs-aws-role");
     kmsfs_with(
         &[],
         &[

@@ -153,34 +153,18 @@ async fn pinned_version_and_rotation() {
         .all(|r| r.path == format!("/v1/{KEY_ID}:decrypt")));
 }
 
+// Another file's context and tampered blobs: tests/kms_contract.rs.
 #[tokio::test(flavor = "multi_thread")]
-async fn context_mismatch_and_tampering_fail_to_unwrap() {
+async fn another_keys_blob_is_not_sent() {
     let mock = Mock::start().await;
     let kms = mock.kms(None).await;
     let ctx = WrapContext { file_id: [1; 16] };
-    let dek = Dek::generate();
-    let wrapped = kms.wrap(&dek, &ctx).await.unwrap();
-    let err = unwrap_err(
-        kms.unwrap(&wrapped, &WrapContext { file_id: [2; 16] })
-            .await,
-    );
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
-    assert!(!err.is_retryable());
-    let mut bad = wrapped.clone();
-    let n = bad.blob.len();
-    bad.blob[n - 1] ^= 1;
-    let err = unwrap_err(kms.unwrap(&bad, &ctx).await);
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
-    let mut foreign = wrapped.clone();
+    let mut foreign = kms.wrap(&Dek::generate(), &ctx).await.unwrap();
     foreign.key_ref.key_id = "projects/x/locations/global/keyRings/r/cryptoKeys/k".into();
+    mock.clear();
     let err = unwrap_err(kms.unwrap(&foreign, &ctx).await);
     assert!(matches!(err, KmsError::NoProvider { .. }), "{err}");
-    assert_eq!(
-        kms.unwrap(&wrapped, &ctx).await.unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    assert!(mock.requests().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -270,22 +254,11 @@ async fn bounded(cfg: &GcpConfig) -> Arc<dyn KeyProvider> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unreachable_and_timeout() {
+async fn a_silent_server_times_out_at_the_configured_timeout() {
+    // An unreachable one: tests/kms_contract.rs.
     let mock = Mock::start().await;
     let ctx = WrapContext { file_id: [4; 16] };
     let dek = Dek::generate();
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let mut cfg = mock.cfg(None);
-    cfg.endpoint = Some(format!("http://127.0.0.1:{}", closed.port()));
-    let kms = bounded(&cfg).await;
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
-    assert!(err.is_retryable());
-
     // A server that accepts but never answers: the timeout layer gives up
     // after the configured timeout.
     mock.server.hang();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::kms::vault::Bao;
+use common::kms::vault::{config_at, Bao};
 use kmsfs::kms::config::{connect_within, KmsConfig};
 use kmsfs::kms::vault::{VaultAuth, VaultConfig, VaultKms};
 use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext, WrappedDek};
@@ -175,16 +175,8 @@ fn unreachable_and_timeout_are_classified_quickly() {
         l.local_addr().unwrap().port()
     };
     let cfg = VaultConfig {
-        address: format!("http://127.0.0.1:{port}"),
-        mount: "transit".into(),
-        key: "kmsfs".into(),
-        namespace: None,
-        auth: VaultAuth::Token,
-        ca_cert: None,
-        client_cert: None,
-        client_key: None,
-        skip_verify: false,
         timeout_secs: 5,
+        ..config_at(&format!("http://127.0.0.1:{port}"), "kmsfs")
     };
     let t = Instant::now();
     let err = rt

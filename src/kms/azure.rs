@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::support::{bad_response, clean_message, ensure_handles, error_chain, Direction};
+use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
 use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::{Dek, DEK_LEN};
 
@@ -99,14 +99,6 @@ pub struct AzureKms {
     key_version: Option<String>,
     /// `<vault_url>/keys/<name>`, as written in key references.
     key_id: String,
-}
-
-impl std::fmt::Debug for AzureKms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AzureKms")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
 }
 
 fn binding(ctx: &WrapContext) -> [u8; BINDING_LEN] {
@@ -169,12 +161,7 @@ impl AzureKms {
                 cfg.key_name
             )));
         }
-        let key_version = cfg
-            .key_version
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned);
+        let key_version = given(&cfg.key_version).map(str::to_owned);
         if let Some(v) = &key_version {
             if !v.chars().all(|c| c.is_ascii_alphanumeric()) {
                 return Err(KmsError::Config(format!(

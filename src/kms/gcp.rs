@@ -23,7 +23,7 @@ use google_cloud_kms_v1::client::KeyManagementService;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::support::{bad_response, clean_message, ensure_handles, error_chain, Direction};
+use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
 use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
@@ -90,14 +90,6 @@ pub struct GcpKms {
     endpoint: String,
     /// For the message of a timeout the client reports.
     timeout_secs: u64,
-}
-
-impl std::fmt::Debug for GcpKms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GcpKms")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The service, as messages name it.
@@ -192,12 +184,7 @@ impl GcpKms {
         check_segment("location", &cfg.location)?;
         check_segment("key ring", &cfg.key_ring)?;
         check_segment("key", &cfg.key)?;
-        let key_version = cfg
-            .key_version
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned);
+        let key_version = given(&cfg.key_version).map(str::to_owned);
         if let Some(v) = &key_version {
             check_segment("key version", v)?;
         }
@@ -212,12 +199,7 @@ impl GcpKms {
         let mut builder = KeyManagementService::builder()
             .with_credentials(credentials)
             .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry);
-        let endpoint = match cfg
-            .endpoint
-            .as_deref()
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-        {
+        let endpoint = match given(&cfg.endpoint) {
             Some(e) => {
                 if !(e.starts_with("https://") || e.starts_with("http://")) {
                     return Err(KmsError::Config(format!(

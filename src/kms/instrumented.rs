@@ -257,7 +257,11 @@ mod tests {
         let r = block_on(p.unwrap(&w, &ctx));
         assert!(matches!(r, Err(KmsError::Timeout { .. })));
         assert!(start.elapsed() < Duration::from_secs(1));
-        assert_eq!(metrics.kms_requests("unwrap"), 1, "a timeout is not retried");
+        assert_eq!(
+            metrics.kms_requests("unwrap"),
+            1,
+            "a timeout is not retried"
+        );
     }
 
     #[test]

@@ -11,6 +11,11 @@ const MESSAGE_MAX: usize = 300;
 /// Length of an AWS access key ID (`AKIA`/`ASIA` and 16 more characters).
 const ACCESS_KEY_ID_LEN: usize = 20;
 
+/// An optional setting, trimmed; absent when empty.
+pub(crate) fn given(setting: &Option<String>) -> Option<&str> {
+    setting.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
 /// Which way a KMS call goes: it decides what a malformed answer means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Direction {

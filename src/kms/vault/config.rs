@@ -189,18 +189,12 @@ mod tests {
 
     #[test]
     fn config_errors_are_clear() {
-        let mut cfg = VaultConfig {
-            address: "vault.example:8200".into(),
-            mount: "transit".into(),
-            key: "k".into(),
-            namespace: None,
-            auth: VaultAuth::Token,
-            ca_cert: None,
-            client_cert: None,
-            client_key: None,
-            skip_verify: false,
-            timeout_secs: 10,
-        };
+        // The least a configuration file says; the rest are defaults.
+        let mut cfg: VaultConfig =
+            toml::from_str("address = \"vault.example:8200\"\nkey = \"k\"").unwrap();
+        assert_eq!(cfg.mount, "transit");
+        assert_eq!(cfg.auth, VaultAuth::Token);
+        assert_eq!(cfg.timeout_secs, crate::kms::default_timeout_secs());
         let e = build_client(&cfg).err().unwrap().to_string();
         assert!(e.contains("http:// or https://"), "{e}");
         cfg.address = "http://[::1".into();

@@ -69,18 +69,7 @@ impl Bao {
     }
 
     pub fn config_for(&self, key: &str) -> VaultConfig {
-        VaultConfig {
-            address: self.addr().to_owned(),
-            mount: "transit".into(),
-            key: key.into(),
-            namespace: None,
-            auth: VaultAuth::Token,
-            ca_cert: None,
-            client_cert: None,
-            client_key: None,
-            skip_verify: false,
-            timeout_secs: 10,
-        }
+        config_at(self.addr(), key)
     }
 
     /// Runs the bao CLI as root against this server; returns stdout.
@@ -139,5 +128,21 @@ impl Bao {
                     .is_some_and(|p| p.starts_with(prefix))
             })
             .count()
+    }
+}
+
+/// Token auth to transit key `key` at `address`, everything else default.
+pub fn config_at(address: &str, key: &str) -> VaultConfig {
+    VaultConfig {
+        address: address.to_owned(),
+        mount: "transit".into(),
+        key: key.into(),
+        namespace: None,
+        auth: VaultAuth::Token,
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
+        skip_verify: false,
+        timeout_secs: kmsfs::kms::default_timeout_secs(),
     }
 }
