@@ -13,7 +13,7 @@ use crate::format::BlockGeometry;
 #[cfg(test)]
 use crate::format::CipherSuite;
 pub use crate::kms::config::{ConnectError, KmsConfig};
-use crate::kms::instrumented::{Instrumented, RetryPolicy};
+use crate::kms::instrumented::RetryPolicy;
 use crate::kms::{KeyProvider, KmsRuntime, ProviderSet};
 use crate::metrics::Metrics;
 use crate::policy::{governing, normalize_dir, Policy};
@@ -79,7 +79,8 @@ pub struct Connected {
 
 impl Config {
     /// Connects every KMS the configuration names, once per distinct key.
-    /// Each provider is wrapped with timeouts, retries and metrics.
+    /// Each provider's calls are bounded by its configured timeout, retried
+    /// and recorded in `metrics`.
     pub fn connect(
         &self,
         rt: &KmsRuntime,
@@ -88,7 +89,7 @@ impl Config {
         let mut built: Vec<(&KmsConfig, Arc<dyn KeyProvider>)> = Vec::new();
         let mut providers = ProviderSet::default();
         for k in self.all_kms() {
-            let p = Instrumented::wrap(k.build(rt)?, metrics.clone(), RetryPolicy::default());
+            let p = k.build_instrumented(rt, metrics, RetryPolicy::default())?;
             providers.add(p.clone());
             built.push((k, p));
         }

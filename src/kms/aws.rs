@@ -28,6 +28,7 @@ use aws_sdk_kms::types::{DataKeySpec, KeyState, KeyUsageType};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use super::support::{bad_response, clean_message, ensure_handles, error_chain, Direction};
 use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
@@ -76,6 +77,13 @@ enum Op {
 }
 
 impl Op {
+    fn direction(self) -> Direction {
+        match self {
+            Op::Decrypt => Direction::Unwrap,
+            Op::DescribeKey | Op::GenerateDataKey | Op::Encrypt => Direction::Wrap,
+        }
+    }
+
     fn iam(self) -> &'static str {
         match self {
             Op::DescribeKey => "kms:DescribeKey",
@@ -86,72 +94,24 @@ impl Op {
     }
 }
 
-fn timeout_of(secs: u64) -> Duration {
-    Duration::from_secs(secs.max(1))
-}
-
-/// Keeps an AWS error message short and free of anything that looks like an
-/// access key ID (messages from AWS do not carry secret keys or tokens, but
-/// some name the caller's key ID).
-fn clean_message(msg: &str) -> String {
-    let chars: Vec<char> = msg.chars().collect();
-    let mut out = String::with_capacity(msg.len().min(320));
-    let mut i = 0;
-    while i < chars.len() {
-        let rest = &chars[i..];
-        let is_key_id = rest.len() >= 20
-            && (rest.starts_with(&['A', 'K', 'I', 'A']) || rest.starts_with(&['A', 'S', 'I', 'A']))
-            && rest[4..20]
-                .iter()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
-            && (i == 0 || !chars[i - 1].is_ascii_alphanumeric());
-        if is_key_id {
-            out.push_str("[access key id]");
-            i += 20;
-            while i < chars.len() && chars[i].is_ascii_alphanumeric() {
-                i += 1;
-            }
-        } else {
-            out.push(chars[i]);
-            i += 1;
-        }
+impl AwsConfig {
+    /// The key being connected to, as messages name it before its region is
+    /// known.
+    pub(crate) fn kms_name(&self) -> String {
+        format!("AWS KMS (key {})", self.key_id)
     }
-    if out.chars().count() > 300 {
-        out = out.chars().take(300).collect::<String>() + "...";
-    }
-    out.trim().to_owned()
-}
-
-/// Text of an error and its sources, one line.
-fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
-    }
-    clean_message(&parts.join(": "))
 }
 
 impl AwsKms {
-    /// Builds the client and resolves the configured key to its ARN.
+    /// Builds the client and resolves the configured key to its ARN. Region
+    /// and credential discovery can wait on the EC2 metadata service: the
+    /// caller bounds connecting ([`KmsConfig::build`](super::config::KmsConfig::build) does).
     pub async fn connect(cfg: &AwsConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
-        let timeout = timeout_of(cfg.timeout_secs);
-        // Region and credential discovery can wait on the EC2 metadata
-        // service; bound the whole connect.
-        match tokio::time::timeout(timeout * 3, Self::connect_inner(cfg)).await {
-            Ok(r) => r.map(|k| Arc::new(k) as Arc<dyn KeyProvider>),
-            Err(_) => Err(KmsError::Timeout {
-                kms: format!("AWS KMS (key {})", cfg.key_id),
-                seconds: timeout.as_secs() * 3,
-            }),
-        }
+        Ok(Arc::new(Self::connect_concrete(cfg).await?))
     }
 
-    async fn connect_inner(cfg: &AwsConfig) -> Result<AwsKms, KmsError> {
+    /// [`connect`](Self::connect) returning the concrete type.
+    pub async fn connect_concrete(cfg: &AwsConfig) -> Result<AwsKms, KmsError> {
         if cfg.key_id.trim().is_empty() {
             return Err(KmsError::Config(
                 "aws: key_id is empty; pass --aws-key-id (key ID, key ARN or alias/NAME)".into(),
@@ -162,7 +122,9 @@ impl AwsKms {
                 "aws: an external ID is only used when assuming a role; also pass --aws-assume-role ROLE_ARN".into(),
             ));
         }
-        let timeout = timeout_of(cfg.timeout_secs);
+        // The SDK's own timeouts are a backstop for callers outside the
+        // timeout layer, which gives up on a call after the same time.
+        let timeout = Duration::from_secs(cfg.timeout_secs.max(1));
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(timeout)
             .read_timeout(timeout)
@@ -216,10 +178,7 @@ impl AwsKms {
         };
         let meta = kms.describe_key().await?;
         let Some(arn) = meta.arn().map(str::to_owned) else {
-            return Err(KmsError::Config(format!(
-                "{}: DescribeKey returned no key ARN",
-                kms.kms_name()
-            )));
+            return Err(kms.bad_response(Op::DescribeKey, "no key ARN"));
         };
         kms.key_arn = arn;
         Ok(kms)
@@ -258,22 +217,13 @@ impl AwsKms {
             .collect()
     }
 
-    /// Runs one SDK call with a hard deadline (the SDK's operation timeout
-    /// should fire first) and maps its error.
+    /// Runs one SDK call and maps its error.
     async fn call<T, E, F>(&self, op: Op, f: F) -> Result<T, KmsError>
     where
         F: Future<Output = Result<T, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let deadline = Duration::from_secs(self.timeout_secs) + Duration::from_secs(2);
-        match tokio::time::timeout(deadline, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.map_err(op, e)),
-            Err(_) => Err(KmsError::Timeout {
-                kms: self.kms_name(),
-                seconds: self.timeout_secs,
-            }),
-        }
+        f.await.map_err(|e| self.map_err(op, e))
     }
 
     fn map_err<E>(
@@ -297,7 +247,7 @@ impl AwsKms {
                         seconds: self.timeout_secs,
                     };
                 }
-                let detail = chain_text(&e);
+                let detail = error_chain(&e);
                 let lower = detail.to_ascii_lowercase();
                 if d.is_other() && (lower.contains("credential") || lower.contains("identity")) {
                     KmsError::AuthFailed {
@@ -316,7 +266,7 @@ impl AwsKms {
             }
             SdkError::ResponseError(_) => KmsError::Unreachable {
                 kms,
-                detail: format!("{}: unreadable response: {}", op.iam(), chain_text(&e)),
+                detail: format!("{}: unreadable response: {}", op.iam(), error_chain(&e)),
             },
             SdkError::ServiceError(se) => {
                 let status = se.raw().status().as_u16();
@@ -334,7 +284,7 @@ impl AwsKms {
                 "{}: {} could not be sent: {}",
                 kms,
                 op.iam(),
-                chain_text(&e)
+                error_chain(&e)
             )),
         }
     }
@@ -410,29 +360,33 @@ impl AwsKms {
                 self.client.describe_key().key_id(self.key()).send(),
             )
             .await?;
-        out.key_metadata.ok_or_else(|| {
-            KmsError::Config(format!(
-                "{}: DescribeKey returned no key metadata",
-                self.kms_name()
-            ))
-        })
+        out.key_metadata
+            .ok_or_else(|| self.bad_response(Op::DescribeKey, "no key metadata"))
+    }
+
+    fn bad_response(&self, op: Op, detail: &str) -> KmsError {
+        bad_response(self.kms_name(), op.direction(), op.iam(), detail)
     }
 
     /// Moves a plaintext key out of an SDK blob into a `Dek`, zeroizing the blob.
     fn take_dek(&self, plaintext: Option<Blob>, op: Op) -> Result<Dek, KmsError> {
         let Some(blob) = plaintext else {
-            return Err(KmsError::UnwrapFailed {
-                kms: self.kms_name(),
-                detail: format!("{} returned no plaintext key", op.iam()),
-            });
+            return Err(self.bad_response(op, "no plaintext key"));
         };
         let mut raw = blob.into_inner();
-        let dek = Dek::from_slice(&raw).map_err(|e| KmsError::UnwrapFailed {
-            kms: self.kms_name(),
-            detail: format!("{} returned a {}-byte key: {e}", op.iam(), raw.len()),
-        });
+        let dek = Dek::from_slice(&raw)
+            .map_err(|e| self.bad_response(op, &format!("a {}-byte key: {e}", raw.len())));
         raw.zeroize();
         dek
+    }
+
+    /// The wrapped DEK of an answer to `op`.
+    fn take_ciphertext(&self, blob: Option<Blob>, op: Op) -> Result<Vec<u8>, KmsError> {
+        let blob = blob.map(Blob::into_inner).unwrap_or_default();
+        if blob.is_empty() {
+            return Err(self.bad_response(op, "no ciphertext"));
+        }
+        Ok(blob)
     }
 
     fn key_ref(&self) -> KeyRef {
@@ -471,17 +425,7 @@ impl KeyProvider for AwsKms {
             )
             .await?;
         let dek = self.take_dek(out.plaintext.take(), Op::GenerateDataKey)?;
-        let blob = out
-            .ciphertext_blob
-            .take()
-            .map(Blob::into_inner)
-            .unwrap_or_default();
-        if blob.is_empty() {
-            return Err(KmsError::Config(format!(
-                "{}: GenerateDataKey returned no ciphertext",
-                self.kms_name()
-            )));
-        }
+        let blob = self.take_ciphertext(out.ciphertext_blob.take(), Op::GenerateDataKey)?;
         Ok((
             dek,
             WrappedDek {
@@ -505,16 +449,7 @@ impl KeyProvider for AwsKms {
                     .send(),
             )
             .await?;
-        let blob = out
-            .ciphertext_blob
-            .map(Blob::into_inner)
-            .unwrap_or_default();
-        if blob.is_empty() {
-            return Err(KmsError::Config(format!(
-                "{}: Encrypt returned no ciphertext",
-                self.kms_name()
-            )));
-        }
+        let blob = self.take_ciphertext(out.ciphertext_blob, Op::Encrypt)?;
         Ok(WrappedDek {
             key_ref: self.key_ref(),
             blob,
@@ -522,12 +457,7 @@ impl KeyProvider for AwsKms {
     }
 
     async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
-        if !self.handles(&wrapped.key_ref) {
-            return Err(KmsError::NoProvider {
-                provider: wrapped.key_ref.provider.clone(),
-                key: wrapped.key_ref.key_id.clone(),
-            });
-        }
+        ensure_handles(self, &wrapped.key_ref)?;
         let mut out = self
             .call(
                 Op::Decrypt,
@@ -574,20 +504,5 @@ impl KeyProvider for AwsKms {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_are_cleaned() {
-        let m = clean_message("User AKIAIOSFODNN7EXAMPLE is not authorized");
-        assert!(!m.contains("AKIAIOSFODNN7EXAMPLE"), "{m}");
-        assert!(m.contains("[access key id] is not authorized"), "{m}");
-        let m = clean_message("User: u (ASIAIOSFODNN7EXAMPLE) denied");
-        assert_eq!(m, "User: u ([access key id]) denied");
-        assert!(clean_message(&"x".repeat(1000)).len() < 310);
     }
 }

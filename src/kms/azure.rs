@@ -27,7 +27,6 @@
 //! TLS mock).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use azure_core::credentials::{Secret, TokenCredential};
@@ -45,6 +44,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
 use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::{Dek, DEK_LEN};
 
@@ -99,15 +99,6 @@ pub struct AzureKms {
     key_version: Option<String>,
     /// `<vault_url>/keys/<name>`, as written in key references.
     key_id: String,
-    timeout: Duration,
-}
-
-impl std::fmt::Debug for AzureKms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AzureKms")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
 }
 
 fn binding(ctx: &WrapContext) -> [u8; BINDING_LEN] {
@@ -117,16 +108,14 @@ fn binding(ctx: &WrapContext) -> [u8; BINDING_LEN] {
     h.finalize().into()
 }
 
-/// Keeps a service message short and on one line for error messages.
-fn short(s: &str) -> String {
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if s.chars().count() > 300 {
-        format!("{}...", s.chars().take(300).collect::<String>())
-    } else {
-        s
+/// The vault, as messages name it.
+fn kms_name(vault_url: &str) -> String {
+    format!("Azure Key Vault {}", vault_url.trim().trim_end_matches('/'))
+}
+
+impl AzureConfig {
+    pub(crate) fn kms_name(&self) -> String {
+        kms_name(&self.vault_url)
     }
 }
 
@@ -172,12 +161,7 @@ impl AzureKms {
                 cfg.key_name
             )));
         }
-        let key_version = cfg
-            .key_version
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned);
+        let key_version = given(&cfg.key_version).map(str::to_owned);
         if let Some(v) = &key_version {
             if !v.chars().all(|c| c.is_ascii_alphanumeric()) {
                 return Err(KmsError::Config(format!(
@@ -185,17 +169,12 @@ impl AzureKms {
                 )));
             }
         }
-        if cfg.timeout_secs == 0 {
-            return Err(KmsError::Config(
-                "azure timeout_secs must be at least 1".into(),
-            ));
-        }
         let mut options = options.unwrap_or_default();
         options.client_options.retry = azure_core::http::RetryOptions::none();
         let client = KeyClient::new(&vault_url, credential, Some(options)).map_err(|e| {
             KmsError::Config(format!(
                 "azure Key Vault client for {vault_url}: {}",
-                short(&e.to_string())
+                error_chain(&e)
             ))
         })?;
         Ok(Self {
@@ -204,7 +183,6 @@ impl AzureKms {
             vault_url,
             key_name,
             key_version,
-            timeout: Duration::from_secs(cfg.timeout_secs),
         })
     }
 
@@ -214,7 +192,7 @@ impl AzureKms {
     }
 
     fn kms_name(&self) -> String {
-        format!("Azure Key Vault {}", self.vault_url)
+        kms_name(&self.vault_url)
     }
 
     fn request_body(value: &[u8]) -> RequestContent<KeyOperationParameters> {
@@ -228,20 +206,14 @@ impl AzureKms {
         RequestContent::from_slice(body.as_bytes())
     }
 
-    async fn timed<T>(
+    /// Runs one SDK call and maps its error.
+    async fn call<T>(
         &self,
         op: Op,
         version: &str,
         f: impl std::future::Future<Output = azure_core::Result<T>>,
     ) -> Result<T, KmsError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Err(_) => Err(KmsError::Timeout {
-                kms: self.kms_name(),
-                seconds: self.timeout.as_secs(),
-            }),
-            Ok(Err(e)) => Err(self.classify(op, version, e)),
-            Ok(Ok(v)) => Ok(v),
-        }
+        f.await.map_err(|e| self.classify(op, version, e))
     }
 
     fn parse_result(&self, op: Op, body: &[u8]) -> Result<OpResult, KmsError> {
@@ -250,17 +222,11 @@ impl AzureKms {
     }
 
     fn bad_response(&self, op: Op, detail: String) -> KmsError {
-        match op {
-            Op::Unwrap => KmsError::UnwrapFailed {
-                kms: self.kms_name(),
-                detail,
-            },
-            Op::Wrap => KmsError::Config(format!(
-                "{}: unexpected {} response: {detail}",
-                self.kms_name(),
-                op.name()
-            )),
-        }
+        let direction = match op {
+            Op::Wrap => Direction::Wrap,
+            Op::Unwrap => Direction::Unwrap,
+        };
+        bad_response(self.kms_name(), direction, op.name(), &detail)
     }
 
     /// Maps an SDK error to a [`KmsError`] with a message that says what to
@@ -286,7 +252,7 @@ impl AzureKms {
                     .and_then(|i| i.code.clone())
                     .unwrap_or_default();
                 let code = error_code.clone().unwrap_or_default();
-                let detail = short(&format!(
+                let detail = clean_message(&format!(
                     "HTTP {} {}{}{}",
                     u16::from(*status),
                     code,
@@ -347,33 +313,19 @@ impl AzureKms {
             }
             ErrorKind::Connection | ErrorKind::Io => KmsError::Unreachable {
                 kms,
-                detail: short(&error_chain(&e)),
+                detail: error_chain(&e),
             },
             ErrorKind::Credential => KmsError::AuthFailed {
                 kms,
                 detail: format!(
                     "could not get an Entra ID token: {} (set AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET, or run where a managed identity is assigned)",
-                    short(&error_chain(&e))
+                    error_chain(&e)
                 ),
             },
-            ErrorKind::DataConversion => self.bad_response(op, short(&error_chain(&e))),
-            _ => KmsError::Config(format!("{kms}: {} failed: {}", op.name(), short(&error_chain(&e)))),
+            ErrorKind::DataConversion => self.bad_response(op, error_chain(&e)),
+            _ => KmsError::Config(format!("{kms}: {} failed: {}", op.name(), error_chain(&e))),
         }
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let m = s.to_string();
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -396,7 +348,7 @@ fn credential_from_env() -> Result<Arc<dyn TokenCredential>, KmsError> {
             let cred = ClientSecretCredential::new(&tenant, client, Secret::new(secret.to_string()), None).map_err(|e| {
                 KmsError::Config(format!(
                     "azure service principal from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET: {}",
-                    short(&e.to_string())
+                    error_chain(&e)
                 ))
             })?;
             Ok(cred as Arc<dyn TokenCredential>)
@@ -410,7 +362,7 @@ fn credential_from_env() -> Result<Arc<dyn TokenCredential>, KmsError> {
                 ..Default::default()
             };
             let cred = ManagedIdentityCredential::new(Some(options))
-                .map_err(|e| KmsError::Config(format!("azure managed identity: {}", short(&e.to_string()))))?;
+                .map_err(|e| KmsError::Config(format!("azure managed identity: {}", error_chain(&e))))?;
             Ok(cred as Arc<dyn TokenCredential>)
         }
     }
@@ -446,7 +398,7 @@ impl KeyProvider for AzureKms {
             ..Default::default()
         };
         let rsp = self
-            .timed(
+            .call(
                 Op::Wrap,
                 self.key_version.as_deref().unwrap_or("latest"),
                 self.client.wrap_key(
@@ -503,12 +455,7 @@ impl KeyProvider for AzureKms {
     }
 
     async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
-        if !self.handles(&wrapped.key_ref) {
-            return Err(KmsError::NoProvider {
-                provider: wrapped.key_ref.provider.clone(),
-                key: wrapped.key_ref.key_id.clone(),
-            });
-        }
+        ensure_handles(self, &wrapped.key_ref)?;
         let version = wrapped.key_ref.key_version.as_str();
         if version.is_empty() || !version.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(KmsError::UnwrapFailed {
@@ -519,7 +466,7 @@ impl KeyProvider for AzureKms {
             });
         }
         let rsp = self
-            .timed(
+            .call(
                 Op::Unwrap,
                 version,
                 self.client.unwrap_key(

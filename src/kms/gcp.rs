@@ -16,7 +16,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use google_cloud_gax::error::rpc::Code;
@@ -24,10 +23,12 @@ use google_cloud_kms_v1::client::KeyManagementService;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
 use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
 const PROVIDER: &str = "gcp";
+const DEFAULT_ENDPOINT: &str = "https://cloudkms.googleapis.com";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +57,20 @@ enum Op {
 }
 
 impl Op {
+    fn direction(self) -> Direction {
+        match self {
+            Op::Encrypt => Direction::Wrap,
+            Op::Decrypt => Direction::Unwrap,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+        }
+    }
+
     fn permission(self) -> &'static str {
         match self {
             Op::Encrypt => "cloudkms.cryptoKeyVersions.useToEncrypt",
@@ -73,41 +88,24 @@ pub struct GcpKms {
     encrypt_name: String,
     key_version: Option<String>,
     endpoint: String,
-    timeout: Duration,
+    /// For the message of a timeout the client reports.
+    timeout_secs: u64,
 }
 
-impl std::fmt::Debug for GcpKms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GcpKms")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
+/// The service, as messages name it.
+fn kms_name(endpoint: &str) -> String {
+    format!("GCP Cloud KMS {endpoint}")
 }
 
-fn short(s: &str) -> String {
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if s.chars().count() > 300 {
-        format!("{}...", s.chars().take(300).collect::<String>())
-    } else {
-        s
+impl GcpConfig {
+    /// What connecting waits on: the credentials (on GCE/GKE, the metadata
+    /// server) before any request to the endpoint.
+    pub(crate) fn kms_name(&self) -> String {
+        format!(
+            "{} (setting up credentials; is the metadata server reachable?)",
+            kms_name(self.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT))
+        )
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let m = s.to_string();
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 fn check_segment(what: &str, v: &str) -> Result<(), KmsError> {
@@ -155,7 +153,7 @@ fn credentials_from_file(
         KmsError::Config(format!(
             "gcp credentials file {} ({kind}): {}",
             path.display(),
-            short(&e.to_string())
+            error_chain(&e)
         ))
     })
 }
@@ -169,7 +167,7 @@ impl GcpKms {
             None => google_cloud_auth::credentials::Builder::default().build().map_err(|e| {
                 KmsError::Config(format!(
                     "gcp application default credentials: {}; set GOOGLE_APPLICATION_CREDENTIALS or --gcp-credentials-file to a service-account key, or run `gcloud auth application-default login`",
-                    short(&e.to_string())
+                    error_chain(&e)
                 ))
             })?,
         };
@@ -186,19 +184,9 @@ impl GcpKms {
         check_segment("location", &cfg.location)?;
         check_segment("key ring", &cfg.key_ring)?;
         check_segment("key", &cfg.key)?;
-        let key_version = cfg
-            .key_version
-            .as_deref()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned);
+        let key_version = given(&cfg.key_version).map(str::to_owned);
         if let Some(v) = &key_version {
             check_segment("key version", v)?;
-        }
-        if cfg.timeout_secs == 0 {
-            return Err(KmsError::Config(
-                "gcp timeout_secs must be at least 1".into(),
-            ));
         }
         let key_id = format!(
             "projects/{}/locations/{}/keyRings/{}/cryptoKeys/{}",
@@ -211,12 +199,7 @@ impl GcpKms {
         let mut builder = KeyManagementService::builder()
             .with_credentials(credentials)
             .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry);
-        let endpoint = match cfg
-            .endpoint
-            .as_deref()
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-        {
+        let endpoint = match given(&cfg.endpoint) {
             Some(e) => {
                 if !(e.starts_with("https://") || e.starts_with("http://")) {
                     return Err(KmsError::Config(format!(
@@ -227,28 +210,22 @@ impl GcpKms {
                 builder = builder.with_endpoint(e.clone());
                 e
             }
-            None => "https://cloudkms.googleapis.com".to_owned(),
+            None => DEFAULT_ENDPOINT.to_owned(),
         };
         // Building may ask the metadata server for the universe domain (ADC
-        // on GCE/GKE), so it is bounded by the same timeout as a request.
-        let client = match tokio::time::timeout(Duration::from_secs(cfg.timeout_secs), builder.build()).await {
-            Err(_) => {
-                return Err(KmsError::Timeout {
-                    kms: format!("GCP Cloud KMS {endpoint} (setting up credentials; is the metadata server reachable?)"),
-                    seconds: cfg.timeout_secs,
-                })
-            }
-            Ok(r) => r.map_err(|e| {
-                KmsError::Config(format!("gcp Cloud KMS client: {}", short(&error_chain(&e))))
-            })?,
-        };
+        // on GCE/GKE): the caller bounds connecting
+        // (`KmsConfig::build` does).
+        let client = builder
+            .build()
+            .await
+            .map_err(|e| KmsError::Config(format!("gcp Cloud KMS client: {}", error_chain(&e))))?;
         Ok(Self {
             client,
             key_id,
             encrypt_name,
             key_version,
             endpoint,
-            timeout: Duration::from_secs(cfg.timeout_secs),
+            timeout_secs: cfg.timeout_secs.max(1),
         })
     }
 
@@ -258,36 +235,21 @@ impl GcpKms {
     }
 
     fn kms_name(&self) -> String {
-        format!("GCP Cloud KMS {}", self.endpoint)
+        kms_name(&self.endpoint)
     }
 
-    async fn timed<T>(
+    /// Runs one client call and maps its error.
+    async fn call<T>(
         &self,
         op: Op,
         version: &str,
         f: impl std::future::Future<Output = Result<T, google_cloud_gax::error::Error>>,
     ) -> Result<T, KmsError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Err(_) => Err(KmsError::Timeout {
-                kms: self.kms_name(),
-                seconds: self.timeout.as_secs(),
-            }),
-            Ok(Err(e)) => Err(self.classify(op, version, e)),
-            Ok(Ok(v)) => Ok(v),
-        }
+        f.await.map_err(|e| self.classify(op, version, e))
     }
 
     fn bad_response(&self, op: Op, detail: String) -> KmsError {
-        match op {
-            Op::Decrypt => KmsError::UnwrapFailed {
-                kms: self.kms_name(),
-                detail,
-            },
-            Op::Encrypt => KmsError::Config(format!(
-                "{}: unexpected encrypt response: {detail}",
-                self.kms_name()
-            )),
-        }
+        bad_response(self.kms_name(), op.direction(), op.name(), &detail)
     }
 
     /// Maps a client error to a [`KmsError`]. Messages carry the service's
@@ -298,7 +260,7 @@ impl GcpKms {
         if e.is_timeout() {
             return KmsError::Timeout {
                 kms,
-                seconds: self.timeout.as_secs(),
+                seconds: self.timeout_secs,
             };
         }
         if e.is_authentication() {
@@ -306,25 +268,25 @@ impl GcpKms {
                 kms,
                 detail: format!(
                     "could not get Google credentials: {} (check the service-account key file / GOOGLE_APPLICATION_CREDENTIALS, or the metadata server)",
-                    short(&error_chain(&e))
+                    error_chain(&e)
                 ),
             };
         }
         if e.is_connect() || e.is_io() || e.is_transport() {
             return KmsError::Unreachable {
                 kms,
-                detail: short(&error_chain(&e)),
+                detail: error_chain(&e),
             };
         }
         if e.is_binding() {
             return KmsError::Config(format!(
                 "{kms}: bad resource name {:?}: {}",
                 self.key_id,
-                short(&e.to_string())
+                error_chain(&e)
             ));
         }
         if e.is_deserialization() {
-            return self.bad_response(op, short(&error_chain(&e)));
+            return self.bad_response(op, error_chain(&e));
         }
         let http = e.http_status_code();
         let (code, message) = match e.status() {
@@ -341,7 +303,7 @@ impl GcpKms {
             Some(s) if s >= 500 => Code::Internal,
             _ => Code::Unknown,
         });
-        let detail = short(&format!(
+        let detail = clean_message(&format!(
             "{}{}{}{}",
             http.map(|h| format!("HTTP {h} ")).unwrap_or_default(),
             code.name(),
@@ -384,10 +346,7 @@ impl GcpKms {
                 kms,
                 detail: format!("{detail} (unavailable or throttled)"),
             },
-            _ => KmsError::Config(format!("{kms} refused {}: {detail}", match op {
-                Op::Encrypt => "encrypt",
-                Op::Decrypt => "decrypt",
-            })),
+            _ => KmsError::Config(format!("{kms} refused {}: {detail}", op.name())),
         }
     }
 }
@@ -413,7 +372,7 @@ impl KeyProvider for GcpKms {
         // The request's copy of the plaintext belongs to the client library;
         // ours is zeroized.
         let rsp = self
-            .timed(
+            .call(
                 Op::Encrypt,
                 self.key_version.as_deref().unwrap_or("primary"),
                 self.client
@@ -464,14 +423,9 @@ impl KeyProvider for GcpKms {
     }
 
     async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
-        if !self.handles(&wrapped.key_ref) {
-            return Err(KmsError::NoProvider {
-                provider: wrapped.key_ref.provider.clone(),
-                key: wrapped.key_ref.key_id.clone(),
-            });
-        }
+        ensure_handles(self, &wrapped.key_ref)?;
         let rsp = self
-            .timed(
+            .call(
                 Op::Decrypt,
                 &wrapped.key_ref.key_version,
                 self.client

@@ -1,7 +1,8 @@
 //! A wrapper around any provider that adds what every provider needs the
-//! same way: a per-call timeout, bounded retries with backoff for errors a
-//! retry can help, and metrics.
+//! same way: the per-call timeout (the one place a KMS call is bounded),
+//! bounded retries with backoff for errors a retry can help, and metrics.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,13 +12,21 @@ use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 use crate::metrics::Metrics;
 
-/// Retry and timeout settings.
+/// How often a call that failed in a way a retry can help is tried.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     /// Attempts in all, first included.
     pub attempts: u32,
     pub first_backoff: Duration,
-    pub timeout: Duration,
+}
+
+impl RetryPolicy {
+    /// One attempt: for one-off calls whose caller reports the failure
+    /// (CLI checks), where a retry would only delay the report.
+    pub const ONCE: RetryPolicy = RetryPolicy {
+        attempts: 1,
+        first_backoff: Duration::ZERO,
+    };
 }
 
 impl Default for RetryPolicy {
@@ -25,8 +34,28 @@ impl Default for RetryPolicy {
         Self {
             attempts: 3,
             first_backoff: Duration::from_millis(100),
-            timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Runs `f`, failing with [`KmsError::Timeout`] naming `kms` once `timeout`
+/// has passed. Dropping `f` then frees whatever it held (connections,
+/// buffers).
+pub async fn within<T>(
+    timeout: Duration,
+    kms: impl FnOnce() -> String,
+    f: impl Future<Output = Result<T, KmsError>>,
+) -> Result<T, KmsError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(kms(), timeout)),
+    }
+}
+
+fn timed_out(kms: String, timeout: Duration) -> KmsError {
+    KmsError::Timeout {
+        kms,
+        seconds: timeout.as_secs(),
     }
 }
 
@@ -34,42 +63,48 @@ pub struct Instrumented {
     inner: Arc<dyn KeyProvider>,
     metrics: Arc<Metrics>,
     retry: RetryPolicy,
+    timeout: Duration,
 }
 
 impl Instrumented {
+    /// `inner` with each call bounded by `timeout`, retried by `retry`, and
+    /// recorded in `metrics`.
     pub fn wrap(
         inner: Arc<dyn KeyProvider>,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
+        timeout: Duration,
     ) -> Arc<dyn KeyProvider> {
         Arc::new(Self {
             inner,
             metrics,
             retry,
+            timeout,
         })
     }
 
-    fn timed_out(&self) -> KmsError {
-        KmsError::Timeout {
-            kms: self.inner.describe(),
-            seconds: self.retry.timeout.as_secs(),
-        }
+    /// `inner` with each call bounded by `timeout`, tried once, recorded
+    /// nowhere: for one-off calls (CLI checks, tests).
+    pub fn bounded(inner: Arc<dyn KeyProvider>, timeout: Duration) -> Arc<dyn KeyProvider> {
+        Self::wrap(
+            inner,
+            Arc::new(Metrics::default()),
+            RetryPolicy::ONCE,
+            timeout,
+        )
     }
 
     async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, KmsError>
     where
         F: Fn() -> Fut + Send + Sync,
-        Fut: std::future::Future<Output = Result<T, KmsError>> + Send,
+        Fut: Future<Output = Result<T, KmsError>> + Send,
         T: Send,
     {
         let mut backoff = self.retry.first_backoff;
         let mut attempt = 1;
         loop {
             let start = Instant::now();
-            let result = match tokio::time::timeout(self.retry.timeout, f()).await {
-                Ok(r) => r,
-                Err(_) => Err(self.timed_out()),
-            };
+            let result = within(self.timeout, || self.inner.describe(), f()).await;
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(e) => e.kind(),
@@ -127,13 +162,13 @@ impl KeyProvider for Instrumented {
         // (each open then unwraps its own DEK), so its thread does not wait
         // on a stalled KMS for ever.
         let (out, outcome) =
-            match tokio::time::timeout(self.retry.timeout, self.inner.unwrap_many(items)).await {
+            match tokio::time::timeout(self.timeout, self.inner.unwrap_many(items)).await {
                 Ok(out) if out.iter().all(|r| r.is_ok()) => (out, "ok"),
                 Ok(out) => (out, "partial_error"),
-                Err(_) => (
-                    items.iter().map(|_| Err(self.timed_out())).collect(),
-                    "timeout",
-                ),
+                Err(_) => {
+                    let e = timed_out(self.inner.describe(), self.timeout);
+                    (items.iter().map(|_| Err(e.clone())).collect(), "timeout")
+                }
             };
         self.metrics
             .record_kms(self.inner.kind(), "unwrap_batch", outcome, start.elapsed());
@@ -168,8 +203,8 @@ mod tests {
             RetryPolicy {
                 attempts: 3,
                 first_backoff: Duration::from_millis(1),
-                timeout,
             },
+            timeout,
         );
         (p, metrics, (w, ctx))
     }
@@ -211,6 +246,22 @@ mod tests {
             .iter()
             .all(|r| matches!(r, Err(KmsError::Timeout { .. }))));
         assert_eq!(metrics.kms_requests("unwrap_batch"), 1);
+    }
+
+    #[test]
+    fn a_stalled_call_gives_up_at_the_timeout_once() {
+        let inner = Arc::new(FakeKms::new("k"));
+        let (p, metrics, (w, ctx)) = instrumented(inner.clone(), Duration::from_millis(50));
+        inner.set_stalled(true);
+        let start = Instant::now();
+        let r = block_on(p.unwrap(&w, &ctx));
+        assert!(matches!(r, Err(KmsError::Timeout { .. })));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            metrics.kms_requests("unwrap"),
+            1,
+            "a timeout is not retried"
+        );
     }
 
     #[test]

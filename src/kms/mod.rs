@@ -16,6 +16,8 @@ pub mod config;
 pub mod gcp;
 pub mod instrumented;
 pub mod local;
+#[cfg(any(feature = "vault", feature = "aws", feature = "azure", feature = "gcp"))]
+mod support;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 #[cfg(feature = "vault")]
@@ -29,7 +31,7 @@ use async_trait::async_trait;
 use crate::crypto::Dek;
 pub use crate::format::{KeyRef, WrappedDek};
 
-/// Default per-request timeout of the remote providers, in seconds.
+/// Default per-call timeout of the remote providers, in seconds.
 pub fn default_timeout_secs() -> u64 {
     10
 }
@@ -94,6 +96,14 @@ pub enum KmsError {
 }
 
 impl KmsError {
+    /// No configured KMS holds the key `key_ref` names.
+    pub fn no_provider(key_ref: &KeyRef) -> Self {
+        KmsError::NoProvider {
+            provider: key_ref.provider.clone(),
+            key: key_ref.key_id.clone(),
+        }
+    }
+
     /// Short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -238,9 +248,6 @@ impl ProviderSet {
             .iter()
             .find(|p| p.handles(key_ref))
             .cloned()
-            .ok_or_else(|| KmsError::NoProvider {
-                provider: key_ref.provider.clone(),
-                key: key_ref.key_id.clone(),
-            })
+            .ok_or_else(|| KmsError::no_provider(key_ref))
     }
 }

@@ -2,6 +2,8 @@
 //! A test that needs FUSE fails (never skips) when it cannot mount.
 #![allow(dead_code)]
 
+pub mod kms;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

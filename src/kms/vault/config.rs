@@ -1,0 +1,208 @@
+//! What a Vault provider is configured with, and the HTTP client built
+//! from it (address, namespace, CA certificate, client identity, TLS
+//! verification).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use zeroize::Zeroizing;
+
+use crate::kms::support::error_chain;
+use crate::kms::KmsError;
+
+fn default_mount() -> String {
+    "transit".into()
+}
+
+/// How to log in to Vault. Secrets are never stored in the configuration:
+/// the token comes from VAULT_TOKEN, an AppRole secret ID from a file or
+/// VAULT_SECRET_ID, a Kubernetes service-account JWT from a file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VaultAuth {
+    #[default]
+    Token,
+    Approle {
+        role_id: String,
+        /// File holding the secret ID; VAULT_SECRET_ID when absent.
+        #[serde(default)]
+        secret_id_file: Option<PathBuf>,
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+    },
+    Kubernetes {
+        role: String,
+        #[serde(default = "default_jwt_file")]
+        jwt_file: PathBuf,
+        #[serde(default = "default_kubernetes_mount")]
+        mount: String,
+    },
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_kubernetes_mount() -> String {
+    "kubernetes".into()
+}
+fn default_jwt_file() -> PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// e.g. https://vault.example:8200
+    pub address: String,
+    /// Transit secrets engine mount path.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// Transit key name.
+    pub key: String,
+    /// Vault Enterprise namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub auth: VaultAuth,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Skip TLS verification (prints a warning; for tests only).
+    #[serde(default)]
+    pub skip_verify: bool,
+    #[serde(default = "crate::kms::default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+impl VaultConfig {
+    /// The server, as messages name it.
+    pub(crate) fn kms_name(&self) -> String {
+        format!("Vault at {}", self.address.trim_end_matches('/'))
+    }
+
+    /// The HTTP client's own bound on a request: only a backstop, freeing
+    /// a stuck connection, since the timeout layer gives up on the call
+    /// after `timeout_secs`.
+    pub(super) fn transport_timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs.max(1) + 5)
+    }
+}
+
+pub(super) fn build_client(cfg: &VaultConfig) -> Result<VaultClient, KmsError> {
+    let addr = cfg.address.trim_end_matches('/');
+    if !(addr.starts_with("http://") || addr.starts_with("https://"))
+        || addr.len() <= "https://".len()
+    {
+        return Err(KmsError::Config(format!(
+            "vault address {:?} must be an http:// or https:// URL, e.g. https://vault.example:8200",
+            cfg.address
+        )));
+    }
+    if cfg.key.is_empty() || cfg.key.contains('/') || cfg.mount.trim_matches('/').is_empty() {
+        return Err(KmsError::Config(format!(
+            "vault transit mount {:?} / key {:?}: both must be non-empty and the key must not contain '/'",
+            cfg.mount, cfg.key
+        )));
+    }
+    if cfg.skip_verify {
+        tracing::warn!(
+            "vault: TLS certificate verification of {addr} is OFF (skip_verify); \
+             anyone on the network path can impersonate Vault. Use only for tests"
+        );
+    }
+    match url::Url::parse(addr) {
+        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {}
+        _ => {
+            return Err(KmsError::Config(format!(
+                "vault address {:?} is not a valid URL",
+                cfg.address
+            )))
+        }
+    }
+    if let Some(ca) = &cfg.ca_cert {
+        let pem = std::fs::read(ca).map_err(|e| {
+            KmsError::Config(format!(
+                "cannot read the vault CA certificate {}: {e}",
+                ca.display()
+            ))
+        })?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(KmsError::Config(format!(
+                "the vault CA certificate {} holds no PEM certificate",
+                ca.display()
+            )));
+        }
+    }
+    let mut b = VaultClientSettingsBuilder::default();
+    // Validated above: the builder's setter panics on a malformed URL.
+    b.address(addr);
+    b.token("")
+        .verify(!cfg.skip_verify)
+        .timeout(Some(cfg.transport_timeout()))
+        .ca_certs(
+            cfg.ca_cert
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
+        )
+        .namespace(cfg.namespace.clone().filter(|n| !n.is_empty()));
+    let identity = match (&cfg.client_cert, &cfg.client_key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p)
+                    .map_err(|e| KmsError::Config(format!("cannot read {}: {e}", p.display())))
+            };
+            let mut pem = Zeroizing::new(read(c)?);
+            pem.push(b'\n');
+            pem.extend_from_slice(&Zeroizing::new(read(k)?));
+            Some(vaultrs::client::Identity::from_pem(&pem).map_err(|e| {
+                KmsError::Config(format!(
+                    "client certificate {} / key {}: {e} (both must be PEM)",
+                    c.display(),
+                    k.display()
+                ))
+            })?)
+        }
+        _ => {
+            return Err(KmsError::Config(
+                "vault client_cert and client_key must be given together".into(),
+            ))
+        }
+    };
+    b.identity(identity);
+    let settings = b
+        .build()
+        .map_err(|e| KmsError::Config(format!("vault client settings: {e}")))?;
+    VaultClient::new(settings)
+        .map_err(|e| KmsError::Config(format!("vault client: {}", error_chain(&e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_are_clear() {
+        // The least a configuration file says; the rest are defaults.
+        let mut cfg: VaultConfig =
+            toml::from_str("address = \"vault.example:8200\"\nkey = \"k\"").unwrap();
+        assert_eq!(cfg.mount, "transit");
+        assert_eq!(cfg.auth, VaultAuth::Token);
+        assert_eq!(cfg.timeout_secs, crate::kms::default_timeout_secs());
+        let e = build_client(&cfg).err().unwrap().to_string();
+        assert!(e.contains("http:// or https://"), "{e}");
+        cfg.address = "http://[::1".into();
+        let e = build_client(&cfg).err().unwrap().to_string();
+        assert!(e.contains("not a valid URL"), "{e}");
+        cfg.address = "http://127.0.0.1:1".into();
+        cfg.client_cert = Some("/nonexistent".into());
+        let e = build_client(&cfg).err().unwrap().to_string();
+        assert!(e.contains("together"), "{e}");
+    }
+}
