@@ -43,7 +43,7 @@ pub enum ConfigError {
 impl ConfigError {
     /// Whether trying again later can help (a KMS was unreachable).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ConfigError::Connect(ConnectError::Kms(e)) if e.is_retryable())
+        matches!(self, ConfigError::Connect(e) if e.is_retryable())
     }
 }
 

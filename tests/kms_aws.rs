@@ -495,20 +495,7 @@ impl Drop for Mounted {
 }
 
 fn kmsfs_with(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let out = common::kmsfs()
-        .envs(env.iter().copied())
-        .args(args)
-        .output()
-        .expect("run kmsfs");
-    if !out.status.success() {
-        panic!(
-            "kmsfs {:?} failed ({}): {}",
-            args,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
+    common::run_with(env, args, true)
 }
 
 fn mount(env: &[(&str, &str)], backing: &Path, mnt: &Path, log: &Path) -> Mounted {

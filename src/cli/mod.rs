@@ -117,7 +117,7 @@ fn is_retryable(e: &anyhow::Error) -> bool {
             e.is_retryable()
         } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
             e.is_retryable()
-        } else if let Some(ConnectError::Kms(e)) = cause.downcast_ref::<ConnectError>() {
+        } else if let Some(e) = cause.downcast_ref::<ConnectError>() {
             e.is_retryable()
         } else {
             cause.is::<RetryLater>()

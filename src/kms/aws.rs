@@ -107,11 +107,11 @@ impl AwsKms {
     /// and credential discovery can wait on the EC2 metadata service: the
     /// caller bounds connecting ([`KmsConfig::build`](super::config::KmsConfig::build) does).
     pub async fn connect(cfg: &AwsConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
-        Ok(Arc::new(Self::connect_concrete(cfg).await?))
+        Ok(Arc::new(Self::open(cfg).await?))
     }
 
     /// [`connect`](Self::connect) returning the concrete type.
-    pub async fn connect_concrete(cfg: &AwsConfig) -> Result<AwsKms, KmsError> {
+    async fn open(cfg: &AwsConfig) -> Result<AwsKms, KmsError> {
         if cfg.key_id.trim().is_empty() {
             return Err(KmsError::Config(
                 "aws: key_id is empty; pass --aws-key-id (key ID, key ARN or alias/NAME)".into(),

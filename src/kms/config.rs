@@ -23,6 +23,13 @@ pub enum ConnectError {
     Kms(#[from] KmsError),
 }
 
+impl ConnectError {
+    /// Whether trying again later can help (the KMS was unreachable).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConnectError::Kms(e) if e.is_retryable())
+    }
+}
+
 /// Which KMS key wraps DEKs, by provider.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]

@@ -15,7 +15,16 @@ pub fn kmsfs() -> Command {
 /// Runs `kmsfs ARGS`, returning its output; panics with stderr on failure
 /// when `expect_ok`.
 pub fn run(args: &[&str], expect_ok: bool) -> Output {
-    let out = kmsfs().args(args).output().expect("run kmsfs");
+    run_with(&[], args, expect_ok)
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_with(env: &[(&str, &str)], args: &[&str], expect_ok: bool) -> Output {
+    let out = kmsfs()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run kmsfs");
     if expect_ok && !out.status.success() {
         panic!(
             "kmsfs {:?} failed ({}): {}",

@@ -75,11 +75,11 @@ impl VaultKms {
     /// reachability, credentials and the key's existence, and tells whether
     /// the key is derived).
     pub async fn connect(cfg: &VaultConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
-        Ok(Arc::new(Self::connect_concrete(cfg).await?))
+        Ok(Arc::new(Self::open(cfg).await?))
     }
 
     /// [`connect`](Self::connect) returning the concrete type.
-    pub async fn connect_concrete(cfg: &VaultConfig) -> Result<Self, KmsError> {
+    async fn open(cfg: &VaultConfig) -> Result<Self, KmsError> {
         Self::connect_inner(cfg, None).await
     }
 
