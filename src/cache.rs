@@ -36,12 +36,13 @@ pub struct DekCache {
 
 fn cache_key(wrapped: &WrappedDek, ctx: &WrapContext) -> CacheKey {
     let mut h = Sha256::new();
+    let ctx = ctx.canonical_bytes();
     for part in [
         wrapped.key_ref.provider.as_bytes(),
         wrapped.key_ref.key_id.as_bytes(),
         wrapped.key_ref.key_version.as_bytes(),
         &wrapped.blob,
-        &ctx.file_id,
+        &ctx,
     ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
@@ -181,7 +182,7 @@ mod tests {
         // Slow enough that all 16 callers miss while the first one waits.
         let kms = Arc::new(FakeKms::new("k").with_delay(Duration::from_millis(50)));
         let cache = Arc::new(DekCache::new(10, Duration::from_millis(300)));
-        let ctx = WrapContext { file_id: [0; 16] };
+        let ctx = WrapContext::file_v1([0; 16]);
         let (dek, w) = rt.block_on(kms.generate_dek(&ctx)).unwrap();
         rt.block_on(async {
             let mut tasks = Vec::new();
@@ -207,7 +208,7 @@ mod tests {
     #[test]
     fn capacity_bounds_entries() {
         let cache = DekCache::new(2, Duration::from_secs(60));
-        let ctx = WrapContext { file_id: [0; 16] };
+        let ctx = WrapContext::file_v1([0; 16]);
         for b in 0..3u8 {
             cache.insert(
                 &wrapped(b),

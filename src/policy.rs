@@ -1,18 +1,20 @@
 //! Directory-level key policies: which KMS key (and cipher) protects new
-//! files in a subtree. The nearest enclosing policy applies, as in fscrypt.
-//! Paths here are mount-relative and normalized: "/" or "/a/b".
+//! files in a subtree, and which older keys its files may still be under.
+//! The nearest enclosing policy applies, as in fscrypt. Paths here are
+//! mount-relative and normalized: "/" or "/a/b".
 
 use serde::{Deserialize, Serialize};
 
 use crate::format::names::is_reserved;
 use crate::format::CipherSuite;
-use crate::kms::config::KmsConfig;
+use crate::kms::config::KeySpec;
 
 fn yes() -> bool {
     true
 }
 
-/// One policy: the directory it governs and the key for new files there.
+/// One policy: the directory it governs, the key for new files there, and
+/// the keys files there may be under besides it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -23,14 +25,39 @@ pub struct Policy {
     /// already there) stay readable as they are; new files are encrypted.
     #[serde(default = "yes")]
     pub mandatory: bool,
-    pub kms: KmsConfig,
+    /// The key that wraps new files' DEKs.
+    pub key: KeySpec,
+    /// Keys that wrapped files here before a policy change, and still may
+    /// unwrap them. A file under any other key does not open here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<KeySpec>,
 }
 
 impl Policy {
     /// Whether files may move between the subtrees of `self` and `other`
-    /// without changing key (rename/link stay within one key and cipher).
+    /// without changing how they are checked: the same key, cipher and
+    /// retired keys (rename and link stay within one protection).
     pub fn same_protection(&self, other: &Policy) -> bool {
-        self.kms == other.kms && self.cipher == other.cipher
+        let sorted = |p: &Policy| {
+            let mut r = p.retired.clone();
+            r.sort();
+            r
+        };
+        self.key == other.key && self.cipher == other.cipher && sorted(self) == sorted(other)
+    }
+
+    /// Every key a file here may be under: the current one first.
+    pub fn keys(&self) -> impl Iterator<Item = &KeySpec> {
+        std::iter::once(&self.key).chain(&self.retired)
+    }
+
+    /// Adds `keys` to the retired ones (not the current key, no repeats).
+    pub fn retire<'a>(&mut self, keys: impl IntoIterator<Item = &'a KeySpec>) {
+        for k in keys {
+            if *k != self.key && !self.retired.contains(k) {
+                self.retired.push(k.clone());
+            }
+        }
     }
 }
 

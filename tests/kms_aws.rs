@@ -23,7 +23,7 @@ fn connect(rt: &KmsRuntime, cfg: &AwsConfig) -> Result<Arc<dyn KeyProvider>, Kms
 }
 
 fn ctx(n: u8) -> WrapContext {
-    WrapContext { file_id: [n; 16] }
+    WrapContext::file_v1([n; 16])
 }
 
 #[test]
@@ -290,6 +290,7 @@ fn service_errors_are_classified() {
         key_id: "alias/stub".into(),
         region: Some(REGION.into()),
         endpoint: Some(stub.url.clone()),
+        allow_http: true,
         profile: None,
         assume_role_arn: None,
         external_id: None,
@@ -422,6 +423,7 @@ fn unreachable_endpoint_fails_fast_and_retryable() {
         key_id: "alias/kmsfs-dev".into(),
         region: Some(REGION.into()),
         endpoint: Some(format!("http://127.0.0.1:{closed}")),
+        allow_http: true,
         profile: None,
         assume_role_arn: None,
         external_id: None,
@@ -443,6 +445,7 @@ fn unreachable_endpoint_fails_fast_and_retryable() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let cfg = AwsConfig {
         endpoint: Some(format!("http://{}", silent.local_addr().unwrap())),
+        allow_http: true,
         timeout_secs: 1,
         ..cfg
     };
@@ -466,6 +469,7 @@ fn missing_region_is_a_clear_error() {
         key_id: "alias/kmsfs-dev".into(),
         region: None,
         endpoint: Some("http://127.0.0.1:1".into()),
+        allow_http: true,
         profile: None,
         assume_role_arn: None,
         external_id: None,

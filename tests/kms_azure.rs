@@ -37,7 +37,7 @@ async fn round_trip_and_requests_sent() {
     let mock = Mock::start().await;
     let (kms, cred) = mock.kms(None);
     assert_eq!(kms.kind(), "azure");
-    let ctx = WrapContext { file_id: [7; 16] };
+    let ctx = WrapContext::file_v1([7; 16]);
     let (dek, wrapped) = kms.generate_dek(&ctx).await.unwrap();
     let key_id = format!("{}/keys/{KEY}", mock.vault_url());
     assert_eq!(
@@ -136,7 +136,7 @@ async fn pinned_version_and_rotation() {
     let mock = Mock::start().await;
     let (pinned, _) = mock.kms(Some(V1));
     let (latest, _) = mock.kms(None);
-    let ctx = WrapContext { file_id: [1; 16] };
+    let ctx = WrapContext::file_v1([1; 16]);
     let (d1, w1) = latest.generate_dek(&ctx).await.unwrap();
     assert_eq!(w1.key_ref.key_version, V1);
     mock.rotate();
@@ -177,11 +177,11 @@ async fn pinned_version_and_rotation() {
 async fn context_mismatch_unknown_version_and_foreign_keys() {
     let mock = Mock::start().await;
     let (kms, _) = mock.kms(None);
-    let ctx = WrapContext { file_id: [1; 16] };
+    let ctx = WrapContext::file_v1([1; 16]);
     let dek = Dek::generate();
     let wrapped = kms.wrap(&dek, &ctx).await.unwrap();
     // The sidecar moved to another file: Key Vault unwraps, kmsfs refuses.
-    let other = WrapContext { file_id: [2; 16] };
+    let other = WrapContext::file_v1([2; 16]);
     let err = unwrap_err(kms.unwrap(&wrapped, &other).await);
     eprintln!("{err}");
     assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
@@ -210,7 +210,7 @@ async fn context_mismatch_unknown_version_and_foreign_keys() {
 async fn service_errors_are_classified() {
     let mock = Mock::start().await;
     let (kms, _) = mock.kms(None);
-    let ctx = WrapContext { file_id: [3; 16] };
+    let ctx = WrapContext::file_v1([3; 16]);
     let dek = Dek::generate();
     let wrapped = kms.wrap(&dek, &ctx).await.unwrap();
 
@@ -283,7 +283,7 @@ fn bounded(cfg: &AzureConfig, kms: AzureKms) -> Arc<dyn KeyProvider> {
 async fn a_silent_vault_times_out_at_the_configured_timeout() {
     // An unreachable one: tests/kms_contract.rs.
     let mock = Mock::start().await;
-    let ctx = WrapContext { file_id: [4; 16] };
+    let ctx = WrapContext::file_v1([4; 16]);
     let dek = Dek::generate();
     // A vault that accepts but never answers: the timeout layer gives up
     // after the configured timeout.

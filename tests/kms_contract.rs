@@ -41,7 +41,7 @@ struct Subject {
 }
 
 fn ctx(n: u8) -> WrapContext {
-    WrapContext { file_id: [n; 16] }
+    WrapContext::file_v1([n; 16])
 }
 
 /// The same blob with one byte changed, staying printable where it was

@@ -29,7 +29,7 @@ async fn round_trip_and_requests_sent() {
     let mock = Mock::start().await;
     let kms = mock.kms(None).await;
     assert_eq!(kms.kind(), "gcp");
-    let ctx = WrapContext { file_id: [9; 16] };
+    let ctx = WrapContext::file_v1([9; 16]);
     let (dek, wrapped) = kms.generate_dek(&ctx).await.unwrap();
     assert_eq!(
         wrapped.key_ref,
@@ -115,14 +115,14 @@ async fn pinned_version_and_rotation() {
     let mock = Mock::start().await;
     let primary = mock.kms(None).await;
     let (d1, w1) = primary
-        .generate_dek(&WrapContext { file_id: [1; 16] })
+        .generate_dek(&WrapContext::file_v1([1; 16]))
         .await
         .unwrap();
     assert_eq!(w1.key_ref.key_version, "1");
     mock.rotate();
     let pinned = mock.kms(Some("1")).await;
     mock.clear();
-    let ctx = WrapContext { file_id: [1; 16] };
+    let ctx = WrapContext::file_v1([1; 16]);
     let (d2, w2) = primary.generate_dek(&ctx).await.unwrap();
     assert_eq!(w2.key_ref.key_version, "2");
     let (d3, w3) = pinned.generate_dek(&ctx).await.unwrap();
@@ -158,7 +158,7 @@ async fn pinned_version_and_rotation() {
 async fn another_keys_blob_is_not_sent() {
     let mock = Mock::start().await;
     let kms = mock.kms(None).await;
-    let ctx = WrapContext { file_id: [1; 16] };
+    let ctx = WrapContext::file_v1([1; 16]);
     let mut foreign = kms.wrap(&Dek::generate(), &ctx).await.unwrap();
     foreign.key_ref.key_id = "projects/x/locations/global/keyRings/r/cryptoKeys/k".into();
     mock.clear();
@@ -171,7 +171,7 @@ async fn another_keys_blob_is_not_sent() {
 async fn service_errors_are_classified() {
     let mock = Mock::start().await;
     let kms = mock.kms(None).await;
-    let ctx = WrapContext { file_id: [3; 16] };
+    let ctx = WrapContext::file_v1([3; 16]);
     let dek = Dek::generate();
     let wrapped = kms.wrap(&dek, &ctx).await.unwrap();
 
@@ -257,7 +257,7 @@ async fn bounded(cfg: &GcpConfig) -> Arc<dyn KeyProvider> {
 async fn a_silent_server_times_out_at_the_configured_timeout() {
     // An unreachable one: tests/kms_contract.rs.
     let mock = Mock::start().await;
-    let ctx = WrapContext { file_id: [4; 16] };
+    let ctx = WrapContext::file_v1([4; 16]);
     let dek = Dek::generate();
     // A server that accepts but never answers: the timeout layer gives up
     // after the configured timeout.

@@ -22,7 +22,7 @@ fn ctx(n: u32) -> WrapContext {
     let mut file_id = [0u8; 16];
     file_id[..4].copy_from_slice(&n.to_be_bytes());
     file_id[15] = 0xa5;
-    WrapContext { file_id }
+    WrapContext::file_v1(file_id)
 }
 
 fn connect(rt: &KmsRuntime, bao: &Bao, cfg: &VaultConfig) -> VaultKms {

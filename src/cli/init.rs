@@ -1,16 +1,19 @@
-//! `kmsfs init`: makes a directory a backing directory, with its root policy.
+//! `kmsfs init`: makes a directory a backing directory (a volume), with its
+//! root policy; its KMS provider goes into the trusted configuration.
 
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
-use kmsfs::config::{Config, CONFIG_VERSION};
+use kmsfs::config::{VolumeConfig, Volume};
+use kmsfs::format::block::BlockLayout;
 use kmsfs::format::{BlockGeometry, CipherSuite};
+use kmsfs::kms::KmsRuntime;
 use kmsfs::policy::Policy;
 
-use super::absolute;
 use super::kms_args::{self, KmsArgs};
+use super::{absolute, trust};
 
 #[derive(Args)]
 pub struct InitArgs {
@@ -28,7 +31,7 @@ pub struct InitArgs {
 
 pub fn init(a: InitArgs) -> Result<()> {
     let backing = absolute(&a.backing)?;
-    BlockGeometry::from_size(a.block_size).map_err(|_| {
+    BlockGeometry::from_size(a.block_size, BlockLayout::V2).map_err(|_| {
         anyhow!(
             "--block-size {} is not a power of two from 4096 to 1048576",
             a.block_size
@@ -37,7 +40,7 @@ pub fn init(a: InitArgs) -> Result<()> {
     if backing.exists() && !backing.is_dir() {
         bail!("{} exists and is not a directory", backing.display());
     }
-    if Config::path(&backing).exists() {
+    if std::fs::symlink_metadata(VolumeConfig::path(&backing)).is_ok() {
         bail!(
             "{} is already a kmsfs backing directory; refusing to overwrite its configuration",
             backing.display()
@@ -45,19 +48,16 @@ pub fn init(a: InitArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&backing)
         .with_context(|| format!("cannot create {}", backing.display()))?;
-    let kms = a.kms.to_config(&backing)?;
-    let cfg = Config {
-        format_version: CONFIG_VERSION,
-        block_size: a.block_size,
-        policies: vec![Policy {
-            dir: "/".into(),
-            cipher: a.cipher,
-            mandatory: true,
-            kms,
-        }],
+    let key = a.kms.to_key(&backing)?;
+    let root = Policy {
+        dir: "/".into(),
+        cipher: a.cipher,
+        mandatory: true,
+        key,
         retired: vec![],
     };
-    cfg.save(&backing)?;
+    let rt = KmsRuntime::new()?;
+    Volume::create(&backing, &trust::load()?, &rt, a.block_size, vec![root], false)?;
     eprintln!(
         "kmsfs: initialised {} ({}, {}-byte blocks)",
         backing.display(),

@@ -1,25 +1,27 @@
 //! Inspection of files at rest: `kmsfs info` (one file's header) and
 //! `kmsfs policy status` (which key each file is wrapped under). Both read
-//! headers through `kmsfs::fs::sidecar`, as the mount does.
+//! headers through `kmsfs::fs::sidecar`, and `info --verify` gets the
+//! file's cipher through `FileKeys`, as the mount does.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use kmsfs::config::Config;
-use kmsfs::format::header;
+use kmsfs::cache::DekCache;
+use kmsfs::config::{Calls, VolumeConfig};
 use kmsfs::format::names::is_reserved;
-use kmsfs::fs::sidecar;
-use kmsfs::kms::{KmsRuntime, WrapContext};
-use kmsfs::metrics::Metrics;
+use kmsfs::fs::file_keys::FileKeys;
+use kmsfs::fs::{sidecar, walk};
+use kmsfs::policy::normalize_dir;
 
-use super::{backing_walk, load_config, mountinfo, print_json};
+use super::{mountinfo, print_json, trust};
 
 /// `kmsfs info`: a file's header facts as JSON; with `verify`, also unwraps
-/// its DEK and authenticates the header.
+/// its DEK (with a key its directory's policy allows) and authenticates the
+/// header, as the mount would when opening it.
 pub fn info(path: &Path, verify: bool) -> Result<()> {
     let (file, root) = backing_path(path)?;
     let name = file.file_name().expect("has a name");
@@ -32,35 +34,55 @@ pub fn info(path: &Path, verify: bool) -> Result<()> {
             path.display(),
         )
     })?;
-    let parsed = &header.parsed;
-    let h = &parsed.header;
-    let ct_size = std::fs::metadata(&file).map(|m| m.len()).ok();
+    let h = &header.parsed.header;
+    let ct_size = std::fs::symlink_metadata(&file)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    let keys: Vec<serde_json::Value> = h
+        .wraps()
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "provider": w.key_ref.provider,
+                "key_id": w.key_ref.key_id,
+                "key_version": w.key_ref.key_version,
+                "wrapped_dek_bytes": w.blob.len(),
+            })
+        })
+        .collect();
+    let primary = &keys[0];
     let mut out = serde_json::json!({
         "path": path.display().to_string(),
         "backing_path": file.display().to_string(),
-        "format_version": header::VERSION,
+        "format_version": h.version(),
         "cipher": h.cipher.name(),
         "block_size": h.geometry.block_size(),
         "file_id": hex::encode(h.file_id),
         "key": {
-            "provider": h.wrapped.key_ref.provider,
-            "key_id": h.wrapped.key_ref.key_id,
-            "key_version": h.wrapped.key_ref.key_version,
+            "provider": primary["provider"],
+            "key_id": primary["key_id"],
+            "key_version": primary["key_version"],
         },
-        "wrapped_dek_bytes": h.wrapped.blob.len(),
+        "wrapped_dek_bytes": primary["wrapped_dek_bytes"],
+        "keys": keys,
         "plaintext_size": ct_size.map(|c| h.geometry.plaintext_size(c)),
         "ciphertext_size": ct_size,
     });
     if verify {
         let root =
             root.ok_or_else(|| anyhow!("cannot find the backing directory of {}", path.display()))?;
-        let cfg = Config::load(&root)?;
-        let rt = KmsRuntime::new()?;
-        let connected = cfg.connect(&rt, &Arc::new(Metrics::default()))?;
-        let ctx = WrapContext { file_id: h.file_id };
-        let p = connected.providers.for_key(&h.wrapped.key_ref)?;
-        let dek = rt.block_on(p.unwrap(&h.wrapped, &ctx))?;
-        kmsfs::crypto::open_header(parsed, &dek).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let rel = file.strip_prefix(&root).expect("under its root");
+        let dir = format!("/{}", rel.parent().unwrap_or(Path::new("")).display());
+        let (volume, rt) = trust::open_volume(&root, &Calls::Once)?;
+        let keys = FileKeys::new(
+            DekCache::new(1, Duration::from_secs(1)),
+            volume.id(),
+            volume.config.legacy_v1_files,
+        );
+        let policy = volume.policy_for(&normalize_dir(&dir)?);
+        rt.block_on(keys.cipher_for(&header, policy, &rel.display().to_string()))
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         out["header_verified"] = serde_json::Value::Bool(true);
     }
     print_json(&out)
@@ -92,7 +114,7 @@ fn backing_path(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     let root = full
         .ancestors()
         .skip(1)
-        .find(|a| Config::path(a).exists())
+        .find(|a| VolumeConfig::path(a).exists())
         .map(Path::to_path_buf);
     Ok((full, root))
 }
@@ -111,27 +133,25 @@ struct PolicyStatusRow {
 /// `kmsfs policy status`: counts, per policy, the files under its current
 /// key, under other keys, and without a sidecar.
 pub fn policy_status(backing: &Path) -> Result<()> {
-    let (backing, cfg) = load_config(backing)?;
-    let rt = KmsRuntime::new()?;
-    let connected = cfg.connect(&rt, &Arc::new(Metrics::default()))?;
-    let mut rows: Vec<PolicyStatusRow> = connected
+    let (volume, _rt) = trust::open_volume(backing, &Calls::Once)?;
+    let mut rows: Vec<PolicyStatusRow> = volume
         .policies
         .iter()
         .map(|p| PolicyStatusRow {
             dir: p.policy.dir.clone(),
-            kms: p.provider.describe(),
+            kms: p.current.describe(),
             mandatory: p.policy.mandatory,
             ..Default::default()
         })
         .collect();
-    backing_walk::walk(&backing, |dir, rel, files| {
-        let governing = kmsfs::policy::governing(&cfg.policies, rel);
-        let provider = &connected.policies[governing].provider;
+    walk::walk(&volume.backing, |dir, rel, files| {
+        let governing = kmsfs::policy::governing(&volume.config.policies, rel);
+        let current = &volume.policies[governing].current;
         let row = &mut rows[governing];
         for name in files {
             match sidecar::read_at(dir.as_raw_fd(), name) {
                 Err(_) => row.files_without_sidecar += 1,
-                Ok(h) if provider.is_current_key(&h.parsed.header.wrapped.key_ref) => {
+                Ok(h) if current.is_current_key(&h.parsed.header.primary().key_ref) => {
                     row.files_on_current_key += 1
                 }
                 Ok(_) => row.files_on_other_keys += 1,

@@ -1,6 +1,8 @@
 //! The flags that say how new files are protected (`init`, `policy set`):
-//! `--kms` picks the provider, each provider's flags form one group, and
-//! [`KmsArgs::to_config`] is the one translation into a [`KmsConfig`].
+//! either `--kms` with its provider's flags (each provider's flags form one
+//! group), which define a provider in the trusted configuration or reuse
+//! one defined alike, or `--provider NAME --key ID`, which name a key of a
+//! provider already there. [`KmsArgs::to_key`] is the one translation.
 //!
 //! Every provider's flags exist in every build, so that naming a provider
 //! compiled out gives "not available in this build", not "unknown flag".
@@ -11,11 +13,11 @@ use anyhow::{anyhow, bail, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, ValueEnum};
 
-use kmsfs::config::KmsConfig;
+use kmsfs::config::{trusted, KeySpec, KmsConfig};
 use kmsfs::format::CipherSuite;
 use kmsfs::kms::local::Keyring;
 
-use super::absolute;
+use super::{absolute, trust};
 
 /// The `--cipher` of new files unless one is given.
 pub const DEFAULT_CIPHER: CipherSuite = CipherSuite::Aes256Gcm;
@@ -55,9 +57,21 @@ impl KmsProvider {
 /// whatever flags follow it.
 #[derive(Args, Clone)]
 pub struct KmsArgs {
-    /// KMS provider of the key that wraps new files' DEKs.
+    /// KMS of the key that wraps new files' DEKs; its flags below define
+    /// (or find) a provider in the trusted configuration.
     #[arg(long, value_enum)]
-    kms: KmsProvider,
+    kms: Option<KmsProvider>,
+    /// Name of the provider in the trusted configuration: with --kms, the
+    /// name to give it (default: its type, numbered if taken); without, an
+    /// existing provider to use (with --key).
+    #[arg(long, value_name = "NAME")]
+    provider: Option<String>,
+    /// Without --kms: the key's ID in --provider.
+    #[arg(long, value_name = "ID", requires = "provider", conflicts_with = "kms")]
+    key: Option<String>,
+    /// Without --kms: pin the key's version (Azure, GCP).
+    #[arg(long, value_name = "VERSION", requires = "key")]
+    key_version: Option<String>,
     #[command(flatten)]
     local: LocalArgs,
     #[command(flatten)]
@@ -71,11 +85,48 @@ pub struct KmsArgs {
 }
 
 impl KmsArgs {
+    /// The key the flags name, as a volume records it. With `--kms`, the
+    /// provider its flags describe is found in, or added to, the trusted
+    /// configuration (`backing` is where the volume is, for checks).
+    pub fn to_key(&self, backing: &Path) -> Result<KeySpec> {
+        let Some(kms) = self.kms else {
+            return match (&self.provider, &self.key) {
+                (Some(provider), Some(id)) => {
+                    let key = KeySpec {
+                        provider: provider.clone(),
+                        id: id.clone(),
+                        version: self.key_version.clone(),
+                    };
+                    trust::load()?.resolve(&key)?;
+                    Ok(key)
+                }
+                _ => bail!(
+                    "name the key: --kms local|vault|aws|azure|gcp with its flags, or --provider NAME --key ID for a provider of the trusted configuration ({})",
+                    trust::path().display()
+                ),
+            };
+        };
+        let (def, key) = self.to_config(kms, backing)?.split("");
+        let path = trust::path();
+        let (name, added) = trusted::update(&path, |t| t.find_or_add(def, self.provider.as_deref()))?;
+        if added {
+            eprintln!(
+                "kmsfs: added provider {name:?} ({}) to the trusted configuration {}",
+                kms.name(),
+                path.display()
+            );
+        }
+        Ok(KeySpec {
+            provider: name,
+            ..key
+        })
+    }
+
     /// The configuration `--kms` and its provider's flags describe. For the
     /// local provider, the keyring and key are created if missing; the
     /// keyring must lie outside `backing`.
-    pub fn to_config(&self, backing: &Path) -> Result<KmsConfig> {
-        match self.kms {
+    fn to_config(&self, kms: KmsProvider, backing: &Path) -> Result<KmsConfig> {
+        match kms {
             KmsProvider::Local => self.local.to_config(backing),
             #[cfg(feature = "vault")]
             KmsProvider::Vault => Ok(KmsConfig::Vault(self.vault.to_config()?)),
@@ -86,13 +137,13 @@ impl KmsArgs {
             #[cfg(feature = "gcp")]
             KmsProvider::Gcp => Ok(KmsConfig::Gcp(self.gcp.to_config()?)),
             #[cfg(not(feature = "vault"))]
-            KmsProvider::Vault => Err(not_in_this_build(self.kms)),
+            KmsProvider::Vault => Err(not_in_this_build(kms)),
             #[cfg(not(feature = "aws"))]
-            KmsProvider::Aws => Err(not_in_this_build(self.kms)),
+            KmsProvider::Aws => Err(not_in_this_build(kms)),
             #[cfg(not(feature = "azure"))]
-            KmsProvider::Azure => Err(not_in_this_build(self.kms)),
+            KmsProvider::Azure => Err(not_in_this_build(kms)),
             #[cfg(not(feature = "gcp"))]
-            KmsProvider::Gcp => Err(not_in_this_build(self.kms)),
+            KmsProvider::Gcp => Err(not_in_this_build(kms)),
         }
     }
 }
@@ -106,6 +157,24 @@ fn not_in_this_build(kms: KmsProvider) -> anyhow::Error {
         "KMS {:?} is not available in this build (compiled without its cargo feature)",
         kms.name()
     )
+}
+
+/// Whether the operator typed a plain http:// URL: that is the explicit
+/// permission the trusted configuration then records (`allow_http`); a
+/// volume can never grant it.
+#[cfg_attr(
+    not(any(feature = "vault", feature = "aws", feature = "gcp")),
+    allow(dead_code)
+)]
+fn typed_http(url: Option<&str>) -> bool {
+    let http = url.is_some_and(|u| u.trim().to_ascii_lowercase().starts_with("http://"));
+    if http {
+        eprintln!(
+            "kmsfs: warning: {} is plain http; recording allow_http = true for this provider in the trusted configuration",
+            url.unwrap_or_default()
+        );
+    }
+    http
 }
 
 /// A flag the chosen provider cannot do without.
@@ -260,6 +329,7 @@ impl VaultArgs {
             client_cert: absolute_opt(&self.vault_client_cert)?,
             client_key: absolute_opt(&self.vault_client_key)?,
             skip_verify: self.vault_skip_verify,
+            allow_http: typed_http(self.vault_addr.as_deref()),
             timeout_secs: kmsfs::kms::default_timeout_secs(),
         })
     }
@@ -295,6 +365,7 @@ impl AwsArgs {
             key_id: need(&self.aws_key_id, "--aws-key-id ID", KmsProvider::Aws)?,
             region: self.aws_region.clone(),
             endpoint: self.aws_endpoint.clone(),
+            allow_http: typed_http(self.aws_endpoint.as_deref()),
             profile: self.aws_profile.clone(),
             assume_role_arn: self.aws_assume_role.clone(),
             external_id: self.aws_external_id.clone(),
@@ -372,6 +443,7 @@ impl GcpArgs {
                 .map(absolute)
                 .transpose()?,
             endpoint: self.gcp_endpoint.clone(),
+            allow_http: typed_http(self.gcp_endpoint.as_deref()),
             timeout_secs: kmsfs::kms::default_timeout_secs(),
         })
     }

@@ -3,11 +3,12 @@
 //! - `init`, `keys`, `policy`, `kms_cmd` (`kms test|status`): those commands;
 //! - `mount`: the mount command; `daemon`: the background daemon (start,
 //!   readiness, signals) and `umount`;
-//! - `inspect`: `info` and `policy status`, over `backing_walk`;
+//! - `inspect`: `info` and `policy status`, over `kmsfs::fs::walk`;
 //! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
+//! - `trust`: the trusted configuration (`providers`, `upgrade`, and how
+//!   every command finds and opens a volume);
 //! - `mountinfo`: what is mounted where.
 
-mod backing_walk;
 mod daemon;
 mod init;
 mod inspect;
@@ -17,13 +18,14 @@ mod kms_cmd;
 mod mount;
 mod mountinfo;
 mod policy;
+mod trust;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use kmsfs::config::{Config, ConfigError, ConnectError};
+use kmsfs::config::{ConfigError, ConnectError};
 use kmsfs::kms::KmsError;
 
 /// Exit codes; a usage error exits 2, through clap.
@@ -39,6 +41,10 @@ const EXIT_TEMPFAIL: i32 = 75;
     about = "Encrypted FUSE filesystem with per-file keys wrapped by a KMS"
 )]
 struct Cli {
+    /// The trusted configuration: where KMS keys live (default
+    /// $KMSFS_CONFIG, else /etc/kmsfs/kmsfs.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -74,11 +80,25 @@ enum Cmd {
         #[command(subcommand)]
         action: kms_cmd::KmsCmd,
     },
+    /// The KMS providers of the trusted configuration.
+    Providers {
+        #[command(subcommand)]
+        action: trust::ProvidersCmd,
+    },
+    /// Upgrade a format 1 backing directory: move its KMS settings into the
+    /// trusted configuration and authenticate its configuration.
+    Upgrade {
+        backing: PathBuf,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs the command line's command; returns the process exit code.
 pub fn run() -> i32 {
     let cli = Cli::parse();
+    trust::set_path(cli.config.as_deref());
     let result = match cli.command {
         Cmd::Init(a) => init::init(a),
         Cmd::Mount(a) => mount::mount(a),
@@ -87,6 +107,8 @@ pub fn run() -> i32 {
         Cmd::Keys { action } => keys::keys(action),
         Cmd::Policy { action } => policy::policy(action),
         Cmd::Kms { action } => kms_cmd::kms_cmd(action),
+        Cmd::Providers { action } => trust::providers(action),
+        Cmd::Upgrade { backing, json } => trust::upgrade(&backing, json),
     };
     match result {
         Ok(()) => EXIT_OK,
@@ -127,14 +149,6 @@ fn is_retryable(e: &anyhow::Error) -> bool {
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
-}
-
-/// The backing directory given on the command line, absolute, and its
-/// configuration.
-fn load_config(backing: &Path) -> Result<(PathBuf, Config)> {
-    let backing = absolute(backing)?;
-    let cfg = Config::load(&backing)?;
-    Ok((backing, cfg))
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {

@@ -10,12 +10,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use kmsfs::cache::DekCache;
-use kmsfs::config::Config;
+use kmsfs::config::Calls;
 use kmsfs::fs::{self, MountOptions};
-use kmsfs::kms::KmsRuntime;
 use kmsfs::metrics::Metrics;
 
-use super::{absolute, daemon, mountinfo};
+use super::{absolute, daemon, mountinfo, trust};
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -58,10 +57,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let mountpoint = absolute(&a.mountpoint)?;
     // Everything that can be checked before forking is checked here, so the
     // user sees the reason directly.
-    let cfg = Config::load(&backing)?;
-    let runtime = KmsRuntime::new()?;
     let metrics = Arc::new(Metrics::default());
-    let connected = cfg.connect(&runtime, &metrics)?;
+    let (volume, runtime) = trust::open_volume(&backing, &Calls::Mount(metrics.clone()))?;
     check_mountpoint(&mountpoint)?;
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or install fuse3");
@@ -76,7 +73,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // The adapter applies each caller's umask; the daemon's own must not
     // mask the backing files' modes a second time.
     unsafe { libc::umask(0) };
-    let core = fs::Core::new(&backing, &cfg, connected, cache, runtime, metrics, ro)
+    let (config, policies) = volume.into_parts();
+    let core = fs::Core::new(&backing, &config, policies, cache, runtime, metrics, ro)
         .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
     let opts = MountOptions {
         read_only: ro,

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
+use kmsfs::config::{Calls, VolumeConfig};
 use kmsfs::format::CipherSuite;
-use kmsfs::kms::KmsRuntime;
 use kmsfs::policy::{normalize_dir, Policy};
 
 use super::kms_args::{self, KmsArgs};
-use super::{inspect, load_config, print_json};
+use super::{absolute, inspect, print_json, trust};
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {
@@ -26,7 +26,9 @@ pub enum PolicyCmd {
         /// written as they are; new files are still encrypted.
         #[arg(long)]
         not_mandatory: bool,
-        /// Save without a wrap/unwrap round trip against the KMS.
+        /// Do not check the key's KMS after saving (a key-metadata read or a
+        /// wrap/unwrap round trip). Connecting to it is still needed: the
+        /// change is authenticated with the root key.
         #[arg(long)]
         no_check: bool,
         // Last (see KmsArgs).
@@ -54,45 +56,54 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             no_check,
             kms,
         } => {
-            let (backing, mut cfg) = load_config(&backing)?;
+            let backing = absolute(&backing)?;
             let dir = normalize_dir(&dir)?;
-            let kms = kms.to_config(&backing)?;
-            if !no_check {
-                let rt = KmsRuntime::new()?;
-                let provider = kms.build(&rt)?;
-                rt.block_on(provider.check())
-                    .with_context(|| format!("the KMS for {dir} failed a wrap/unwrap round trip (use --no-check to save anyway)"))?;
-            }
-            cfg.set_policy(Policy {
+            let _lock = VolumeConfig::lock(&backing)?;
+            let key = kms.to_key(&backing)?;
+            let (mut volume, rt) = trust::open_volume(&backing, &Calls::Once)?;
+            let policy = Policy {
                 dir: dir.clone(),
                 cipher,
                 mandatory: !not_mandatory,
-                kms,
-            });
-            cfg.save(&backing)?;
+                key,
+                retired: vec![],
+            };
+            volume.set_policy(policy, &trust::load()?, &rt, !no_check)?;
+            if !no_check {
+                let active = volume.policy_for(&dir);
+                rt.block_on(active.current.check()).with_context(|| {
+                    format!(
+                        "the policy for {dir} is saved, but its KMS failed a check: {}",
+                        active.current.describe()
+                    )
+                })?;
+            }
             eprintln!(
                 "kmsfs: policy for {dir} saved; new files there use it after the next mount. Existing files keep their keys (see `kmsfs policy status`)."
             );
             Ok(())
         }
-        PolicyCmd::List { backing } => print_json(&load_config(&backing)?.1.policies),
+        PolicyCmd::List { backing } => {
+            print_json(&trust::open_volume(&backing, &Calls::Once)?.0.config.policies)
+        }
         PolicyCmd::Show { backing, dir } => {
-            let cfg = load_config(&backing)?.1;
-            print_json(cfg.policy_for(&normalize_dir(&dir)?))
+            let volume = trust::open_volume(&backing, &Calls::Once)?.0;
+            print_json(volume.config.policy_for(&normalize_dir(&dir)?))
         }
         PolicyCmd::Unset { backing, dir } => {
-            let (backing, mut cfg) = load_config(&backing)?;
+            let backing = absolute(&backing)?;
             let dir = normalize_dir(&dir)?;
             if dir == "/" {
                 bail!("the root policy cannot be removed; replace it with `kmsfs policy set {} / ...`", backing.display());
             }
-            if !cfg.unset_policy(&dir) {
+            let _lock = VolumeConfig::lock(&backing)?;
+            let (mut volume, _rt) = trust::open_volume(&backing, &Calls::Once)?;
+            if !volume.unset_policy(&dir)? {
                 bail!(
                     "there is no policy for {dir} (see `kmsfs policy list {}`)",
                     backing.display()
                 );
             }
-            cfg.save(&backing)?;
             eprintln!("kmsfs: policy for {dir} removed; its files keep their keys, which stay usable for reading.");
             Ok(())
         }

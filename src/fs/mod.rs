@@ -28,6 +28,7 @@ mod namespace;
 mod prefetch;
 pub mod sidecar;
 mod sys;
+pub mod walk;
 mod xattr;
 
 pub use adapter::{mount, MountOptions};

@@ -44,6 +44,10 @@ pub struct AwsConfig {
     /// Custom endpoint (LocalStack, moto).
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Allow a plain http:// endpoint (a dev server on loopback). Set only
+    /// in the trusted configuration; refused otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
     /// Named profile from the shared config files.
     #[serde(default)]
     pub profile: Option<String>,

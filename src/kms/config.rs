@@ -105,6 +105,7 @@ impl KmsConfig {
 
     /// The connected provider, its calls not yet bounded. Connecting is.
     async fn open(&self) -> Result<Arc<dyn KeyProvider>, ConnectError> {
+        self.check_transport()?;
         let timeout = self.timeout();
         Ok(match self {
             KmsConfig::Local { key_file, key } => Arc::new(LocalKms::open(key_file, key)?),
@@ -137,4 +138,158 @@ pub async fn connect_within<T>(
     connect: impl Future<Output = Result<T, KmsError>>,
 ) -> Result<T, KmsError> {
     within(timeout * CONNECT_CALLS, kms, connect).await
+}
+
+/// Which key protects files: a provider of the trusted configuration, by
+/// name, and the key's ID in it (keyring key name, transit key name, AWS key
+/// ID/ARN/alias, Key Vault key name, Cloud KMS key name), optionally pinned
+/// to one version (Azure, GCP). This is all a volume may say about keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    pub provider: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+impl std::fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.provider, self.id)?;
+        if let Some(v) = &self.version {
+            write!(f, "@{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A provider of the trusted configuration: its type and its settings
+/// (address, auth, TLS, keyring file, ...), everything but the key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderDef {
+    pub kind: String,
+    pub settings: toml::Table,
+}
+
+/// The settings that name the key (and its pinned version) in each
+/// provider's configuration: a volume supplies them, the trusted
+/// configuration supplies the rest.
+fn key_fields(kind: &str) -> Option<(&'static str, Option<&'static str>)> {
+    Some(match kind {
+        "local" => ("key", None),
+        "vault" => ("key", None),
+        "aws" => ("key_id", None),
+        "azure" => ("key_name", Some("key_version")),
+        "gcp" => ("key", Some("key_version")),
+        _ => return None,
+    })
+}
+
+impl ProviderDef {
+    /// The full settings of `key` under this provider. Fails with what to
+    /// fix when the definition is malformed, names a key itself, or is of a
+    /// type this build does not have.
+    pub fn resolve(&self, key: &KeySpec) -> Result<KmsConfig, String> {
+        let Some((id_field, version_field)) = key_fields(&self.kind) else {
+            return Err(format!(
+                "unknown type {:?}; use local, vault, aws, azure or gcp",
+                self.kind
+            ));
+        };
+        let mut t = self.settings.clone();
+        for f in std::iter::once(id_field).chain(version_field) {
+            if t.contains_key(f) {
+                return Err(format!(
+                    "sets `{f}`, but keys are chosen by each volume's policies; remove it"
+                ));
+            }
+        }
+        if t.contains_key("provider") {
+            return Err("sets `provider`; the provider's type is `type`".into());
+        }
+        t.insert("provider".into(), toml::Value::String(self.kind.clone()));
+        t.insert(id_field.into(), toml::Value::String(key.id.clone()));
+        match (version_field, &key.version) {
+            (Some(f), Some(v)) => {
+                t.insert(f.into(), toml::Value::String(v.clone()));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "a {} key cannot be pinned to a version (key {key})",
+                    self.kind
+                ))
+            }
+            _ => {}
+        }
+        let cfg = KmsConfig::deserialize(toml::Value::Table(t)).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("unknown variant") {
+                format!(
+                    "type {:?} is not available in this build (compiled without its cargo feature)",
+                    self.kind
+                )
+            } else {
+                msg.trim().replace('\n', " ")
+            }
+        })?;
+        Ok(cfg)
+    }
+}
+
+impl KmsConfig {
+    /// This configuration as a provider definition and a key, the reverse
+    /// of [`ProviderDef::resolve`]; `provider` names the definition.
+    pub fn split(&self, provider: &str) -> (ProviderDef, KeySpec) {
+        let value = toml::Value::try_from(self).expect("a KMS configuration serializes");
+        let toml::Value::Table(mut t) = value else {
+            unreachable!("KmsConfig serializes to a table")
+        };
+        let kind = match t.remove("provider") {
+            Some(toml::Value::String(k)) => k,
+            _ => unreachable!("KmsConfig is tagged by provider"),
+        };
+        let (id_field, version_field) = key_fields(&kind).expect("a known provider");
+        let take = |t: &mut toml::Table, f: &str| match t.remove(f) {
+            Some(toml::Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let id = take(&mut t, id_field).unwrap_or_default();
+        let version = version_field.and_then(|f| take(&mut t, f));
+        (
+            ProviderDef { kind, settings: t },
+            KeySpec {
+                provider: provider.to_owned(),
+                id,
+                version,
+            },
+        )
+    }
+
+    /// Refuses plain http to a KMS, or TLS verification turned off, unless
+    /// the provider's trusted definition says so explicitly (`allow_http`,
+    /// `skip_verify`): key wraps and tokens must not cross a network in
+    /// the clear by accident.
+    pub fn check_transport(&self) -> Result<(), KmsError> {
+        let (url, allowed) = match self {
+            KmsConfig::Local { .. } => return Ok(()),
+            #[cfg(feature = "vault")]
+            KmsConfig::Vault(c) => (Some(c.address.as_str()), c.allow_http),
+            #[cfg(feature = "aws")]
+            KmsConfig::Aws(c) => (c.endpoint.as_deref(), c.allow_http),
+            #[cfg(feature = "azure")]
+            KmsConfig::Azure(_) => return Ok(()), // https only, checked by the provider
+            #[cfg(feature = "gcp")]
+            KmsConfig::Gcp(c) => (c.endpoint.as_deref(), c.allow_http),
+        };
+        match url {
+            Some(u) if u.trim().to_ascii_lowercase().starts_with("http://") && !allowed => {
+                Err(KmsError::Config(format!(
+                    "{u} is plain http, which sends wrapped keys and credentials in the clear; \
+                     use https, or set allow_http = true in this provider's trusted definition \
+                     if that is what you want (a dev server on loopback)"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }

@@ -46,6 +46,10 @@ pub struct GcpConfig {
     /// Custom endpoint (tests).
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Allow a plain http:// endpoint (a dev server on loopback). Set only
+    /// in the trusted configuration; refused otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
     #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,
 }

@@ -195,7 +195,7 @@ mod tests {
         (WrappedDek, WrapContext),
     ) {
         let metrics = Arc::new(Metrics::default());
-        let ctx = WrapContext { file_id: [0; 16] };
+        let ctx = WrapContext::file_v1([0; 16]);
         let (_, w) = block_on(inner.generate_dek(&ctx)).unwrap();
         let p = Instrumented::wrap(
             inner,

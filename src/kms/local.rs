@@ -22,6 +22,7 @@ use base64::Engine;
 use rand::RngCore;
 use zeroize::Zeroizing;
 
+use super::support::ensure_handles;
 use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
 use crate::crypto::{Dek, DEK_LEN};
 
@@ -378,11 +379,8 @@ impl KeyProvider for LocalKms {
     }
 
     fn handles(&self, key_ref: &KeyRef) -> bool {
-        // One keyring unwraps every key it holds, whichever one wraps new files.
-        key_ref.provider == PROVIDER
-    }
-
-    fn is_current_key(&self, key_ref: &KeyRef) -> bool {
+        // Only the configured key: the keyring may hold others, for other
+        // policies, and a file must be under its own policy's key.
         key_ref.provider == PROVIDER && key_ref.key_id == self.key_name
     }
 
@@ -406,6 +404,7 @@ impl KeyProvider for LocalKms {
     }
 
     async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError> {
+        ensure_handles(self, &wrapped.key_ref)?;
         let kr_ref = &wrapped.key_ref;
         let version: u32 = kr_ref
             .key_version
@@ -489,7 +488,7 @@ mod tests {
             0o600
         );
         let kms = LocalKms::open(&path, "default").unwrap();
-        let ctx = WrapContext { file_id: [1; 16] };
+        let ctx = WrapContext::file_v1([1; 16]);
         let (dek, w1) = block_on(kms.generate_dek(&ctx)).unwrap();
         assert_eq!(w1.key_ref.key_version, "1");
         assert_eq!(
@@ -497,7 +496,7 @@ mod tests {
             dek.as_bytes()
         );
         // Another file's context does not unwrap.
-        let other = WrapContext { file_id: [2; 16] };
+        let other = WrapContext::file_v1([2; 16]);
         assert!(matches!(
             block_on(kms.unwrap(&w1, &other)),
             Err(KmsError::UnwrapFailed { .. })
@@ -534,7 +533,7 @@ mod tests {
         ));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let kms = LocalKms::open(&path, "default").unwrap();
-        let ctx = WrapContext { file_id: [1; 16] };
+        let ctx = WrapContext::file_v1([1; 16]);
         let (_, w) = block_on(kms.generate_dek(&ctx)).unwrap();
         let path2 = dir.path().join("keys2");
         let mut kr2 = Keyring::create_empty(&path2).unwrap();

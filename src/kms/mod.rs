@@ -16,6 +16,7 @@ pub mod config;
 pub mod gcp;
 pub mod instrumented;
 pub mod local;
+pub mod named;
 #[cfg(any(feature = "vault", feature = "aws", feature = "azure", feature = "gcp"))]
 mod support;
 #[cfg(any(test, feature = "test-support"))]
@@ -37,24 +38,59 @@ pub fn default_timeout_secs() -> u64 {
 }
 
 /// What is bound into a wrap besides the DEK: unwrapping with another
-/// context fails. Today that is the file ID, so a wrapped DEK copied into
-/// another file's sidecar does not unwrap.
+/// context fails. A file's DEK is bound to its file ID, so a wrapped DEK
+/// copied into another file's sidecar does not unwrap; in format 2 also to
+/// its volume's ID, so a file copied into another volume does not either.
+/// A volume's configuration key is bound to the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct WrapContext {
-    pub file_id: [u8; 16],
+pub enum WrapContext {
+    /// A file's DEK in a format 1 header.
+    FileV1 { file_id: [u8; 16] },
+    /// A file's DEK in a format 2 header.
+    File {
+        file_id: [u8; 16],
+        volume_id: [u8; 16],
+    },
+    /// A volume configuration's key.
+    VolumeKey { volume_id: [u8; 16] },
 }
 
 impl WrapContext {
-    /// Key/value pairs for KMSs that take a map (AWS EncryptionContext).
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
-        vec![("kmsfs-file-id", hex::encode(self.file_id))]
+    pub fn file_v1(file_id: [u8; 16]) -> Self {
+        WrapContext::FileV1 { file_id }
     }
 
-    /// Canonical bytes for KMSs that take opaque associated data.
+    pub fn file(file_id: [u8; 16], volume_id: [u8; 16]) -> Self {
+        WrapContext::File { file_id, volume_id }
+    }
+
+    pub fn volume_key(volume_id: [u8; 16]) -> Self {
+        WrapContext::VolumeKey { volume_id }
+    }
+
+    /// Key/value pairs for KMSs that take a map (AWS EncryptionContext).
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        match self {
+            WrapContext::FileV1 { file_id } => vec![("kmsfs-file-id", hex::encode(file_id))],
+            WrapContext::File { file_id, volume_id } => vec![
+                ("kmsfs-file-id", hex::encode(file_id)),
+                ("kmsfs-volume-id", hex::encode(volume_id)),
+            ],
+            WrapContext::VolumeKey { volume_id } => {
+                vec![("kmsfs-volume-key", hex::encode(volume_id))]
+            }
+        }
+    }
+
+    /// Canonical bytes for KMSs that take opaque associated data: the pairs
+    /// as `name=hex`, joined by `;` (format 1's is `kmsfs-file-id=HEX`).
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let mut out = b"kmsfs-file-id=".to_vec();
-        out.extend_from_slice(hex::encode(self.file_id).as_bytes());
-        out
+        let pairs: Vec<String> = self
+            .pairs()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        pairs.join(";").into_bytes()
     }
 }
 
@@ -172,7 +208,7 @@ pub trait KeyProvider: Send + Sync {
     /// usable. The default is a wrap/unwrap round trip; providers may use a
     /// cheaper read of the key's metadata.
     async fn check(&self) -> Result<(), KmsError> {
-        let ctx = WrapContext { file_id: [0u8; 16] };
+        let ctx = WrapContext::file_v1([0u8; 16]);
         let (dek, wrapped) = self.generate_dek(&ctx).await?;
         let back = self.unwrap(&wrapped, &ctx).await?;
         if back.as_bytes() != dek.as_bytes() {

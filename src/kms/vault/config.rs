@@ -75,6 +75,10 @@ pub struct VaultConfig {
     /// Skip TLS verification (prints a warning; for tests only).
     #[serde(default)]
     pub skip_verify: bool,
+    /// Allow a plain http:// address (a dev server on loopback). Set only
+    /// in the trusted configuration; refused otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
     #[serde(default = "crate::kms::default_timeout_secs")]
     pub timeout_secs: u64,
 }

@@ -90,6 +90,7 @@ impl Moto {
             key_id: key.to_owned(),
             region: Some(REGION.into()),
             endpoint: Some(self.url().to_owned()),
+            allow_http: true,
             profile: None,
             assume_role_arn: None,
             external_id: None,

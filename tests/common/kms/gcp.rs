@@ -107,6 +107,7 @@ impl Mock {
             key_version: version.map(str::to_owned),
             credentials_file: Some(self.key_file.clone()),
             endpoint: Some(self.endpoint()),
+            allow_http: true,
             timeout_secs: 10,
         }
     }

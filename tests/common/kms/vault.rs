@@ -135,6 +135,7 @@ impl Bao {
 pub fn config_at(address: &str, key: &str) -> VaultConfig {
     VaultConfig {
         address: address.to_owned(),
+        allow_http: true,
         mount: "transit".into(),
         key: key.into(),
         namespace: None,

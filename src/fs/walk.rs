@@ -1,8 +1,9 @@
-//! Walking a backing directory tree for the inspection commands. The tree is
-//! untrusted: directories are reached through their parent's handle without
-//! following symlinks (a symlinked directory is not entered), each directory
-//! is opened once, and only regular files are reported, so that sidecars can
-//! be read beside them with `sidecar::read_at`.
+//! Walking a backing directory tree offline (inspection, upgrade, repair).
+//! The tree is untrusted: directories are reached through their parent's
+//! handle without following symlinks (a symlinked directory is not
+//! entered), each directory is opened once, and only regular files are
+//! reported, so that sidecars can be read beside them with
+//! `sidecar::read_at`.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -11,16 +12,28 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::rc::Rc;
 
-use anyhow::{Context, Result};
+use crate::format::names::is_reserved;
 
-use kmsfs::format::names::is_reserved;
+/// A directory of the tree that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+pub struct WalkError {
+    pub path: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+type Result<T> = std::result::Result<T, WalkError>;
 
 /// Calls `visit(dir, rel, files)` for every directory under (and including)
 /// `root`: `dir` is a handle on it, `rel` its path below `root` ("/" for the
 /// root, "/a/b" below it) and `files` the names of its regular files.
 /// kmsfs's reserved names are left out.
 pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString])) -> Result<()> {
-    let cannot_read = |rel: &str| format!("cannot read {}{rel}", root.display());
+    let cannot_read = |rel: &str, source| WalkError {
+        path: format!("{}{rel}", root.display()),
+        source,
+    };
     // Directories still to visit: (parent, name, rel). A parent stays open
     // while any of its subdirectories waits, so about one handle per level
     // of the tree is open at a time.
@@ -28,7 +41,7 @@ pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString]
     let mut list_and_visit = |dir: DirHandle, rel: String, pending: &mut Vec<_>| -> Result<()> {
         let dir = Rc::new(dir);
         let mut files = Vec::new();
-        for (name, kind) in dir.entries().with_context(|| cannot_read(&rel))? {
+        for (name, kind) in dir.entries().map_err(|e| cannot_read(&rel, e))? {
             if is_reserved(name.as_bytes()) {
                 continue;
             }
@@ -45,24 +58,27 @@ pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString]
         Ok(())
     };
     // The root is the user's own path: symlinks in it are theirs to follow.
-    let root_dir = DirHandle::open(libc::AT_FDCWD, &path_cstr(root.as_os_str())?, 0)
-        .with_context(|| cannot_read(""))?;
+    let root_dir = path_cstr(root.as_os_str())
+        .and_then(|c| DirHandle::open(libc::AT_FDCWD, &c, 0))
+        .map_err(|e| cannot_read("", e))?;
     list_and_visit(root_dir, String::new(), &mut pending)?;
     while let Some((parent, name, rel)) = pending.pop() {
-        let dir = match DirHandle::open(parent.as_raw_fd(), &path_cstr(&name)?, libc::O_NOFOLLOW) {
+        let opened = path_cstr(&name)
+            .and_then(|c| DirHandle::open(parent.as_raw_fd(), &c, libc::O_NOFOLLOW));
+        let dir = match opened {
             Ok(dir) => dir,
             // No longer a directory since it was listed (a symlink now,
             // perhaps): not entered.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => continue,
-            Err(e) => return Err(e).with_context(|| cannot_read(&rel)),
+            Err(e) => return Err(cannot_read(&rel, e)),
         };
         list_and_visit(dir, rel, &mut pending)?;
     }
     Ok(())
 }
 
-fn path_cstr(p: &OsStr) -> Result<CString> {
-    CString::new(p.as_bytes()).with_context(|| format!("{} contains a NUL byte", p.display()))
+fn path_cstr(p: &OsStr) -> std::io::Result<CString> {
+    CString::new(p.as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

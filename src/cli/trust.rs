@@ -1,0 +1,97 @@
+//! The trusted configuration on the command line: where it is (`--config`,
+//! `KMSFS_CONFIG`, `/etc/kmsfs/kmsfs.toml`), how every command opens a
+//! volume through it, `kmsfs providers list`, and `kmsfs upgrade`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use kmsfs::config::{upgrade as upgrading, Calls, TrustedConfig, Volume};
+use kmsfs::kms::KmsRuntime;
+
+use super::{absolute, print_json};
+
+static PATH: OnceLock<PathBuf> = OnceLock::new();
+
+/// Records `--config` (or its absence) for the rest of the command.
+pub fn set_path(explicit: Option<&Path>) {
+    let _ = PATH.set(TrustedConfig::locate(explicit));
+}
+
+/// The trusted configuration's path for this command.
+pub fn path() -> PathBuf {
+    PATH.get_or_init(|| TrustedConfig::locate(None)).clone()
+}
+
+/// The trusted configuration, checked.
+pub fn load() -> Result<TrustedConfig> {
+    Ok(TrustedConfig::load(&path())?)
+}
+
+/// The backing directory given on the command line, made absolute, and its
+/// volume opened and authenticated, with a runtime for its KMS calls.
+pub fn open_volume(backing: &Path, calls: &Calls) -> Result<(Volume, KmsRuntime)> {
+    let backing = absolute(backing)?;
+    let trusted = load()?;
+    let rt = KmsRuntime::new()?;
+    let volume = Volume::open(&backing, &trusted, &rt, calls)?;
+    Ok((volume, rt))
+}
+
+#[derive(Subcommand)]
+pub enum ProvidersCmd {
+    /// List the providers (name, type, settings) as JSON; never secrets,
+    /// which the trusted configuration does not hold either.
+    List,
+}
+
+pub fn providers(action: ProvidersCmd) -> Result<()> {
+    match action {
+        ProvidersCmd::List => {
+            let trusted = load()?;
+            let rows: Vec<serde_json::Value> = trusted
+                .providers()
+                .iter()
+                .map(|(name, def)| {
+                    serde_json::json!({
+                        "name": name,
+                        "type": def.kind,
+                        "settings": def.settings,
+                    })
+                })
+                .collect();
+            print_json(&rows)
+        }
+    }
+}
+
+/// `kmsfs upgrade BACKING`.
+pub fn upgrade(backing: &Path, json: bool) -> Result<()> {
+    let backing = absolute(backing)?;
+    let rt = KmsRuntime::new()?;
+    let trusted_path = path();
+    let report = upgrading::upgrade(&backing, &trusted_path, &rt)
+        .with_context(|| format!("cannot upgrade {}", backing.display()))?;
+    if json {
+        return print_json(&report);
+    }
+    eprintln!(
+        "kmsfs: upgraded {} to configuration format 2; its KMS settings are now providers in {}:",
+        backing.display(),
+        trusted_path.display()
+    );
+    for (name, settings, added) in &report.providers {
+        let how = if *added { "added" } else { "already there" };
+        eprintln!("  [providers.{name}] ({how}): {}", settings.trim().replace('\n', ", "));
+    }
+    eprintln!(
+        "  check that these are your KMSs: they came from the backing directory. {} files; {} under keys no configured KMS holds; {} without a header. The old configuration is kept as {}.",
+        report.files,
+        report.files_under_unknown_keys,
+        report.files_without_header,
+        upgrading::FORMAT_ONE_BACKUP
+    );
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! A volume opened for use: its configuration read, every key it names
+//! connected (through providers of the trusted configuration, and those
+//! only), and its MAC checked with the volume key the root policy's KMS key
+//! unwraps. Also creating a volume and changing its policies, which
+//! re-authenticate the configuration.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::trusted::TrustedConfig;
+use super::volume::{VolumeConfig, VolumeId, CONFIG_FORMAT};
+use super::ConfigError;
+use crate::crypto::Dek;
+use crate::kms::config::{ConnectError, KeySpec};
+use crate::kms::instrumented::RetryPolicy;
+use crate::kms::named::NamedKey;
+use crate::kms::{KeyProvider, KmsError, KmsRuntime};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+
+/// How the KMS calls of an opened volume are made.
+pub enum Calls {
+    /// One attempt per call, bounded by the provider's timeout: for
+    /// one-off commands.
+    Once,
+    /// Bounded, retried when a retry can help, recorded in the metrics: for
+    /// a mount.
+    Mount(Arc<Metrics>),
+}
+
+/// A policy with its keys connected.
+pub struct ActivePolicy {
+    pub policy: Policy,
+    /// The key that wraps new files.
+    pub current: Arc<dyn KeyProvider>,
+    /// Every key a file under this policy may be wrapped by: the current
+    /// one first, then the retired ones.
+    pub keys: Vec<Arc<dyn KeyProvider>>,
+}
+
+impl ActivePolicy {
+    /// The key of this policy that can unwrap under `key_ref`, if any.
+    pub fn key_for(&self, key_ref: &crate::format::KeyRef) -> Option<&Arc<dyn KeyProvider>> {
+        self.keys.iter().find(|k| k.handles(key_ref))
+    }
+}
+
+/// An opened, authenticated volume.
+pub struct Volume {
+    pub backing: PathBuf,
+    pub config: VolumeConfig,
+    pub policies: Vec<ActivePolicy>,
+    /// The key the configuration's MAC is under; needed to change it.
+    volume_key: Dek,
+    /// Connected keys by spec, so that each is connected once.
+    connected: HashMap<KeySpec, Arc<dyn KeyProvider>>,
+}
+
+/// Connects `spec` through the trusted configuration, named as its
+/// provider so that wraps record the provider's name.
+fn connect(
+    spec: &KeySpec,
+    trusted: &TrustedConfig,
+    rt: &KmsRuntime,
+    calls: &Calls,
+) -> Result<Arc<dyn KeyProvider>, ConfigError> {
+    let cfg = trusted.resolve(spec)?;
+    let inner = match calls {
+        Calls::Once => cfg.build(rt)?,
+        Calls::Mount(metrics) => cfg.build_instrumented(rt, metrics, RetryPolicy::default())?,
+    };
+    Ok(NamedKey::new(&spec.provider, inner))
+}
+
+/// A KMS refusing to unwrap the volume key means the key material does not
+/// match the configuration; anything else (unreachable, denied) is the KMS.
+fn unwrap_error(e: KmsError, path: &Path) -> ConfigError {
+    match e {
+        KmsError::UnwrapFailed { .. } | KmsError::NoProvider { .. } => {
+            ConfigError::Tampered(path.to_owned())
+        }
+        other => ConfigError::Connect(ConnectError::Kms(other)),
+    }
+}
+
+impl Volume {
+    /// Opens the volume of `backing`: see the module documentation.
+    pub fn open(
+        backing: &Path,
+        trusted: &TrustedConfig,
+        rt: &KmsRuntime,
+        calls: &Calls,
+    ) -> Result<Self, ConfigError> {
+        let config = VolumeConfig::load(backing)?;
+        let path = VolumeConfig::path(backing);
+        let mut connected = HashMap::new();
+        for p in &config.policies {
+            for spec in p.keys() {
+                if !connected.contains_key(spec) {
+                    connected.insert(spec.clone(), connect(spec, trusted, rt, calls)?);
+                }
+            }
+        }
+        let root_key = &connected[&config.root().key];
+        let wrapped = config.wrapped_volume_key()?;
+        if !root_key.handles(&wrapped.key_ref) {
+            return Err(ConfigError::Tampered(path));
+        }
+        let volume_key = rt
+            .block_on(root_key.unwrap(&wrapped, &config.volume_key_context()))
+            .map_err(|e| unwrap_error(e, &path))?;
+        config.verify(&volume_key, &path)?;
+        let policies = active_policies(&config, &connected);
+        Ok(Self {
+            backing: backing.to_owned(),
+            config,
+            policies,
+            volume_key,
+            connected,
+        })
+    }
+
+    /// Makes `backing` a new volume with `policies` (one for "/"): a random
+    /// volume ID and volume key, the key wrapped by the root policy's key,
+    /// the configuration sealed and written. `legacy_v1_files` for an
+    /// upgraded volume whose files may still be format 1.
+    pub fn create(
+        backing: &Path,
+        trusted: &TrustedConfig,
+        rt: &KmsRuntime,
+        block_size: u64,
+        policies: Vec<Policy>,
+        legacy_v1_files: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut config = VolumeConfig {
+            format_version: CONFIG_FORMAT,
+            volume_id: hex::encode(crate::crypto::random_file_id()),
+            block_size,
+            legacy_v1_files,
+            policies,
+            volume_key: Default::default(),
+            mac: String::new(),
+        };
+        let mut connected = HashMap::new();
+        for p in &config.policies {
+            for spec in p.keys() {
+                if !connected.contains_key(spec) {
+                    connected.insert(spec.clone(), connect(spec, trusted, rt, &Calls::Once)?);
+                }
+            }
+        }
+        let volume_key = Dek::generate();
+        let root_key = &connected[&config.root().key];
+        let wrapped = rt
+            .block_on(root_key.wrap(&volume_key, &config.volume_key_context()))
+            .map_err(|e| ConfigError::Connect(e.into()))?;
+        config.set_wrapped_volume_key(&wrapped);
+        config.seal(&volume_key);
+        config.save(backing, true)?;
+        let policies = active_policies(&config, &connected);
+        Ok(Self {
+            backing: backing.to_owned(),
+            config,
+            policies,
+            volume_key,
+            connected,
+        })
+    }
+
+    pub fn id(&self) -> VolumeId {
+        self.config.id()
+    }
+
+    /// The policy governing mount-relative `path`, connected.
+    pub fn policy_for(&self, path: &str) -> &ActivePolicy {
+        &self.policies[crate::policy::governing(&self.config.policies, path)]
+    }
+
+    /// Sets the policy of `policy.dir`. Files already there keep opening:
+    /// the key that governed them before (the old policy's, or the
+    /// enclosing one's when the directory had none) joins `retired`. When
+    /// the root key changes, the volume key is wrapped again under the new
+    /// one (which needs that key's KMS). The configuration is sealed again
+    /// and saved. Without `connect`, a new non-root key is not connected
+    /// (saving a policy for a KMS that is down), and `policies` keeps
+    /// describing the volume as it was.
+    pub fn set_policy(
+        &mut self,
+        mut policy: Policy,
+        trusted: &TrustedConfig,
+        rt: &KmsRuntime,
+        connect_keys: bool,
+    ) -> Result<(), ConfigError> {
+        let before = self.config.policy_for(&policy.dir).clone();
+        if before.dir == policy.dir {
+            policy.retire(before.keys());
+            let i = self
+                .config
+                .policies
+                .iter()
+                .position(|p| p.dir == policy.dir)
+                .expect("found above");
+            self.config.policies[i] = policy.clone();
+        } else {
+            policy.retire(before.keys());
+            self.config.policies.push(policy.clone());
+            self.config.policies.sort_by(|a, b| a.dir.cmp(&b.dir));
+        }
+        let new_root_key = policy.dir == "/" && policy.key != before.key;
+        for spec in policy.keys() {
+            if (connect_keys || new_root_key) && !self.connected.contains_key(spec) {
+                let key = connect(spec, trusted, rt, &Calls::Once)?;
+                self.connected.insert(spec.clone(), key);
+            }
+        }
+        if new_root_key {
+            let new_root = &self.connected[&policy.key];
+            let wrapped = rt
+                .block_on(new_root.wrap(&self.volume_key, &self.config.volume_key_context()))
+                .map_err(|e| ConfigError::Connect(e.into()))?;
+            self.config.set_wrapped_volume_key(&wrapped);
+        }
+        self.save()
+    }
+
+    /// Removes the policy of `dir` (never the root's); returns false when
+    /// there was none. Its files fall to the enclosing policy, which keeps
+    /// accepting their keys (they join its `retired`).
+    pub fn unset_policy(&mut self, dir: &str) -> Result<bool, ConfigError> {
+        if dir == "/" {
+            return Ok(false);
+        }
+        let Some(i) = self.config.policies.iter().position(|p| p.dir == dir) else {
+            return Ok(false);
+        };
+        let gone = self.config.policies.remove(i);
+        let parent = crate::policy::governing(&self.config.policies, dir);
+        self.config.policies[parent].retire(gone.keys());
+        self.save()?;
+        Ok(true)
+    }
+
+    /// Seals the configuration again and writes it; the connected policies
+    /// follow it when every key is connected.
+    fn save(&mut self) -> Result<(), ConfigError> {
+        self.config.seal(&self.volume_key);
+        self.config.save(&self.backing, false)?;
+        let all_connected = self
+            .config
+            .policies
+            .iter()
+            .all(|p| p.keys().all(|k| self.connected.contains_key(k)));
+        if all_connected {
+            self.policies = active_policies(&self.config, &self.connected);
+        }
+        Ok(())
+    }
+
+    /// The configuration and its connected policies, without the volume
+    /// key: what a mount keeps.
+    pub fn into_parts(self) -> (VolumeConfig, Vec<ActivePolicy>) {
+        (self.config, self.policies)
+    }
+}
+
+fn active_policies(
+    config: &VolumeConfig,
+    connected: &HashMap<KeySpec, Arc<dyn KeyProvider>>,
+) -> Vec<ActivePolicy> {
+    config
+        .policies
+        .iter()
+        .map(|p| ActivePolicy {
+            policy: p.clone(),
+            current: connected[&p.key].clone(),
+            keys: p.keys().map(|k| connected[k].clone()).collect(),
+        })
+        .collect()
+}

@@ -1,0 +1,403 @@
+//! The trusted configuration: where KMS keys live and how to reach them.
+//!
+//! It is the mount side's file, `/etc/kmsfs/kmsfs.toml` unless `--config`
+//! or `KMSFS_CONFIG` names another, and it is the only place that says
+//! which addresses, endpoints, keyring files and credential sources kmsfs
+//! may use. The backing directory is untrusted: its volume configuration
+//! names providers from here by name, plus a key in them, and nothing else
+//! (`config::volume`). So nobody who can write the backing directory can
+//! point kmsfs at another server, keyring or credential.
+//!
+//! ```toml
+//! [providers.local]
+//! type = "local"
+//! key_file = "/etc/kmsfs/keys"
+//!
+//! [providers.prod-vault]
+//! type = "vault"
+//! address = "https://vault.example:8200"
+//! auth = { method = "approle", role_id = "...", secret_id_file = "/etc/kmsfs/secret-id" }
+//! ```
+//!
+//! The file is refused unless it and its directory belong to root or to the
+//! user running kmsfs, and neither is writable by group or others. A
+//! provider is checked only when a volume uses it, so a stale entry for
+//! another volume never stops a mount.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::kms::config::{KeySpec, KmsConfig, ProviderDef};
+
+/// Where the trusted configuration is unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/kmsfs/kmsfs.toml";
+/// The environment variable that names another one.
+pub const PATH_ENV: &str = "KMSFS_CONFIG";
+/// A trusted configuration is small; anything larger is refused.
+const MAX_LEN: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustedError {
+    #[error("the trusted configuration {0} does not exist; `kmsfs init` creates it (or set {PATH_ENV} / --config to the one you use)")]
+    Missing(PathBuf),
+    #[error("the trusted configuration {path} is not safe to use: {why}; it says where keys live, so only root or its owner may change it")]
+    Unsafe { path: PathBuf, why: String },
+    #[error("the trusted configuration {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the trusted configuration {path} is not valid: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+    #[error("no provider {name:?} in the trusted configuration {path}; define it there as [providers.{name}] (see `kmsfs providers list`), or check the name")]
+    UnknownProvider { path: PathBuf, name: String },
+    #[error("provider {name:?} in {path}: {detail}")]
+    BadProvider {
+        path: PathBuf,
+        name: String,
+        detail: String,
+    },
+}
+
+/// The parsed trusted configuration.
+#[derive(Clone, Debug, Default)]
+pub struct TrustedConfig {
+    path: PathBuf,
+    providers: BTreeMap<String, ProviderDef>,
+}
+
+/// The file's layout on disk.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OnDisk {
+    #[serde(default)]
+    providers: BTreeMap<String, toml::Table>,
+}
+
+/// Whether `name` may name a provider: 1-64 letters, digits, '.', '_', '-'.
+pub fn valid_provider_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl TrustedConfig {
+    /// The path to use: `explicit` (`--config`), else `$KMSFS_CONFIG`, else
+    /// [`DEFAULT_PATH`].
+    pub fn locate(explicit: Option<&Path>) -> PathBuf {
+        match explicit {
+            Some(p) => p.to_owned(),
+            None => match std::env::var_os(PATH_ENV) {
+                Some(p) if !p.is_empty() => PathBuf::from(p),
+                _ => PathBuf::from(DEFAULT_PATH),
+            },
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads `path`, refusing a file or directory others could change.
+    pub fn load(path: &Path) -> Result<Self, TrustedError> {
+        match Self::read(path)? {
+            Some(text) => Self::parse(path, &text),
+            None => Err(TrustedError::Missing(path.to_owned())),
+        }
+    }
+
+    /// Like [`load`](Self::load), but an absent file is an empty
+    /// configuration (for commands that add providers to it).
+    pub fn load_or_empty(path: &Path) -> Result<Self, TrustedError> {
+        match Self::read(path)? {
+            Some(text) => Self::parse(path, &text),
+            None => Ok(Self {
+                path: path.to_owned(),
+                providers: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// The file's text after the ownership and mode checks, or None if it
+    /// does not exist.
+    fn read(path: &Path) -> Result<Option<String>, TrustedError> {
+        let io = |source| TrustedError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let unsafe_ = |why: String| TrustedError::Unsafe {
+            path: path.to_owned(),
+            why,
+        };
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(unsafe_("it is a symbolic link".into()))
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let meta = f.metadata().map_err(io)?;
+        check_owner_and_mode(&meta, "the file").map_err(unsafe_)?;
+        if !meta.is_file() {
+            return Err(unsafe_("it is not a regular file".into()));
+        }
+        if meta.len() > MAX_LEN {
+            return Err(unsafe_(format!("it is larger than {MAX_LEN} bytes")));
+        }
+        let dir = parent_of(path);
+        let dir_meta = std::fs::metadata(&dir).map_err(io)?;
+        check_owner_and_mode(&dir_meta, &format!("its directory {}", dir.display()))
+            .map_err(unsafe_)?;
+        let mut text = String::new();
+        f.take(MAX_LEN).read_to_string(&mut text).map_err(io)?;
+        Ok(Some(text))
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Self, TrustedError> {
+        let invalid = |detail: String| TrustedError::Invalid {
+            path: path.to_owned(),
+            detail,
+        };
+        let file: OnDisk = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut providers = BTreeMap::new();
+        for (name, mut table) in file.providers {
+            if !valid_provider_name(&name) {
+                return Err(invalid(format!(
+                    "provider name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"
+                )));
+            }
+            let kind = match table.remove("type") {
+                Some(toml::Value::String(k)) => k,
+                _ => {
+                    return Err(invalid(format!(
+                        "[providers.{name}] needs type = \"local\", \"vault\", \"aws\", \"azure\" or \"gcp\""
+                    )))
+                }
+            };
+            providers.insert(
+                name,
+                ProviderDef {
+                    kind,
+                    settings: table,
+                },
+            );
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            providers,
+        })
+    }
+
+    /// The provider definitions, by name.
+    pub fn providers(&self) -> &BTreeMap<String, ProviderDef> {
+        &self.providers
+    }
+
+    /// The full settings of key `key`: its provider's definition with the
+    /// key filled in. Checked here, when a volume uses it.
+    pub fn resolve(&self, key: &KeySpec) -> Result<KmsConfig, TrustedError> {
+        let def = self
+            .providers
+            .get(&key.provider)
+            .ok_or_else(|| TrustedError::UnknownProvider {
+                path: self.path.clone(),
+                name: key.provider.clone(),
+            })?;
+        def.resolve(key).map_err(|detail| TrustedError::BadProvider {
+            path: self.path.clone(),
+            name: key.provider.clone(),
+            detail,
+        })
+    }
+
+    /// The name of a provider defined exactly as `def`, adding it (as
+    /// `preferred`, or a name made from its type) when there is none.
+    /// Returns the name and whether it was added.
+    pub fn find_or_add(
+        &mut self,
+        def: ProviderDef,
+        preferred: Option<&str>,
+    ) -> Result<(String, bool), TrustedError> {
+        if let Some(name) = preferred {
+            if !valid_provider_name(name) {
+                return Err(TrustedError::Invalid {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "provider name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"
+                    ),
+                });
+            }
+            return match self.providers.get(name) {
+                Some(existing) if *existing == def => Ok((name.to_owned(), false)),
+                Some(_) => Err(TrustedError::BadProvider {
+                    path: self.path.clone(),
+                    name: name.to_owned(),
+                    detail: "is already defined with other settings; choose another name, or use it as it is with --provider".into(),
+                }),
+                None => {
+                    self.providers.insert(name.to_owned(), def);
+                    Ok((name.to_owned(), true))
+                }
+            };
+        }
+        if let Some((name, _)) = self.providers.iter().find(|(_, d)| **d == def) {
+            return Ok((name.clone(), false));
+        }
+        let name = (1..)
+            .map(|i| match i {
+                1 => def.kind.clone(),
+                i => format!("{}-{i}", def.kind),
+            })
+            .find(|n| !self.providers.contains_key(n))
+            .expect("some suffix is free");
+        self.providers.insert(name.clone(), def);
+        Ok((name, true))
+    }
+
+    /// Writes the configuration back (atomically: a new temporary file,
+    /// fsync, rename), creating its directory if missing. Comments in the
+    /// old file are not kept.
+    pub fn save(&self) -> Result<(), TrustedError> {
+        let io = |source| TrustedError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let file = OnDisk {
+            providers: self
+                .providers
+                .iter()
+                .map(|(name, def)| {
+                    let mut t = toml::Table::new();
+                    t.insert("type".into(), toml::Value::String(def.kind.clone()));
+                    t.extend(def.settings.clone());
+                    (name.clone(), t)
+                })
+                .collect(),
+        };
+        let text = format!(
+            "# kmsfs trusted configuration: where KMS keys live and how to reach them.\n\
+             # Only root (or this file's owner) may change it; kmsfs refuses it otherwise.\n\
+             # Volumes (backing directories) refer to these providers by name.\n\n{}",
+            toml::to_string_pretty(&file).map_err(|e| TrustedError::Invalid {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })?
+        );
+        let dir = parent_of(&self.path);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .map_err(io)?;
+        write_atomically(&self.path, text.as_bytes(), 0o644).map_err(io)
+    }
+}
+
+/// Runs `change` on the trusted configuration at `path` (empty if absent)
+/// and saves it, holding an exclusive lock so that two commands never lose
+/// each other's providers.
+pub fn update<T>(
+    path: &Path,
+    change: impl FnOnce(&mut TrustedConfig) -> Result<T, TrustedError>,
+) -> Result<T, TrustedError> {
+    let io = |source| TrustedError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = parent_of(path);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(io)?;
+    let _lock = lock_beside(path).map_err(io)?;
+    let mut cfg = TrustedConfig::load_or_empty(path)?;
+    let out = change(&mut cfg)?;
+    cfg.save()?;
+    Ok(out)
+}
+
+/// The directory holding `path`.
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Owned by root or by us, and not writable by group or others.
+fn check_owner_and_mode(meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "{what} belongs to uid {}, neither root nor you (uid {me})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{what} is writable by group or others (mode {:o}); run chmod go-w on it",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// An exclusive `flock` on `PATH.lock`, held until the returned file drops.
+pub(crate) fn lock_beside(path: &Path) -> std::io::Result<File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(PathBuf::from(name))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Replaces `path` with `bytes`: a temporary file beside it, created
+/// exclusively without following symlinks (a name planted there cannot
+/// redirect the write), fsynced, then renamed over `path`.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use rand::RngCore;
+    let dir = parent_of(path);
+    let base = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut tag = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut tag);
+    // A leading dot hides it; in a backing directory ".kmsfs..." keeps it
+    // reserved, invisible in the mount.
+    let dot = if base.starts_with('.') { "" } else { "." };
+    let tmp = dir.join(format!("{dot}{base}.tmp-{}", hex::encode(tag)));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(&tmp)?;
+    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename is durable once the directory is.
+    File::open(&dir).and_then(|d| d.sync_all())
+}
+
+use std::os::unix::fs::DirBuilderExt;
