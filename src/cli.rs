@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use kmsfs::cache::DekCache;
 use kmsfs::config::{Config, KmsConfig, CONFIG_VERSION};
 use kmsfs::format::names::is_reserved;
-use kmsfs::format::{header, BlockGeometry, CipherSuite};
+use kmsfs::format::{BlockGeometry, BlockLayout, CipherSuite};
 use kmsfs::fs::{self, sidecar, MountOptions};
 use kmsfs::kms::local::Keyring;
 use kmsfs::kms::{KmsError, KmsRuntime, WrapContext};
@@ -447,7 +447,7 @@ fn kms_config(args: &KmsArgs, backing: &Path) -> Result<KmsConfig> {
 
 fn init(a: InitArgs) -> Result<()> {
     let backing = absolute(&a.backing)?;
-    BlockGeometry::from_size(a.block_size).map_err(|_| {
+    BlockGeometry::from_size(a.block_size, BlockLayout::V1).map_err(|_| {
         anyhow!(
             "--block-size {} is not a power of two from 4096 to 1048576",
             a.block_size
@@ -851,16 +851,16 @@ fn info(path: &Path, verify: bool) -> Result<()> {
     let mut out = serde_json::json!({
         "path": path.display().to_string(),
         "backing_path": file.display().to_string(),
-        "format_version": header::VERSION,
+        "format_version": h.version(),
         "cipher": h.cipher.name(),
         "block_size": h.geometry.block_size(),
         "file_id": hex::encode(h.file_id),
         "key": {
-            "provider": h.wrapped.key_ref.provider,
-            "key_id": h.wrapped.key_ref.key_id,
-            "key_version": h.wrapped.key_ref.key_version,
+            "provider": h.primary().key_ref.provider,
+            "key_id": h.primary().key_ref.key_id,
+            "key_version": h.primary().key_ref.key_version,
         },
-        "wrapped_dek_bytes": h.wrapped.blob.len(),
+        "wrapped_dek_bytes": h.primary().blob.len(),
         "plaintext_size": ct_size.map(|c| h.geometry.plaintext_size(c)),
         "ciphertext_size": ct_size,
     });
@@ -871,8 +871,8 @@ fn info(path: &Path, verify: bool) -> Result<()> {
         let rt = KmsRuntime::new()?;
         let connected = cfg.connect(&rt, &Arc::new(Metrics::default()))?;
         let ctx = WrapContext { file_id: h.file_id };
-        let p = connected.providers.for_key(&h.wrapped.key_ref)?;
-        let dek = rt.block_on(p.unwrap(&h.wrapped, &ctx))?;
+        let p = connected.providers.for_key(&h.primary().key_ref)?;
+        let dek = rt.block_on(p.unwrap(h.primary(), &ctx))?;
         kmsfs::crypto::open_header(parsed, &dek).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         out["header_verified"] = serde_json::Value::Bool(true);
     }
@@ -1029,7 +1029,7 @@ fn policy_status(backing: &Path) -> Result<()> {
                     Some(h)
                         if connected.policies[policy_idx]
                             .provider
-                            .is_current_key(&h.parsed.header.wrapped.key_ref) =>
+                            .is_current_key(&h.parsed.header.primary().key_ref) =>
                     {
                         row.files_on_current_key += 1
                     }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::format::names::CONFIG_FILE;
-use crate::format::BlockGeometry;
 #[cfg(test)]
 use crate::format::CipherSuite;
+use crate::format::{BlockGeometry, BlockLayout};
 pub use crate::kms::config::{ConnectError, KmsConfig};
 use crate::kms::instrumented::{Instrumented, RetryPolicy};
 use crate::kms::{KeyProvider, KmsRuntime, ProviderSet};
@@ -183,7 +183,7 @@ impl Config {
     }
 
     pub fn geometry(&self) -> BlockGeometry {
-        BlockGeometry::from_size(self.block_size).expect("validated on load")
+        BlockGeometry::from_size(self.block_size, BlockLayout::V1).expect("validated on load")
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -197,7 +197,8 @@ impl Config {
                 self.format_version
             )));
         }
-        BlockGeometry::from_size(self.block_size).map_err(|e| invalid(e.to_string()))?;
+        BlockGeometry::from_size(self.block_size, BlockLayout::V1)
+            .map_err(|e| invalid(e.to_string()))?;
         let mut dirs = std::collections::HashSet::new();
         for p in &self.policies {
             if normalize_dir(&p.dir).as_deref() != Ok(p.dir.as_str()) {

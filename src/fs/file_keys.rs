@@ -76,12 +76,12 @@ impl FileKeys {
     /// The DEK of header `h`: cached, or one unwrap shared by all callers.
     async fn dek_for(&self, h: &Header) -> Result<Arc<Dek>, KmsError> {
         let ctx = context(h);
-        if let Some(d) = self.cache.get(&h.wrapped, &ctx) {
+        if let Some(d) = self.cache.get(h.primary(), &ctx) {
             return Ok(d);
         }
-        let provider = self.providers.for_key(&h.wrapped.key_ref)?;
+        let provider = self.providers.for_key(&h.primary().key_ref)?;
         self.cache
-            .get_or_unwrap(&h.wrapped, &ctx, provider.as_ref())
+            .get_or_unwrap(h.primary(), &ctx, provider.as_ref())
             .await
     }
 
@@ -105,16 +105,13 @@ impl FileKeys {
                 action: "no DEK could be generated for the new file",
                 source: Box::new(source),
             })?;
-        let header = Header {
-            cipher,
-            geometry,
-            file_id,
-            wrapped,
-        };
+        // The header's version follows the geometry's layout.
+        let header = Header::new(cipher, geometry, file_id, vec![wrapped])
+            .map_err(|e| FsError::header(label, e))?;
         let (raw, cipher) =
             crypto::seal_header(&header, &dek).map_err(|e| FsError::header(label, e))?;
         let parsed = hdr::parse(&raw).map_err(|e| FsError::header(label, e))?;
-        self.cache.insert(&header.wrapped, &ctx, Arc::new(dek));
+        self.cache.insert(header.primary(), &ctx, Arc::new(dek));
         Ok(NewFile {
             header: FileHeader { parsed, raw },
             cipher,
@@ -123,7 +120,7 @@ impl FileKeys {
 
     /// Whether the DEK of `h` is cached (without touching the LRU order).
     pub fn is_cached(&self, h: &Header) -> bool {
-        self.cache.contains(&h.wrapped, &context(h))
+        self.cache.contains(h.primary(), &context(h))
     }
 
     /// Unwraps the DEKs of `headers` into the cache ahead of their opens, in
@@ -142,7 +139,7 @@ impl FileKeys {
             }
         };
         for h in headers {
-            let Ok(provider) = self.providers.for_key(&h.wrapped.key_ref) else {
+            let Ok(provider) = self.providers.for_key(&h.primary().key_ref) else {
                 continue;
             };
             if provider.kind() == "local" || self.is_cached(&h) {
@@ -156,7 +153,7 @@ impl FileKeys {
                 }
             };
             let (p, items) = &mut groups[i];
-            items.push((h.wrapped.clone(), context(&h)));
+            items.push((h.primary().clone(), context(&h)));
             if items.len() == PREFETCH_BATCH {
                 send(p, std::mem::take(items));
             }

@@ -248,7 +248,7 @@ impl Core {
             return Ok(cf);
         }
         let cf = Arc::new(match cipher {
-            Some(cipher) => CryptFile::new(File::from(fd), cipher, self.geometry, label, None)?,
+            Some(cipher) => CryptFile::new(File::from(fd), cipher, label, None)?,
             None => CryptFile::plaintext(File::from(fd), self.geometry, label),
         });
         *slot = Arc::downgrade(&cf);

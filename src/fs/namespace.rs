@@ -141,7 +141,6 @@ impl Core {
         let cf = Arc::new(CryptFile::new(
             File::from(data),
             new.cipher,
-            self.geometry,
             self.inodes.label(&inode),
             Some(PendingDurability {
                 sidecar,
