@@ -147,18 +147,28 @@ impl EpochKeys {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `seal` with the current epoch and its key, counting one seal
-    /// against the epoch; draws a new epoch once the count is used up.
-    /// Safe from any number of threads: no key ever seals more than
-    /// `seals_per_epoch` times.
-    pub(super) fn seal<R>(&self, seal: impl FnOnce(u64, &LessSafeKey) -> R) -> R {
+    /// Most seals one call of [`Self::seal`] may claim.
+    pub(super) fn max_claim(&self) -> u64 {
+        self.seals_per_epoch
+    }
+
+    /// Runs `seal` with the current epoch and its key, which it may use for
+    /// `count` seals (1 to [`Self::max_claim`]); draws a new epoch when the
+    /// current one has fewer than `count` left. Safe from any number of
+    /// threads: no key ever seals more than `seals_per_epoch` times.
+    /// Claiming a run of seals at once touches the shared count and lock
+    /// once per run rather than per block.
+    pub(super) fn seal<R>(&self, count: u64, seal: impl FnOnce(u64, &LessSafeKey) -> R) -> R {
+        assert!((1..=self.seals_per_epoch).contains(&count));
         loop {
             {
                 let state = self.read();
                 let current = &state.current;
-                if current.seals.fetch_add(1, Ordering::Relaxed) < self.seals_per_epoch {
+                let before = current.seals.fetch_add(count, Ordering::Relaxed);
+                if before + count <= self.seals_per_epoch {
                     return seal(current.epoch, &current.key);
                 }
+                // The rest of this epoch's budget stays unused.
             }
             self.rotate();
         }
