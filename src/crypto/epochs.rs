@@ -6,9 +6,10 @@
 //! a fresh random u64, and draws a new one after [`SEALS_PER_EPOCH`] seals,
 //! so no epoch key sees more than 2^16 seals (random nonces within it). The
 //! collision bound summed over all keys is then about `N * 2^16 / 2^97` for
-//! `N` seals: 2^-33 at N = 2^48. An epoch repeats only with probability
-//! about `m^2 / 2^65` for `m` epochs, and a repeat merely doubles one key's
-//! count. docs/FORMAT.md section 4 has the derivation.
+//! `N` seals: 2^-33 at N = 2^48. Two of `m` epochs are equal with
+//! probability about `m^2 / 2^65` (1/2 for the 2^32 epochs of 2^48 seals),
+//! but a repeat merely doubles one key's count, which leaves the bound as
+//! it is. docs/FORMAT.md section 4.2 has the argument.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -174,12 +174,17 @@ impl BlockCipher {
     /// Only through [`seal_header`] and [`open_header`], and tests: an
     /// existing file's header must be authenticated first.
     pub(crate) fn new(dek: &Dek, header: &Header) -> Self {
-        Self::with_epoch_seals(dek, header, SEALS_PER_EPOCH)
+        Self::build(dek, header, SEALS_PER_EPOCH)
     }
 
     /// As [`Self::new`], with V2 epochs rotated after `seals_per_epoch`
     /// seals: tests use a small value to cross many epochs quickly.
+    #[cfg(test)]
     pub(crate) fn with_epoch_seals(dek: &Dek, header: &Header, seals_per_epoch: u64) -> Self {
+        Self::build(dek, header, seals_per_epoch)
+    }
+
+    fn build(dek: &Dek, header: &Header, seals_per_epoch: u64) -> Self {
         let alg = algorithm(header.cipher);
         let keys = match header.geometry.layout() {
             BlockLayout::V1 => {
