@@ -199,7 +199,7 @@ fn create_write_read_round_trip_and_no_plaintext_on_disk() {
         "plaintext in the backing file"
     );
     let header = sidecar::read_beside(&fx.path("f")).unwrap();
-    assert_eq!(header.parsed.header.wrapped.key_ref, fx.kms[0].key_ref());
+    assert_eq!(header.parsed.header.primary().key_ref, fx.kms[0].key_ref());
     // Reserved names are neither visible nor creatable.
     assert_eq!(err(fx.lookup(ROOT, ".kmsfs.f")), libc::ENOENT);
     let e = fx
@@ -300,8 +300,9 @@ fn policies_choose_the_key_and_crossing_keys_is_exdev() {
             .unwrap()
             .parsed
             .header
-            .wrapped
+            .primary()
             .key_ref
+            .clone()
     };
     assert_eq!(key_of("pii/p"), fx.kms[1].key_ref());
     assert_eq!(key_of("r"), fx.kms[0].key_ref());

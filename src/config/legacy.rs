@@ -3,13 +3,14 @@
 //! the backing directory itself, where whoever can write it could point
 //! kmsfs at their own keys (`kmsfs upgrade`, `config::upgrade`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::volume::read_untrusted;
 use super::ConfigError;
 use crate::format::names::CONFIG_FILE;
+use crate::format::block::BlockLayout;
 use crate::format::{BlockGeometry, CipherSuite};
 use crate::kms::config::KmsConfig;
 use crate::policy::{governing_by, normalize_dir};
@@ -64,7 +65,7 @@ impl LegacyConfig {
                 cfg.format_version
             )));
         }
-        BlockGeometry::from_size(cfg.block_size).map_err(|e| invalid(e.to_string()))?;
+        BlockGeometry::from_size(cfg.block_size, BlockLayout::V1).map_err(|e| invalid(e.to_string()))?;
         if !cfg.policies.iter().any(|p| p.dir == "/")
             || cfg
                 .policies

@@ -29,8 +29,8 @@ use super::trusted::{lock_beside, write_atomically};
 use super::ConfigError;
 use crate::crypto::Dek;
 use crate::format::names::CONFIG_FILE;
+use crate::format::block::BlockLayout;
 use crate::format::{BlockGeometry, KeyRef, WrappedDek};
-use crate::kms::config::KeySpec;
 use crate::kms::WrapContext;
 use crate::policy::{governing, normalize_dir, Policy};
 
@@ -130,7 +130,7 @@ impl VolumeConfig {
     }
 
     pub fn geometry_shift(&self) -> u8 {
-        BlockGeometry::from_size(self.block_size)
+        BlockGeometry::from_size(self.block_size, BlockLayout::V2)
             .expect("validated on load")
             .shift()
     }
@@ -267,7 +267,7 @@ impl VolumeConfig {
         let mut id = [0u8; 16];
         hex::decode_to_slice(&self.volume_id, &mut id)
             .map_err(|_| invalid("volume_id must be 32 hex digits".into()))?;
-        BlockGeometry::from_size(self.block_size).map_err(|e| invalid(e.to_string()))?;
+        BlockGeometry::from_size(self.block_size, BlockLayout::V2).map_err(|e| invalid(e.to_string()))?;
         let mut dirs = std::collections::HashSet::new();
         for p in &self.policies {
             if normalize_dir(&p.dir).as_deref() != Ok(p.dir.as_str()) {

@@ -6,7 +6,7 @@ pub mod block;
 pub mod header;
 pub mod names;
 
-pub use block::BlockGeometry;
+pub use block::{BlockGeometry, BlockLayout};
 pub use header::{CipherSuite, Header, KeyRef, ParsedHeader, WrappedDek};
 
 /// Errors from parsing or building format structures. None of them can be
@@ -15,8 +15,10 @@ pub use header::{CipherSuite, Header, KeyRef, ParsedHeader, WrappedDek};
 pub enum FormatError {
     #[error("not a kmsfs header (bad magic)")]
     BadMagic,
+    /// The version found, and the newest this build reads (it reads every
+    /// version from 1 up to that).
     #[error(
-        "header format version {0} is not supported by this kmsfs (supports {1}); upgrade kmsfs"
+        "header format version {0} is not supported by this kmsfs (supports 1 to {1}); upgrade kmsfs"
     )]
     UnsupportedVersion(u16, u16),
     #[error("unknown cipher suite id {0}")]
@@ -31,4 +33,11 @@ pub enum FormatError {
     FieldTooLong(&'static str),
     #[error("header field {0} is not valid UTF-8")]
     NotUtf8(&'static str),
+    #[error("header flags {0:#04x} are not known to this kmsfs; upgrade kmsfs")]
+    UnknownFlags(u8),
+    #[error(
+        "a version {version} header cannot hold {count} wrapped DEKs (version 1 holds one, version 2 one to {max})",
+        max = header::MAX_WRAPS
+    )]
+    BadWrapCount { version: u16, count: usize },
 }

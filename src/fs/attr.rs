@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 
 use super::error::{FsError, FsResult};
-use super::inode::kind_of;
+use super::inode::{kind_of, Inode};
 use super::{Caller, Core};
 
 fn system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -60,11 +60,12 @@ pub struct SetAttr {
 }
 
 impl Core {
-    /// The attributes of backing object `st` as the mount shows them.
-    pub(super) fn attr(&self, st: &libc::stat, plain: bool) -> FileAttr {
+    /// The attributes of `inode`, whose backing object has stat `st`, as
+    /// the mount shows them.
+    pub(super) fn attr(&self, st: &libc::stat, inode: &Inode) -> FileAttr {
         let kind = kind_of(st.st_mode);
-        let size = if kind == FileType::RegularFile && !plain {
-            self.geometry.plaintext_size(st.st_size as u64)
+        let size = if kind == FileType::RegularFile && !inode.plain {
+            self.size_geometry(inode).plaintext_size(st.st_size as u64)
         } else {
             st.st_size as u64
         };
@@ -90,7 +91,7 @@ impl Core {
     pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         let inode = self.inodes.get(ino)?;
         let st = self.inodes.reach(&inode)?.stat()?;
-        Ok(self.attr(&st, inode.plain))
+        Ok(self.attr(&st, &inode))
     }
 
     pub async fn setattr(&self, ino: u64, set: SetAttr, caller: Caller) -> FsResult<FileAttr> {

@@ -12,12 +12,14 @@ use rayon::prelude::*;
 
 use super::error::{FsError, FsResult};
 use crate::crypto::{BlockCipher, CryptoError};
-use crate::format::block::{BLOCK_OVERHEAD, NONCE_LEN};
 use crate::format::BlockGeometry;
 
 /// Below this many blocks a request is sealed/opened on the calling thread:
 /// handing off to the pool costs more than it saves.
 const PARALLEL_MIN_BLOCKS: usize = 16;
+
+/// Blocks per task when a request's blocks are sealed in parallel.
+const SEAL_TASK_BLOCKS: usize = PARALLEL_MIN_BLOCKS / 2;
 
 /// Requests sealing or opening blocks right now, across all files.
 static CRYPTO_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -70,6 +72,8 @@ pub struct CryptFile {
     file: File,
     /// None for a plaintext file let through by a non-mandatory policy.
     cipher: Option<BlockCipher>,
+    /// Block size and layout: the cipher's (so from the file's header) for
+    /// an encrypted file; unused for a plaintext one.
     geometry: BlockGeometry,
     /// Readers share it; writers and truncates hold it exclusively, because
     /// they read-modify-write the blocks at the edges of their range.
@@ -104,7 +108,7 @@ fn lay_into_slots(g: BlockGeometry, sealed: &mut [u8], first: u64, offset: u64, 
         let index = g.block_of(pos);
         let in_block = (pos - g.block_start(index)) as usize;
         let n = src.len().min(bs - in_block);
-        let at = (index - first) as usize * sbs + NONCE_LEN + in_block;
+        let at = (index - first) as usize * sbs + g.plaintext_offset() + in_block;
         sealed[at..at + n].copy_from_slice(&src[..n]);
         src = &src[n..];
         pos += n as u64;
@@ -127,18 +131,18 @@ fn torn(label: &str, block: u64) -> FsError {
 }
 
 impl CryptFile {
+    /// An encrypted file, laid out as `cipher`'s geometry says.
     pub(crate) fn new(
         file: File,
         cipher: BlockCipher,
-        geometry: BlockGeometry,
         label: String,
         pending: Option<PendingDurability>,
     ) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
         Ok(Self {
             file,
+            geometry: cipher.geometry(),
             cipher: Some(cipher),
-            geometry,
             lock: RwLock::new(()),
             ct_len: AtomicU64::new(len),
             // Bytes already there were not written by this appender.
@@ -254,13 +258,19 @@ impl CryptFile {
 
     fn seal_blocks(&self, first: u64, sealed: &mut [u8]) {
         let sbs = self.geometry.sealed_block_size();
-        let seal_one =
-            |(i, s): (usize, &mut [u8])| self.cipher().seal_in_place(first + i as u64, s);
         let busy = InFlight::enter();
         if busy.parallel(sealed.len() / sbs) {
-            sealed.par_chunks_mut(sbs).enumerate().for_each(seal_one);
+            // Runs of blocks rather than single blocks per task: the cipher
+            // then counts V2 seals per run, not per block.
+            sealed
+                .par_chunks_mut(sbs * SEAL_TASK_BLOCKS)
+                .enumerate()
+                .for_each(|(t, run)| {
+                    let first = first + (t * SEAL_TASK_BLOCKS) as u64;
+                    self.cipher().seal_blocks(first, run)
+                });
         } else {
-            sealed.chunks_mut(sbs).enumerate().for_each(seal_one);
+            self.cipher().seal_blocks(first, sealed);
         }
     }
 
@@ -334,7 +344,7 @@ impl CryptFile {
         if len == 0 {
             return Ok(0);
         }
-        let mut sealed = vec![0u8; len + BLOCK_OVERHEAD];
+        let mut sealed = vec![0u8; len + g.overhead()];
         self.file
             .read_exact_at(&mut sealed, g.sealed_block_start(index))
             .map_err(|e| match e.kind() {
@@ -373,7 +383,8 @@ impl CryptFile {
         let behind = SEALED.with(|buf| -> FsResult<Option<(u64, u64)>> {
             let mut sealed = buf.borrow_mut();
             // Every byte that is written out below is set first (new data,
-            // old edge bytes, nonces, tags), so the scratch needs no zeroing.
+            // old edge bytes, epochs, nonces, tags), so the scratch needs no
+            // zeroing.
             grow(&mut sealed, (last - first + 1) as usize * sbs);
             lay_into_slots(g, &mut sealed, first, offset, data);
             if !whole.is_empty() {
@@ -388,8 +399,7 @@ impl CryptFile {
                 pt_size = offset;
             }
             let new_size = pt_size.max(end);
-            let total =
-                (last - first) as usize * sbs + g.block_len(last, new_size) + BLOCK_OVERHEAD;
+            let total = (last - first) as usize * sbs + g.block_len(last, new_size) + g.overhead();
             let sealed = &mut sealed[..total];
             let edges: &[u64] = if first == last {
                 &[first]
@@ -461,13 +471,14 @@ impl CryptFile {
             // write past the end was preceded by a resize to its offset):
             // decrypt the old block into the slot, then lay the new bytes
             // over it again.
-            self.read_block_into(index, pt_size, &mut slot[NONCE_LEN..NONCE_LEN + len])?;
+            let at = g.plaintext_offset();
+            self.read_block_into(index, pt_size, &mut slot[at..at + len])?;
             let (from, to) = (offset.max(start), end.min(block_end));
             let part = &data[(from - offset) as usize..(to - offset) as usize];
             lay_into_slots(g, slot, index, from, part);
         }
         self.cipher()
-            .seal_in_place(index, &mut slot[..len + BLOCK_OVERHEAD]);
+            .seal_in_place(index, &mut slot[..len + g.overhead()]);
         Ok(())
     }
 
@@ -498,10 +509,11 @@ impl CryptFile {
         if boundary % bs as u64 != 0 {
             let index = g.block_of(boundary);
             let new_len = g.block_len(index, new);
-            let mut sealed = vec![0u8; NONCE_LEN + bs + BLOCK_OVERHEAD];
-            self.read_block_into(index, old, &mut sealed[NONCE_LEN..NONCE_LEN + bs])?;
-            sealed.truncate(new_len + BLOCK_OVERHEAD);
-            sealed[NONCE_LEN + new_len..].fill(0);
+            let at = g.plaintext_offset();
+            let mut sealed = vec![0u8; bs + g.overhead()];
+            self.read_block_into(index, old, &mut sealed[at..at + bs])?;
+            sealed.truncate(new_len + g.overhead());
+            sealed[at + new_len..].fill(0);
             self.cipher().seal_in_place(index, &mut sealed);
             edge = Some((g.sealed_block_start(index), sealed));
         }
@@ -547,12 +559,19 @@ impl CryptFile {
 mod tests {
     use super::*;
     use crate::crypto::Dek;
-    use crate::format::{CipherSuite, Header, KeyRef, WrappedDek};
+    use crate::format::{BlockLayout, CipherSuite, Header, KeyRef, WrappedDek};
     use proptest::prelude::*;
 
+    const LAYOUTS: [BlockLayout; 2] = [BlockLayout::V1, BlockLayout::V2];
+
+    /// Seals per V2 epoch in these tests: small, so that writes cross many
+    /// epochs and reads meet blocks of epochs other than the current one.
+    const TEST_EPOCH_SEALS: u64 = 16;
+
     /// A CryptFile on `path` (created empty when `create`) under a fixed
-    /// test DEK, so the same file can be opened again.
-    fn crypt_file_at(path: &std::path::Path, shift: u8, create: bool) -> CryptFile {
+    /// test DEK, so the same file can be opened again (with a new cipher,
+    /// so a V2 file starts from a new epoch and no remembered ones).
+    fn crypt_file_at(path: &std::path::Path, layout: BlockLayout, create: bool) -> CryptFile {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -560,26 +579,24 @@ mod tests {
             .truncate(create)
             .open(path)
             .unwrap();
-        let header = Header {
-            cipher: CipherSuite::Aes256Gcm,
-            geometry: BlockGeometry::from_shift(shift).unwrap(),
-            file_id: [3; 16],
-            wrapped: WrappedDek {
-                key_ref: KeyRef {
-                    provider: "t".into(),
-                    key_id: "t".into(),
-                    key_version: "1".into(),
-                },
-                blob: vec![],
+        let wrapped = WrappedDek {
+            key_ref: KeyRef {
+                provider: "t".into(),
+                key_id: "t".into(),
+                key_version: "1".into(),
             },
+            blob: vec![],
         };
-        let cipher = BlockCipher::new(&Dek::from_slice(&[7; 32]).unwrap(), &header);
-        CryptFile::new(f, cipher, header.geometry, "f".into(), None).unwrap()
+        let geometry = BlockGeometry::new(12, layout).unwrap();
+        let header = Header::new(CipherSuite::Aes256Gcm, geometry, [3; 16], vec![wrapped]).unwrap();
+        let dek = Dek::from_slice(&[7; 32]).unwrap();
+        let cipher = BlockCipher::with_epoch_seals(&dek, &header, TEST_EPOCH_SEALS);
+        CryptFile::new(f, cipher, "f".into(), None).unwrap()
     }
 
-    fn open_file(dir: &tempfile::TempDir, shift: u8) -> (CryptFile, std::path::PathBuf) {
+    fn open_file(dir: &tempfile::TempDir, layout: BlockLayout) -> (CryptFile, std::path::PathBuf) {
         let path = dir.path().join("f");
-        (crypt_file_at(&path, shift, true), path)
+        (crypt_file_at(&path, layout, true), path)
     }
 
     fn read_all(cf: &CryptFile) -> Vec<u8> {
@@ -594,26 +611,33 @@ mod tests {
         Write(u64, Vec<u8>),
         Truncate(u64),
         Read(u64, usize),
+        /// Open the file again with a new cipher.
+        Reopen,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (
+            3 => (
                 0u64..40_000,
                 proptest::collection::vec(any::<u8>(), 1..9000)
             )
                 .prop_map(|(o, d)| Op::Write(o, d)),
-            (0u64..50_000).prop_map(Op::Truncate),
-            (0u64..50_000, 0usize..20_000).prop_map(|(o, n)| Op::Read(o, n)),
+            3 => (0u64..50_000).prop_map(Op::Truncate),
+            3 => (0u64..50_000, 0usize..20_000).prop_map(|(o, n)| Op::Read(o, n)),
+            1 => Just(Op::Reopen),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
-        fn matches_a_plain_model(ops in proptest::collection::vec(op(), 1..40)) {
+        fn matches_a_plain_model(
+            v2 in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..40),
+        ) {
+            let layout = if v2 { BlockLayout::V2 } else { BlockLayout::V1 };
             let dir = tempfile::tempdir().unwrap();
-            let (cf, _) = open_file(&dir, 12);
+            let (mut cf, path) = open_file(&dir, layout);
             let mut model: Vec<u8> = Vec::new();
             for op in ops {
                 match op {
@@ -634,6 +658,7 @@ mod tests {
                         let e = (o as usize + n).min(model.len());
                         prop_assert_eq!(&out[..], &model[s..e]);
                     }
+                    Op::Reopen => cf = crypt_file_at(&path, layout, false),
                 }
                 prop_assert_eq!(cf.size().unwrap(), model.len() as u64);
             }
@@ -643,8 +668,15 @@ mod tests {
 
     #[test]
     fn large_parallel_round_trip_and_tamper() {
+        for layout in LAYOUTS {
+            large_parallel_round_trip_and_tamper_in(layout);
+        }
+    }
+
+    fn large_parallel_round_trip_and_tamper_in(layout: BlockLayout) {
         let dir = tempfile::tempdir().unwrap();
-        let (cf, path) = open_file(&dir, 12);
+        let (cf, path) = open_file(&dir, layout);
+        let sbs = cf.geometry.sealed_block_size() as u64;
         let data: Vec<u8> = (0..(1 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
         cf.write(0, &data).unwrap();
         assert_eq!(read_all(&cf), data);
@@ -654,7 +686,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let at = 5 * 4124 + 100;
+        let at = 5 * sbs + 100;
         let mut b = [0u8];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 1], at).unwrap();
@@ -663,29 +695,54 @@ mod tests {
         assert!(err.to_string().contains("block 5"), "{err}");
         cf.read(0, 5 * 4096, &mut out).unwrap();
         assert_eq!(out, data[..5 * 4096]);
+        // Block 6 swapped with block 7: both fail (their AAD names the index).
+        let mut six = vec![0u8; sbs as usize];
+        let mut seven = vec![0u8; sbs as usize];
+        f.read_exact_at(&mut six, 6 * sbs).unwrap();
+        f.read_exact_at(&mut seven, 7 * sbs).unwrap();
+        f.write_all_at(&seven, 6 * sbs).unwrap();
+        f.write_all_at(&six, 7 * sbs).unwrap();
+        for block in [6, 7] {
+            let err = cf.read(block * 4096, 10, &mut out).unwrap_err();
+            assert!(err.to_string().contains(&format!("block {block}")), "{err}");
+        }
         // Torn tail: cut the file 3 bytes into a sealed block.
         let ct = f.metadata().unwrap().len();
-        f.set_len(ct - (ct % 4124) + 3).unwrap();
-        let last = (ct / 4124) as usize;
+        f.set_len(ct - (ct % sbs) + 3).unwrap();
+        let last = (ct / sbs) as usize;
         // A file cut behind an open handle's back reads as damage too.
         let err = cf.read(0, data.len(), &mut out).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
         // Opened afresh, the size shows the damage.
-        let cf = crypt_file_at(&path, 12, false);
+        let cf = crypt_file_at(&path, layout, false);
         assert_eq!(
             cf.size().unwrap(),
             last as u64 * 4096 + 1,
             "damage stays visible in the size"
         );
-        cf.read(6 * 4096, (last - 6) * 4096, &mut out).unwrap();
+        cf.read(8 * 4096, (last - 8) * 4096, &mut out).unwrap();
+        assert_eq!(out, data[8 * 4096..last * 4096]);
         let err = cf.read(0, data.len(), &mut out).unwrap_err();
         assert!(err.to_string().contains(&format!("block {last}")), "{err}");
+        // A fragment as long as the layout's whole overhead is torn too.
+        f.set_len(ct - (ct % sbs) + cf.geometry.overhead() as u64)
+            .unwrap();
+        let cf = crypt_file_at(&path, layout, false);
+        assert_eq!(cf.size().unwrap(), last as u64 * 4096 + 1);
+        let err = cf.read(last as u64 * 4096, 1, &mut out).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 
     #[test]
     fn concurrent_writers_sharing_edge_blocks_keep_each_others_bytes() {
+        for layout in LAYOUTS {
+            concurrent_writers_in(layout);
+        }
+    }
+
+    fn concurrent_writers_in(layout: BlockLayout) {
         let dir = tempfile::tempdir().unwrap();
-        let (cf, _) = open_file(&dir, 12);
+        let (cf, _) = open_file(&dir, layout);
         // Neighbouring ranges meet inside blocks, so every edge block is
         // written by two threads; each round reverses the start order.
         const PART: usize = 70_001;
@@ -706,7 +763,7 @@ mod tests {
     #[test]
     fn write_behind_follows_an_appending_writer_only() {
         let dir = tempfile::tempdir().unwrap();
-        let (cf, path) = open_file(&dir, 12);
+        let (cf, path) = open_file(&dir, BlockLayout::V1);
         let behind = || cf.written_behind.load(Ordering::Relaxed);
         let chunk = vec![7u8; 1 << 20];
         let sealed_chunk = cf.geometry.ciphertext_size(1 << 20);
@@ -736,7 +793,7 @@ mod tests {
         assert_eq!(behind(), sealed_chunk);
         assert_eq!(read_all(&cf).len(), 2 << 20);
         // A file opened again counts from its length then.
-        let reopened = crypt_file_at(&path, 12, false);
+        let reopened = crypt_file_at(&path, BlockLayout::V1, false);
         assert_eq!(
             reopened.written_behind.load(Ordering::Relaxed),
             cf.geometry.ciphertext_size(2 << 20)
@@ -745,12 +802,18 @@ mod tests {
 
     #[test]
     fn holes_read_as_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cf, _) = open_file(&dir, 12);
-        cf.write(100_000, b"tail").unwrap();
-        let all = read_all(&cf);
-        assert_eq!(all.len(), 100_004);
-        assert!(all[..100_000].iter().all(|&b| b == 0));
-        assert_eq!(&all[100_000..], b"tail");
+        for layout in LAYOUTS {
+            let dir = tempfile::tempdir().unwrap();
+            let (cf, _) = open_file(&dir, layout);
+            cf.write(100_000, b"tail").unwrap();
+            assert_eq!(
+                std::fs::metadata(dir.path().join("f")).unwrap().len(),
+                cf.geometry.ciphertext_size(100_004)
+            );
+            let all = read_all(&cf);
+            assert_eq!(all.len(), 100_004);
+            assert!(all[..100_000].iter().all(|&b| b == 0));
+            assert_eq!(&all[100_000..], b"tail");
+        }
     }
 }

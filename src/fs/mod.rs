@@ -43,7 +43,8 @@ use std::sync::{Arc, OnceLock};
 use fuser::FileType;
 
 use crate::cache::DekCache;
-use crate::config::{ActivePolicy, Config, Connected};
+use crate::config::{ActivePolicy, VolumeConfig};
+use crate::format::block::BlockLayout;
 use crate::format::BlockGeometry;
 use crate::kms::KmsRuntime;
 use crate::metrics::Metrics;
@@ -88,7 +89,13 @@ pub struct Caller {
 pub struct Core {
     inodes: InodeTable,
     handles: HandleTable,
-    geometry: BlockGeometry,
+    /// The volume's block size (log2), which every file's header repeats.
+    block_shift: u8,
+    /// Files of format 1 may be present (an upgraded volume): their block
+    /// layout, and so their size, is read from their header; otherwise
+    /// every encrypted file has layout V2 and its size follows from its
+    /// ciphertext size alone.
+    legacy_v1_files: bool,
     /// Key policies with their KMS connected; one has dir "/".
     policies: Vec<ActivePolicy>,
     /// True when some policy lets sidecar-less (plaintext) files through.
@@ -112,8 +119,8 @@ pub struct Core {
 impl Core {
     pub fn new(
         backing: &Path,
-        config: &Config,
-        connected: Connected,
+        volume: &VolumeConfig,
+        policies: Vec<ActivePolicy>,
         cache: DekCache,
         runtime: KmsRuntime,
         metrics: Arc<Metrics>,
@@ -124,10 +131,11 @@ impl Core {
         Ok(Core {
             inodes: InodeTable::new(fd)?,
             handles: HandleTable::default(),
-            geometry: config.geometry(),
-            has_optional_policy: connected.policies.iter().any(|p| !p.policy.mandatory),
-            policies: connected.policies,
-            keys: FileKeys::new(cache, connected.providers),
+            block_shift: volume.geometry_shift(),
+            legacy_v1_files: volume.legacy_v1_files,
+            has_optional_policy: policies.iter().any(|p| !p.policy.mandatory),
+            policies,
+            keys: FileKeys::new(cache, volume.id(), volume.legacy_v1_files),
             runtime,
             metrics,
             read_only,
@@ -167,6 +175,22 @@ impl Core {
         Ok(self.policy_at(&path))
     }
 
+    /// The geometry of files this mount creates (format 2).
+    fn new_file_geometry(&self) -> BlockGeometry {
+        BlockGeometry::new(self.block_shift, BlockLayout::V2).expect("validated with the volume")
+    }
+
+    /// The geometry a regular file's size is computed with: format 2's,
+    /// unless the volume may hold format 1 files, whose header says.
+    fn size_geometry(&self, inode: &Inode) -> BlockGeometry {
+        if self.legacy_v1_files {
+            if let Ok(h) = self.header_of(inode) {
+                return h.parsed.header.geometry;
+            }
+        }
+        self.new_file_geometry()
+    }
+
     pub fn forget(&self, ino: u64, n: u64) {
         // The pinned handle is closed off the request path: closing the last
         // handle on an unlinked file frees its blocks (rm -rf spent most of
@@ -196,7 +220,7 @@ impl Core {
         };
         let dir = self.inodes.dir(parent)?;
         let header = sidecar::read_at(dir.raw_fd(), &name).map_err(|e| e.for_file(&label))?;
-        if header.parsed.header.geometry != self.geometry {
+        if header.parsed.header.geometry.shift() != self.block_shift {
             return Err(FsError::header(
                 &label,
                 "its block size differs from this backing directory's configuration",
@@ -237,20 +261,25 @@ impl Core {
         } else {
             // Start reading the data's head from disk, so that read overlaps
             // the sidecar read and the unwrap.
-            sys::readahead(
-                fd.as_raw_fd(),
-                self.geometry.ciphertext_size(OPEN_FILL) as usize,
-            );
+            let head = self.new_file_geometry().ciphertext_size(OPEN_FILL);
+            sys::readahead(fd.as_raw_fd(), head as usize);
             let header = self.header_of(inode)?;
-            Some(self.keys.cipher_for(&header, &label).await?)
+            // The policy of the name the file is reached by now decides
+            // which keys it may be under.
+            let path = self
+                .inodes
+                .rel_path(inode)
+                .ok_or_else(|| FsError::errno(libc::ENOENT))?;
+            let policy = self.policy_at(&path);
+            Some(self.keys.cipher_for(&header, policy, &label).await?)
         };
         let mut slot = inode.open_file.lock().unwrap();
         if let Some(cf) = slot.upgrade() {
             return Ok(cf);
         }
         let cf = Arc::new(match cipher {
-            Some(cipher) => CryptFile::new(File::from(fd), cipher, self.geometry, label, None)?,
-            None => CryptFile::plaintext(File::from(fd), self.geometry, label),
+            Some(cipher) => CryptFile::new(File::from(fd), cipher, label, None)?,
+            None => CryptFile::plaintext(File::from(fd), self.new_file_geometry(), label),
         });
         *slot = Arc::downgrade(&cf);
         if let Some(ino) = fill.filter(|_| !inode.plain) {

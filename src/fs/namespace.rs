@@ -50,7 +50,8 @@ impl Core {
         let (fd, st) = stat_new(dir, &c)?;
         let plain = self.is_plain(dir, name, &st)?;
         let inode = self.inodes.remember(parent, name, fd, &st, plain);
-        Ok((inode, self.attr(&st, plain)))
+        let attr = self.attr(&st, &inode);
+        Ok((inode, attr))
     }
 
     /// Whether `name` in `dir` is a plaintext file let through by a
@@ -108,15 +109,7 @@ impl Core {
         }
         let policy = self.policy_in(&dir)?;
         let label = name.to_string_lossy();
-        let new = self
-            .keys
-            .create(
-                policy.provider.as_ref(),
-                policy.policy.cipher,
-                self.geometry,
-                &label,
-            )
-            .await?;
+        let new = self.keys.create(policy, self.block_shift, &label).await?;
         let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
         let data = match sys::openat(
             dfd,
@@ -141,7 +134,6 @@ impl Core {
         let cf = Arc::new(CryptFile::new(
             File::from(data),
             new.cipher,
-            self.geometry,
             self.inodes.label(&inode),
             Some(PendingDurability {
                 sidecar,
@@ -149,7 +141,7 @@ impl Core {
             }),
         )?);
         *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
-        Ok((self.attr(&st, false), cf))
+        Ok((self.attr(&st, &inode), cf))
     }
 
     pub async fn create_open(
@@ -204,8 +196,8 @@ impl Core {
             }
         }
         let (fd, st) = stat_new(dir, &c)?;
-        self.inodes.remember(parent, name, fd, &st, false);
-        Ok(self.attr(&st, false))
+        let inode = self.inodes.remember(parent, name, fd, &st, false);
+        Ok(self.attr(&st, &inode))
     }
 
     pub async fn mknod(
@@ -450,9 +442,10 @@ impl Core {
             return Err(e.into());
         }
         let st = sys::fstatat(nfd, &nc)?;
-        self.inodes
+        let linked = self
+            .inodes
             .remember(newparent, newname, None, &st, inode.plain);
-        Ok(self.attr(&st, inode.plain))
+        Ok(self.attr(&st, &linked))
     }
 }
 

@@ -94,7 +94,9 @@ impl Core {
                     .iter()
                     .filter_map(|n| sidecar::read_at(dir.raw_fd(), n).ok())
                     .map(|h| h.parsed.header);
-                core.keys.prefetch(&core.runtime, headers);
+                if let Ok(policy) = core.policy_in(&dir) {
+                    core.keys.prefetch(&core.runtime, policy, headers);
+                }
             });
         } else {
             // Listed and read ahead on the readahead thread. Only a hint:
@@ -110,7 +112,9 @@ impl Core {
     }
 
     fn has_remote_kms(&self) -> bool {
-        self.policies.iter().any(|p| p.provider.kind() != "local")
+        self.policies
+            .iter()
+            .any(|p| p.keys.iter().any(|k| k.kind() != "local"))
     }
 }
 
