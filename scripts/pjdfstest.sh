@@ -126,6 +126,8 @@ chmod 0755 "$MNT" "$SECONDARY"
 case $PEER in
     kmsfs)
         log "mounting a fresh kmsfs at $MNT (-o allow_other)"
+        # A trusted configuration of this run's own, not /etc/kmsfs's.
+        export KMSFS_CONFIG=$WORK/kmsfs.toml
         if ! "$KMSFS" init "$WORK/backing" --kms local --key-file "$WORK/keyring" \
             --key-name pjdfstest >"$WORK/init.out" 2>&1; then
             cat "$WORK/init.out" >&2

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kmsfs::cache::DekCache;
-use kmsfs::config::{ActivePolicy, Config, Connected, KmsConfig};
+use kmsfs::config::volume::{VolumeConfig, CONFIG_FORMAT};
+use kmsfs::config::{ActivePolicy, KeySpec};
 use kmsfs::format::CipherSuite;
 use kmsfs::fs::error::FsError;
 use kmsfs::fs::{sidecar, Caller, Core, SetAttr};
+use kmsfs::kms::named::NamedKey;
 use kmsfs::kms::testing::FakeKms;
-use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, ProviderSet};
+use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime};
 use kmsfs::metrics::Metrics;
 use kmsfs::policy::Policy;
 
@@ -35,17 +37,18 @@ fn caller() -> Caller {
     }
 }
 
-/// A policy for `dir` whose key is labelled `key` (the fake KMS does the
-/// work; the label only decides which policies share protection).
+/// A policy for `dir` under key `key` of provider `fake-<key>`.
 fn policy(dir: &str, key: &str, mandatory: bool) -> Policy {
     Policy {
         dir: dir.into(),
         cipher: CipherSuite::Aes256Gcm,
         mandatory,
-        kms: KmsConfig::Local {
-            key_file: format!("/nonexistent/{key}").into(),
-            key: key.into(),
+        key: KeySpec {
+            provider: format!("fake-{key}"),
+            id: key.into(),
+            version: None,
         },
+        retired: vec![],
     }
 }
 
@@ -59,35 +62,33 @@ impl Fixture {
             std::fs::create_dir_all(backing.join(dir.trim_start_matches('/'))).unwrap();
             policies.push(policy(dir, key, *mandatory));
         }
-        let config = Config {
-            format_version: 1,
+        // What Core takes from the volume configuration: its ID, block
+        // size and policies (the volume key and MAC are checked before it).
+        let volume = VolumeConfig {
+            format_version: CONFIG_FORMAT,
+            volume_id: hex::encode([7u8; 16]),
             block_size: 4096,
+            legacy_v1_files: false,
             policies: policies.clone(),
-            retired: vec![],
+            volume_key: Default::default(),
+            mac: String::new(),
         };
-        let mut providers = ProviderSet::default();
         let mut kms = Vec::new();
         let mut active = Vec::new();
         for p in policies {
-            let KmsConfig::Local { key, .. } = &p.kms else {
-                unreachable!()
-            };
-            let fake = Arc::new(FakeKms::new(key));
-            providers.add(fake.clone());
+            let fake = Arc::new(FakeKms::new(&p.key.id));
             kms.push(fake.clone());
+            let key = NamedKey::wrap(&p.key.provider, fake as Arc<dyn KeyProvider>);
             active.push(ActivePolicy {
                 policy: p,
-                provider: fake as Arc<dyn KeyProvider>,
+                current: key.clone(),
+                keys: vec![key],
             });
         }
-        let connected = Connected {
-            policies: active,
-            providers,
-        };
         let core = Core::new(
             &backing,
-            &config,
-            connected,
+            &volume,
+            active,
             DekCache::new(1000, Duration::from_secs(3600)),
             KmsRuntime::new().unwrap(),
             Arc::new(Metrics::default()),
@@ -99,6 +100,16 @@ impl Fixture {
             backing,
             core: Arc::new(core),
             kms,
+        }
+    }
+
+    /// The key reference of fake KMS `i` as a header records it: by the
+    /// name of its provider.
+    fn key_ref(&self, i: usize) -> kmsfs::format::KeyRef {
+        let r = self.kms[i].key_ref();
+        kmsfs::format::KeyRef {
+            provider: format!("fake-{}", r.key_id),
+            ..r
         }
     }
 
@@ -199,7 +210,8 @@ fn create_write_read_round_trip_and_no_plaintext_on_disk() {
         "plaintext in the backing file"
     );
     let header = sidecar::read_beside(&fx.path("f")).unwrap();
-    assert_eq!(header.parsed.header.primary().key_ref, fx.kms[0].key_ref());
+    assert_eq!(header.parsed.header.primary().key_ref, fx.key_ref(0));
+    assert_eq!(header.parsed.header.version(), 2, "new files are format 2");
     // Reserved names are neither visible nor creatable.
     assert_eq!(err(fx.lookup(ROOT, ".kmsfs.f")), libc::ENOENT);
     let e = fx
@@ -304,8 +316,8 @@ fn policies_choose_the_key_and_crossing_keys_is_exdev() {
             .key_ref
             .clone()
     };
-    assert_eq!(key_of("pii/p"), fx.kms[1].key_ref());
-    assert_eq!(key_of("r"), fx.kms[0].key_ref());
+    assert_eq!(key_of("pii/p"), fx.key_ref(1));
+    assert_eq!(key_of("r"), fx.key_ref(0));
     // Across the policy boundary: EXDEV both ways, for rename and link.
     let rename = |from, name: &str, to, new: &str| {
         fx.core

@@ -6,16 +6,18 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
-use common::{pattern, run, TestFs};
+use common::{daemon_pids, pattern, run, TestFs};
 use rand::{Rng, SeedableRng};
 
 const B: usize = 4096;
-const SEALED: u64 = 4096 + 28;
+/// What sealing adds to a block of a new (format 2) file.
+const OVERHEAD: u64 = kmsfs::format::block::BlockLayout::V2.overhead() as u64;
+const SEALED: u64 = B as u64 + OVERHEAD;
 
 fn ct_size(pt: u64) -> u64 {
     let full = pt / B as u64;
     let rem = pt % B as u64;
-    full * SEALED + if rem == 0 { 0 } else { rem + 28 }
+    full * SEALED + if rem == 0 { 0 } else { rem + OVERHEAD }
 }
 
 #[test]
@@ -589,7 +591,7 @@ fn fsynced_files_survive_kill_9() {
 }
 
 #[test]
-fn wrong_keyring_gives_eio_with_a_clear_log_line() {
+fn wrong_keyring_is_refused_at_mount_with_a_clear_error() {
     let mut fs = TestFs::new(&[]);
     fs::write(fs.path("secret"), b"top secret").unwrap();
     fs.umount();
@@ -604,15 +606,23 @@ fn wrong_keyring_gives_eio_with_a_clear_log_line() {
         ],
         true,
     );
-    fs.mount(&[]);
-    let err = fs::read(fs.path("secret")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    let log = fs.log_text();
-    assert!(
-        log.contains("secret: the DEK could not be unwrapped"),
-        "{log}"
+    // The volume's key (wrapped by the root policy's key) no longer
+    // unwraps: the mount is refused, naming the key, before anything is
+    // served.
+    let out = run(
+        &[
+            "mount",
+            fs.backing.to_str().unwrap(),
+            fs.mnt.to_str().unwrap(),
+        ],
+        false,
     );
-    assert!(!log.contains("top secret"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not unwrap under"), "{err}");
+    assert!(err.contains("/default"), "names the root key: {err}");
+    assert!(!err.contains("top secret"));
+    assert!(daemon_pids(&fs.mnt).is_empty());
 }
 
 #[test]

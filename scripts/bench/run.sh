@@ -103,6 +103,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd -P)
 CACHE=$WORKDIR/cache
 RUN=$WORKDIR/run
+# The kmsfs volumes of a run name their keys in a trusted configuration
+# of the run's own, not in /etc/kmsfs's.
+export KMSFS_CONFIG=$RUN/kmsfs.toml
 RAW=$RUN/raw.jsonl
 MOUNTS_FILE=$WORKDIR/.mounts
 VAULT_STATE=$RUN/vault

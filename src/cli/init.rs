@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
-use kmsfs::config::{VolumeConfig, Volume};
+use kmsfs::config::{Volume, VolumeConfig};
 use kmsfs::format::block::BlockLayout;
 use kmsfs::format::{BlockGeometry, CipherSuite};
 use kmsfs::kms::KmsRuntime;
@@ -57,7 +57,14 @@ pub fn init(a: InitArgs) -> Result<()> {
         retired: vec![],
     };
     let rt = KmsRuntime::new()?;
-    Volume::create(&backing, &trust::load()?, &rt, a.block_size, vec![root], false)?;
+    Volume::create(
+        &backing,
+        &trust::load()?,
+        &rt,
+        a.block_size,
+        vec![root],
+        false,
+    )?;
     eprintln!(
         "kmsfs: initialised {} ({}, {}-byte blocks)",
         backing.display(),

@@ -108,7 +108,8 @@ impl KmsArgs {
         };
         let (def, key) = self.to_config(kms, backing)?.split("");
         let path = trust::path();
-        let (name, added) = trusted::update(&path, |t| t.find_or_add(def, self.provider.as_deref()))?;
+        let (name, added) =
+            trusted::update(&path, |t| t.find_or_add(def, self.provider.as_deref()))?;
         if added {
             eprintln!(
                 "kmsfs: added provider {name:?} ({}) to the trusted configuration {}",

@@ -83,9 +83,12 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             );
             Ok(())
         }
-        PolicyCmd::List { backing } => {
-            print_json(&trust::open_volume(&backing, &Calls::Once)?.0.config.policies)
-        }
+        PolicyCmd::List { backing } => print_json(
+            &trust::open_volume(&backing, &Calls::Once)?
+                .0
+                .config
+                .policies,
+        ),
         PolicyCmd::Show { backing, dir } => {
             let volume = trust::open_volume(&backing, &Calls::Once)?.0;
             print_json(volume.config.policy_for(&normalize_dir(&dir)?))

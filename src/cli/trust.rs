@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use kmsfs::config::{upgrade as upgrading, Calls, TrustedConfig, Volume};
+use kmsfs::config::{upgrade as upgrading, Calls, TrustedConfig, Volume, VolumeConfig};
 use kmsfs::kms::KmsRuntime;
 
 use super::{absolute, print_json};
@@ -34,9 +34,11 @@ pub fn load() -> Result<TrustedConfig> {
 /// volume opened and authenticated, with a runtime for its KMS calls.
 pub fn open_volume(backing: &Path, calls: &Calls) -> Result<(Volume, KmsRuntime)> {
     let backing = absolute(backing)?;
+    // The volume first: "not a backing directory" is the likelier mistake.
+    let config = VolumeConfig::load(&backing)?;
     let trusted = load()?;
     let rt = KmsRuntime::new()?;
-    let volume = Volume::open(&backing, &trusted, &rt, calls)?;
+    let volume = Volume::from_config(&backing, config, &trusted, &rt, calls)?;
     Ok((volume, rt))
 }
 
@@ -84,7 +86,10 @@ pub fn upgrade(backing: &Path, json: bool) -> Result<()> {
     );
     for (name, settings, added) in &report.providers {
         let how = if *added { "added" } else { "already there" };
-        eprintln!("  [providers.{name}] ({how}): {}", settings.trim().replace('\n', ", "));
+        eprintln!(
+            "  [providers.{name}] ({how}): {}",
+            settings.trim().replace('\n', ", ")
+        );
     }
     eprintln!(
         "  check that these are your KMSs: they came from the backing directory. {} files; {} under keys no configured KMS holds; {} without a header. The old configuration is kept as {}.",

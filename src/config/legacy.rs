@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::volume::read_untrusted;
 use super::ConfigError;
-use crate::format::names::CONFIG_FILE;
 use crate::format::block::BlockLayout;
+use crate::format::names::CONFIG_FILE;
 use crate::format::{BlockGeometry, CipherSuite};
 use crate::kms::config::KmsConfig;
 use crate::policy::{governing_by, normalize_dir};
@@ -65,14 +65,17 @@ impl LegacyConfig {
                 cfg.format_version
             )));
         }
-        BlockGeometry::from_size(cfg.block_size, BlockLayout::V1).map_err(|e| invalid(e.to_string()))?;
+        BlockGeometry::from_size(cfg.block_size, BlockLayout::V1)
+            .map_err(|e| invalid(e.to_string()))?;
         if !cfg.policies.iter().any(|p| p.dir == "/")
             || cfg
                 .policies
                 .iter()
                 .any(|p| normalize_dir(&p.dir).as_deref() != Ok(p.dir.as_str()))
         {
-            return Err(invalid("policies are not valid (no root policy, or a bad directory)".into()));
+            return Err(invalid(
+                "policies are not valid (no root policy, or a bad directory)".into(),
+            ));
         }
         Ok(cfg)
     }

@@ -48,6 +48,12 @@ pub enum ConfigError {
     KmsSettingInVolume { path: PathBuf, field: String },
     #[error("{0} failed authentication: it was changed outside kmsfs (or restored from another volume); refusing to use it. Restore it from a backup, or check who can write the backing directory")]
     Tampered(PathBuf),
+    #[error("{path}: the volume's key does not unwrap under {key}, the root policy's key ({detail}): either that provider is not the keyring or KMS key this volume was created with (check its definition in the trusted configuration), or the volume's configuration was replaced")]
+    VolumeKeyRefused {
+        path: PathBuf,
+        key: String,
+        detail: String,
+    },
     #[error(transparent)]
     Trusted(#[from] TrustedError),
     #[error(transparent)]

@@ -70,16 +70,21 @@ fn connect(
         Calls::Once => cfg.build(rt)?,
         Calls::Mount(metrics) => cfg.build_instrumented(rt, metrics, RetryPolicy::default())?,
     };
-    Ok(NamedKey::new(&spec.provider, inner))
+    Ok(NamedKey::wrap(&spec.provider, inner))
 }
 
-/// A KMS refusing to unwrap the volume key means the key material does not
-/// match the configuration; anything else (unreachable, denied) is the KMS.
-fn unwrap_error(e: KmsError, path: &Path) -> ConfigError {
+/// A KMS refusing to unwrap the volume key means the key does not match the
+/// configuration (a wrong keyring, or a replaced configuration); anything
+/// else (unreachable, denied) is the KMS.
+fn unwrap_error(e: KmsError, path: &Path, key: &KeySpec) -> ConfigError {
     match e {
-        KmsError::UnwrapFailed { .. } | KmsError::NoProvider { .. } => {
-            ConfigError::Tampered(path.to_owned())
-        }
+        KmsError::UnwrapFailed { .. }
+        | KmsError::NoProvider { .. }
+        | KmsError::KeyVersionUnusable { .. } => ConfigError::VolumeKeyRefused {
+            path: path.to_owned(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        },
         other => ConfigError::Connect(ConnectError::Kms(other)),
     }
 }
@@ -92,7 +97,18 @@ impl Volume {
         rt: &KmsRuntime,
         calls: &Calls,
     ) -> Result<Self, ConfigError> {
-        let config = VolumeConfig::load(backing)?;
+        Self::from_config(backing, VolumeConfig::load(backing)?, trusted, rt, calls)
+    }
+
+    /// [`open`](Self::open) with the configuration already read from
+    /// `backing` (not yet authenticated: that happens here).
+    pub fn from_config(
+        backing: &Path,
+        config: VolumeConfig,
+        trusted: &TrustedConfig,
+        rt: &KmsRuntime,
+        calls: &Calls,
+    ) -> Result<Self, ConfigError> {
         let path = VolumeConfig::path(backing);
         let mut connected = HashMap::new();
         for p in &config.policies {
@@ -102,14 +118,12 @@ impl Volume {
                 }
             }
         }
-        let root_key = &connected[&config.root().key];
+        let root_spec = &config.root().key;
+        let root_key = &connected[root_spec];
         let wrapped = config.wrapped_volume_key()?;
-        if !root_key.handles(&wrapped.key_ref) {
-            return Err(ConfigError::Tampered(path));
-        }
         let volume_key = rt
             .block_on(root_key.unwrap(&wrapped, &config.volume_key_context()))
-            .map_err(|e| unwrap_error(e, &path))?;
+            .map_err(|e| unwrap_error(e, &path, root_spec))?;
         config.verify(&volume_key, &path)?;
         let policies = active_policies(&config, &connected);
         Ok(Self {

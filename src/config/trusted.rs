@@ -208,18 +208,19 @@ impl TrustedConfig {
     /// The full settings of key `key`: its provider's definition with the
     /// key filled in. Checked here, when a volume uses it.
     pub fn resolve(&self, key: &KeySpec) -> Result<KmsConfig, TrustedError> {
-        let def = self
-            .providers
-            .get(&key.provider)
-            .ok_or_else(|| TrustedError::UnknownProvider {
+        let def =
+            self.providers
+                .get(&key.provider)
+                .ok_or_else(|| TrustedError::UnknownProvider {
+                    path: self.path.clone(),
+                    name: key.provider.clone(),
+                })?;
+        def.resolve(key)
+            .map_err(|detail| TrustedError::BadProvider {
                 path: self.path.clone(),
                 name: key.provider.clone(),
-            })?;
-        def.resolve(key).map_err(|detail| TrustedError::BadProvider {
-            path: self.path.clone(),
-            name: key.provider.clone(),
-            detail,
-        })
+                detail,
+            })
     }
 
     /// The name of a provider defined exactly as `def`, adding it (as

@@ -62,7 +62,14 @@ pub fn upgrade(
             let (def, spec) = kms.split("");
             let shown = toml::to_string(&def.settings).unwrap_or_default();
             let (name, added) = t.find_or_add(def, None)?;
-            keys.push((KeySpec { provider: name, ..spec }, shown, added));
+            keys.push((
+                KeySpec {
+                    provider: name,
+                    ..spec
+                },
+                shown,
+                added,
+            ));
         }
         Ok(())
     })?;
@@ -71,11 +78,15 @@ pub fn upgrade(
         .iter()
         .map(|(spec, _, _)| {
             let cfg = trusted.resolve(spec)?;
-            Ok(NamedKey::new(&spec.provider, cfg.build(rt)?))
+            Ok(NamedKey::wrap(&spec.provider, cfg.build(rt)?))
         })
         .collect::<Result<_, ConfigError>>()?;
     let spec_of = |kms| {
-        let i = legacy.all_kms().iter().position(|k| *k == kms).expect("listed");
+        let i = legacy
+            .all_kms()
+            .iter()
+            .position(|k| *k == kms)
+            .expect("listed");
         keys[i].0.clone()
     };
     // The keys each policy's files are under.
@@ -125,7 +136,14 @@ pub fn upgrade(
         path: path.clone(),
         source,
     })?;
-    if let Err(e) = Volume::create(backing, &trusted, rt, legacy.block_size, policies.clone(), true) {
+    if let Err(e) = Volume::create(
+        backing,
+        &trusted,
+        rt,
+        legacy.block_size,
+        policies.clone(),
+        true,
+    ) {
         let _ = std::fs::rename(&backup, &path);
         return Err(e);
     }

@@ -28,8 +28,8 @@ use sha2::Sha256;
 use super::trusted::{lock_beside, write_atomically};
 use super::ConfigError;
 use crate::crypto::Dek;
-use crate::format::names::CONFIG_FILE;
 use crate::format::block::BlockLayout;
+use crate::format::names::CONFIG_FILE;
 use crate::format::{BlockGeometry, KeyRef, WrappedDek};
 use crate::kms::WrapContext;
 use crate::policy::{governing, normalize_dir, Policy};
@@ -267,7 +267,8 @@ impl VolumeConfig {
         let mut id = [0u8; 16];
         hex::decode_to_slice(&self.volume_id, &mut id)
             .map_err(|_| invalid("volume_id must be 32 hex digits".into()))?;
-        BlockGeometry::from_size(self.block_size, BlockLayout::V2).map_err(|e| invalid(e.to_string()))?;
+        BlockGeometry::from_size(self.block_size, BlockLayout::V2)
+            .map_err(|e| invalid(e.to_string()))?;
         let mut dirs = std::collections::HashSet::new();
         for p in &self.policies {
             if normalize_dir(&p.dir).as_deref() != Ok(p.dir.as_str()) {
@@ -389,9 +390,7 @@ pub(super) fn read_untrusted(path: &Path) -> Result<Option<String>, ConfigError>
         });
     }
     let mut text = String::new();
-    f.take(MAX_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(io)?;
+    f.take(MAX_LEN + 1).read_to_string(&mut text).map_err(io)?;
     if text.len() as u64 > MAX_LEN {
         return Err(ConfigError::Invalid {
             path: path.to_owned(),

@@ -100,7 +100,10 @@ impl FileKeys {
     ) -> FsResult<BlockCipher> {
         let h = &header.parsed.header;
         let Some((wrapped, key)) = self.allowed_wrap(h, policy) else {
-            return Err(FsError::header(label, refusal(h, policy, self.legacy_v1_files)));
+            return Err(FsError::header(
+                label,
+                refusal(h, policy, self.legacy_v1_files),
+            ));
         };
         let ctx = self.context(h);
         let dek = self
@@ -155,8 +158,7 @@ impl FileKeys {
         let (raw, cipher) =
             crypto::seal_header(&header, &dek).map_err(|e| FsError::header(label, e))?;
         let parsed = hdr::parse(&raw).map_err(|e| FsError::header(label, e))?;
-        self.cache
-            .insert(header.primary(), &ctx, Arc::new(dek));
+        self.cache.insert(header.primary(), &ctx, Arc::new(dek));
         Ok(NewFile {
             header: FileHeader { parsed, raw },
             cipher,

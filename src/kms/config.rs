@@ -106,6 +106,10 @@ impl KmsConfig {
     /// The connected provider, its calls not yet bounded. Connecting is.
     async fn open(&self) -> Result<Arc<dyn KeyProvider>, ConnectError> {
         self.check_transport()?;
+        #[cfg_attr(
+            not(any(feature = "vault", feature = "aws", feature = "azure", feature = "gcp")),
+            allow(unused_variables)
+        )]
         let timeout = self.timeout();
         Ok(match self {
             KmsConfig::Local { key_file, key } => Arc::new(LocalKms::open(key_file, key)?),
@@ -270,19 +274,10 @@ impl KmsConfig {
     /// `skip_verify`): key wraps and tokens must not cross a network in
     /// the clear by accident.
     pub fn check_transport(&self) -> Result<(), KmsError> {
-        let (url, allowed) = match self {
-            KmsConfig::Local { .. } => return Ok(()),
-            #[cfg(feature = "vault")]
-            KmsConfig::Vault(c) => (Some(c.address.as_str()), c.allow_http),
-            #[cfg(feature = "aws")]
-            KmsConfig::Aws(c) => (c.endpoint.as_deref(), c.allow_http),
-            #[cfg(feature = "azure")]
-            KmsConfig::Azure(_) => return Ok(()), // https only, checked by the provider
-            #[cfg(feature = "gcp")]
-            KmsConfig::Gcp(c) => (c.endpoint.as_deref(), c.allow_http),
-        };
-        match url {
-            Some(u) if u.trim().to_ascii_lowercase().starts_with("http://") && !allowed => {
+        match self.endpoint() {
+            Some((u, allowed))
+                if u.trim().to_ascii_lowercase().starts_with("http://") && !allowed =>
+            {
                 Err(KmsError::Config(format!(
                     "{u} is plain http, which sends wrapped keys and credentials in the clear; \
                      use https, or set allow_http = true in this provider's trusted definition \
@@ -290,6 +285,23 @@ impl KmsConfig {
                 )))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The URL this configuration reaches its KMS at, where it can be set,
+    /// and whether plain http is allowed for it.
+    fn endpoint(&self) -> Option<(&str, bool)> {
+        match self {
+            KmsConfig::Local { .. } => None,
+            #[cfg(feature = "vault")]
+            KmsConfig::Vault(c) => Some((c.address.as_str(), c.allow_http)),
+            #[cfg(feature = "aws")]
+            KmsConfig::Aws(c) => c.endpoint.as_deref().map(|u| (u, c.allow_http)),
+            // https only, checked by the provider.
+            #[cfg(feature = "azure")]
+            KmsConfig::Azure(_) => None,
+            #[cfg(feature = "gcp")]
+            KmsConfig::Gcp(c) => c.endpoint.as_deref().map(|u| (u, c.allow_http)),
         }
     }
 }

@@ -17,7 +17,6 @@ pub mod gcp;
 pub mod instrumented;
 pub mod local;
 pub mod named;
-#[cfg(any(feature = "vault", feature = "aws", feature = "azure", feature = "gcp"))]
 mod support;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

@@ -20,7 +20,7 @@ pub struct NamedKey {
 }
 
 impl NamedKey {
-    pub fn new(name: &str, inner: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
+    pub fn wrap(name: &str, inner: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
         Arc::new(Self {
             name: name.to_owned(),
             inner,

@@ -8,8 +8,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// `kmsfs`, with this test process's own trusted configuration (see
+/// [`trusted_config`]).
 pub fn kmsfs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kmsfs"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kmsfs"));
+    c.env("KMSFS_CONFIG", trusted_config());
+    c
+}
+
+/// The trusted configuration every kmsfs command of this test process
+/// uses: a file in a directory of its own (0700, removed at exit by no one:
+/// it lives in the system temp directory), so tests never touch
+/// /etc/kmsfs. Tests running in parallel add their providers to it under
+/// its lock, with names of their own.
+pub fn trusted_config() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("kmsfs-trusted")
+            .tempdir()
+            .expect("a temporary directory")
+            .keep();
+        dir.join("kmsfs.toml")
+    })
+    .clone()
 }
 
 /// Runs `kmsfs ARGS`, returning its output; panics with stderr on failure
