@@ -402,3 +402,88 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io:
 }
 
 use std::os::unix::fs::DirBuilderExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn local_def(file: &str) -> ProviderDef {
+        let mut settings = toml::Table::new();
+        settings.insert("key_file".into(), toml::Value::String(file.into()));
+        ProviderDef {
+            kind: "local".into(),
+            settings,
+        }
+    }
+
+    #[test]
+    fn providers_are_found_added_and_resolved_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsfs.toml");
+        let added = update(&path, |t| {
+            let a = t.find_or_add(local_def("/k/a"), None)?;
+            let again = t.find_or_add(local_def("/k/a"), None)?;
+            let b = t.find_or_add(local_def("/k/b"), None)?;
+            let named = t.find_or_add(local_def("/k/c"), Some("mine"))?;
+            Ok((a, again, b, named))
+        })
+        .unwrap();
+        assert_eq!(added.0, ("local".into(), true));
+        assert_eq!(
+            added.1,
+            ("local".into(), false),
+            "alike definitions are reused"
+        );
+        assert_eq!(added.2, ("local-2".into(), true));
+        assert_eq!(added.3, ("mine".into(), true));
+        let t = TrustedConfig::load(&path).unwrap();
+        let key = KeySpec {
+            provider: "local-2".into(),
+            id: "k".into(),
+            version: None,
+        };
+        assert_eq!(
+            t.resolve(&key).unwrap(),
+            KmsConfig::Local {
+                key_file: "/k/b".into(),
+                key: "k".into()
+            }
+        );
+        let missing = KeySpec {
+            provider: "nope".into(),
+            ..key
+        };
+        assert!(matches!(
+            t.resolve(&missing),
+            Err(TrustedError::UnknownProvider { .. })
+        ));
+        // Another definition under a taken name is refused.
+        let taken = update(&path, |t| t.find_or_add(local_def("/k/d"), Some("mine")));
+        assert!(matches!(taken, Err(TrustedError::BadProvider { .. })));
+    }
+
+    #[test]
+    fn a_provider_may_not_name_a_key_and_bad_entries_wait_until_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsfs.toml");
+        std::fs::write(
+            &path,
+            "[providers.ok]\ntype = \"local\"\nkey_file = \"/k\"\n\
+             [providers.keyed]\ntype = \"local\"\nkey_file = \"/k\"\nkey = \"x\"\n\
+             [providers.odd]\ntype = \"local\"\nkey_file = 7\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let t = TrustedConfig::load(&path).unwrap();
+        let spec = |p: &str| KeySpec {
+            provider: p.into(),
+            id: "default".into(),
+            version: None,
+        };
+        assert!(t.resolve(&spec("ok")).is_ok(), "stale entries stop nothing");
+        let e = t.resolve(&spec("keyed")).unwrap_err().to_string();
+        assert!(e.contains("sets `key`"), "{e}");
+        assert!(t.resolve(&spec("odd")).is_err());
+    }
+}

@@ -399,3 +399,94 @@ pub(super) fn read_untrusted(path: &Path) -> Result<Option<String>, ConfigError>
     }
     Ok(Some(text))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::CipherSuite;
+
+    fn config() -> VolumeConfig {
+        VolumeConfig {
+            format_version: CONFIG_FORMAT,
+            volume_id: hex::encode([3u8; 16]),
+            block_size: 4096,
+            legacy_v1_files: false,
+            policies: vec![Policy {
+                dir: "/".into(),
+                cipher: CipherSuite::Aes256Gcm,
+                mandatory: true,
+                key: crate::kms::config::KeySpec {
+                    provider: "local".into(),
+                    id: "default".into(),
+                    version: None,
+                },
+                retired: vec![],
+            }],
+            volume_key: WrappedVolumeKey {
+                provider: "local".into(),
+                key_id: "default".into(),
+                key_version: "1".into(),
+                wrapped: "AAAA".into(),
+            },
+            mac: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_mac_covers_every_field_and_survives_a_round_trip() {
+        let key = Dek::generate();
+        let mut cfg = config();
+        cfg.seal(&key);
+        let p = Path::new("c");
+        cfg.verify(&key, p).unwrap();
+        let text = toml::to_string_pretty(&cfg).unwrap();
+        let back = VolumeConfig::parse(p, &text).unwrap();
+        back.verify(&key, p).unwrap();
+        assert!(cfg.verify(&Dek::generate(), p).is_err(), "another key");
+        let changes: [fn(&mut VolumeConfig); 8] = [
+            |c| c.block_size = 8192,
+            |c| c.legacy_v1_files = true,
+            |c| c.policies[0].mandatory = false,
+            |c| c.policies[0].cipher = CipherSuite::ChaCha20Poly1305,
+            |c| c.policies[0].key.id = "other".into(),
+            |c| {
+                let k = c.policies[0].key.clone();
+                c.policies[0].retired.push(k)
+            },
+            |c| c.volume_id = hex::encode([4u8; 16]),
+            |c| c.volume_key.key_version = "2".into(),
+        ];
+        for change in changes {
+            let mut c = cfg.clone();
+            change(&mut c);
+            assert!(matches!(c.verify(&key, p), Err(ConfigError::Tampered(_))));
+        }
+    }
+
+    #[test]
+    fn kms_settings_and_format_1_are_refused_with_advice() {
+        let p = Path::new("c");
+        let mut cfg = config();
+        cfg.seal(&Dek::generate());
+        let text = toml::to_string_pretty(&cfg).unwrap();
+        let evil = text.replacen("[policy.key]", "address = \"http://x\"\n[policy.key]", 1);
+        assert!(matches!(
+            VolumeConfig::parse(p, &evil),
+            Err(ConfigError::KmsSettingInVolume { field, .. }) if field == "address"
+        ));
+        let old = text.replacen("format_version = 2", "format_version = 1", 1);
+        assert!(matches!(
+            VolumeConfig::parse(p, &old),
+            Err(ConfigError::FormatOne(_))
+        ));
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let v = serde_json::json!({"b": 1, "a": {"d": [2, {"f": 3, "e": 4}], "c": "x"}});
+        assert_eq!(
+            String::from_utf8(canonical_json(&v)).unwrap(),
+            r#"{"a":{"c":"x","d":[2,{"e":4,"f":3}]},"b":1}"#
+        );
+    }
+}

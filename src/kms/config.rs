@@ -305,3 +305,62 @@ impl KmsConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_resolve_are_inverse() {
+        let cfg = KmsConfig::Local {
+            key_file: "/etc/kmsfs/keys".into(),
+            key: "k".into(),
+        };
+        let (def, key) = cfg.split("p");
+        assert_eq!(key.provider, "p");
+        assert_eq!(key.id, "k");
+        assert!(
+            !def.settings.contains_key("key"),
+            "the key is not the provider's"
+        );
+        assert_eq!(def.resolve(&key).unwrap(), cfg);
+        let pinned = KeySpec {
+            version: Some("3".into()),
+            ..key
+        };
+        assert!(def
+            .resolve(&pinned)
+            .unwrap_err()
+            .contains("cannot be pinned"));
+    }
+
+    #[cfg(feature = "vault")]
+    #[test]
+    fn plain_http_needs_an_explicit_allow() {
+        let mut def = ProviderDef {
+            kind: "vault".into(),
+            settings: toml::Table::new(),
+        };
+        def.settings.insert(
+            "address".into(),
+            toml::Value::String("http://vault.example:8200".into()),
+        );
+        let key = KeySpec {
+            provider: "v".into(),
+            id: "k".into(),
+            version: None,
+        };
+        let cfg = def.resolve(&key).unwrap();
+        let e = cfg.check_transport().unwrap_err().to_string();
+        assert!(e.contains("allow_http = true"), "{e}");
+        def.settings
+            .insert("allow_http".into(), toml::Value::Boolean(true));
+        def.resolve(&key).unwrap().check_transport().unwrap();
+        def.settings.insert(
+            "address".into(),
+            toml::Value::String("https://vault.example:8200".into()),
+        );
+        def.settings.remove("allow_http");
+        def.resolve(&key).unwrap().check_transport().unwrap();
+    }
+}
