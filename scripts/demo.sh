@@ -48,6 +48,11 @@ touch "$MARKER"
 step "Creating a keyring and an encrypted backing directory"
 show "$KMSFS" init "$BACKING" --kms local --key-file "$KEYS" --key-name demo
 ls -l "$KEYS"
+echo
+echo "Where keys live is in the trusted configuration (${KMSFS_CONFIG:-/etc/kmsfs/kmsfs.toml}), not in the"
+echo "backing directory, which names the key only by provider and ID, and is authenticated:"
+show "$KMSFS" providers list
+show cat "$BACKING/.kmsfs-config.toml"
 
 step "Mounting $BACKING at $MNT"
 if ! show "$KMSFS" mount "$BACKING" "$MNT" --log-file "$LOG"; then

@@ -24,7 +24,6 @@ pub mod testing;
 pub mod vault;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -262,27 +261,5 @@ impl KmsRuntime {
         if f.as_mut().poll(&mut cx).is_pending() {
             self.rt.spawn(f);
         }
-    }
-}
-
-/// All providers a mount knows: the ones that wrap new files (by policy) and
-/// every one that may be asked to unwrap an existing file.
-#[derive(Clone, Default)]
-pub struct ProviderSet {
-    providers: Vec<Arc<dyn KeyProvider>>,
-}
-
-impl ProviderSet {
-    pub fn add(&mut self, p: Arc<dyn KeyProvider>) {
-        self.providers.push(p);
-    }
-
-    /// The provider able to unwrap under `key_ref`.
-    pub fn for_key(&self, key_ref: &KeyRef) -> Result<Arc<dyn KeyProvider>, KmsError> {
-        self.providers
-            .iter()
-            .find(|p| p.handles(key_ref))
-            .cloned()
-            .ok_or_else(|| KmsError::no_provider(key_ref))
     }
 }
