@@ -164,7 +164,7 @@ impl Reach {
             // fchmod refuses O_PATH handles.
             Reach::Dir(d) => sys::chmod_path(&sys::proc_path(&d.raw_fd()), mode),
             Reach::Open(cf) => sys::fchmod(cf.file().as_raw_fd(), mode),
-            Reach::At(dir, name) => sys::fchmodat(dir.raw_fd(), name, mode),
+            Reach::At(dir, name) => sys::chmod_nofollow(dir.raw_fd(), name, mode),
         }
     }
 

@@ -118,6 +118,8 @@ impl Core {
             )
             .await?;
         let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
+        // O_EXCL: a new regular file or nothing, whatever was planted under
+        // the name meanwhile (a symlink there fails with EEXIST).
         let data = match sys::openat(
             dfd,
             &c,
@@ -200,7 +202,7 @@ impl Core {
         if let Some(mode) = mode {
             if mode & 0o7000 != 0 && kind_of(mode) != FileType::Symlink {
                 // chown clears set-ID bits; put back what the caller asked for.
-                sys::fchmodat(dir.raw_fd(), &c, mode & 0o7777)?;
+                sys::chmod_nofollow(dir.raw_fd(), &c, mode & 0o7777)?;
             }
         }
         let (fd, st) = stat_new(dir, &c)?;
@@ -457,7 +459,9 @@ impl Core {
 }
 
 /// Stats `name` in `dir`; for a directory also opens the O_PATH handle its
-/// inode keeps.
+/// inode keeps. If the name was swapped for something else between the two
+/// calls, what the handle found is described instead, and the handle is not
+/// kept: only a directory is reached through its own handle.
 pub(super) fn stat_new(dir: &Inode, c: &CStr) -> FsResult<(Option<OwnedFd>, libc::stat)> {
     let st = sys::fstatat(dir.raw_fd(), c)?;
     if kind_of(st.st_mode) != FileType::Directory {
@@ -465,5 +469,8 @@ pub(super) fn stat_new(dir: &Inode, c: &CStr) -> FsResult<(Option<OwnedFd>, libc
     }
     let fd = sys::open_path(dir.raw_fd(), c)?;
     let st = sys::fstat(fd.as_raw_fd())?;
+    if kind_of(st.st_mode) != FileType::Directory {
+        return Ok((None, st));
+    }
     Ok((Some(fd), st))
 }
