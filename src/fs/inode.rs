@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
@@ -33,6 +34,27 @@ pub fn kind_of(mode: u32) -> FileType {
         libc::S_IFBLK => FileType::BlockDevice,
         _ => FileType::RegularFile,
     }
+}
+
+/// A backing name (untrusted bytes) as it goes into log lines and errors:
+/// control characters, backslashes and bytes that are not UTF-8 are escaped
+/// (`\n`, `\u{1b}`, `\\`, `\xff`), so that a name can neither start a
+/// forged log line nor pass for something else.
+pub fn escape_name(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                // Quotes delimit nothing in a log line: keep them readable.
+                '"' | '\'' => out.push(c),
+                c => out.extend(c.escape_debug()),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 /// One object of the backing tree the kernel knows about.
@@ -293,21 +315,24 @@ impl InodeTable {
         }
     }
 
-    /// Mount-relative path ("/" or "/a/b") of an inode, from the names the
-    /// kernel last looked it up by; None once unlinked.
-    pub fn rel_path(&self, inode: &Inode) -> Option<String> {
+    /// Backing-relative path of an inode as raw bytes ("" for the root,
+    /// "a/b"), from the names the kernel last looked it up by; None once
+    /// unlinked.
+    fn rel_bytes(&self, inode: &Inode) -> Option<Vec<u8>> {
         if std::ptr::eq(inode, &*self.root) {
-            return Some("/".into());
+            return Some(Vec::new());
         }
         let mut parts = Vec::new();
         let mut loc = inode.location();
         while let Some((parent, name)) = loc {
-            parts.push(name.to_string_lossy().into_owned());
+            parts.push(name);
             if parent == ROOT_INO {
-                let mut path = String::new();
+                let mut path = Vec::new();
                 for p in parts.iter().rev() {
-                    path.push('/');
-                    path.push_str(p);
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(p.as_bytes());
                 }
                 return Some(path);
             }
@@ -319,12 +344,30 @@ impl InodeTable {
         None
     }
 
-    /// Backing-relative path of an inode, for log lines.
+    /// Mount-relative path ("/" or "/a/b") of an inode, for policy lookups;
+    /// None once unlinked.
+    pub fn rel_path(&self, inode: &Inode) -> Option<String> {
+        self.rel_bytes(inode)
+            .map(|p| format!("/{}", String::from_utf8_lossy(&p)))
+    }
+
+    /// Backing-relative path of an inode, escaped for log lines.
     pub fn label(&self, inode: &Inode) -> String {
-        match self.rel_path(inode) {
-            Some(p) => p.trim_start_matches('/').to_owned(),
+        match self.rel_bytes(inode) {
+            Some(p) => escape_name(&p),
             None => "(unlinked file)".into(),
         }
+    }
+
+    /// Backing-relative path of `name` in directory `dir`, escaped for log
+    /// lines.
+    pub fn label_at(&self, dir: &Inode, name: &OsStr) -> String {
+        let mut p = self.rel_bytes(dir).unwrap_or_default();
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name.as_bytes());
+        escape_name(&p)
     }
 
     /// Where an inode's backing object can be reached: a directory through
@@ -364,5 +407,28 @@ impl InodeTable {
         if let Some(inode) = self.known(st) {
             inode.drop_name(parent, name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_name;
+
+    #[test]
+    fn names_are_escaped_for_log_lines() {
+        assert_eq!(escape_name(b"dir/plain name.txt"), "dir/plain name.txt");
+        assert_eq!(
+            escape_name(b"a\nERROR forged\r\t\x1b[31m\\"),
+            "a\\nERROR forged\\r\\t\\u{1b}[31m\\\\"
+        );
+        assert_eq!(
+            escape_name("caf\u{e9} \"q\" 'q'".as_bytes()),
+            "caf\u{e9} \"q\" 'q'"
+        );
+        assert_eq!(escape_name(b"bad\xff\xfe"), "bad\\xff\\xfe");
+        assert_eq!(
+            escape_name("line\u{2028}sep".as_bytes()),
+            "line\\u{2028}sep"
+        );
     }
 }

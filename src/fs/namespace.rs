@@ -107,7 +107,7 @@ impl Core {
             return Err(errno(libc::EEXIST));
         }
         let policy = self.policy_in(&dir)?;
-        let label = name.to_string_lossy();
+        let label = self.inodes.label_at(&dir, name);
         let new = self
             .keys
             .create(
