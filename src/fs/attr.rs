@@ -90,7 +90,8 @@ impl Core {
     pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         let inode = self.inodes.get(ino)?;
         let st = self.inodes.reach(&inode)?.stat()?;
-        Ok(self.attr(&st, inode.plain))
+        let plain = inode.kind == FileType::RegularFile && self.is_plain(&inode, &st)?;
+        Ok(self.attr(&st, plain))
     }
 
     pub async fn setattr(&self, ino: u64, set: SetAttr, caller: Caller) -> FsResult<FileAttr> {
@@ -116,10 +117,14 @@ impl Core {
                 FileType::Directory => return Err(FsError::errno(libc::EISDIR)),
                 _ => return Err(FsError::errno(libc::EINVAL)),
             }
-            let cf = match set.fh.map(|fh| self.handles.file(fh)) {
-                Some(Ok(cf)) => cf,
-                _ => self.crypt_file(&inode, None).await?,
+            let open = match set.fh.and_then(|fh| self.handles.open_file(fh).ok()) {
+                Some((open, _)) => open,
+                None => self.crypt_file(&inode, None).await?,
             };
+            if open.plain {
+                return Err(Self::plaintext_refused(&self.inodes.label(&inode)));
+            }
+            let cf = open.cf;
             // The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2) but does
             // not pass fuser its flag; root stands in for CAP_FSETID.
             if caller.uid != 0 {

@@ -18,6 +18,7 @@ use fuser::FileType;
 
 use super::crypt_file::CryptFile;
 use super::error::{FsError, FsResult};
+use super::handles::OpenFile;
 use super::sidecar::FileHeader;
 use super::sys;
 
@@ -57,9 +58,35 @@ pub fn escape_name(raw: &[u8]) -> String {
     out
 }
 
+/// The shared open state of a regular file while any handle is open, and
+/// whether it was made as a plaintext pass-through file.
+#[derive(Default)]
+pub struct OpenSlot {
+    file: Weak<CryptFile>,
+    plain: bool,
+}
+
+impl OpenSlot {
+    pub fn get(&self) -> Option<OpenFile> {
+        self.file.upgrade().map(|cf| OpenFile {
+            cf,
+            plain: self.plain,
+        })
+    }
+
+    pub fn set(&mut self, open: &OpenFile) {
+        self.file = Arc::downgrade(&open.cf);
+        self.plain = open.plain;
+    }
+}
+
 /// One object of the backing tree the kernel knows about.
 pub struct Inode {
     pub kind: FileType,
+    /// Backing device and inode number: what a name must still lead to
+    /// before the mount opens the object's data by that name.
+    pub dev: u64,
+    pub backing_ino: u64,
     /// O_PATH handle on a backing directory: stays valid across renames.
     /// None for every other kind (see the module documentation).
     pub fd: Option<OwnedFd>,
@@ -72,11 +99,13 @@ pub struct Inode {
     /// name in `location` is unlinked or renamed away.
     other_names: Mutex<Vec<(u64, OsString)>>,
     /// Shared open state while any handle is open (regular files).
-    pub open_file: Mutex<Weak<CryptFile>>,
+    pub open_file: Mutex<OpenSlot>,
     /// The sidecar header, read at most once (headers never change).
     pub header: OnceLock<Arc<FileHeader>>,
-    /// A regular file without sidecar under a non-mandatory policy: its
-    /// bytes are plaintext and pass through unchanged.
+    /// Always false. Whether a file is plaintext is decided whenever its
+    /// open state is made (`Core::crypt_file`), from its name at that time,
+    /// and never cached per inode: a name can change under the mount. Kept
+    /// only because prefetch.rs still reads it.
     pub plain: bool,
     /// An O_PATH handle taken when the object's last name goes (unlink,
     /// rename over it) while the kernel still knows the inode. It keeps the
@@ -90,21 +119,18 @@ pub struct Inode {
 }
 
 impl Inode {
-    fn new(
-        kind: FileType,
-        fd: Option<OwnedFd>,
-        location: Option<(u64, OsString)>,
-        plain: bool,
-    ) -> Self {
+    fn new(st: &libc::stat, fd: Option<OwnedFd>, location: Option<(u64, OsString)>) -> Self {
         Inode {
-            kind,
+            kind: kind_of(st.st_mode),
+            dev: st.st_dev,
+            backing_ino: st.st_ino,
             fd,
             lookups: AtomicU64::new(1),
             location: Mutex::new(location),
             other_names: Mutex::new(Vec::new()),
-            open_file: Mutex::new(Weak::new()),
+            open_file: Mutex::new(OpenSlot::default()),
             header: OnceLock::new(),
-            plain,
+            plain: false,
             pinned: Mutex::new(None),
             filled: AtomicBool::new(false),
         }
@@ -149,7 +175,12 @@ impl Inode {
 
     /// The open state of a regular file, while any handle is open.
     pub fn open_state(&self) -> Option<Arc<CryptFile>> {
-        self.open_file.lock().unwrap().upgrade()
+        self.open_file().map(|o| o.cf)
+    }
+
+    /// The open state with whether it is plaintext, while any handle is open.
+    pub fn open_file(&self) -> Option<OpenFile> {
+        self.open_file.lock().unwrap().get()
     }
 }
 
@@ -228,7 +259,7 @@ impl InodeTable {
     /// A table holding the backing root, reached through `root_fd`.
     pub fn new(root_fd: OwnedFd) -> std::io::Result<Self> {
         let st = sys::fstat(root_fd.as_raw_fd())?;
-        let root = Arc::new(Inode::new(FileType::Directory, Some(root_fd), None, false));
+        let root = Arc::new(Inode::new(&st, Some(root_fd), None));
         let mut map = HashMap::new();
         map.insert(ROOT_INO, root.clone());
         Ok(InodeTable {
@@ -282,7 +313,6 @@ impl InodeTable {
         name: &OsStr,
         fd: Option<OwnedFd>,
         st: &libc::stat,
-        plain: bool,
     ) -> Arc<Inode> {
         let ino = self.fuse_ino(st.st_ino);
         let mut map = self.map.write().unwrap();
@@ -293,12 +323,7 @@ impl InodeTable {
             }
             return existing.clone();
         }
-        let inode = Arc::new(Inode::new(
-            kind_of(st.st_mode),
-            fd,
-            Some((parent, name.to_owned())),
-            plain,
-        ));
+        let inode = Arc::new(Inode::new(st, fd, Some((parent, name.to_owned()))));
         map.insert(ino, inode.clone());
         inode
     }

@@ -14,9 +14,10 @@ use fuser::{FileAttr, FileType};
 
 use super::crypt_file::{CryptFile, PendingDurability};
 use super::error::{FsError, FsResult};
+use super::handles::OpenFile;
 use super::inode::{kind_of, Inode, Reach};
-use super::{sidecar, sys, Caller, Core};
-use crate::format::names::{is_reserved, sidecar_name, NAME_MAX};
+use super::{sidecar, sidecar_exists, sys, Caller, Core};
+use crate::format::names::{is_reserved, NAME_MAX};
 use crate::policy::is_within;
 
 fn errno(e: i32) -> FsError {
@@ -48,22 +49,24 @@ impl Core {
     ) -> FsResult<(Arc<Inode>, FileAttr)> {
         let c = sys::cstr(name)?;
         let (fd, st) = stat_new(dir, &c)?;
-        let plain = self.is_plain(dir, name, &st)?;
-        let inode = self.inodes.remember(parent, name, fd, &st, plain);
-        Ok((inode, self.attr(&st, plain)))
-    }
-
-    /// Whether `name` in `dir` is a plaintext file let through by a
-    /// non-mandatory policy (costs a sidecar check only in such subtrees).
-    fn is_plain(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
-        if !self.has_optional_policy
-            || kind_of(st.st_mode) != FileType::RegularFile
-            || self.policy_in(dir)?.policy.mandatory
+        if kind_of(st.st_mode) == FileType::RegularFile
+            && st.st_nlink > 1
+            && !sidecar_exists(dir, name)?
         {
-            return Ok(false);
+            // Every name the mount links has its own sidecar. A name without
+            // one is a link made in the backing directory, and its inode is
+            // the one the kernel may know by an encrypted file's name: once
+            // known by this name, the file would be read and written through
+            // it as well.
+            return Err(FsError::backing(
+                &self.inodes.label_at(dir, name),
+                "has more than one link but no sidecar of its own (a hard link made outside \
+                 the mount); refused",
+            ));
         }
-        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
-        Ok(sys::fstatat(dir.raw_fd(), &sc).is_err())
+        let plain = self.plain_at(dir, name, &st)?;
+        let inode = self.inodes.remember(parent, name, fd, &st);
+        Ok((inode, self.attr(&st, plain)))
     }
 
     /// Owner of a new object: the caller, with the group inherited from a
@@ -91,7 +94,7 @@ impl Core {
         name: &OsStr,
         mode: u32,
         caller: Caller,
-    ) -> FsResult<(FileAttr, Arc<CryptFile>)> {
+    ) -> FsResult<(FileAttr, OpenFile)> {
         reject_reserved(name)?;
         if self.read_only {
             return Err(errno(libc::EROFS));
@@ -138,7 +141,7 @@ impl Core {
             sys::fchmod(data.as_raw_fd(), mode & 0o7777)?;
         }
         let st = sys::fstat(data.as_raw_fd())?;
-        let inode = self.inodes.remember(parent, name, None, &st, false);
+        let inode = self.inodes.remember(parent, name, None, &st);
         let _ = inode.header.set(Arc::new(new.header));
         let cf = Arc::new(CryptFile::new(
             File::from(data),
@@ -150,8 +153,9 @@ impl Core {
                 parent_dir: dir.clone(),
             }),
         )?);
-        *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
-        Ok((self.attr(&st, false), cf))
+        let open = OpenFile { cf, plain: false };
+        inode.open_file.lock().unwrap().set(&open);
+        Ok((self.attr(&st, false), open))
     }
 
     pub async fn create_open(
@@ -161,8 +165,8 @@ impl Core {
         mode: u32,
         caller: Caller,
     ) -> FsResult<(FileAttr, u64)> {
-        let (attr, cf) = self.create(parent, name, mode, caller).await?;
-        Ok((attr, self.handles.add_file(cf)))
+        let (attr, open) = self.create(parent, name, mode, caller).await?;
+        Ok((attr, self.handles.add_file(open, attr.ino.0)))
     }
 
     /// Removes the sidecar of `name` if there is one. Its space is freed on
@@ -206,7 +210,7 @@ impl Core {
             }
         }
         let (fd, st) = stat_new(dir, &c)?;
-        self.inodes.remember(parent, name, fd, &st, false);
+        self.inodes.remember(parent, name, fd, &st);
         Ok(self.attr(&st, false))
     }
 
@@ -431,13 +435,23 @@ impl Core {
         if sys::fstatat(nfd, &nc).is_ok() {
             return Err(errno(libc::EEXIST));
         }
-        let sidecar = if inode.kind == FileType::RegularFile && !inode.plain {
+        let reach = self.inodes.reach(&inode)?;
+        let sidecar = if inode.kind == FileType::RegularFile {
+            if self.is_plain(&inode, &reach.stat()?)? {
+                // A file with two links is never passed through as plaintext,
+                // so it would become unreadable under both names.
+                return Err(FsError::refused(
+                    &self.inodes.label(&inode),
+                    "is a plaintext file: a second link would make it unreadable; copy it to a \
+                     new name to encrypt it",
+                ));
+            }
             let header = self.header_of(&inode)?;
             Some(sidecar::create_at(nfd, newname, &header.raw)?)
         } else {
             None
         };
-        let linked = match self.inodes.reach(&inode)? {
+        let linked = match reach {
             Reach::At(dir, name) => sys::linkat(dir.raw_fd(), &name, nfd, &nc, 0),
             // Open but unlinked: linkat of a file with no names fails anyway.
             Reach::Open(cf) => {
@@ -452,9 +466,9 @@ impl Core {
             return Err(e.into());
         }
         let st = sys::fstatat(nfd, &nc)?;
-        self.inodes
-            .remember(newparent, newname, None, &st, inode.plain);
-        Ok(self.attr(&st, inode.plain))
+        self.inodes.remember(newparent, newname, None, &st);
+        // Two links now: not plaintext.
+        Ok(self.attr(&st, false))
     }
 }
 
