@@ -34,7 +34,17 @@ pub fn info(path: &Path, verify: bool) -> Result<()> {
     })?;
     let parsed = &header.parsed;
     let h = &parsed.header;
-    let ct_size = std::fs::metadata(&file).map(|m| m.len()).ok();
+    // Not following a symlink, and never opening anything but a regular file:
+    // the backing directory is untrusted (a FIFO would block an open).
+    let ct_size = match std::fs::symlink_metadata(&file) {
+        Ok(m) if m.file_type().is_file() => Some(m.len()),
+        Ok(_) => bail!(
+            "{}: its backing {} is not a regular file",
+            path.display(),
+            file.display()
+        ),
+        Err(_) => None,
+    };
     let mut out = serde_json::json!({
         "path": path.display().to_string(),
         "backing_path": file.display().to_string(),
