@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::fs::OpenOptions;
 use std::io::Read;
 use std::net::TcpListener;
 
@@ -18,23 +19,6 @@ fn key_of(fs: &TestFs, rel: &str) -> String {
     info(fs, rel)["key"]["key_id"].as_str().unwrap().to_owned()
 }
 
-fn set_policy(fs: &TestFs, dir: &str, key: &str, extra: &[&str]) {
-    let mut args = vec![
-        "policy",
-        "set",
-        fs.backing.to_str().unwrap(),
-        dir,
-        "--kms",
-        "local",
-        "--key-file",
-        fs.key_file.to_str().unwrap(),
-        "--key-name",
-        key,
-    ];
-    args.extend_from_slice(extra);
-    run(&args, true);
-}
-
 fn policy_status(fs: &TestFs) -> serde_json::Value {
     let out = run(&["policy", "status", fs.backing.to_str().unwrap()], true);
     serde_json::from_slice(&out.stdout).unwrap()
@@ -43,7 +27,7 @@ fn policy_status(fs: &TestFs) -> serde_json::Value {
 #[test]
 fn nearest_policy_applies_and_crossing_keys_is_exdev() {
     let mut fs = TestFs::new(&[]);
-    set_policy(&fs, "/pii", "pii", &[]);
+    fs.set_policy("/pii", "pii", &[]);
     fs.remount();
     fs::create_dir_all(fs.path("pii/deep")).unwrap();
     fs::create_dir(fs.path("other")).unwrap();
@@ -92,7 +76,7 @@ fn nearest_policy_applies_and_crossing_keys_is_exdev() {
     assert_eq!(show["dir"], "/pii");
 
     // Changing the policy: old files keep their key and stay readable.
-    set_policy(&fs, "/pii", "pii2", &[]);
+    fs.set_policy("/pii", "pii2", &[]);
     fs.remount();
     fs::write(fs.path("pii/new"), b"n").unwrap();
     assert_eq!(key_of(&fs, "pii/new"), "pii2");
@@ -144,13 +128,47 @@ fn non_mandatory_policy_lets_plaintext_files_through() {
     fs::create_dir(fs.backing_path("legacy")).unwrap();
     fs::write(fs.backing_path("legacy/old.txt"), b"plain old data").unwrap();
     fs::write(fs.backing_path("stray.txt"), b"no sidecar here").unwrap();
-    set_policy(&fs, "/legacy", "default", &["--not-mandatory"]);
+    fs.set_policy("/legacy", "default", &["--not-mandatory"]);
     fs.mount(&[]);
     assert_eq!(
         fs::read(fs.path("legacy/old.txt")).unwrap(),
         b"plain old data"
     );
     assert_eq!(fs::metadata(fs.path("legacy/old.txt")).unwrap().len(), 14);
+    // New user data never lands in a plaintext file: opening it for writing
+    // and truncating it are refused (EPERM), reading stays allowed, and the
+    // log says how to encrypt it.
+    let old = fs.path("legacy/old.txt");
+    let eperm = |r: std::io::Result<fs::File>| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPERM));
+    };
+    eperm(OpenOptions::new().write(true).open(&old));
+    eperm(OpenOptions::new().append(true).open(&old));
+    eperm(OpenOptions::new().read(true).write(true).open(&old));
+    eperm(OpenOptions::new().write(true).truncate(true).open(&old));
+    let c = std::ffi::CString::new(old.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 3) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        fs::read(fs.backing_path("legacy/old.txt")).unwrap(),
+        b"plain old data"
+    );
+    assert_eq!(fs::read(&old).unwrap(), b"plain old data");
+    assert!(
+        fs.log_text().contains("legacy/old.txt") && fs.log_text().contains("copy it to a new name"),
+        "{}",
+        fs.log_text()
+    );
+    // Copying it encrypts it.
+    fs::copy(&old, fs.path("legacy/old.enc")).unwrap();
+    assert!(fs.backing_path("legacy/.kmsfs.old.enc").exists());
+    assert_eq!(
+        fs::read(fs.path("legacy/old.enc")).unwrap(),
+        b"plain old data"
+    );
     fs::write(fs.path("legacy/new.txt"), b"secret new data").unwrap();
     assert!(
         fs.backing_path("legacy/.kmsfs.new.txt").exists(),
@@ -175,7 +193,7 @@ fn non_mandatory_policy_lets_plaintext_files_through() {
         .find(|r| r["dir"] == "/legacy")
         .unwrap();
     assert_eq!(legacy["files_without_sidecar"], 1);
-    assert_eq!(legacy["files_on_current_key"], 1);
+    assert_eq!(legacy["files_on_current_key"], 2);
 }
 
 fn free_port() -> u16 {

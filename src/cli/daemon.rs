@@ -4,8 +4,10 @@
 //! `kmsfs umount`.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,18 +24,16 @@ const READY_ENV: &str = "KMSFS_REPORT_READY";
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 /// Re-runs this command in the foreground as a detached child, logging to
-/// `log_file` (default: one per mountpoint in the temp directory), and waits
-/// for it to report the mount ready or failed.
+/// `log_file` (default: one per mountpoint in a private state directory,
+/// see `default_log_file`), and waits for it to report the mount ready or
+/// failed.
 pub fn spawn(log_file: Option<&Path>, mountpoint: &Path) -> Result<()> {
     let log = match log_file {
         Some(p) => absolute(p)?,
-        None => default_log_file(mountpoint),
+        None => default_log_file(mountpoint)?,
     };
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .with_context(|| format!("cannot open log file {}", log.display()))?;
+    let log_file =
+        open_log(&log).with_context(|| format!("cannot open log file {}", log.display()))?;
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
     let mut child = unsafe {
@@ -75,8 +75,61 @@ pub fn spawn(log_file: Option<&Path>, mountpoint: &Path) -> Result<()> {
     }
 }
 
-/// `$TMPDIR/kmsfs_mnt_path.log` for mountpoint /mnt/path.
-fn default_log_file(mountpoint: &Path) -> PathBuf {
+/// Opens (creating it mode 0600) the daemon's log for appending, not
+/// through a symlink: the daemon runs as root, and a symlink planted at the
+/// log's name would have it append to any file.
+fn open_log(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Where the background daemon logs by default: not a predictable name in
+/// a directory others can write to (such as /tmp, where another user could
+/// plant a symlink or a file of theirs), but a private state directory,
+/// /var/log/kmsfs for root and `$XDG_STATE_HOME/kmsfs` (else
+/// `~/.local/state/kmsfs`) for other users.
+fn log_dir() -> Result<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/var/log/kmsfs"));
+    }
+    let absolute_var = |name| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(state) = absolute_var("XDG_STATE_HOME") {
+        return Ok(state.join("kmsfs"));
+    }
+    let home = absolute_var("HOME").ok_or_else(|| {
+        anyhow!("HOME is not set, so there is no place for the log; pass --log-file FILE")
+    })?;
+    Ok(home.join(".local/state/kmsfs"))
+}
+
+/// `<log_dir>/kmsfs_mnt_path.log` for mountpoint /mnt/path; the directory is
+/// created mode 0700 and must be this user's, writable by no one else.
+fn default_log_file(mountpoint: &Path) -> Result<PathBuf> {
+    let dir = log_dir()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(&dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
+        bail!(
+            "the log directory {} must be a directory owned by uid {euid} that no one else can \
+             write to; fix it (chmod 700) or pass --log-file FILE",
+            dir.display()
+        );
+    }
     let tag: String = mountpoint
         .as_os_str()
         .as_bytes()
@@ -89,7 +142,7 @@ fn default_log_file(mountpoint: &Path) -> PathBuf {
             }
         })
         .collect();
-    std::env::temp_dir().join(format!("kmsfs{tag}.log"))
+    Ok(dir.join(format!("kmsfs{tag}.log")))
 }
 
 /// The last `n` lines of the file at `path` (empty if unreadable).

@@ -35,10 +35,17 @@ pub fn info(path: &Path, verify: bool) -> Result<()> {
         )
     })?;
     let h = &header.parsed.header;
-    let ct_size = std::fs::symlink_metadata(&file)
-        .ok()
-        .filter(|m| m.is_file())
-        .map(|m| m.len());
+    // Not following a symlink, and never opening anything but a regular file:
+    // the backing directory is untrusted (a FIFO would block an open).
+    let ct_size = match std::fs::symlink_metadata(&file) {
+        Ok(m) if m.file_type().is_file() => Some(m.len()),
+        Ok(_) => bail!(
+            "{}: its backing {} is not a regular file",
+            path.display(),
+            file.display()
+        ),
+        Err(_) => None,
+    };
     let keys: Vec<serde_json::Value> = h
         .wraps()
         .iter()

@@ -61,10 +61,10 @@ pub struct SetAttr {
 
 impl Core {
     /// The attributes of `inode`, whose backing object has stat `st`, as
-    /// the mount shows them.
-    pub(super) fn attr(&self, st: &libc::stat, inode: &Inode) -> FileAttr {
+    /// the mount shows them; `plain`: a plaintext pass-through file.
+    pub(super) fn attr(&self, st: &libc::stat, inode: &Inode, plain: bool) -> FileAttr {
         let kind = kind_of(st.st_mode);
-        let size = if kind == FileType::RegularFile && !inode.plain {
+        let size = if kind == FileType::RegularFile && !plain {
             self.size_geometry(inode).plaintext_size(st.st_size as u64)
         } else {
             st.st_size as u64
@@ -91,7 +91,8 @@ impl Core {
     pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         let inode = self.inodes.get(ino)?;
         let st = self.inodes.reach(&inode)?.stat()?;
-        Ok(self.attr(&st, &inode))
+        let plain = inode.kind == FileType::RegularFile && self.is_plain(&inode, &st)?;
+        Ok(self.attr(&st, &inode, plain))
     }
 
     pub async fn setattr(&self, ino: u64, set: SetAttr, caller: Caller) -> FsResult<FileAttr> {
@@ -117,10 +118,14 @@ impl Core {
                 FileType::Directory => return Err(FsError::errno(libc::EISDIR)),
                 _ => return Err(FsError::errno(libc::EINVAL)),
             }
-            let cf = match set.fh.map(|fh| self.handles.file(fh)) {
-                Some(Ok(cf)) => cf,
-                _ => self.crypt_file(&inode, None).await?,
+            let open = match set.fh.and_then(|fh| self.handles.open_file(fh).ok()) {
+                Some((open, _)) => open,
+                None => self.crypt_file(&inode, None).await?,
             };
+            if open.plain {
+                return Err(Self::plaintext_refused(&self.inodes.label(&inode)));
+            }
+            let cf = open.cf;
             // The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2) but does
             // not pass fuser its flag; root stands in for CAP_FSETID.
             if caller.uid != 0 {

@@ -18,6 +18,13 @@ pub enum FsError {
     },
     #[error("{file}: sidecar header: {reason}")]
     Header { file: String, reason: String },
+    /// A backing object is not what the mount knows it as (something else
+    /// was put in its place): refused rather than opened.
+    #[error("{file}: {reason}")]
+    Backing { file: String, reason: &'static str },
+    /// Refused by a kmsfs rule, with what to do instead (EPERM).
+    #[error("{file}: {reason}")]
+    Refused { file: String, reason: &'static str },
     #[error("{file}: {action}: {source}")]
     Kms {
         file: String,
@@ -60,23 +67,43 @@ impl FsError {
         }
     }
 
+    pub fn backing(file: &str, reason: &'static str) -> Self {
+        FsError::Backing {
+            file: file.to_owned(),
+            reason,
+        }
+    }
+
+    pub fn refused(file: &str, reason: &'static str) -> Self {
+        FsError::Refused {
+            file: file.to_owned(),
+            reason,
+        }
+    }
+
     pub fn header_format(file: &str, e: FormatError) -> Self {
         Self::header(file, e)
     }
 
-    /// The errno the kernel gets. Integrity, header and KMS failures are EIO.
+    /// The errno the kernel gets. Integrity, header, backing-object and KMS
+    /// failures are EIO; refusals EPERM.
     pub fn to_errno(&self) -> i32 {
         match self {
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Errno(Errno(e)) => *e,
-            FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => libc::EIO,
+            FsError::Refused { .. } => libc::EPERM,
+            FsError::Block { .. }
+            | FsError::Header { .. }
+            | FsError::Backing { .. }
+            | FsError::Kms { .. } => libc::EIO,
         }
     }
 
     /// Logs the error if an operator should hear of it, once, naming the
-    /// request `op` that failed: integrity, header and KMS failures (with
-    /// file and block), and a full backing filesystem. Ordinary errors such
-    /// as ENOENT are not logged. Called where the reply is made.
+    /// request `op` that failed: integrity, header, backing-object and KMS
+    /// failures (with file and block), refusals, and a full backing
+    /// filesystem. Ordinary errors such as ENOENT are not logged. Called
+    /// where the reply is made.
     pub fn log(&self, op: &str) {
         match self {
             FsError::Io(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
@@ -87,9 +114,11 @@ impl FsError {
                      nothing; free space in the backing directory"
                 )
             }
-            FsError::Block { .. } | FsError::Header { .. } | FsError::Kms { .. } => {
-                tracing::error!("{op}: {self}")
-            }
+            FsError::Refused { .. } => tracing::warn!("{op}: {self}"),
+            FsError::Block { .. }
+            | FsError::Header { .. }
+            | FsError::Backing { .. }
+            | FsError::Kms { .. } => tracing::error!("{op}: {self}"),
             FsError::Io(_) | FsError::Errno(_) => {}
         }
     }

@@ -13,9 +13,18 @@ use super::error::{FsError, FsResult};
 /// A directory listing: (fuse ino, kind, name).
 pub type DirEntries = Vec<(u64, FileType, OsString)>;
 
+/// A regular file's shared open state, and whether it was made as a
+/// plaintext pass-through file (which never receives writes).
+#[derive(Clone)]
+pub struct OpenFile {
+    pub cf: Arc<CryptFile>,
+    pub plain: bool,
+}
+
 /// An open file or directory handle.
 enum Handle {
-    File(Arc<CryptFile>),
+    /// With the FUSE inode number, to name the file in log lines.
+    File(OpenFile, u64),
     /// Directory snapshot taken at opendir.
     Dir(Arc<DirEntries>),
 }
@@ -33,17 +42,24 @@ impl HandleTable {
         fh
     }
 
-    pub fn add_file(&self, cf: Arc<CryptFile>) -> u64 {
-        self.add(Handle::File(cf))
+    pub fn add_file(&self, open: OpenFile, ino: u64) -> u64 {
+        self.add(Handle::File(open, ino))
     }
 
     pub fn add_dir(&self, entries: DirEntries) -> u64 {
         self.add(Handle::Dir(Arc::new(entries)))
     }
 
+    /// The open state behind an open file handle.
     pub fn file(&self, fh: u64) -> FsResult<Arc<CryptFile>> {
+        self.open_file(fh).map(|(open, _)| open.cf)
+    }
+
+    /// The open state behind an open file handle, whether it is plaintext,
+    /// and the file's FUSE inode number.
+    pub fn open_file(&self, fh: u64) -> FsResult<(OpenFile, u64)> {
         match self.map.read().unwrap().get(&fh) {
-            Some(Handle::File(f)) => Ok(f.clone()),
+            Some(Handle::File(open, ino)) => Ok((open.clone(), *ino)),
             _ => Err(FsError::errno(libc::EBADF)),
         }
     }

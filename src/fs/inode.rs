@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
@@ -17,6 +18,7 @@ use fuser::FileType;
 
 use super::crypt_file::CryptFile;
 use super::error::{FsError, FsResult};
+use super::handles::OpenFile;
 use super::sidecar::FileHeader;
 use super::sys;
 
@@ -35,9 +37,56 @@ pub fn kind_of(mode: u32) -> FileType {
     }
 }
 
+/// A backing name (untrusted bytes) as it goes into log lines and errors:
+/// control characters, backslashes and bytes that are not UTF-8 are escaped
+/// (`\n`, `\u{1b}`, `\\`, `\xff`), so that a name can neither start a
+/// forged log line nor pass for something else.
+pub fn escape_name(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                // Quotes delimit nothing in a log line: keep them readable.
+                '"' | '\'' => out.push(c),
+                c => out.extend(c.escape_debug()),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The shared open state of a regular file while any handle is open, and
+/// whether it was made as a plaintext pass-through file.
+#[derive(Default)]
+pub struct OpenSlot {
+    file: Weak<CryptFile>,
+    plain: bool,
+}
+
+impl OpenSlot {
+    pub fn get(&self) -> Option<OpenFile> {
+        self.file.upgrade().map(|cf| OpenFile {
+            cf,
+            plain: self.plain,
+        })
+    }
+
+    pub fn set(&mut self, open: &OpenFile) {
+        self.file = Arc::downgrade(&open.cf);
+        self.plain = open.plain;
+    }
+}
+
 /// One object of the backing tree the kernel knows about.
 pub struct Inode {
     pub kind: FileType,
+    /// Backing device and inode number: what a name must still lead to
+    /// before the mount opens the object's data by that name.
+    pub dev: u64,
+    pub backing_ino: u64,
     /// O_PATH handle on a backing directory: stays valid across renames.
     /// None for every other kind (see the module documentation).
     pub fd: Option<OwnedFd>,
@@ -50,12 +99,9 @@ pub struct Inode {
     /// name in `location` is unlinked or renamed away.
     other_names: Mutex<Vec<(u64, OsString)>>,
     /// Shared open state while any handle is open (regular files).
-    pub open_file: Mutex<Weak<CryptFile>>,
+    pub open_file: Mutex<OpenSlot>,
     /// The sidecar header, read at most once (headers never change).
     pub header: OnceLock<Arc<FileHeader>>,
-    /// A regular file without sidecar under a non-mandatory policy: its
-    /// bytes are plaintext and pass through unchanged.
-    pub plain: bool,
     /// An O_PATH handle taken when the object's last name goes (unlink,
     /// rename over it) while the kernel still knows the inode. It keeps the
     /// backing inode number from being reused by a new object until the
@@ -68,21 +114,17 @@ pub struct Inode {
 }
 
 impl Inode {
-    fn new(
-        kind: FileType,
-        fd: Option<OwnedFd>,
-        location: Option<(u64, OsString)>,
-        plain: bool,
-    ) -> Self {
+    fn new(st: &libc::stat, fd: Option<OwnedFd>, location: Option<(u64, OsString)>) -> Self {
         Inode {
-            kind,
+            kind: kind_of(st.st_mode),
+            dev: st.st_dev,
+            backing_ino: st.st_ino,
             fd,
             lookups: AtomicU64::new(1),
             location: Mutex::new(location),
             other_names: Mutex::new(Vec::new()),
-            open_file: Mutex::new(Weak::new()),
+            open_file: Mutex::new(OpenSlot::default()),
             header: OnceLock::new(),
-            plain,
             pinned: Mutex::new(None),
             filled: AtomicBool::new(false),
         }
@@ -127,7 +169,12 @@ impl Inode {
 
     /// The open state of a regular file, while any handle is open.
     pub fn open_state(&self) -> Option<Arc<CryptFile>> {
-        self.open_file.lock().unwrap().upgrade()
+        self.open_file().map(|o| o.cf)
+    }
+
+    /// The open state with whether it is plaintext, while any handle is open.
+    pub fn open_file(&self) -> Option<OpenFile> {
+        self.open_file.lock().unwrap().get()
     }
 }
 
@@ -164,7 +211,7 @@ impl Reach {
             // fchmod refuses O_PATH handles.
             Reach::Dir(d) => sys::chmod_path(&sys::proc_path(&d.raw_fd()), mode),
             Reach::Open(cf) => sys::fchmod(cf.file().as_raw_fd(), mode),
-            Reach::At(dir, name) => sys::fchmodat(dir.raw_fd(), name, mode),
+            Reach::At(dir, name) => sys::chmod_nofollow(dir.raw_fd(), name, mode),
         }
     }
 
@@ -206,7 +253,7 @@ impl InodeTable {
     /// A table holding the backing root, reached through `root_fd`.
     pub fn new(root_fd: OwnedFd) -> std::io::Result<Self> {
         let st = sys::fstat(root_fd.as_raw_fd())?;
-        let root = Arc::new(Inode::new(FileType::Directory, Some(root_fd), None, false));
+        let root = Arc::new(Inode::new(&st, Some(root_fd), None));
         let mut map = HashMap::new();
         map.insert(ROOT_INO, root.clone());
         Ok(InodeTable {
@@ -260,7 +307,6 @@ impl InodeTable {
         name: &OsStr,
         fd: Option<OwnedFd>,
         st: &libc::stat,
-        plain: bool,
     ) -> Arc<Inode> {
         let ino = self.fuse_ino(st.st_ino);
         let mut map = self.map.write().unwrap();
@@ -271,12 +317,7 @@ impl InodeTable {
             }
             return existing.clone();
         }
-        let inode = Arc::new(Inode::new(
-            kind_of(st.st_mode),
-            fd,
-            Some((parent, name.to_owned())),
-            plain,
-        ));
+        let inode = Arc::new(Inode::new(st, fd, Some((parent, name.to_owned()))));
         map.insert(ino, inode.clone());
         inode
     }
@@ -293,21 +334,24 @@ impl InodeTable {
         }
     }
 
-    /// Mount-relative path ("/" or "/a/b") of an inode, from the names the
-    /// kernel last looked it up by; None once unlinked.
-    pub fn rel_path(&self, inode: &Inode) -> Option<String> {
+    /// Backing-relative path of an inode as raw bytes ("" for the root,
+    /// "a/b"), from the names the kernel last looked it up by; None once
+    /// unlinked.
+    fn rel_bytes(&self, inode: &Inode) -> Option<Vec<u8>> {
         if std::ptr::eq(inode, &*self.root) {
-            return Some("/".into());
+            return Some(Vec::new());
         }
         let mut parts = Vec::new();
         let mut loc = inode.location();
         while let Some((parent, name)) = loc {
-            parts.push(name.to_string_lossy().into_owned());
+            parts.push(name);
             if parent == ROOT_INO {
-                let mut path = String::new();
+                let mut path = Vec::new();
                 for p in parts.iter().rev() {
-                    path.push('/');
-                    path.push_str(p);
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(p.as_bytes());
                 }
                 return Some(path);
             }
@@ -319,12 +363,30 @@ impl InodeTable {
         None
     }
 
-    /// Backing-relative path of an inode, for log lines.
+    /// Mount-relative path ("/" or "/a/b") of an inode, for policy lookups;
+    /// None once unlinked.
+    pub fn rel_path(&self, inode: &Inode) -> Option<String> {
+        self.rel_bytes(inode)
+            .map(|p| format!("/{}", String::from_utf8_lossy(&p)))
+    }
+
+    /// Backing-relative path of an inode, escaped for log lines.
     pub fn label(&self, inode: &Inode) -> String {
-        match self.rel_path(inode) {
-            Some(p) => p.trim_start_matches('/').to_owned(),
+        match self.rel_bytes(inode) {
+            Some(p) => escape_name(&p),
             None => "(unlinked file)".into(),
         }
+    }
+
+    /// Backing-relative path of `name` in directory `dir`, escaped for log
+    /// lines.
+    pub fn label_at(&self, dir: &Inode, name: &OsStr) -> String {
+        let mut p = self.rel_bytes(dir).unwrap_or_default();
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name.as_bytes());
+        escape_name(&p)
     }
 
     /// Where an inode's backing object can be reached: a directory through
@@ -364,5 +426,28 @@ impl InodeTable {
         if let Some(inode) = self.known(st) {
             inode.drop_name(parent, name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_name;
+
+    #[test]
+    fn names_are_escaped_for_log_lines() {
+        assert_eq!(escape_name(b"dir/plain name.txt"), "dir/plain name.txt");
+        assert_eq!(
+            escape_name(b"a\nERROR forged\r\t\x1b[31m\\"),
+            "a\\nERROR forged\\r\\t\\u{1b}[31m\\\\"
+        );
+        assert_eq!(
+            escape_name("caf\u{e9} \"q\" 'q'".as_bytes()),
+            "caf\u{e9} \"q\" 'q'"
+        );
+        assert_eq!(escape_name(b"bad\xff\xfe"), "bad\\xff\\xfe");
+        assert_eq!(
+            escape_name("line\u{2028}sep".as_bytes()),
+            "line\\u{2028}sep"
+        );
     }
 }

@@ -34,8 +34,10 @@ mod xattr;
 pub use adapter::{mount, MountOptions};
 pub use attr::SetAttr;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -45,6 +47,7 @@ use fuser::FileType;
 use crate::cache::DekCache;
 use crate::config::{ActivePolicy, VolumeConfig};
 use crate::format::block::BlockLayout;
+use crate::format::names::sidecar_name;
 use crate::format::BlockGeometry;
 use crate::kms::KmsRuntime;
 use crate::metrics::Metrics;
@@ -53,8 +56,8 @@ use background::Worker;
 use crypt_file::CryptFile;
 use error::{FsError, FsResult};
 use file_keys::FileKeys;
-use handles::HandleTable;
-use inode::{Inode, InodeTable, Reach};
+use handles::{HandleTable, OpenFile};
+use inode::{kind_of, Inode, InodeTable};
 use prefetch::PrefetchedDirs;
 use sidecar::FileHeader;
 
@@ -62,6 +65,11 @@ use sidecar::FileHeader;
 /// for reading (a whole small file; see `Core::fill_page_cache`). Its
 /// ciphertext is read ahead at every first open.
 const OPEN_FILL: u64 = 128 * 1024;
+
+/// Why a plaintext pass-through file gets no writes, and what to do instead.
+const PLAINTEXT_READ_ONLY: &str = "is a plaintext file (no sidecar, under a policy that is not \
+     mandatory): writing to it is refused so that no new data is stored unencrypted; copy it to \
+     a new name to encrypt it";
 
 /// See `Core::set_page_filler`: (FUSE inode, bytes for offset 0).
 pub type PageFiller = Box<dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync>;
@@ -229,34 +237,93 @@ impl Core {
         Ok(inode.header.get_or_init(|| Arc::new(header)).clone())
     }
 
-    /// Opens a regular file's backing data with `flags`.
-    fn open_data(&self, inode: &Arc<Inode>, flags: i32) -> FsResult<OwnedFd> {
-        Ok(match self.inodes.reach(inode)? {
-            Reach::Open(cf) => sys::reopen(cf.file().as_raw_fd(), flags)?,
-            Reach::At(dir, name) => sys::openat(dir.raw_fd(), &name, flags | libc::O_NOFOLLOW, 0)?,
-            Reach::Dir(_) => return Err(FsError::errno(libc::EISDIR)),
-        })
+    /// Whether regular file `name` in `dir`, with stat `st`, is a plaintext
+    /// pass-through file: one link only, under a policy that is not
+    /// mandatory, and no sidecar (ENOENT; any other failure to look for the
+    /// sidecar is an error, never "plaintext"). Decided afresh each time from
+    /// the name as it is now, never cached: a hard link or a rename in the
+    /// backing directory must not make an encrypted file pass as plaintext.
+    fn plain_at(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
+        if !self.has_optional_policy
+            || kind_of(st.st_mode) != FileType::RegularFile
+            || st.st_nlink != 1
+            || self.policy_in(dir)?.policy.mandatory
+        {
+            return Ok(false);
+        }
+        Ok(!sidecar_exists(dir, name)?)
+    }
+
+    /// Whether regular file `inode` (with stat `st`) is plaintext: as its
+    /// open state was made, else by its current name (`plain_at`).
+    fn is_plain(&self, inode: &Inode, st: &libc::stat) -> FsResult<bool> {
+        if let Some(open) = inode.open_file() {
+            return Ok(open.plain);
+        }
+        match inode.location() {
+            Some((parent, name)) => self.plain_at(&*self.inodes.dir(parent)?, &name, st),
+            None => Ok(false),
+        }
+    }
+
+    /// The refusal of a change to the contents of plaintext file `label`.
+    fn plaintext_refused(label: &str) -> FsError {
+        FsError::refused(label, PLAINTEXT_READ_ONLY)
+    }
+
+    /// An O_PATH handle on the backing data of regular file `inode`, by its
+    /// current name and not following a symlink, checked to be a regular
+    /// file and the very object the inode table knows, so that a device,
+    /// FIFO, symlink or other file put in its place in the backing directory
+    /// is never opened for I/O (the caller reopens this handle). Also says
+    /// whether the file is plaintext (`plain_at`).
+    fn data_handle(&self, inode: &Inode) -> FsResult<(OwnedFd, bool)> {
+        let Some((parent, name)) = inode.location() else {
+            return Err(FsError::errno(libc::ENOENT));
+        };
+        let dir = self.inodes.dir(parent)?;
+        let handle = sys::open_path(dir.raw_fd(), &sys::cstr(&name)?)?;
+        let st = sys::fstat(handle.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(FsError::backing(
+                &self.inodes.label(inode),
+                "backing data is not a regular file (something else was put in its place); \
+                 not opened",
+            ));
+        }
+        if (st.st_dev, st.st_ino) != (inode.dev, inode.backing_ino) {
+            return Err(FsError::backing(
+                &self.inodes.label(inode),
+                "backing data is not the file the mount knows (another file was put in its \
+                 place); not opened",
+            ));
+        }
+        let plain = self.plain_at(&dir, &name, &st)?;
+        Ok((handle, plain))
     }
 
     /// The shared open state of a regular file: its header and block cipher
-    /// from `file_keys`. With `fill` (the inode's FUSE number, for an open
-    /// for reading), an open state made here also has the file's head put
-    /// into the kernel's page cache.
-    async fn crypt_file(&self, inode: &Arc<Inode>, fill: Option<u64>) -> FsResult<Arc<CryptFile>> {
-        if let Some(cf) = inode.open_state() {
-            return Ok(cf);
+    /// from `file_keys`, or none for a plaintext file. With `fill` (the
+    /// inode's FUSE number, for an open for reading), an open state made
+    /// here also has the file's head put into the kernel's page cache.
+    async fn crypt_file(&self, inode: &Arc<Inode>, fill: Option<u64>) -> FsResult<OpenFile> {
+        if let Some(open) = inode.open_file() {
+            return Ok(open);
         }
         if inode.kind != FileType::RegularFile {
             return Err(FsError::errno(libc::EINVAL));
         }
-        let flags = if self.read_only {
+        let (handle, plain) = self.data_handle(inode)?;
+        // A plaintext file gets no writes, so its descriptor is not writable
+        // either.
+        let flags = if self.read_only || plain {
             libc::O_RDONLY
         } else {
             libc::O_RDWR
         };
-        let fd = self.open_data(inode, flags)?;
+        let fd = sys::reopen(handle.as_raw_fd(), flags)?;
         let label = self.inodes.label(inode);
-        let cipher = if inode.plain {
+        let cipher = if plain {
             None
         } else {
             // Start reading the data's head from disk, so that read overlaps
@@ -274,19 +341,20 @@ impl Core {
             Some(self.keys.cipher_for(&header, policy, &label).await?)
         };
         let mut slot = inode.open_file.lock().unwrap();
-        if let Some(cf) = slot.upgrade() {
-            return Ok(cf);
+        if let Some(open) = slot.get() {
+            return Ok(open);
         }
         let cf = Arc::new(match cipher {
             Some(cipher) => CryptFile::new(File::from(fd), cipher, label, None)?,
             None => CryptFile::plaintext(File::from(fd), self.new_file_geometry(), label),
         });
-        *slot = Arc::downgrade(&cf);
-        if let Some(ino) = fill.filter(|_| !inode.plain) {
+        let open = OpenFile { cf, plain };
+        slot.set(&open);
+        if let Some(ino) = fill.filter(|_| !plain) {
             // Still under `slot`: see `fill_page_cache`.
-            self.fill_page_cache(ino, inode, &cf);
+            self.fill_page_cache(ino, inode, &open.cf);
         }
-        Ok(cf)
+        Ok(open)
     }
 
     /// Puts the first `OPEN_FILL` bytes of a file just opened for reading
@@ -336,13 +404,31 @@ impl Core {
     }
 
     /// Opens a regular file. `reading_only`: opened O_RDONLY without O_TRUNC
-    /// (only such opens fill the page cache). The first cold open in a
-    /// directory also starts readying its other files' keys (`prefetch`).
+    /// (only such opens fill the page cache, and only such opens are allowed
+    /// on a plaintext file). The first cold open in a directory also starts
+    /// readying its other files' keys (`prefetch`).
     pub async fn open(self: &Arc<Self>, ino: u64, reading_only: bool) -> FsResult<u64> {
         let inode = self.inodes.get(ino)?;
         self.prefetch_siblings(&inode);
-        let cf = self.crypt_file(&inode, reading_only.then_some(ino)).await?;
-        Ok(self.handles.add_file(cf))
+        let open = self.crypt_file(&inode, reading_only.then_some(ino)).await?;
+        if open.plain && !reading_only {
+            return Err(Self::plaintext_refused(&self.inodes.label(&inode)));
+        }
+        Ok(self.handles.add_file(open, ino))
+    }
+
+    /// The open state behind handle `fh`, for a change to the file's
+    /// contents: refused for a plaintext file.
+    fn file_to_change(&self, fh: u64) -> FsResult<Arc<CryptFile>> {
+        let (open, ino) = self.handles.open_file(fh)?;
+        if open.plain {
+            let label = match self.inodes.get(ino) {
+                Ok(inode) => self.inodes.label(&inode),
+                Err(_) => format!("inode {ino}"),
+            };
+            return Err(Self::plaintext_refused(&label));
+        }
+        Ok(open.cf)
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: usize, out: &mut Vec<u8>) -> FsResult<()> {
@@ -358,7 +444,7 @@ impl Core {
         if self.read_only {
             return Err(FsError::errno(libc::EROFS));
         }
-        let cf = self.handles.file(fh)?;
+        let cf = self.file_to_change(fh)?;
         if kill_privileges {
             cf.kill_privileges()?;
         }
@@ -377,7 +463,7 @@ impl Core {
         if mode != 0 {
             return Err(FsError::errno(libc::EOPNOTSUPP));
         }
-        let cf = self.handles.file(fh)?;
+        let cf = self.file_to_change(fh)?;
         let end = offset + length;
         if end > cf.size()? {
             cf.truncate(end)?;
@@ -403,5 +489,16 @@ impl Core {
             )?
             .as_raw_fd(),
         )?)
+    }
+}
+
+/// Whether `name` in `dir` has a sidecar (of any type: a sidecar that is not
+/// a regular file is refused where it is read). Only ENOENT means none.
+fn sidecar_exists(dir: &Inode, name: &OsStr) -> FsResult<bool> {
+    let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
+    match sys::fstatat(dir.raw_fd(), &sc) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }

@@ -14,9 +14,10 @@ use fuser::{FileAttr, FileType};
 
 use super::crypt_file::{CryptFile, PendingDurability};
 use super::error::{FsError, FsResult};
+use super::handles::OpenFile;
 use super::inode::{kind_of, Inode, Reach};
-use super::{sidecar, sys, Caller, Core};
-use crate::format::names::{is_reserved, sidecar_name, NAME_MAX};
+use super::{sidecar, sidecar_exists, sys, Caller, Core};
+use crate::format::names::{is_reserved, NAME_MAX};
 use crate::policy::is_within;
 
 fn errno(e: i32) -> FsError {
@@ -48,23 +49,25 @@ impl Core {
     ) -> FsResult<(Arc<Inode>, FileAttr)> {
         let c = sys::cstr(name)?;
         let (fd, st) = stat_new(dir, &c)?;
-        let plain = self.is_plain(dir, name, &st)?;
-        let inode = self.inodes.remember(parent, name, fd, &st, plain);
-        let attr = self.attr(&st, &inode);
-        Ok((inode, attr))
-    }
-
-    /// Whether `name` in `dir` is a plaintext file let through by a
-    /// non-mandatory policy (costs a sidecar check only in such subtrees).
-    fn is_plain(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
-        if !self.has_optional_policy
-            || kind_of(st.st_mode) != FileType::RegularFile
-            || self.policy_in(dir)?.policy.mandatory
+        if kind_of(st.st_mode) == FileType::RegularFile
+            && st.st_nlink > 1
+            && !sidecar_exists(dir, name)?
         {
-            return Ok(false);
+            // Every name the mount links has its own sidecar. A name without
+            // one is a link made in the backing directory, and its inode is
+            // the one the kernel may know by an encrypted file's name: once
+            // known by this name, the file would be read and written through
+            // it as well.
+            return Err(FsError::backing(
+                &self.inodes.label_at(dir, name),
+                "has more than one link but no sidecar of its own (a hard link made outside \
+                 the mount); refused",
+            ));
         }
-        let sc = sys::cstr(OsStr::from_bytes(&sidecar_name(name.as_bytes())))?;
-        Ok(sys::fstatat(dir.raw_fd(), &sc).is_err())
+        let plain = self.plain_at(dir, name, &st)?;
+        let inode = self.inodes.remember(parent, name, fd, &st);
+        let attr = self.attr(&st, &inode, plain);
+        Ok((inode, attr))
     }
 
     /// Owner of a new object: the caller, with the group inherited from a
@@ -92,7 +95,7 @@ impl Core {
         name: &OsStr,
         mode: u32,
         caller: Caller,
-    ) -> FsResult<(FileAttr, Arc<CryptFile>)> {
+    ) -> FsResult<(FileAttr, OpenFile)> {
         reject_reserved(name)?;
         if self.read_only {
             return Err(errno(libc::EROFS));
@@ -108,9 +111,11 @@ impl Core {
             return Err(errno(libc::EEXIST));
         }
         let policy = self.policy_in(&dir)?;
-        let label = name.to_string_lossy();
+        let label = self.inodes.label_at(&dir, name);
         let new = self.keys.create(policy, self.block_shift, &label).await?;
         let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
+        // O_EXCL: a new regular file or nothing, whatever was planted under
+        // the name meanwhile (a symlink there fails with EEXIST).
         let data = match sys::openat(
             dfd,
             &c,
@@ -129,7 +134,7 @@ impl Core {
             sys::fchmod(data.as_raw_fd(), mode & 0o7777)?;
         }
         let st = sys::fstat(data.as_raw_fd())?;
-        let inode = self.inodes.remember(parent, name, None, &st, false);
+        let inode = self.inodes.remember(parent, name, None, &st);
         let _ = inode.header.set(Arc::new(new.header));
         let cf = Arc::new(CryptFile::new(
             File::from(data),
@@ -140,8 +145,9 @@ impl Core {
                 parent_dir: dir.clone(),
             }),
         )?);
-        *inode.open_file.lock().unwrap() = Arc::downgrade(&cf);
-        Ok((self.attr(&st, &inode), cf))
+        let open = OpenFile { cf, plain: false };
+        inode.open_file.lock().unwrap().set(&open);
+        Ok((self.attr(&st, &inode, false), open))
     }
 
     pub async fn create_open(
@@ -151,8 +157,8 @@ impl Core {
         mode: u32,
         caller: Caller,
     ) -> FsResult<(FileAttr, u64)> {
-        let (attr, cf) = self.create(parent, name, mode, caller).await?;
-        Ok((attr, self.handles.add_file(cf)))
+        let (attr, open) = self.create(parent, name, mode, caller).await?;
+        Ok((attr, self.handles.add_file(open, attr.ino.0)))
     }
 
     /// Removes the sidecar of `name` if there is one. Its space is freed on
@@ -192,12 +198,12 @@ impl Core {
         if let Some(mode) = mode {
             if mode & 0o7000 != 0 && kind_of(mode) != FileType::Symlink {
                 // chown clears set-ID bits; put back what the caller asked for.
-                sys::fchmodat(dir.raw_fd(), &c, mode & 0o7777)?;
+                sys::chmod_nofollow(dir.raw_fd(), &c, mode & 0o7777)?;
             }
         }
         let (fd, st) = stat_new(dir, &c)?;
-        let inode = self.inodes.remember(parent, name, fd, &st, false);
-        Ok(self.attr(&st, &inode))
+        let inode = self.inodes.remember(parent, name, fd, &st);
+        Ok(self.attr(&st, &inode, false))
     }
 
     pub async fn mknod(
@@ -421,13 +427,23 @@ impl Core {
         if sys::fstatat(nfd, &nc).is_ok() {
             return Err(errno(libc::EEXIST));
         }
-        let sidecar = if inode.kind == FileType::RegularFile && !inode.plain {
+        let reach = self.inodes.reach(&inode)?;
+        let sidecar = if inode.kind == FileType::RegularFile {
+            if self.is_plain(&inode, &reach.stat()?)? {
+                // A file with two links is never passed through as plaintext,
+                // so it would become unreadable under both names.
+                return Err(FsError::refused(
+                    &self.inodes.label(&inode),
+                    "is a plaintext file: a second link would make it unreadable; copy it to a \
+                     new name to encrypt it",
+                ));
+            }
             let header = self.header_of(&inode)?;
             Some(sidecar::create_at(nfd, newname, &header.raw)?)
         } else {
             None
         };
-        let linked = match self.inodes.reach(&inode)? {
+        let linked = match reach {
             Reach::At(dir, name) => sys::linkat(dir.raw_fd(), &name, nfd, &nc, 0),
             // Open but unlinked: linkat of a file with no names fails anyway.
             Reach::Open(cf) => {
@@ -442,15 +458,16 @@ impl Core {
             return Err(e.into());
         }
         let st = sys::fstatat(nfd, &nc)?;
-        let linked = self
-            .inodes
-            .remember(newparent, newname, None, &st, inode.plain);
-        Ok(self.attr(&st, &linked))
+        let linked = self.inodes.remember(newparent, newname, None, &st);
+        // Two links now: not plaintext.
+        Ok(self.attr(&st, &linked, false))
     }
 }
 
 /// Stats `name` in `dir`; for a directory also opens the O_PATH handle its
-/// inode keeps.
+/// inode keeps. If the name was swapped for something else between the two
+/// calls, what the handle found is described instead, and the handle is not
+/// kept: only a directory is reached through its own handle.
 pub(super) fn stat_new(dir: &Inode, c: &CStr) -> FsResult<(Option<OwnedFd>, libc::stat)> {
     let st = sys::fstatat(dir.raw_fd(), c)?;
     if kind_of(st.st_mode) != FileType::Directory {
@@ -458,5 +475,8 @@ pub(super) fn stat_new(dir: &Inode, c: &CStr) -> FsResult<(Option<OwnedFd>, libc
     }
     let fd = sys::open_path(dir.raw_fd(), c)?;
     let st = sys::fstat(fd.as_raw_fd())?;
+    if kind_of(st.st_mode) != FileType::Directory {
+        return Ok((None, st));
+    }
     Ok((Some(fd), st))
 }

@@ -52,7 +52,7 @@ impl Core {
     /// Starts the prefetch of the directory of file `inode`, unless done
     /// (see the module documentation). Never waits for it.
     pub(super) fn prefetch_siblings(self: &Arc<Self>, inode: &Inode) {
-        if inode.kind != FileType::RegularFile || inode.plain || inode.open_state().is_some() {
+        if inode.kind != FileType::RegularFile || inode.open_state().is_some() {
             return;
         }
         let remote = self.has_remote_kms();

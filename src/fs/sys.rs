@@ -17,8 +17,11 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// openat(2), never making a terminal planted in the backing directory the
+/// daemon's controlling terminal.
 pub fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    let flags = flags | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags, mode) })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -110,8 +113,34 @@ pub fn lchownat(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
         .map(drop)
 }
 
-pub fn fchmodat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
-    check(unsafe { libc::fchmodat(dir, name.as_ptr(), mode, 0) }).map(drop)
+/// fchmodat2(2)'s number, the same on every architecture (it came after the
+/// syscall tables were unified); libc does not define it for all of them.
+const SYS_FCHMODAT2: libc::c_long = 452;
+
+/// chmod of `name` in `dir`, not following a final symlink: a symlink gets
+/// EOPNOTSUPP, as from chmod on a local disk's symlink (Linux has no symlink
+/// modes). Before fchmodat2 (Linux 6.6) this takes an O_PATH handle, checks
+/// its type and changes the mode through /proc/self/fd.
+pub fn chmod_nofollow(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: a plain syscall on a live descriptor and a NUL-terminated name.
+    let r = unsafe {
+        libc::syscall(
+            SYS_FCHMODAT2,
+            dir,
+            name.as_ptr(),
+            mode,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    match check(r as libc::c_int) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {}
+        r => return r.map(drop),
+    }
+    let fd = open_path(dir, name)?;
+    if fstat(fd.as_raw_fd())?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    chmod_path(&proc_path(&fd), mode)
 }
 
 /// What the kernel does on a write or truncate by a caller without
@@ -201,6 +230,8 @@ pub fn kernel_version() -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// chmod of a path; only for /proc/self/fd paths of handles whose type was
+/// checked (such a path is the object itself, whatever its name now is).
 pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
     check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
 }

@@ -1,7 +1,9 @@
 //! The embedded local KMS: a keyring file of versioned 256-bit KEKs kept
 //! outside the backing directory.
 //!
-//! Keyring file (mode 0600, refused if group/others can read it):
+//! Keyring file (mode 0600; refused if group/others can read it, if it is a
+//! symlink or not a regular file, or if neither root nor the current user
+//! owns it):
 //! ```text
 //! kmsfs-keyring v1
 //! key NAME VERSION BASE64(32 bytes)
@@ -10,9 +12,10 @@
 //! key name, version and wrap context as associated data.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -36,6 +39,12 @@ pub enum KeyringError {
     Missing(PathBuf),
     #[error("key file {path} is readable or writable by group/others (mode {mode:o}); run `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
+    #[error("key file {0} is a symlink, which kmsfs does not follow (it could point the keyring anywhere); give the path of the file itself")]
+    Symlink(PathBuf),
+    #[error("key file {0} is not a regular file")]
+    NotRegular(PathBuf),
+    #[error("key file {path} is owned by uid {uid}, neither root nor the user running kmsfs (uid {euid}); run `chown {euid} {path}`")]
+    WrongOwner { path: PathBuf, uid: u32, euid: u32 },
     #[error("key file {path}: {source}")]
     Io {
         path: PathBuf,
@@ -84,28 +93,127 @@ pub struct KeyInfo {
     pub versions: Vec<u32>,
 }
 
-impl Keyring {
-    /// Loads `path`, refusing a file that group or others may read.
-    pub fn load(path: &Path) -> Result<Self, KeyringError> {
-        let io = |source| KeyringError::Io {
+/// Flags for every open of the keyring and the files beside it: never
+/// through a symlink, never blocking (a FIFO), never a controlling terminal.
+const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+fn io_error(path: &Path, source: std::io::Error) -> KeyringError {
+    match source.raw_os_error() {
+        Some(libc::ELOOP) => KeyringError::Symlink(path.to_owned()),
+        _ => KeyringError::Io {
             path: path.to_owned(),
             source,
-        };
-        let meta = match fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(KeyringError::Missing(path.to_owned()))
-            }
-            Err(e) => return Err(io(e)),
-        };
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyringError::TooOpen {
-                path: path.to_owned(),
-                mode,
-            });
+        },
+    }
+}
+
+/// Opens the keyring at `path` for reading and checks it on the open
+/// descriptor, so the file checked is the file read: a regular file (not
+/// a symlink), owned by root or the current user, and no access for group
+/// or others.
+fn open_checked(path: &Path) -> Result<File, KeyringError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(OPEN_FLAGS)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KeyringError::Missing(path.to_owned()),
+            _ => io_error(path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(KeyringError::NotRegular(path.to_owned()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(KeyringError::WrongOwner {
+            path: path.to_owned(),
+            uid: meta.uid(),
+            euid,
+        });
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyringError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(file)
+}
+
+/// `path`'s directory ("." for a bare name).
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// `path` with `suffix` appended to its file name, in the same directory.
+fn beside(path: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    dir_of(path).join(format!("{prefix}{name}{suffix}"))
+}
+
+/// An exclusive lock on `KEYRING.lock` beside the keyring, held while a
+/// change re-reads the keyring, changes it and writes it back, so that two
+/// concurrent changes (`kmsfs keys rotate` twice) both land. Released when
+/// dropped.
+struct KeyringLock {
+    _file: File,
+}
+
+impl KeyringLock {
+    fn take(path: &Path) -> Result<Self, KeyringError> {
+        let dir = dir_of(path);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_error(path, e))?;
+        let lock = beside(path, "", ".lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(OPEN_FLAGS)
+            .open(&lock)
+            .map_err(|e| io_error(&lock, e))?;
+        if !file
+            .metadata()
+            .map_err(|e| io_error(&lock, e))?
+            .file_type()
+            .is_file()
+        {
+            return Err(KeyringError::NotRegular(lock));
         }
-        let text = Zeroizing::new(fs::read_to_string(path).map_err(io)?);
+        loop {
+            // SAFETY: flock on a descriptor `file` keeps open.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Self { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_error(&lock, e));
+            }
+        }
+    }
+}
+
+impl Keyring {
+    /// Loads `path`, refusing a symlink, a file that is not regular, one
+    /// owned by someone other than root or the current user, and one that
+    /// group or others may access.
+    pub fn load(path: &Path) -> Result<Self, KeyringError> {
+        let mut text = Zeroizing::new(String::new());
+        open_checked(path)?
+            .read_to_string(&mut text)
+            .map_err(|e| io_error(path, e))?;
         Self::parse(path, &text)
     }
 
@@ -187,56 +295,87 @@ impl Keyring {
             .map(|(v, k)| (*v, k))
     }
 
-    /// Creates an empty keyring file (0600). Fails if it exists.
+    /// Creates an empty keyring file (0600). Fails if it exists, also if
+    /// another process created it a moment ago.
     pub fn create_empty(path: &Path) -> Result<Self, KeyringError> {
+        let _lock = KeyringLock::take(path)?;
+        match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(path, e)),
+            Ok(_) => {
+                return Err(io_error(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::AlreadyExists, "file exists"),
+                ))
+            }
+        }
         let kr = Keyring {
             path: path.to_owned(),
             keys: BTreeMap::new(),
         };
-        kr.write(true)?;
+        kr.write()?;
         Ok(kr)
     }
 
     /// Adds a new key `name` at version 1.
     pub fn create_key(&mut self, name: &str) -> Result<(), KeyringError> {
-        if self.keys.contains_key(name) {
-            return Err(KeyringError::KeyExists {
-                path: self.path.clone(),
-                name: name.to_owned(),
-            });
-        }
         check_key_name(name).map_err(|what| KeyringError::Malformed {
             path: self.path.clone(),
             line: 0,
             what,
         })?;
-        self.keys
-            .entry(name.to_owned())
-            .or_default()
-            .insert(1, random_kek());
-        self.write(false)
+        self.change(|kr| {
+            if kr.keys.contains_key(name) {
+                return Err(KeyringError::KeyExists {
+                    path: kr.path.clone(),
+                    name: name.to_owned(),
+                });
+            }
+            kr.keys
+                .entry(name.to_owned())
+                .or_default()
+                .insert(1, random_kek());
+            Ok(())
+        })
     }
 
     /// Adds the next version of key `name`; old versions still unwrap.
     pub fn rotate(&mut self, name: &str) -> Result<u32, KeyringError> {
-        let Some(versions) = self.keys.get_mut(name) else {
-            return Err(KeyringError::NoSuchKey {
-                path: self.path.clone(),
-                name: name.to_owned(),
-            });
-        };
-        let next = versions.keys().next_back().copied().unwrap_or(0) + 1;
-        versions.insert(next, random_kek());
-        self.write(false)?;
-        Ok(next)
+        self.change(|kr| {
+            let Some(versions) = kr.keys.get_mut(name) else {
+                return Err(KeyringError::NoSuchKey {
+                    path: kr.path.clone(),
+                    name: name.to_owned(),
+                });
+            };
+            let next = versions.keys().next_back().copied().unwrap_or(0) + 1;
+            versions.insert(next, random_kek());
+            Ok(next)
+        })
     }
 
-    /// Writes the keyring atomically (temp file 0600, fsync, rename).
-    fn write(&self, create_new: bool) -> Result<(), KeyringError> {
-        let io = |source| KeyringError::Io {
-            path: self.path.clone(),
-            source,
-        };
+    /// Applies `edit` to the keyring as it is on disk now and writes the
+    /// result back, all under the keyring's lock, so that a change another
+    /// process made since this one was loaded is kept; `self` becomes what
+    /// was written.
+    fn change<T>(
+        &mut self,
+        edit: impl FnOnce(&mut Keyring) -> Result<T, KeyringError>,
+    ) -> Result<T, KeyringError> {
+        let _lock = KeyringLock::take(&self.path)?;
+        let mut current = Self::load(&self.path)?;
+        let out = edit(&mut current)?;
+        current.write()?;
+        *self = current;
+        Ok(out)
+    }
+
+    /// Writes the keyring atomically: a temporary file with a random name
+    /// (created O_EXCL|O_NOFOLLOW, mode 0600, so nothing planted at a name
+    /// can redirect the write), fsync, rename over the keyring, fsync of the
+    /// directory. The caller holds the keyring's lock.
+    fn write(&self) -> Result<(), KeyringError> {
+        let io = |source| io_error(&self.path, source);
         let mut text = Zeroizing::new(String::new());
         text.push_str(HEADER_LINE);
         text.push('\n');
@@ -249,39 +388,30 @@ impl Keyring {
                 text.push_str(&format!("key {name} {v} {}\n", b64.as_str()));
             }
         }
-        if create_new && self.path.exists() {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "file exists",
-            )));
-        }
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            self.path
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
+        let tmp = beside(
+            &self.path,
+            ".",
+            &format!(".{:016x}.tmp", rand::rngs::OsRng.next_u64()),
+        );
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(OPEN_FLAGS)
             .open(&tmp)
             .map_err(io)?;
-        let r = f.write_all(text.as_bytes()).and_then(|_| f.sync_all());
+        let r = f
+            .write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .and_then(|_| fs::rename(&tmp, &self.path));
         if let Err(e) = r {
             let _ = fs::remove_file(&tmp);
             return Err(io(e));
         }
-        fs::rename(&tmp, &self.path).map_err(io)?;
-        Ok(())
+        // The rename is durable only once the directory is.
+        File::open(dir_of(&self.path))
+            .and_then(|d| d.sync_all())
+            .map_err(io)
     }
 }
 
@@ -469,6 +599,7 @@ impl KeyProvider for LocalKms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
@@ -544,5 +675,74 @@ mod tests {
         };
         assert!(matches!(err, KmsError::UnwrapFailed { .. }), "{err}");
         assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn refuses_symlinks_fifos_and_foreign_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        Keyring::create_empty(&path)
+            .unwrap()
+            .create_key("default")
+            .unwrap();
+        let link = dir.path().join("link");
+        symlink(&path, &link).unwrap();
+        let e = Keyring::load(&link).err().unwrap();
+        assert!(matches!(e, KeyringError::Symlink(_)), "{e}");
+        assert!(e.to_string().contains("symlink"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            Keyring::load(&fifo),
+            Err(KeyringError::NotRegular(_))
+        ));
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(4321), None).unwrap();
+            let e = Keyring::load(&path).err().unwrap();
+            assert!(
+                matches!(e, KeyringError::WrongOwner { uid: 4321, .. }),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn concurrent_changes_keep_every_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        Keyring::create_empty(&path)
+            .unwrap()
+            .create_key("default")
+            .unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut kr = Keyring::load(&path).unwrap();
+                    kr.rotate("default").unwrap()
+                })
+            })
+            .collect();
+        let mut got: Vec<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, (2..=9).collect::<Vec<u32>>());
+        let kr = Keyring::load(&path).unwrap();
+        assert_eq!(kr.list()[0].versions, (1..=9).collect::<Vec<u32>>());
+        // A loaded copy that missed those changes does not undo them.
+        let mut stale = Keyring::load(&path).unwrap();
+        Keyring::load(&path).unwrap().rotate("default").unwrap();
+        assert_eq!(stale.rotate("default").unwrap(), 11);
+        // Only the keyring and its lock are left: no temporary files.
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["keys", "keys.lock"]);
+        assert!(matches!(
+            Keyring::create_empty(&path),
+            Err(KeyringError::Io { .. })
+        ));
     }
 }

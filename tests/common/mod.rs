@@ -161,6 +161,25 @@ impl TestFs {
     pub fn set_mounted(&mut self, m: bool) {
         self.mounted = m;
     }
+
+    /// `kmsfs policy set` for `dir` under key `key` of this keyring, plus
+    /// `extra` flags; takes effect at the next mount.
+    pub fn set_policy(&self, dir: &str, key: &str, extra: &[&str]) {
+        let mut args = vec![
+            "policy",
+            "set",
+            self.backing.to_str().unwrap(),
+            dir,
+            "--kms",
+            "local",
+            "--key-file",
+            self.key_file.to_str().unwrap(),
+            "--key-name",
+            key,
+        ];
+        args.extend_from_slice(extra);
+        run(&args, true);
+    }
 }
 
 impl Drop for TestFs {
