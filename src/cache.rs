@@ -127,10 +127,7 @@ impl DekCache {
 
     /// Cached DEK, or one unwrap by `kms` shared by all concurrent callers.
     pub async fn get_or_unwrap(
-        &self,
-        wrapped: &WrappedDek,
-        ctx: &WrapContext,
-        kms: &dyn KeyProvider,
+        &self, wrapped: &WrappedDek, ctx: &WrapContext, kms: &dyn KeyProvider,
     ) -> Result<Arc<Dek>, KmsError> {
         let key = cache_key(wrapped, ctx);
         if let Some(d) = self.lookup(&key) {

@@ -42,11 +42,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn record_kms(
-        &self,
-        provider: &str,
-        operation: &'static str,
-        outcome: &'static str,
-        took: Duration,
+        &self, provider: &str, operation: &'static str, outcome: &'static str, took: Duration,
     ) {
         let secs = took.as_secs_f64();
         let mut kms = self.kms.lock().unwrap();
@@ -154,8 +150,7 @@ impl Metrics {
 
 /// Serves `/metrics` on `addr` from a background thread.
 pub fn serve(
-    addr: &str,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
+    addr: &str, render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> std::io::Result<std::net::SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;

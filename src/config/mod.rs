@@ -17,7 +17,8 @@ pub mod trusted;
 pub mod upgrade;
 pub mod volume;
 
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 pub use crate::kms::config::{ConnectError, KeySpec, KmsConfig};
 pub use open::{ActivePolicy, Calls, Volume};
@@ -64,5 +65,20 @@ impl ConfigError {
     /// Whether trying again later can help (a KMS was unreachable).
     pub fn is_retryable(&self) -> bool {
         matches!(self, ConfigError::Connect(e) if e.is_retryable())
+    }
+}
+
+/// Opens a configuration file for reading, or None if there is none. A
+/// symlink at its name fails with ELOOP instead of being followed, and a
+/// FIFO or device planted there cannot block or become a terminal.
+fn open_no_follow(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }

@@ -60,10 +60,7 @@ pub struct Volume {
 /// Connects `spec` through the trusted configuration, named as its
 /// provider so that wraps record the provider's name.
 fn connect(
-    spec: &KeySpec,
-    trusted: &TrustedConfig,
-    rt: &KmsRuntime,
-    calls: &Calls,
+    spec: &KeySpec, trusted: &TrustedConfig, rt: &KmsRuntime, calls: &Calls,
 ) -> Result<Arc<dyn KeyProvider>, ConfigError> {
     let cfg = trusted.resolve(spec)?;
     let inner = match calls {
@@ -71,6 +68,20 @@ fn connect(
         Calls::Mount(metrics) => cfg.build_instrumented(rt, metrics, RetryPolicy::default())?,
     };
     Ok(NamedKey::wrap(&spec.provider, inner))
+}
+
+/// Connects every key `config`'s policies name (current and retired), each
+/// once.
+fn connect_all(
+    config: &VolumeConfig, trusted: &TrustedConfig, rt: &KmsRuntime, calls: &Calls,
+) -> Result<HashMap<KeySpec, Arc<dyn KeyProvider>>, ConfigError> {
+    let mut connected = HashMap::new();
+    for spec in config.policies.iter().flat_map(|p| p.keys()) {
+        if !connected.contains_key(spec) {
+            connected.insert(spec.clone(), connect(spec, trusted, rt, calls)?);
+        }
+    }
+    Ok(connected)
 }
 
 /// A KMS refusing to unwrap the volume key means the key does not match the
@@ -92,10 +103,7 @@ fn unwrap_error(e: KmsError, path: &Path, key: &KeySpec) -> ConfigError {
 impl Volume {
     /// Opens the volume of `backing`: see the module documentation.
     pub fn open(
-        backing: &Path,
-        trusted: &TrustedConfig,
-        rt: &KmsRuntime,
-        calls: &Calls,
+        backing: &Path, trusted: &TrustedConfig, rt: &KmsRuntime, calls: &Calls,
     ) -> Result<Self, ConfigError> {
         Self::from_config(backing, VolumeConfig::load(backing)?, trusted, rt, calls)
     }
@@ -103,21 +111,11 @@ impl Volume {
     /// [`open`](Self::open) with the configuration already read from
     /// `backing` (not yet authenticated: that happens here).
     pub fn from_config(
-        backing: &Path,
-        config: VolumeConfig,
-        trusted: &TrustedConfig,
-        rt: &KmsRuntime,
+        backing: &Path, config: VolumeConfig, trusted: &TrustedConfig, rt: &KmsRuntime,
         calls: &Calls,
     ) -> Result<Self, ConfigError> {
         let path = VolumeConfig::path(backing);
-        let mut connected = HashMap::new();
-        for p in &config.policies {
-            for spec in p.keys() {
-                if !connected.contains_key(spec) {
-                    connected.insert(spec.clone(), connect(spec, trusted, rt, calls)?);
-                }
-            }
-        }
+        let connected = connect_all(&config, trusted, rt, calls)?;
         let root_spec = &config.root().key;
         let root_key = &connected[root_spec];
         let wrapped = config.wrapped_volume_key()?;
@@ -125,14 +123,7 @@ impl Volume {
             .block_on(root_key.unwrap(&wrapped, &config.volume_key_context()))
             .map_err(|e| unwrap_error(e, &path, root_spec))?;
         config.verify(&volume_key, &path)?;
-        let policies = active_policies(&config, &connected);
-        Ok(Self {
-            backing: backing.to_owned(),
-            config,
-            policies,
-            volume_key,
-            connected,
-        })
+        Ok(Self::assemble(backing, config, volume_key, connected))
     }
 
     /// Makes `backing` a new volume with `policies` (one for "/"): a random
@@ -140,12 +131,8 @@ impl Volume {
     /// the configuration sealed and written. `legacy_v1_files` for an
     /// upgraded volume whose files may still be format 1.
     pub fn create(
-        backing: &Path,
-        trusted: &TrustedConfig,
-        rt: &KmsRuntime,
-        block_size: u64,
-        policies: Vec<Policy>,
-        legacy_v1_files: bool,
+        backing: &Path, trusted: &TrustedConfig, rt: &KmsRuntime, block_size: u64,
+        policies: Vec<Policy>, legacy_v1_files: bool,
     ) -> Result<Self, ConfigError> {
         let mut config = VolumeConfig {
             format_version: CONFIG_FORMAT,
@@ -156,14 +143,7 @@ impl Volume {
             volume_key: Default::default(),
             mac: String::new(),
         };
-        let mut connected = HashMap::new();
-        for p in &config.policies {
-            for spec in p.keys() {
-                if !connected.contains_key(spec) {
-                    connected.insert(spec.clone(), connect(spec, trusted, rt, &Calls::Once)?);
-                }
-            }
-        }
+        let connected = connect_all(&config, trusted, rt, &Calls::Once)?;
         let volume_key = Dek::generate();
         let root_key = &connected[&config.root().key];
         let wrapped = rt
@@ -172,14 +152,20 @@ impl Volume {
         config.set_wrapped_volume_key(&wrapped);
         config.seal(&volume_key);
         config.save(backing, true)?;
-        let policies = active_policies(&config, &connected);
-        Ok(Self {
+        Ok(Self::assemble(backing, config, volume_key, connected))
+    }
+
+    fn assemble(
+        backing: &Path, config: VolumeConfig, volume_key: Dek,
+        connected: HashMap<KeySpec, Arc<dyn KeyProvider>>,
+    ) -> Self {
+        Self {
             backing: backing.to_owned(),
+            policies: active_policies(&config, &connected),
             config,
-            policies,
             volume_key,
             connected,
-        })
+        }
     }
 
     pub fn id(&self) -> VolumeId {
@@ -200,11 +186,7 @@ impl Volume {
     /// (saving a policy for a KMS that is down), and `policies` keeps
     /// describing the volume as it was.
     pub fn set_policy(
-        &mut self,
-        mut policy: Policy,
-        trusted: &TrustedConfig,
-        rt: &KmsRuntime,
-        connect_keys: bool,
+        &mut self, mut policy: Policy, trusted: &TrustedConfig, rt: &KmsRuntime, connect_keys: bool,
     ) -> Result<(), ConfigError> {
         let before = self.config.policy_for(&policy.dir).clone();
         if before.dir == policy.dir {
@@ -279,8 +261,7 @@ impl Volume {
 }
 
 fn active_policies(
-    config: &VolumeConfig,
-    connected: &HashMap<KeySpec, Arc<dyn KeyProvider>>,
+    config: &VolumeConfig, connected: &HashMap<KeySpec, Arc<dyn KeyProvider>>,
 ) -> Vec<ActivePolicy> {
     config
         .policies

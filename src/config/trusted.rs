@@ -136,13 +136,9 @@ impl TrustedConfig {
             path: path.to_owned(),
             why,
         };
-        let f = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        let f = match super::open_no_follow(path) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(unsafe_("it is a symbolic link".into()))
             }
@@ -227,9 +223,7 @@ impl TrustedConfig {
     /// `preferred`, or a name made from its type) when there is none.
     /// Returns the name and whether it was added.
     pub fn find_or_add(
-        &mut self,
-        def: ProviderDef,
-        preferred: Option<&str>,
+        &mut self, def: ProviderDef, preferred: Option<&str>,
     ) -> Result<(String, bool), TrustedError> {
         if let Some(name) = preferred {
             if !valid_provider_name(name) {
@@ -310,8 +304,7 @@ impl TrustedConfig {
 /// and saves it, holding an exclusive lock so that two commands never lose
 /// each other's providers.
 pub fn update<T>(
-    path: &Path,
-    change: impl FnOnce(&mut TrustedConfig) -> Result<T, TrustedError>,
+    path: &Path, change: impl FnOnce(&mut TrustedConfig) -> Result<T, TrustedError>,
 ) -> Result<T, TrustedError> {
     let io = |source| TrustedError::Io {
         path: path.to_owned(),

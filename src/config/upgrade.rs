@@ -50,9 +50,7 @@ pub struct UpgradeReport {
 /// Upgrades the format 1 volume `backing`, adding its providers to the
 /// trusted configuration at `trusted_path`.
 pub fn upgrade(
-    backing: &Path,
-    trusted_path: &Path,
-    rt: &KmsRuntime,
+    backing: &Path, trusted_path: &Path, rt: &KmsRuntime,
 ) -> Result<UpgradeReport, ConfigError> {
     let legacy = LegacyConfig::load(backing)?;
     // Each format 1 key becomes a named provider and a key in it.

@@ -16,7 +16,6 @@
 //! authorises a policy change. See docs/FORMAT.md section 6.
 
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -374,14 +373,8 @@ pub(super) fn read_untrusted(path: &Path) -> Result<Option<String>, ConfigError>
         path: path.to_owned(),
         source,
     };
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(e)),
+    let Some(f) = super::open_no_follow(path).map_err(io)? else {
+        return Ok(None);
     };
     if !f.metadata().map_err(io)?.is_file() {
         return Err(ConfigError::Invalid {

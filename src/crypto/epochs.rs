@@ -116,9 +116,7 @@ impl EpochKeys {
     /// Keys under `root` for `alg`, with a fresh current epoch, rotated after
     /// `seals_per_epoch` seals ([`SEALS_PER_EPOCH`] except in tests).
     pub(super) fn new(
-        alg: &'static Algorithm,
-        root: Zeroizing<[u8; 32]>,
-        seals_per_epoch: u64,
+        alg: &'static Algorithm, root: Zeroizing<[u8; 32]>, seals_per_epoch: u64,
     ) -> Self {
         let current = fresh_epoch(alg, &root);
         Self {

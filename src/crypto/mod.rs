@@ -85,10 +85,7 @@ const V2_HEADER_MAC_INFO: &[u8] = b"kmsfs v2 header mac key";
 /// The MAC of the header bytes `authenticated` of a file with block layout
 /// `layout` (that is, of that header version).
 fn header_mac(
-    dek: &Dek,
-    file_id: &[u8; 16],
-    layout: BlockLayout,
-    authenticated: &[u8],
+    dek: &Dek, file_id: &[u8; 16], layout: BlockLayout, authenticated: &[u8],
 ) -> Hmac<Sha256> {
     let info = match layout {
         BlockLayout::V1 => V1_HEADER_MAC_INFO,
@@ -105,8 +102,7 @@ fn header_mac(
 /// (keyed from `dek`, for the header's version). Returns the sidecar bytes
 /// and the file's block cipher, whose layout follows the header's version.
 pub fn seal_header(
-    header: &Header,
-    dek: &Dek,
+    header: &Header, dek: &Dek,
 ) -> Result<(Vec<u8>, BlockCipher), crate::format::FormatError> {
     let mut bytes = header.encode_unauthenticated()?;
     let tag = header_mac(dek, &header.file_id, header.geometry.layout(), &bytes)
@@ -122,8 +118,7 @@ pub fn seal_header(
 /// then trusts the header's fields (version, cipher, block size, file ID)
 /// to build the cipher.
 pub fn open_header(
-    parsed: &crate::format::ParsedHeader,
-    dek: &Dek,
+    parsed: &crate::format::ParsedHeader, dek: &Dek,
 ) -> Result<BlockCipher, CryptoError> {
     let h = &parsed.header;
     header_mac(dek, &h.file_id, h.geometry.layout(), &parsed.authenticated)
@@ -248,12 +243,7 @@ impl BlockCipher {
     /// Seals the blocks in `run` (slots of `slot` bytes) under `key`, each
     /// with a fresh random nonce, behind `epoch` for V2.
     fn seal_run(
-        &self,
-        key: &LessSafeKey,
-        epoch: Option<u64>,
-        first: u64,
-        slot: usize,
-        run: &mut [u8],
+        &self, key: &LessSafeKey, epoch: Option<u64>, first: u64, slot: usize, run: &mut [u8],
     ) {
         for (i, s) in run.chunks_mut(slot).enumerate() {
             let mut nonce = [0u8; NONCE_LEN];
@@ -286,11 +276,7 @@ impl BlockCipher {
     /// (feature `test-vectors`), like [`Self::seal_in_place_with_nonce`].
     #[cfg(feature = "test-vectors")]
     pub fn seal_in_place_with_epoch_and_nonce(
-        &self,
-        index: u64,
-        epoch: u64,
-        nonce: &[u8; NONCE_LEN],
-        sealed: &mut [u8],
+        &self, index: u64, epoch: u64, nonce: &[u8; NONCE_LEN], sealed: &mut [u8],
     ) {
         let BlockKeys::V2(epochs) = &self.keys else {
             panic!("seal_in_place_with_epoch_and_nonce is for V2 ciphers");

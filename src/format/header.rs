@@ -149,9 +149,7 @@ impl Header {
     /// A header whose version follows `geometry`'s layout (V1: version 1,
     /// V2: version 2), holding `wraps` (the policy's wrap first).
     pub fn new(
-        cipher: CipherSuite,
-        geometry: BlockGeometry,
-        file_id: [u8; FILE_ID_LEN],
+        cipher: CipherSuite, geometry: BlockGeometry, file_id: [u8; FILE_ID_LEN],
         wraps: Vec<WrappedDek>,
     ) -> Result<Self, FormatError> {
         check_wrap_count(version_of(geometry.layout()), wraps.len())?;
@@ -165,10 +163,7 @@ impl Header {
 
     /// A version 1 header (block layout V1): one wrapped DEK.
     pub fn v1(
-        cipher: CipherSuite,
-        block_shift: u8,
-        file_id: [u8; FILE_ID_LEN],
-        wrapped: WrappedDek,
+        cipher: CipherSuite, block_shift: u8, file_id: [u8; FILE_ID_LEN], wrapped: WrappedDek,
     ) -> Result<Self, FormatError> {
         let geometry = BlockGeometry::new(block_shift, BlockLayout::V1)?;
         Self::new(cipher, geometry, file_id, vec![wrapped])
@@ -177,10 +172,7 @@ impl Header {
     /// A version 2 header (block layout V2): 1 to [`MAX_WRAPS`] wrapped
     /// DEKs, the policy's first.
     pub fn v2(
-        cipher: CipherSuite,
-        block_shift: u8,
-        file_id: [u8; FILE_ID_LEN],
-        wraps: Vec<WrappedDek>,
+        cipher: CipherSuite, block_shift: u8, file_id: [u8; FILE_ID_LEN], wraps: Vec<WrappedDek>,
     ) -> Result<Self, FormatError> {
         let geometry = BlockGeometry::new(block_shift, BlockLayout::V2)?;
         Self::new(cipher, geometry, file_id, wraps)

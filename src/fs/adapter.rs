@@ -163,21 +163,10 @@ impl Filesystem for KmsFs {
     }
 
     fn setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<BsdFileFlags>,
+        &self, req: &Request, ino: INodeNo, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>,
+        size: Option<u64>, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>, fh: Option<FileHandle>, _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>, _bkuptime: Option<SystemTime>, _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
         let set = SetAttr {
@@ -201,13 +190,7 @@ impl Filesystem for KmsFs {
     }
 
     fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
+        &self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32,
         reply: ReplyEntry,
     ) {
         let (core, who, name) = (self.core.clone(), caller(req), name.to_owned());
@@ -218,12 +201,7 @@ impl Filesystem for KmsFs {
     }
 
     fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
+        &self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32,
         reply: ReplyEntry,
     ) {
         let r = self.core.mkdir(parent.0, name, mode & !umask, caller(req));
@@ -239,26 +217,15 @@ impl Filesystem for KmsFs {
     }
 
     fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
+        &self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry,
     ) {
         let r = self.core.symlink(parent.0, link_name, target, caller(req));
         self.entry("symlink", reply, r);
     }
 
     fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
+        &self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr,
+        flags: RenameFlags, reply: ReplyEmpty,
     ) {
         let r = self
             .core
@@ -267,12 +234,7 @@ impl Filesystem for KmsFs {
     }
 
     fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
+        &self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry,
     ) {
         self.entry("link", reply, self.core.link(ino.0, newparent.0, newname));
     }
@@ -289,15 +251,8 @@ impl Filesystem for KmsFs {
     }
 
     fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32,
+        _flags: OpenFlags, _lock_owner: Option<LockOwner>, reply: ReplyData,
     ) {
         super::with_plaintext_scratch(|buf| {
             let r = self.core.read(fh.0, offset, size as usize, buf);
@@ -306,15 +261,8 @@ impl Filesystem for KmsFs {
     }
 
     fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8],
+        write_flags: WriteFlags, _flags: OpenFlags, _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
@@ -325,11 +273,7 @@ impl Filesystem for KmsFs {
     }
 
     fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
+        &self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         // Writes go straight to the backing file; nothing is buffered here.
@@ -346,26 +290,15 @@ impl Filesystem for KmsFs {
     }
 
     fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty,
     ) {
         self.core.release(fh.0);
         reply.ok();
     }
 
     fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty,
     ) {
         answer_empty("fsync", reply, self.core.fsync(fh.0, datasync));
     }
@@ -377,11 +310,7 @@ impl Filesystem for KmsFs {
     }
 
     fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let r = self.core.readdir(fh.0, offset, |ino, off, kind, name| {
@@ -391,11 +320,7 @@ impl Filesystem for KmsFs {
     }
 
     fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
+        &self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.ttl;
@@ -408,24 +333,14 @@ impl Filesystem for KmsFs {
     }
 
     fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty,
     ) {
         self.core.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
+        &self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty,
     ) {
         answer_empty("fsyncdir", reply, self.core.fsyncdir(ino.0));
     }
@@ -446,14 +361,8 @@ impl Filesystem for KmsFs {
     }
 
     fn setxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
+        &self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32,
+        _position: u32, reply: ReplyEmpty,
     ) {
         let r = self.core.setxattr(ino.0, name, value, flags);
         answer_empty("setxattr", reply, r);
@@ -477,13 +386,7 @@ impl Filesystem for KmsFs {
     }
 
     fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _flags: i32,
+        &self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32,
         reply: ReplyCreate,
     ) {
         let (core, who, name) = (self.core.clone(), caller(req), name.to_owned());
@@ -500,15 +403,8 @@ impl Filesystem for KmsFs {
     }
 
     fn ioctl(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: fuser::ReplyIoctl,
+        &self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: fuser::IoctlFlags,
+        _cmd: u32, _in_data: &[u8], _out_size: u32, reply: fuser::ReplyIoctl,
     ) {
         // No ioctls (programs probe e.g. TCGETS on every open): answer
         // quietly, as a regular file on a local disk does.
@@ -516,13 +412,7 @@ impl Filesystem for KmsFs {
     }
 
     fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32,
         reply: ReplyEmpty,
     ) {
         let r = self.core.fallocate(fh.0, offset, length, mode);
@@ -533,9 +423,7 @@ impl Filesystem for KmsFs {
 /// Mounts `core` at `mountpoint`. Returns once the kernel has completed the
 /// FUSE handshake, i.e. the mount is ready; the caller then runs the session.
 pub fn mount(
-    core: Arc<Core>,
-    mountpoint: &Path,
-    opts: &MountOptions,
+    core: Arc<Core>, mountpoint: &Path, opts: &MountOptions,
 ) -> std::io::Result<Session<KmsFs>> {
     let mut options = vec![
         MountOption::FSName(opts.fs_name.clone()),

@@ -133,10 +133,7 @@ fn torn(label: &str, block: u64) -> FsError {
 impl CryptFile {
     /// An encrypted file, laid out as `cipher`'s geometry says.
     pub(crate) fn new(
-        file: File,
-        cipher: BlockCipher,
-        label: String,
-        pending: Option<PendingDurability>,
+        file: File, cipher: BlockCipher, label: String, pending: Option<PendingDurability>,
     ) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
         Ok(Self {
@@ -453,13 +450,7 @@ impl CryptFile {
     /// `slot` already), keeping the old bytes the write does not cover. The
     /// file holds `pt_size` bytes now and `new_size` after the write.
     fn complete_edge(
-        &self,
-        index: u64,
-        offset: u64,
-        data: &[u8],
-        pt_size: u64,
-        new_size: u64,
-        slot: &mut [u8],
+        &self, index: u64, offset: u64, data: &[u8], pt_size: u64, new_size: u64, slot: &mut [u8],
     ) -> FsResult<()> {
         let g = self.geometry;
         let start = g.block_start(index);

@@ -36,10 +36,7 @@ impl Core {
     /// Entries of an open directory from `offset` on; `add` returns true when
     /// the reply is full.
     pub fn readdir(
-        &self,
-        fh: u64,
-        offset: u64,
-        mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
+        &self, fh: u64, offset: u64, mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
     ) -> FsResult<()> {
         let entries = self.handles.dir(fh)?;
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
@@ -53,10 +50,7 @@ impl Core {
     /// readdirplus: entries with their attributes, each (but . and ..)
     /// counting as a lookup, which saves the kernel one LOOKUP per entry.
     pub fn readdirplus(
-        &self,
-        ino: u64,
-        fh: u64,
-        offset: u64,
+        &self, ino: u64, fh: u64, offset: u64,
         mut add: impl FnMut(u64, u64, &OsStr, &FileAttr) -> bool,
     ) -> FsResult<()> {
         let entries = self.handles.dir(fh)?;

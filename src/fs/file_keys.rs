@@ -64,9 +64,7 @@ impl FileKeys {
 
     /// The first of `h`'s wrapped DEKs that `policy` allows, with its key.
     fn allowed_wrap<'a>(
-        &self,
-        h: &'a Header,
-        policy: &'a ActivePolicy,
+        &self, h: &'a Header, policy: &'a ActivePolicy,
     ) -> Option<(&'a WrappedDek, &'a Arc<dyn KeyProvider>)> {
         if h.version() == VERSION_1 && !self.legacy_v1_files {
             return None;
@@ -93,10 +91,7 @@ impl FileKeys {
     /// The block cipher of an existing file governed by `policy` (see the
     /// module documentation). `label` names the file in errors.
     pub async fn cipher_for(
-        &self,
-        header: &FileHeader,
-        policy: &ActivePolicy,
-        label: &str,
+        &self, header: &FileHeader, policy: &ActivePolicy, label: &str,
     ) -> FsResult<BlockCipher> {
         let h = &header.parsed.header;
         let Some((wrapped, key)) = self.allowed_wrap(h, policy) else {
@@ -120,10 +115,7 @@ impl FileKeys {
     /// The DEK of `wrapped`: cached, or one unwrap by `key` shared by all
     /// callers.
     async fn dek(
-        &self,
-        wrapped: &WrappedDek,
-        ctx: &WrapContext,
-        key: &dyn KeyProvider,
+        &self, wrapped: &WrappedDek, ctx: &WrapContext, key: &dyn KeyProvider,
     ) -> Result<Arc<Dek>, KmsError> {
         if let Some(d) = self.cache.get(wrapped, ctx) {
             return Ok(d);
@@ -136,10 +128,7 @@ impl FileKeys {
     /// volume, and a format 2 header sealed under it with `block_shift`. The
     /// DEK goes into the cache, so the file's next open makes no KMS call.
     pub async fn create(
-        &self,
-        policy: &ActivePolicy,
-        block_shift: u8,
-        label: &str,
+        &self, policy: &ActivePolicy, block_shift: u8, label: &str,
     ) -> FsResult<NewFile> {
         let file_id = crypto::random_file_id();
         let ctx = WrapContext::file(file_id, self.volume_id);
@@ -178,10 +167,7 @@ impl FileKeys {
     /// a local keyring serves (cheap to unwrap at open) are skipped;
     /// failures are left to the open, which reports them.
     pub fn prefetch(
-        &self,
-        runtime: &KmsRuntime,
-        policy: &ActivePolicy,
-        headers: impl Iterator<Item = Header>,
+        &self, runtime: &KmsRuntime, policy: &ActivePolicy, headers: impl Iterator<Item = Header>,
     ) {
         let mut groups: Vec<(Arc<dyn KeyProvider>, Vec<UnwrapItem>)> = Vec::new();
         let send = |key: &Arc<dyn KeyProvider>, items: Vec<UnwrapItem>| {

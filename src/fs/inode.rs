@@ -302,11 +302,7 @@ impl InodeTable {
 
     /// Records that the kernel now knows `name` in `parent` (one lookup).
     pub fn remember(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        fd: Option<OwnedFd>,
-        st: &libc::stat,
+        &self, parent: u64, name: &OsStr, fd: Option<OwnedFd>, st: &libc::stat,
     ) -> Arc<Inode> {
         let ino = self.fuse_ino(st.st_ino);
         let mut map = self.map.write().unwrap();

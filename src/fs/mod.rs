@@ -126,13 +126,8 @@ pub struct Core {
 
 impl Core {
     pub fn new(
-        backing: &Path,
-        volume: &VolumeConfig,
-        policies: Vec<ActivePolicy>,
-        cache: DekCache,
-        runtime: KmsRuntime,
-        metrics: Arc<Metrics>,
-        read_only: bool,
+        backing: &Path, volume: &VolumeConfig, policies: Vec<ActivePolicy>, cache: DekCache,
+        runtime: KmsRuntime, metrics: Arc<Metrics>, read_only: bool,
     ) -> std::io::Result<Self> {
         let c = sys::cstr(backing.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;

@@ -42,10 +42,7 @@ impl Core {
 
     /// Opens `name` in `parent` as an inode the kernel now knows.
     pub(super) fn lookup_in(
-        &self,
-        parent: u64,
-        dir: &Inode,
-        name: &OsStr,
+        &self, parent: u64, dir: &Inode, name: &OsStr,
     ) -> FsResult<(Arc<Inode>, FileAttr)> {
         let c = sys::cstr(name)?;
         let (fd, st) = stat_new(dir, &c)?;
@@ -90,11 +87,7 @@ impl Core {
 
     /// Creates a regular file with a fresh DEK; returns its open state.
     pub async fn create(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        caller: Caller,
+        &self, parent: u64, name: &OsStr, mode: u32, caller: Caller,
     ) -> FsResult<(FileAttr, OpenFile)> {
         reject_reserved(name)?;
         if self.read_only {
@@ -151,11 +144,7 @@ impl Core {
     }
 
     pub async fn create_open(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        caller: Caller,
+        &self, parent: u64, name: &OsStr, mode: u32, caller: Caller,
     ) -> FsResult<(FileAttr, u64)> {
         let (attr, open) = self.create(parent, name, mode, caller).await?;
         Ok((attr, self.handles.add_file(open, attr.ino.0)))
@@ -171,11 +160,7 @@ impl Core {
     }
 
     pub fn mkdir(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        caller: Caller,
+        &self, parent: u64, name: &OsStr, mode: u32, caller: Caller,
     ) -> FsResult<FileAttr> {
         reject_reserved(name)?;
         let dir = self.inodes.dir(parent)?;
@@ -186,12 +171,7 @@ impl Core {
 
     /// Common tail of mkdir/mknod/symlink: chown, then look up.
     fn finish_new(
-        &self,
-        parent: u64,
-        dir: &Inode,
-        name: &OsStr,
-        caller: Caller,
-        mode: Option<u32>,
+        &self, parent: u64, dir: &Inode, name: &OsStr, caller: Caller, mode: Option<u32>,
     ) -> FsResult<FileAttr> {
         let c = sys::cstr(name)?;
         self.chown_new(dir, &c, caller)?;
@@ -207,12 +187,7 @@ impl Core {
     }
 
     pub async fn mknod(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        rdev: u32,
-        caller: Caller,
+        &self, parent: u64, name: &OsStr, mode: u32, rdev: u32, caller: Caller,
     ) -> FsResult<FileAttr> {
         reject_reserved(name)?;
         if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
@@ -228,11 +203,7 @@ impl Core {
     }
 
     pub fn symlink(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        target: &Path,
-        caller: Caller,
+        &self, parent: u64, name: &OsStr, target: &Path, caller: Caller,
     ) -> FsResult<FileAttr> {
         reject_reserved(name)?;
         let dir = self.inodes.dir(parent)?;
@@ -254,9 +225,7 @@ impl Core {
     /// about to remove: the directory, the name, and the entry's stat.
     /// Reserved names do not exist as far as the mount is concerned.
     fn entry_to_remove(
-        &self,
-        parent: u64,
-        name: &OsStr,
+        &self, parent: u64, name: &OsStr,
     ) -> FsResult<(Arc<Inode>, CString, libc::stat)> {
         if is_reserved(name.as_bytes()) {
             return Err(errno(libc::ENOENT));
@@ -310,12 +279,7 @@ impl Core {
     }
 
     pub fn rename(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        newparent: u64,
-        newname: &OsStr,
-        flags: u32,
+        &self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32,
     ) -> FsResult<()> {
         if is_reserved(name.as_bytes()) {
             return Err(errno(libc::ENOENT));
@@ -375,12 +339,7 @@ impl Core {
     /// keys fails with EXDEV (as fscrypt does), so tools fall back to a copy
     /// that is encrypted under the destination's key.
     fn check_same_policy(
-        &self,
-        od: &Inode,
-        name: &OsStr,
-        kind: FileType,
-        nd: &Inode,
-        newname: &OsStr,
+        &self, od: &Inode, name: &OsStr, kind: FileType, nd: &Inode, newname: &OsStr,
     ) -> FsResult<()> {
         if self.policies.len() == 1 {
             return Ok(());

@@ -237,10 +237,7 @@ pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
 }
 
 pub fn utimensat(
-    dir: RawFd,
-    name: &CStr,
-    times: &[libc::timespec; 2],
-    flags: i32,
+    dir: RawFd, name: &CStr, times: &[libc::timespec; 2], flags: i32,
 ) -> io::Result<()> {
     check(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), flags) }).map(drop)
 }
@@ -252,11 +249,7 @@ pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs> {
 }
 
 pub fn setxattr(
-    path: &CStr,
-    follow: bool,
-    name: &CStr,
-    value: &[u8],
-    flags: i32,
+    path: &CStr, follow: bool, name: &CStr, value: &[u8], flags: i32,
 ) -> io::Result<()> {
     let f = if follow {
         libc::setxattr

@@ -231,9 +231,7 @@ impl AwsKms {
     }
 
     fn map_err<E>(
-        &self,
-        op: Op,
-        e: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+        &self, op: Op, e: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
     ) -> KmsError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,

@@ -132,9 +132,7 @@ impl AzureKms {
     /// transport, API version, challenge-resource verification). Retries are
     /// always turned off: a generic wrapper retries retryable errors.
     pub fn with_credential(
-        cfg: &AzureConfig,
-        credential: Arc<dyn TokenCredential>,
-        options: Option<KeyClientOptions>,
+        cfg: &AzureConfig, credential: Arc<dyn TokenCredential>, options: Option<KeyClientOptions>,
     ) -> Result<Self, KmsError> {
         let vault_url = cfg.vault_url.trim().trim_end_matches('/').to_owned();
         let url = azure_core::http::Url::parse(&vault_url).map_err(|e| {
@@ -208,10 +206,7 @@ impl AzureKms {
 
     /// Runs one SDK call and maps its error.
     async fn call<T>(
-        &self,
-        op: Op,
-        version: &str,
-        f: impl std::future::Future<Output = azure_core::Result<T>>,
+        &self, op: Op, version: &str, f: impl std::future::Future<Output = azure_core::Result<T>>,
     ) -> Result<T, KmsError> {
         f.await.map_err(|e| self.classify(op, version, e))
     }

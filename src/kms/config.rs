@@ -89,10 +89,7 @@ impl KmsConfig {
     /// [`timeout`](Self::timeout), retried by `retry` and recorded in
     /// `metrics`: what a mount uses.
     pub fn build_instrumented(
-        &self,
-        rt: &KmsRuntime,
-        metrics: &Arc<Metrics>,
-        retry: RetryPolicy,
+        &self, rt: &KmsRuntime, metrics: &Arc<Metrics>, retry: RetryPolicy,
     ) -> Result<Arc<dyn KeyProvider>, ConnectError> {
         let inner = rt.block_on(self.open())?;
         Ok(Instrumented::wrap(
@@ -137,8 +134,7 @@ impl KmsConfig {
 /// `timeout` each: the one bound on connecting (logins, credential
 /// discovery, key reads), which providers do not bound themselves.
 pub async fn connect_within<T>(
-    timeout: Duration,
-    kms: impl FnOnce() -> String,
+    timeout: Duration, kms: impl FnOnce() -> String,
     connect: impl Future<Output = Result<T, KmsError>>,
 ) -> Result<T, KmsError> {
     within(timeout * CONNECT_CALLS, kms, connect).await

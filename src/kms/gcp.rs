@@ -181,8 +181,7 @@ impl GcpKms {
     /// Builds the provider with given credentials. Retries are off: a
     /// generic wrapper retries retryable errors.
     pub async fn with_credentials(
-        cfg: &GcpConfig,
-        credentials: google_cloud_auth::credentials::Credentials,
+        cfg: &GcpConfig, credentials: google_cloud_auth::credentials::Credentials,
     ) -> Result<Self, KmsError> {
         check_segment("project", &cfg.project)?;
         check_segment("location", &cfg.location)?;
@@ -244,9 +243,7 @@ impl GcpKms {
 
     /// Runs one client call and maps its error.
     async fn call<T>(
-        &self,
-        op: Op,
-        version: &str,
+        &self, op: Op, version: &str,
         f: impl std::future::Future<Output = Result<T, google_cloud_gax::error::Error>>,
     ) -> Result<T, KmsError> {
         f.await.map_err(|e| self.classify(op, version, e))

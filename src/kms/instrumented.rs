@@ -42,9 +42,7 @@ impl Default for RetryPolicy {
 /// has passed. Dropping `f` then frees whatever it held (connections,
 /// buffers).
 pub async fn within<T>(
-    timeout: Duration,
-    kms: impl FnOnce() -> String,
-    f: impl Future<Output = Result<T, KmsError>>,
+    timeout: Duration, kms: impl FnOnce() -> String, f: impl Future<Output = Result<T, KmsError>>,
 ) -> Result<T, KmsError> {
     match tokio::time::timeout(timeout, f).await {
         Ok(r) => r,
@@ -70,10 +68,7 @@ impl Instrumented {
     /// `inner` with each call bounded by `timeout`, retried by `retry`, and
     /// recorded in `metrics`.
     pub fn wrap(
-        inner: Arc<dyn KeyProvider>,
-        metrics: Arc<Metrics>,
-        retry: RetryPolicy,
-        timeout: Duration,
+        inner: Arc<dyn KeyProvider>, metrics: Arc<Metrics>, retry: RetryPolicy, timeout: Duration,
     ) -> Arc<dyn KeyProvider> {
         Arc::new(Self {
             inner,
@@ -187,8 +182,7 @@ mod tests {
     /// `inner` behind `Instrumented` with quick retries and `timeout`, the
     /// metrics it records into, and an item `inner` wrapped.
     fn instrumented(
-        inner: Arc<FakeKms>,
-        timeout: Duration,
+        inner: Arc<FakeKms>, timeout: Duration,
     ) -> (
         Arc<dyn KeyProvider>,
         Arc<Metrics>,

@@ -359,8 +359,7 @@ impl Keyring {
     /// process made since this one was loaded is kept; `self` becomes what
     /// was written.
     fn change<T>(
-        &mut self,
-        edit: impl FnOnce(&mut Keyring) -> Result<T, KeyringError>,
+        &mut self, edit: impl FnOnce(&mut Keyring) -> Result<T, KeyringError>,
     ) -> Result<T, KeyringError> {
         let _lock = KeyringLock::take(&self.path)?;
         let mut current = Self::load(&self.path)?;

@@ -92,10 +92,7 @@ pub(crate) fn error_chain(e: &(dyn StdError + 'static)) -> String {
 /// cannot be had ([`KmsError::UnwrapFailed`]); when wrapping, the service is
 /// not what the configuration says it is ([`KmsError::Config`]).
 pub(crate) fn bad_response(
-    kms: String,
-    direction: Direction,
-    operation: &str,
-    detail: &str,
+    kms: String, direction: Direction, operation: &str, detail: &str,
 ) -> KmsError {
     match direction {
         Direction::Unwrap => KmsError::UnwrapFailed {
@@ -111,8 +108,7 @@ pub(crate) fn bad_response(
 /// Refuses a wrapped DEK whose key reference `provider` does not handle, so
 /// that no request is sent for another key's blob.
 pub(crate) fn ensure_handles(
-    provider: &(impl KeyProvider + ?Sized),
-    key_ref: &KeyRef,
+    provider: &(impl KeyProvider + ?Sized), key_ref: &KeyRef,
 ) -> Result<(), KmsError> {
     if provider.handles(key_ref) {
         Ok(())

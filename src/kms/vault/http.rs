@@ -90,10 +90,7 @@ impl VaultKms {
 
     /// One HTTP request with `token`; `body` None = GET.
     pub(super) async fn send(
-        &self,
-        path: &str,
-        body: Option<&Value>,
-        token: &str,
+        &self, path: &str, body: Option<&Value>, token: &str,
     ) -> Result<Answer, KmsError> {
         let url = format!("{}/v1/{}", self.base, path);
         let http = &self.client.http.http;
@@ -147,9 +144,7 @@ impl VaultKms {
     /// again once (AppRole/Kubernetes). Returns the answer and whether the
     /// token was found invalid (403 and lookup-self fails too).
     pub(super) async fn request(
-        &self,
-        path: &str,
-        body: Option<&Value>,
+        &self, path: &str, body: Option<&Value>,
     ) -> Result<Answer, KmsError> {
         let (token, stale) = self.current_token();
         let token = if stale {
@@ -204,11 +199,7 @@ impl VaultKms {
 
     /// Classifies a transit error message (whole request or one batch item).
     pub(super) fn classify_message(
-        &self,
-        op: Op,
-        msg: &str,
-        detail: &str,
-        version: Option<&str>,
+        &self, op: Op, msg: &str, detail: &str, version: Option<&str>,
     ) -> KmsError {
         let m = msg.to_ascii_lowercase();
         if m.contains("key not found")

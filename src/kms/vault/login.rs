@@ -115,9 +115,7 @@ impl VaultKms {
     }
 
     fn login_result(
-        &self,
-        r: Result<vaultrs::api::AuthInfo, vaultrs::error::ClientError>,
-        what: &str,
+        &self, r: Result<vaultrs::api::AuthInfo, vaultrs::error::ClientError>, what: &str,
         auth_failed: impl Fn(String) -> KmsError,
     ) -> Result<TokenState, KmsError> {
         use vaultrs::error::ClientError as CE;

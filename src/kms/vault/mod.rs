@@ -90,8 +90,7 @@ impl VaultKms {
     }
 
     async fn connect_inner(
-        cfg: &VaultConfig,
-        token: Option<Zeroizing<String>>,
+        cfg: &VaultConfig, token: Option<Zeroizing<String>>,
     ) -> Result<Self, KmsError> {
         let mut cfg = cfg.clone();
         if token.is_some() {
@@ -215,8 +214,7 @@ impl VaultKms {
 
     /// One batch decrypt request of at most BATCH_MAX prepared items.
     async fn decrypt_chunk(
-        &self,
-        items: &[(&str, String, &WrapContext)],
+        &self, items: &[(&str, String, &WrapContext)],
     ) -> Vec<Result<Dek, KmsError>> {
         let batch: Vec<Value> = items
             .iter()

@@ -107,10 +107,7 @@ impl Mock {
     /// The provider, talking to `addr` through a client that resolves HOST
     /// there and trusts only the mock's CA.
     pub fn kms_with(
-        &self,
-        cfg: &AzureConfig,
-        addr: SocketAddr,
-        cred: Arc<FakeCredential>,
+        &self, cfg: &AzureConfig, addr: SocketAddr, cred: Arc<FakeCredential>,
     ) -> AzureKms {
         let ca = self.server.ca_der.as_ref().expect("an HTTPS mock");
         let http = reqwest::Client::builder()
@@ -267,9 +264,7 @@ pub struct FakeCredential {
 #[async_trait::async_trait]
 impl TokenCredential for FakeCredential {
     async fn get_token(
-        &self,
-        scopes: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
+        &self, scopes: &[&str], _: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         self.scopes
             .lock()

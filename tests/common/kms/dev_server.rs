@@ -17,10 +17,7 @@ impl DevServer {
     /// command (environment), and checks that it printed every `required`
     /// variable. `needs` tells, when it fails, what the tests need.
     pub fn start(
-        script: &str,
-        needs: &str,
-        required: &[&str],
-        configure: impl FnOnce(&mut Command),
+        script: &str, needs: &str, required: &[&str], configure: impl FnOnce(&mut Command),
     ) -> DevServer {
         let script = format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"));
         let state = tempfile::Builder::new()
