@@ -350,10 +350,12 @@ fio_json_field() { # FILE read|write bw_bytes|iops
 }
 
 # ---------------------------------------------------------------- workloads
-# group_setup FS G TAG: init and mount for a workload group; on failure
-# records the error, cleans up and returns 1 (the group then returns 0).
+# group_setup FS G TAG TITLE: logs the group's title, then init and mount
+# for it; on failure records the error, cleans up and returns 1 (the group
+# then returns 0).
 group_setup() {
     local fs=$1 g=$2 tag=$3
+    log "== $fs: $4"
     fs_init "$fs" "$g" && fs_mount "$fs" "$g" && return 0
     rec_err "$fs" "${tag}_setup" "init/mount failed (see $g)"
     fs_umount "$fs" "$g" || true
@@ -369,8 +371,7 @@ group_teardown() {
 
 group_seq() {
     local fs=$1 g=$RUN/$1-seq dir rep t out rc
-    log "== $fs: sequential write / cold read / 4K random read (${SEQ_MIB} MiB file)"
-    group_setup "$fs" "$g" seq || return 0
+    group_setup "$fs" "$g" seq "sequential write / cold read / 4K random read (${SEQ_MIB} MiB file)" || return 0
     dir=$(fs_dir "$fs" "$g")
     local fio_common=(--name=bench --filename="$dir/bench.dat" --ioengine=psync --numjobs=1
         --size="${SEQ_MIB}M" --fallocate=none --output-format=json)
@@ -444,8 +445,7 @@ prepare_kernel() {
 
 group_kernel() {
     local fs=$1 g=$RUN/$1-kernel dir rep t rc tree
-    log "== $fs: untar / md5sum -c / ls -lR / rm -rf of the Linux 6.1 tree ($KERNEL_SET, $KENTRIES entries)"
-    group_setup "$fs" "$g" kernel || return 0
+    group_setup "$fs" "$g" kernel "untar / md5sum -c / ls -lR / rm -rf of the Linux 6.1 tree ($KERNEL_SET, $KENTRIES entries)" || return 0
     dir=$(fs_dir "$fs" "$g")
     tree=$dir/$KTOP
     for rep in $(seq 1 "$REPS"); do
@@ -483,8 +483,7 @@ group_kernel() {
 # them all in random order with 8 processes (cold), and again (warm).
 group_ml() {
     local fs=$1 g=$RUN/$1-ml dir rep out rc before after c0 c1 s0 s1 list pid cpu0 cpu1
-    log "== $fs: ML-style read of $ML_FILES x 100 KiB files, $ML_PROCS readers"
-    group_setup "$fs" "$g" ml || return 0
+    group_setup "$fs" "$g" ml "ML-style read of $ML_FILES x 100 KiB files, $ML_PROCS readers" || return 0
     dir=$(fs_dir "$fs" "$g")
     if [[ $fs == kmsfs* ]]; then c0=$(kms_counts "$g") || c0=; fi
     if [[ $fs == kmsfs-vault ]]; then s0=$(vault_server_counts) || s0=; fi

@@ -590,6 +590,15 @@ mod tests {
         (crypt_file_at(&path, layout, true), path)
     }
 
+    /// Runs `test` on a new file `f` in a fresh directory, once per layout.
+    fn in_each_layout(test: impl Fn(BlockLayout, CryptFile, &std::path::Path)) {
+        for layout in LAYOUTS {
+            let dir = tempfile::tempdir().unwrap();
+            let (cf, path) = open_file(&dir, layout);
+            test(layout, cf, &path);
+        }
+    }
+
     fn read_all(cf: &CryptFile) -> Vec<u8> {
         let mut out = Vec::new();
         cf.read(0, cf.size().unwrap() as usize + 10, &mut out)
@@ -659,96 +668,84 @@ mod tests {
 
     #[test]
     fn large_parallel_round_trip_and_tamper() {
-        for layout in LAYOUTS {
-            large_parallel_round_trip_and_tamper_in(layout);
-        }
-    }
-
-    fn large_parallel_round_trip_and_tamper_in(layout: BlockLayout) {
-        let dir = tempfile::tempdir().unwrap();
-        let (cf, path) = open_file(&dir, layout);
-        let sbs = cf.geometry.sealed_block_size() as u64;
-        let data: Vec<u8> = (0..(1 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
-        cf.write(0, &data).unwrap();
-        assert_eq!(read_all(&cf), data);
-        // Flip one byte in block 5: that block fails, the others still read.
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let at = 5 * sbs + 100;
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 1], at).unwrap();
-        let mut out = Vec::new();
-        let err = cf.read(0, 1 << 20, &mut out).unwrap_err();
-        assert!(err.to_string().contains("block 5"), "{err}");
-        cf.read(0, 5 * 4096, &mut out).unwrap();
-        assert_eq!(out, data[..5 * 4096]);
-        // Block 6 swapped with block 7: both fail (their AAD names the index).
-        let mut six = vec![0u8; sbs as usize];
-        let mut seven = vec![0u8; sbs as usize];
-        f.read_exact_at(&mut six, 6 * sbs).unwrap();
-        f.read_exact_at(&mut seven, 7 * sbs).unwrap();
-        f.write_all_at(&seven, 6 * sbs).unwrap();
-        f.write_all_at(&six, 7 * sbs).unwrap();
-        for block in [6, 7] {
-            let err = cf.read(block * 4096, 10, &mut out).unwrap_err();
-            assert!(err.to_string().contains(&format!("block {block}")), "{err}");
-        }
-        // Torn tail: cut the file 3 bytes into a sealed block.
-        let ct = f.metadata().unwrap().len();
-        f.set_len(ct - (ct % sbs) + 3).unwrap();
-        let last = (ct / sbs) as usize;
-        // A file cut behind an open handle's back reads as damage too.
-        let err = cf.read(0, data.len(), &mut out).unwrap_err();
-        assert!(err.to_string().contains("truncated"), "{err}");
-        // Opened afresh, the size shows the damage.
-        let cf = crypt_file_at(&path, layout, false);
-        assert_eq!(
-            cf.size().unwrap(),
-            last as u64 * 4096 + 1,
-            "damage stays visible in the size"
-        );
-        cf.read(8 * 4096, (last - 8) * 4096, &mut out).unwrap();
-        assert_eq!(out, data[8 * 4096..last * 4096]);
-        let err = cf.read(0, data.len(), &mut out).unwrap_err();
-        assert!(err.to_string().contains(&format!("block {last}")), "{err}");
-        // A fragment as long as the layout's whole overhead is torn too.
-        f.set_len(ct - (ct % sbs) + cf.geometry.overhead() as u64)
-            .unwrap();
-        let cf = crypt_file_at(&path, layout, false);
-        assert_eq!(cf.size().unwrap(), last as u64 * 4096 + 1);
-        let err = cf.read(last as u64 * 4096, 1, &mut out).unwrap_err();
-        assert!(err.to_string().contains("truncated"), "{err}");
+        in_each_layout(|layout, cf, path| {
+            let sbs = cf.geometry.sealed_block_size() as u64;
+            let data: Vec<u8> = (0..(1 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
+            cf.write(0, &data).unwrap();
+            assert_eq!(read_all(&cf), data);
+            // Flip one byte in block 5: that block fails, the others still read.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let at = 5 * sbs + 100;
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 1], at).unwrap();
+            let mut out = Vec::new();
+            let err = cf.read(0, 1 << 20, &mut out).unwrap_err();
+            assert!(err.to_string().contains("block 5"), "{err}");
+            cf.read(0, 5 * 4096, &mut out).unwrap();
+            assert_eq!(out, data[..5 * 4096]);
+            // Block 6 swapped with block 7: both fail (their AAD names the index).
+            let mut six = vec![0u8; sbs as usize];
+            let mut seven = vec![0u8; sbs as usize];
+            f.read_exact_at(&mut six, 6 * sbs).unwrap();
+            f.read_exact_at(&mut seven, 7 * sbs).unwrap();
+            f.write_all_at(&seven, 6 * sbs).unwrap();
+            f.write_all_at(&six, 7 * sbs).unwrap();
+            for block in [6, 7] {
+                let err = cf.read(block * 4096, 10, &mut out).unwrap_err();
+                assert!(err.to_string().contains(&format!("block {block}")), "{err}");
+            }
+            // Torn tail: cut the file 3 bytes into a sealed block.
+            let ct = f.metadata().unwrap().len();
+            f.set_len(ct - (ct % sbs) + 3).unwrap();
+            let last = (ct / sbs) as usize;
+            // A file cut behind an open handle's back reads as damage too.
+            let err = cf.read(0, data.len(), &mut out).unwrap_err();
+            assert!(err.to_string().contains("truncated"), "{err}");
+            // Opened afresh, the size shows the damage.
+            let cf = crypt_file_at(&path, layout, false);
+            assert_eq!(
+                cf.size().unwrap(),
+                last as u64 * 4096 + 1,
+                "damage stays visible in the size"
+            );
+            cf.read(8 * 4096, (last - 8) * 4096, &mut out).unwrap();
+            assert_eq!(out, data[8 * 4096..last * 4096]);
+            let err = cf.read(0, data.len(), &mut out).unwrap_err();
+            assert!(err.to_string().contains(&format!("block {last}")), "{err}");
+            // A fragment as long as the layout's whole overhead is torn too.
+            f.set_len(ct - (ct % sbs) + cf.geometry.overhead() as u64)
+                .unwrap();
+            let cf = crypt_file_at(&path, layout, false);
+            assert_eq!(cf.size().unwrap(), last as u64 * 4096 + 1);
+            let err = cf.read(last as u64 * 4096, 1, &mut out).unwrap_err();
+            assert!(err.to_string().contains("truncated"), "{err}");
+        });
     }
 
     #[test]
     fn concurrent_writers_sharing_edge_blocks_keep_each_others_bytes() {
-        for layout in LAYOUTS {
-            concurrent_writers_in(layout);
-        }
-    }
-
-    fn concurrent_writers_in(layout: BlockLayout) {
-        let dir = tempfile::tempdir().unwrap();
-        let (cf, _) = open_file(&dir, layout);
-        // Neighbouring ranges meet inside blocks, so every edge block is
-        // written by two threads; each round reverses the start order.
-        const PART: usize = 70_001;
-        let expected: Vec<u8> = (0..8 * PART).map(|i| (i / PART) as u8 + 1).collect();
-        for round in 0..4 {
-            std::thread::scope(|s| {
-                for i in 0..8 {
-                    let k = if round % 2 == 0 { i } else { 7 - i };
-                    let (cf, data) = (&cf, &expected[k * PART..(k + 1) * PART]);
-                    s.spawn(move || cf.write((k * PART) as u64, data).unwrap());
-                }
-            });
-            assert_eq!(read_all(&cf), expected, "round {round}");
-            cf.truncate(0).unwrap();
-        }
+        in_each_layout(|_, cf, _| {
+            // Neighbouring ranges meet inside blocks, so every edge block is
+            // written by two threads; each round reverses the start order.
+            const PART: usize = 70_001;
+            let expected: Vec<u8> = (0..8 * PART).map(|i| (i / PART) as u8 + 1).collect();
+            for round in 0..4 {
+                std::thread::scope(|s| {
+                    for i in 0..8 {
+                        let k = if round % 2 == 0 { i } else { 7 - i };
+                        let (cf, data) = (&cf, &expected[k * PART..(k + 1) * PART]);
+                        s.spawn(move || cf.write((k * PART) as u64, data).unwrap());
+                    }
+                });
+                assert_eq!(read_all(&cf), expected, "round {round}");
+                cf.truncate(0).unwrap();
+            }
+        });
     }
 
     #[test]
@@ -793,18 +790,16 @@ mod tests {
 
     #[test]
     fn holes_read_as_zeros() {
-        for layout in LAYOUTS {
-            let dir = tempfile::tempdir().unwrap();
-            let (cf, _) = open_file(&dir, layout);
+        in_each_layout(|_, cf, path| {
             cf.write(100_000, b"tail").unwrap();
             assert_eq!(
-                std::fs::metadata(dir.path().join("f")).unwrap().len(),
+                std::fs::metadata(path).unwrap().len(),
                 cf.geometry.ciphertext_size(100_004)
             );
             let all = read_all(&cf);
             assert_eq!(all.len(), 100_004);
             assert!(all[..100_000].iter().all(|&b| b == 0));
             assert_eq!(&all[100_000..], b"tail");
-        }
+        });
     }
 }

@@ -67,6 +67,15 @@ impl FsError {
         }
     }
 
+    /// A KMS failure while `action` for `file`.
+    pub fn kms(file: &str, action: &'static str, source: KmsError) -> Self {
+        FsError::Kms {
+            file: file.to_owned(),
+            action,
+            source: Box::new(source),
+        }
+    }
+
     pub fn backing(file: &str, reason: &'static str) -> Self {
         FsError::Backing {
             file: file.to_owned(),

@@ -104,11 +104,7 @@ impl FileKeys {
         let dek = self
             .dek(wrapped, &ctx, key.as_ref())
             .await
-            .map_err(|source| FsError::Kms {
-                file: label.to_owned(),
-                action: "the DEK could not be unwrapped",
-                source: Box::new(source),
-            })?;
+            .map_err(|e| FsError::kms(label, "the DEK could not be unwrapped", e))?;
         crypto::open_header(&header.parsed, &dek).map_err(|e| FsError::header(label, e))
     }
 
@@ -133,15 +129,9 @@ impl FileKeys {
         let file_id = crypto::random_file_id();
         let ctx = WrapContext::file(file_id, self.volume_id);
         let (dek, wrapped) =
-            policy
-                .current
-                .generate_dek(&ctx)
-                .await
-                .map_err(|source| FsError::Kms {
-                    file: label.to_owned(),
-                    action: "no DEK could be generated for the new file",
-                    source: Box::new(source),
-                })?;
+            policy.current.generate_dek(&ctx).await.map_err(|e| {
+                FsError::kms(label, "no DEK could be generated for the new file", e)
+            })?;
         let header = Header::v2(policy.policy.cipher, block_shift, file_id, vec![wrapped])
             .map_err(|e| FsError::header(label, e))?;
         let (raw, cipher) =

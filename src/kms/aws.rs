@@ -39,22 +39,17 @@ const PROVIDER: &str = "aws";
 pub struct AwsConfig {
     /// Key ID, key ARN, alias name (alias/...) or alias ARN.
     pub key_id: String,
-    #[serde(default)]
     pub region: Option<String>,
     /// Custom endpoint (LocalStack, moto).
-    #[serde(default)]
     pub endpoint: Option<String>,
     /// Allow a plain http:// endpoint (a dev server on loopback). Set only
     /// in the trusted configuration; refused otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_http: bool,
     /// Named profile from the shared config files.
-    #[serde(default)]
     pub profile: Option<String>,
     /// Role to assume on top of the base credentials.
-    #[serde(default)]
     pub assume_role_arn: Option<String>,
-    #[serde(default)]
     pub external_id: Option<String>,
     #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,

@@ -61,7 +61,6 @@ pub struct AzureConfig {
     pub vault_url: String,
     pub key_name: String,
     /// Empty or absent: the latest version.
-    #[serde(default)]
     pub key_version: Option<String>,
     #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,

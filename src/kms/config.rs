@@ -108,24 +108,28 @@ impl KmsConfig {
             allow(unused_variables)
         )]
         let timeout = self.timeout();
+        // Every remote provider connects the same way, bounded as a whole.
+        #[allow(unused_macros)]
+        macro_rules! connect {
+            ($config:expr, $provider:ty) => {
+                connect_within(
+                    timeout,
+                    || $config.kms_name(),
+                    <$provider>::connect($config),
+                )
+                .await?
+            };
+        }
         Ok(match self {
             KmsConfig::Local { key_file, key } => Arc::new(LocalKms::open(key_file, key)?),
             #[cfg(feature = "vault")]
-            KmsConfig::Vault(c) => {
-                connect_within(timeout, || c.kms_name(), super::vault::VaultKms::connect(c)).await?
-            }
+            KmsConfig::Vault(c) => connect!(c, super::vault::VaultKms),
             #[cfg(feature = "aws")]
-            KmsConfig::Aws(c) => {
-                connect_within(timeout, || c.kms_name(), super::aws::AwsKms::connect(c)).await?
-            }
+            KmsConfig::Aws(c) => connect!(c, super::aws::AwsKms),
             #[cfg(feature = "azure")]
-            KmsConfig::Azure(c) => {
-                connect_within(timeout, || c.kms_name(), super::azure::AzureKms::connect(c)).await?
-            }
+            KmsConfig::Azure(c) => connect!(c, super::azure::AzureKms),
             #[cfg(feature = "gcp")]
-            KmsConfig::Gcp(c) => {
-                connect_within(timeout, || c.kms_name(), super::gcp::GcpKms::connect(c)).await?
-            }
+            KmsConfig::Gcp(c) => connect!(c, super::gcp::GcpKms),
         })
     }
 }

@@ -38,13 +38,10 @@ pub struct GcpConfig {
     pub key_ring: String,
     pub key: String,
     /// Absent: the primary version encrypts.
-    #[serde(default)]
     pub key_version: Option<String>,
     /// Service-account key file; absent: application default credentials.
-    #[serde(default)]
     pub credentials_file: Option<PathBuf>,
     /// Custom endpoint (tests).
-    #[serde(default)]
     pub endpoint: Option<String>,
     /// Allow a plain http:// endpoint (a dev server on loopback). Set only
     /// in the trusted configuration; refused otherwise.

@@ -607,12 +607,18 @@ mod tests {
             .block_on(f)
     }
 
+    /// A keyring file `name` in `dir` holding key "default" (version 1).
+    fn keyring_in(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        let mut kr = Keyring::create_empty(&path).unwrap();
+        kr.create_key("default").unwrap();
+        path
+    }
+
     #[test]
     fn wrap_unwrap_rotate_and_context() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys");
-        let mut kr = Keyring::create_empty(&path).unwrap();
-        kr.create_key("default").unwrap();
+        let path = keyring_in(dir.path(), "keys");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
@@ -653,9 +659,7 @@ mod tests {
     #[test]
     fn refuses_open_keyring_and_wrong_keyring() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys");
-        let mut kr = Keyring::create_empty(&path).unwrap();
-        kr.create_key("default").unwrap();
+        let path = keyring_in(dir.path(), "keys");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             Keyring::load(&path),
@@ -665,10 +669,7 @@ mod tests {
         let kms = LocalKms::open(&path, "default").unwrap();
         let ctx = WrapContext::file_v1([1; 16]);
         let (_, w) = block_on(kms.generate_dek(&ctx)).unwrap();
-        let path2 = dir.path().join("keys2");
-        let mut kr2 = Keyring::create_empty(&path2).unwrap();
-        kr2.create_key("default").unwrap();
-        let kms2 = LocalKms::open(&path2, "default").unwrap();
+        let kms2 = LocalKms::open(&keyring_in(dir.path(), "keys2"), "default").unwrap();
         let Err(err) = block_on(kms2.unwrap(&w, &ctx)) else {
             panic!("a foreign keyring unwrapped the DEK")
         };
@@ -679,11 +680,7 @@ mod tests {
     #[test]
     fn refuses_symlinks_fifos_and_foreign_owners() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys");
-        Keyring::create_empty(&path)
-            .unwrap()
-            .create_key("default")
-            .unwrap();
+        let path = keyring_in(dir.path(), "keys");
         let link = dir.path().join("link");
         symlink(&path, &link).unwrap();
         let e = Keyring::load(&link).err().unwrap();
@@ -709,11 +706,7 @@ mod tests {
     #[test]
     fn concurrent_changes_keep_every_version() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys");
-        Keyring::create_empty(&path)
-            .unwrap()
-            .create_key("default")
-            .unwrap();
+        let path = keyring_in(dir.path(), "keys");
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let path = path.clone();

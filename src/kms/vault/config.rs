@@ -62,15 +62,11 @@ pub struct VaultConfig {
     /// Transit key name.
     pub key: String,
     /// Vault Enterprise namespace.
-    #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
     pub auth: VaultAuth,
-    #[serde(default)]
     pub ca_cert: Option<PathBuf>,
-    #[serde(default)]
     pub client_cert: Option<PathBuf>,
-    #[serde(default)]
     pub client_key: Option<PathBuf>,
     /// Skip TLS verification (prints a warning; for tests only).
     #[serde(default)]

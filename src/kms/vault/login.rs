@@ -2,6 +2,7 @@
 //! AppRole/Kubernetes login that is renewed before its lease runs out and
 //! when Vault rejects it.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,24 @@ impl TokenState {
     }
 }
 
+/// A secret from the file `path`, trimmed; `what` names the file in the
+/// error (never its content).
+fn secret_from_file(path: &Path, what: &str) -> Result<Zeroizing<String>, KmsError> {
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            KmsError::Config(format!("cannot read {what} {}: {e}", path.display()))
+        })?);
+    Ok(Zeroizing::new(text.trim().to_owned()))
+}
+
+/// A secret from the environment variable `var`, trimmed; None if it is
+/// unset or blank.
+fn secret_from_env(var: &str) -> Option<Zeroizing<String>> {
+    let value = Zeroizing::new(std::env::var(var).ok()?);
+    let trimmed = value.trim();
+    (!trimmed.is_empty()).then(|| Zeroizing::new(trimmed.to_owned()))
+}
+
 impl VaultKms {
     /// The token to send, and whether its login should be renewed first.
     pub(super) fn current_token(&self) -> (Arc<Zeroizing<String>>, bool) {
@@ -47,12 +66,12 @@ impl VaultKms {
                 token: Arc::new(self.token_override.clone().expect("checked")),
                 refresh_at: None,
             }),
-            VaultAuth::Token => match std::env::var("VAULT_TOKEN") {
-                Ok(t) if !t.trim().is_empty() => Ok(TokenState {
-                    token: Arc::new(Zeroizing::new(t.trim().to_owned())),
+            VaultAuth::Token => match secret_from_env("VAULT_TOKEN") {
+                Some(token) => Ok(TokenState {
+                    token: Arc::new(token),
                     refresh_at: None,
                 }),
-                _ => Err(KmsError::Config(format!(
+                None => Err(KmsError::Config(format!(
                     "the vault provider (auth method token) reads its token from the VAULT_TOKEN \
                      environment variable, which is not set; set it for `kmsfs mount` ({})",
                     self.kms()
@@ -64,25 +83,14 @@ impl VaultKms {
                 mount,
             } => {
                 let secret_id = match secret_id_file {
-                    Some(f) => Zeroizing::new(
-                        std::fs::read_to_string(f)
-                            .map_err(|e| {
-                                KmsError::Config(format!(
-                                    "cannot read the AppRole secret ID file {}: {e}",
-                                    f.display()
-                                ))
-                            })?
-                            .trim()
-                            .to_owned(),
-                    ),
-                    None => match std::env::var("VAULT_SECRET_ID") {
-                        Ok(s) if !s.trim().is_empty() => Zeroizing::new(s.trim().to_owned()),
-                        _ => return Err(KmsError::Config(
+                    Some(f) => secret_from_file(f, "the AppRole secret ID file")?,
+                    None => secret_from_env("VAULT_SECRET_ID").ok_or_else(|| {
+                        KmsError::Config(
                             "AppRole login needs a secret ID: set VAULT_SECRET_ID or configure \
-                                 secret_id_file (--vault-secret-id-file)"
+                             secret_id_file (--vault-secret-id-file)"
                                 .into(),
-                        )),
-                    },
+                        )
+                    })?,
                 };
                 let r =
                     vaultrs::auth::approle::login(&self.client, mount, role_id, &secret_id).await;
@@ -93,17 +101,7 @@ impl VaultKms {
                 jwt_file,
                 mount,
             } => {
-                let jwt = Zeroizing::new(
-                    std::fs::read_to_string(jwt_file)
-                        .map_err(|e| {
-                            KmsError::Config(format!(
-                                "cannot read the Kubernetes service-account token {}: {e}",
-                                jwt_file.display()
-                            ))
-                        })?
-                        .trim()
-                        .to_owned(),
-                );
+                let jwt = secret_from_file(jwt_file, "the Kubernetes service-account token")?;
                 let r = vaultrs::auth::kubernetes::login(&self.client, mount, role, &jwt).await;
                 self.login_result(
                     r,
