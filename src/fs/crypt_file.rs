@@ -677,7 +677,7 @@ mod tests {
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open(&path)
+                .open(path)
                 .unwrap();
             let at = 5 * sbs + 100;
             let mut b = [0u8];
@@ -707,7 +707,7 @@ mod tests {
             let err = cf.read(0, data.len(), &mut out).unwrap_err();
             assert!(err.to_string().contains("truncated"), "{err}");
             // Opened afresh, the size shows the damage.
-            let cf = crypt_file_at(&path, layout, false);
+            let cf = crypt_file_at(path, layout, false);
             assert_eq!(
                 cf.size().unwrap(),
                 last as u64 * 4096 + 1,
@@ -720,7 +720,7 @@ mod tests {
             // A fragment as long as the layout's whole overhead is torn too.
             f.set_len(ct - (ct % sbs) + cf.geometry.overhead() as u64)
                 .unwrap();
-            let cf = crypt_file_at(&path, layout, false);
+            let cf = crypt_file_at(path, layout, false);
             assert_eq!(cf.size().unwrap(), last as u64 * 4096 + 1);
             let err = cf.read(last as u64 * 4096, 1, &mut out).unwrap_err();
             assert!(err.to_string().contains("truncated"), "{err}");
