@@ -14,3 +14,4 @@ pub mod fs;
 pub mod kms;
 pub mod metrics;
 pub mod policy;
+pub mod safe_open;

@@ -294,6 +294,7 @@ fn service_errors_are_classified() {
         profile: None,
         assume_role_arn: None,
         external_id: None,
+        account: None,
         timeout_secs: 5,
     };
     let kms = connect(&rt, &cfg).unwrap();
@@ -427,6 +428,7 @@ fn unreachable_endpoint_fails_fast_and_retryable() {
         profile: None,
         assume_role_arn: None,
         external_id: None,
+        account: None,
         timeout_secs: 5,
     };
     let t = Instant::now();
@@ -473,6 +475,7 @@ fn missing_region_is_a_clear_error() {
         profile: None,
         assume_role_arn: None,
         external_id: None,
+        account: None,
         timeout_secs: 2,
     };
     let err = connect(&rt, &cfg)

@@ -441,7 +441,17 @@ key = "default"
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = run(&["upgrade", b], true);
+    // The settings come from the backing directory: shown, and nothing
+    // done until the operator confirms (no terminal here, so --yes).
+    let v1_text = fs::read_to_string(backing.join(CONFIG)).unwrap();
+    let out = run(&["upgrade", b], false);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&root_keys.display().to_string()) && said.contains("--yes"),
+        "{said}"
+    );
+    assert_eq!(fs::read_to_string(backing.join(CONFIG)).unwrap(), v1_text);
+    let out = run(&["upgrade", b, "--yes"], true);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("[providers.") && said.contains("root-keys"),
@@ -510,4 +520,22 @@ key = "default"
         .collect();
     assert!(files.contains(&root_keys.display().to_string()), "{list}");
     assert!(files.contains(&pii_keys.display().to_string()), "{list}");
+    // A format 1 configuration planted over the format 2 one is never
+    // "upgraded" again, whether the old one is kept beside it or not: the
+    // volume has format 2 headers.
+    let format_2 = fs::read(backing.join(CONFIG)).unwrap();
+    fs::write(backing.join(CONFIG), &v1_text).unwrap();
+    for kept in [true, false] {
+        if !kept {
+            fs::remove_file(backing.join(".kmsfs-config.v1.toml")).unwrap();
+        }
+        let out = run(&["upgrade", b, "--yes"], false);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("restore the format 2 configuration") || said.contains("format 2 header"),
+            "{said}"
+        );
+        assert_eq!(fs::read_to_string(backing.join(CONFIG)).unwrap(), v1_text);
+    }
+    fs::write(backing.join(CONFIG), format_2).unwrap();
 }

@@ -370,6 +370,8 @@ impl AwsArgs {
             profile: self.aws_profile.clone(),
             assume_role_arn: self.aws_assume_role.clone(),
             external_id: self.aws_external_id.clone(),
+            // Filled in from a typed ARN when the provider is recorded.
+            account: None,
             timeout_secs: kmsfs::kms::default_timeout_secs(),
         })
     }

@@ -92,6 +92,11 @@ enum Cmd {
         /// Print what was done as JSON.
         #[arg(long)]
         json: bool,
+        /// Add the KMS settings the backing directory names to the trusted
+        /// configuration without asking (check them first: they come from
+        /// the backing directory).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -108,7 +113,7 @@ pub fn run() -> i32 {
         Cmd::Policy { action } => policy::policy(action),
         Cmd::Kms { action } => kms_cmd::kms_cmd(action),
         Cmd::Providers { action } => trust::providers(action),
-        Cmd::Upgrade { backing, json } => trust::upgrade(&backing, json),
+        Cmd::Upgrade { backing, json, yes } => trust::upgrade(&backing, json, yes),
     };
     match result {
         Ok(()) => EXIT_OK,

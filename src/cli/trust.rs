@@ -69,12 +69,41 @@ pub fn providers(action: ProvidersCmd) -> Result<()> {
     }
 }
 
-/// `kmsfs upgrade BACKING`.
-pub fn upgrade(backing: &Path, json: bool) -> Result<()> {
+/// `kmsfs upgrade BACKING`: shows the providers the format 1
+/// configuration names and adds them only once the operator confirms
+/// (`--yes`, or an answer on a terminal), since they come from the backing
+/// directory.
+pub fn upgrade(backing: &Path, json: bool, yes: bool) -> Result<()> {
     let backing = absolute(backing)?;
-    let rt = KmsRuntime::new()?;
     let trusted_path = path();
-    let report = upgrading::upgrade(&backing, &trusted_path, &rt)
+    let plan = upgrading::plan(&backing)
+        .with_context(|| format!("cannot upgrade {}", backing.display()))?;
+    eprintln!(
+        "kmsfs: {} is configuration format 1. Its KMS settings come from the backing directory, \
+         which others may be able to write; upgrading adds them to {} as these providers \
+         (and kmsfs will connect to them and send their credentials):",
+        backing.display(),
+        trusted_path.display()
+    );
+    for (def, spec) in &plan.providers {
+        eprintln!(
+            "  type = {:?}, key {:?}: {}",
+            def.kind,
+            spec.id,
+            toml::to_string(&def.settings)
+                .unwrap_or_default()
+                .trim()
+                .replace('\n', ", ")
+        );
+    }
+    if !yes && !confirmed("Are these your KMSs and credentials?")? {
+        anyhow::bail!(
+            "nothing changed. Check the settings above; if they are yours, run `kmsfs upgrade {} --yes`",
+            backing.display()
+        );
+    }
+    let rt = KmsRuntime::new()?;
+    let report = upgrading::upgrade(plan, &backing, &trusted_path, &rt)
         .with_context(|| format!("cannot upgrade {}", backing.display()))?;
     if json {
         return print_json(&report);
@@ -92,11 +121,25 @@ pub fn upgrade(backing: &Path, json: bool) -> Result<()> {
         );
     }
     eprintln!(
-        "  check that these are your KMSs: they came from the backing directory. {} files; {} under keys no configured KMS holds; {} without a header. The old configuration is kept as {}.",
+        "  {} files; {} under keys no configured KMS holds; {} without a header. The old configuration is kept as {}.",
         report.files,
         report.files_under_unknown_keys,
         report.files_without_header,
         upgrading::FORMAT_ONE_BACKUP
     );
     Ok(())
+}
+
+/// Asks `question` on the terminal; false without one (scripts say
+/// `--yes`).
+fn confirmed(question: &str) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }

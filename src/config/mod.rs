@@ -17,8 +17,7 @@ pub mod trusted;
 pub mod upgrade;
 pub mod volume;
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use crate::kms::config::{ConnectError, KeySpec, KmsConfig};
 pub use open::{ActivePolicy, Calls, Volume};
@@ -43,7 +42,7 @@ pub enum ConfigError {
     },
     #[error("{path} is not a valid kmsfs configuration: {detail}")]
     Invalid { path: PathBuf, detail: String },
-    #[error("{0} is a format 1 configuration, which keeps KMS addresses and keyring paths in the backing directory where anyone who can write it can change them; run `kmsfs upgrade BACKING` once to move them into the trusted configuration")]
+    #[error("{0} is a format 1 configuration, which keeps KMS addresses and keyring paths in the backing directory where anyone who can write it can change them; run `kmsfs upgrade BACKING` once to move them into the trusted configuration (it shows them first: check that they are your KMSs)")]
     FormatOne(PathBuf),
     #[error("{path} sets `{field}`, a KMS setting; KMS settings belong in the trusted configuration ([providers.NAME] in /etc/kmsfs/kmsfs.toml or $KMSFS_CONFIG), and policies name keys as key = {{ provider = \"NAME\", id = \"KEY\" }}; move it there")]
     KmsSettingInVolume { path: PathBuf, field: String },
@@ -65,20 +64,5 @@ impl ConfigError {
     /// Whether trying again later can help (a KMS was unreachable).
     pub fn is_retryable(&self) -> bool {
         matches!(self, ConfigError::Connect(e) if e.is_retryable())
-    }
-}
-
-/// Opens a configuration file for reading, or None if there is none. A
-/// symlink at its name fails with ELOOP instead of being followed, and a
-/// FIFO or device planted there cannot block or become a terminal.
-fn open_no_follow(path: &Path) -> std::io::Result<Option<std::fs::File>> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
     }
 }

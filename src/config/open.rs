@@ -40,9 +40,21 @@ pub struct ActivePolicy {
 }
 
 impl ActivePolicy {
-    /// The key of this policy that can unwrap under `key_ref`, if any.
-    pub fn key_for(&self, key_ref: &crate::format::KeyRef) -> Option<&Arc<dyn KeyProvider>> {
-        self.keys.iter().find(|k| k.handles(key_ref))
+    /// The key of this policy that can unwrap under `key_ref`, if any. A
+    /// format 2 reference names its provider as the trusted configuration
+    /// does, and only that name matches: a provider's kind ("local") would
+    /// match every provider of that kind, and so a key of another directory
+    /// with the same key ID. Format 1 references recorded only the kind.
+    pub fn key_for(
+        &self, key_ref: &crate::format::KeyRef, format_1: bool,
+    ) -> Option<&Arc<dyn KeyProvider>> {
+        self.policy
+            .keys()
+            .zip(&self.keys)
+            .find(|(spec, key)| {
+                (format_1 || spec.provider == key_ref.provider) && key.handles(key_ref)
+            })
+            .map(|(_, key)| key)
     }
 }
 
@@ -70,18 +82,18 @@ fn connect(
     Ok(NamedKey::wrap(&spec.provider, inner))
 }
 
-/// Connects every key `config`'s policies name (current and retired), each
-/// once.
+/// Connects every key `config`'s policies name (current and retired) that
+/// `connected` does not hold yet, each once.
 fn connect_all(
     config: &VolumeConfig, trusted: &TrustedConfig, rt: &KmsRuntime, calls: &Calls,
-) -> Result<HashMap<KeySpec, Arc<dyn KeyProvider>>, ConfigError> {
-    let mut connected = HashMap::new();
+    connected: &mut HashMap<KeySpec, Arc<dyn KeyProvider>>,
+) -> Result<(), ConfigError> {
     for spec in config.policies.iter().flat_map(|p| p.keys()) {
         if !connected.contains_key(spec) {
             connected.insert(spec.clone(), connect(spec, trusted, rt, calls)?);
         }
     }
-    Ok(connected)
+    Ok(())
 }
 
 /// A KMS refusing to unwrap the volume key means the key does not match the
@@ -115,14 +127,17 @@ impl Volume {
         calls: &Calls,
     ) -> Result<Self, ConfigError> {
         let path = VolumeConfig::path(backing);
-        let connected = connect_all(&config, trusted, rt, calls)?;
+        // Only the root key before the MAC is checked: until then the
+        // configuration's other keys are the backing directory's say.
         let root_spec = &config.root().key;
-        let root_key = &connected[root_spec];
+        let root_key = connect(root_spec, trusted, rt, calls)?;
         let wrapped = config.wrapped_volume_key()?;
         let volume_key = rt
             .block_on(root_key.unwrap(&wrapped, &config.volume_key_context()))
             .map_err(|e| unwrap_error(e, &path, root_spec))?;
         config.verify(&volume_key, &path)?;
+        let mut connected = HashMap::from([(root_spec.clone(), root_key)]);
+        connect_all(&config, trusted, rt, calls, &mut connected)?;
         Ok(Self::assemble(backing, config, volume_key, connected))
     }
 
@@ -143,7 +158,8 @@ impl Volume {
             volume_key: Default::default(),
             mac: String::new(),
         };
-        let connected = connect_all(&config, trusted, rt, &Calls::Once)?;
+        let mut connected = HashMap::new();
+        connect_all(&config, trusted, rt, &Calls::Once, &mut connected)?;
         let volume_key = Dek::generate();
         let root_key = &connected[&config.root().key];
         let wrapped = rt
@@ -272,4 +288,50 @@ fn active_policies(
             keys: p.keys().map(|k| connected[k].clone()).collect(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{CipherSuite, KeyRef};
+    use crate::kms::testing::FakeKms;
+
+    /// A policy of `dir` whose only key is `id` of provider `provider`.
+    fn active(dir: &str, provider: &str, id: &str) -> ActivePolicy {
+        let key = NamedKey::wrap(provider, Arc::new(FakeKms::new(id)));
+        ActivePolicy {
+            policy: Policy {
+                dir: dir.into(),
+                cipher: CipherSuite::Aes256Gcm,
+                mandatory: true,
+                key: KeySpec {
+                    provider: provider.into(),
+                    id: id.into(),
+                    version: None,
+                },
+                retired: vec![],
+            },
+            current: key.clone(),
+            keys: vec![key],
+        }
+    }
+
+    /// Two providers of one kind holding a key of one name (two keyrings
+    /// with "default", say) are different keys: a format 2 reference by
+    /// the kind, which would match both, matches neither.
+    #[test]
+    fn format_2_references_match_by_provider_name_only() {
+        let hr = active("/hr", "local-2", "default");
+        let by = |provider: &str| KeyRef {
+            provider: provider.into(),
+            key_id: "default".into(),
+            key_version: "1".into(),
+        };
+        assert!(hr.key_for(&by("local-2"), false).is_some());
+        assert!(hr.key_for(&by("local"), false).is_none());
+        assert!(hr.key_for(&by("fake"), false).is_none(), "the kind");
+        // Format 1 headers recorded only the kind.
+        assert!(hr.key_for(&by("fake"), true).is_some());
+        assert!(hr.key_for(&by("local"), true).is_none());
+    }
 }

@@ -27,7 +27,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -136,7 +135,7 @@ impl TrustedConfig {
             path: path.to_owned(),
             why,
         };
-        let f = match super::open_no_follow(path) {
+        let f = match crate::safe_open::open_no_follow(path) {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
@@ -316,7 +315,7 @@ pub fn update<T>(
         .mode(0o755)
         .create(&dir)
         .map_err(io)?;
-    let _lock = lock_beside(path).map_err(io)?;
+    let _lock = crate::safe_open::lock_beside(path).map_err(io)?;
     let mut cfg = TrustedConfig::load_or_empty(path)?;
     let out = change(&mut cfg)?;
     cfg.save()?;
@@ -347,23 +346,6 @@ fn check_owner_and_mode(meta: &std::fs::Metadata, what: &str) -> Result<(), Stri
         ));
     }
     Ok(())
-}
-
-/// An exclusive `flock` on `PATH.lock`, held until the returned file drops.
-pub(crate) fn lock_beside(path: &Path) -> std::io::Result<File> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(PathBuf::from(name))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(f)
 }
 
 /// Replaces `path` with `bytes`: a temporary file beside it, created

@@ -10,11 +10,17 @@
 //! (`legacy_v1_files`); new files are format 2.
 //!
 //! The format 1 configuration is untrusted input like the rest of the
-//! backing directory: the upgrade is an explicit command, and it reports
-//! every provider it adds so the operator can check them.
+//! backing directory: whoever can write it can name their own KMS, or a
+//! credential file for kmsfs to send there. So the upgrade is planned
+//! first ([`plan`]), with nothing written or connected, and the operator
+//! confirms the providers it would add before [`upgrade`] adds them. A
+//! volume that was format 2 once (a kept format 1 backup, or any format 2
+//! header) is never "upgraded" again: its format 1 configuration was
+//! planted.
 
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,9 +29,10 @@ use super::open::Volume;
 use super::trusted::{self, TrustedConfig};
 use super::volume::VolumeConfig;
 use super::ConfigError;
+use crate::format::header::VERSION_1;
 use crate::format::names::CONFIG_FILE;
-use crate::fs::{sidecar, walk};
-use crate::kms::config::KeySpec;
+use crate::fs::{escape_name, sidecar, walk};
+use crate::kms::config::{KeySpec, ProviderDef};
 use crate::kms::named::NamedKey;
 use crate::kms::{KeyProvider, KmsRuntime};
 use crate::policy::Policy;
@@ -47,17 +54,70 @@ pub struct UpgradeReport {
     pub files_without_header: u64,
 }
 
-/// Upgrades the format 1 volume `backing`, adding its providers to the
-/// trusted configuration at `trusted_path`.
-pub fn upgrade(
-    backing: &Path, trusted_path: &Path, rt: &KmsRuntime,
-) -> Result<UpgradeReport, ConfigError> {
+/// What an upgrade would do, before anything is written or connected.
+pub struct UpgradePlan {
+    legacy: LegacyConfig,
+    /// Each format 1 KMS setting as a provider definition (to be named when
+    /// added) and its key.
+    pub providers: Vec<(ProviderDef, KeySpec)>,
+}
+
+/// Plans the upgrade of `backing`: reads its format 1 configuration and
+/// checks that the volume was never format 2.
+pub fn plan(backing: &Path) -> Result<UpgradePlan, ConfigError> {
     let legacy = LegacyConfig::load(backing)?;
+    let planted = |detail: String| ConfigError::Invalid {
+        path: VolumeConfig::path(backing),
+        detail,
+    };
+    if backing.join(FORMAT_ONE_BACKUP).symlink_metadata().is_ok() {
+        return Err(planted(format!(
+            "this volume was upgraded before ({FORMAT_ONE_BACKUP} is there), so this format 1 \
+             configuration replaced its format 2 one; restore the format 2 configuration from \
+             a backup instead of upgrading, and check who can write the backing directory"
+        )));
+    }
+    let mut format_2 = None;
+    walk::walk(backing, |dir, rel, names| {
+        for name in names {
+            match sidecar::read_at(dir.as_raw_fd(), name) {
+                Ok(h) if h.parsed.header.version() != VERSION_1 && format_2.is_none() => {
+                    format_2 = Some(format!(
+                        "{}/{}",
+                        rel.trim_end_matches('/'),
+                        escape_name(name.as_bytes())
+                    ));
+                }
+                _ => {}
+            }
+        }
+    })
+    .map_err(|e| ConfigError::Io {
+        path: backing.to_owned(),
+        source: e.source,
+    })?;
+    if let Some(file) = format_2 {
+        return Err(planted(format!(
+            "{file} has a format 2 header, which only a format 2 volume writes, so this format 1 \
+             configuration replaced the volume's format 2 one; restore that from a backup \
+             instead of upgrading, and check who can write the backing directory"
+        )));
+    }
+    let providers = legacy.all_kms().into_iter().map(|k| k.split("")).collect();
+    Ok(UpgradePlan { legacy, providers })
+}
+
+/// Carries out `plan` on `backing`: its providers are added to the trusted
+/// configuration at `trusted_path` (or found there), the files' headers
+/// read, and the configuration rewritten as format 2.
+pub fn upgrade(
+    plan: UpgradePlan, backing: &Path, trusted_path: &Path, rt: &KmsRuntime,
+) -> Result<UpgradeReport, ConfigError> {
+    let UpgradePlan { legacy, providers } = plan;
     // Each format 1 key becomes a named provider and a key in it.
     let mut keys: Vec<(KeySpec, String, bool)> = Vec::new();
     trusted::update(trusted_path, |t| {
-        for kms in legacy.all_kms() {
-            let (def, spec) = kms.split("");
+        for (def, spec) in providers {
             let shown = toml::to_string(&def.settings).unwrap_or_default();
             let (name, added) = t.find_or_add(def, None)?;
             keys.push((

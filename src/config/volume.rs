@@ -24,7 +24,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::trusted::{lock_beside, write_atomically};
+use super::trusted::write_atomically;
 use super::ConfigError;
 use crate::crypto::Dek;
 use crate::format::block::BlockLayout;
@@ -32,6 +32,7 @@ use crate::format::names::CONFIG_FILE;
 use crate::format::{BlockGeometry, KeyRef, WrappedDek};
 use crate::kms::WrapContext;
 use crate::policy::{governing, normalize_dir, Policy};
+use crate::safe_open::lock_beside;
 
 /// The configuration format this kmsfs writes and reads.
 pub const CONFIG_FORMAT: u32 = 2;
@@ -373,7 +374,7 @@ pub(super) fn read_untrusted(path: &Path) -> Result<Option<String>, ConfigError>
         path: path.to_owned(),
         source,
     };
-    let Some(f) = super::open_no_follow(path).map_err(io)? else {
+    let Some(f) = crate::safe_open::open_no_follow(path).map_err(io)? else {
         return Ok(None);
     };
     if !f.metadata().map_err(io)?.is_file() {

@@ -66,12 +66,13 @@ impl FileKeys {
     fn allowed_wrap<'a>(
         &self, h: &'a Header, policy: &'a ActivePolicy,
     ) -> Option<(&'a WrappedDek, &'a Arc<dyn KeyProvider>)> {
-        if h.version() == VERSION_1 && !self.legacy_v1_files {
+        let format_1 = h.version() == VERSION_1;
+        if format_1 && !self.legacy_v1_files {
             return None;
         }
         h.wraps()
             .iter()
-            .find_map(|w| policy.key_for(&w.key_ref).map(|k| (w, k)))
+            .find_map(|w| policy.key_for(&w.key_ref, format_1).map(|k| (w, k)))
     }
 
     pub fn cache_stats(&self) -> &CacheStats {
@@ -207,7 +208,7 @@ fn refusal(h: &Header, policy: &ActivePolicy, legacy_v1_files: bool) -> String {
     let wraps: Vec<String> = h
         .wraps()
         .iter()
-        .map(|w| format!("{}/{}", w.key_ref.provider, w.key_ref.key_id))
+        .map(|w| format!("{:?}/{:?}", w.key_ref.provider, w.key_ref.key_id))
         .collect();
     let allowed: Vec<String> = policy.policy.keys().map(|k| k.to_string()).collect();
     format!(

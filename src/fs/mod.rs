@@ -33,6 +33,7 @@ mod xattr;
 
 pub use adapter::{mount, MountOptions};
 pub use attr::SetAttr;
+pub use inode::escape_name;
 
 use std::ffi::OsStr;
 use std::fs::File;

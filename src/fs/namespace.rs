@@ -5,7 +5,7 @@
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -67,9 +67,10 @@ impl Core {
         Ok((inode, attr))
     }
 
-    /// Owner of a new object: the caller, with the group inherited from a
-    /// set-group-ID parent directory.
-    fn chown_new(&self, parent: &Inode, name: &CStr, caller: Caller) -> FsResult<()> {
+    /// Owner of a new object, given by a handle on it (never by name: the
+    /// name may have been swapped meanwhile): the caller, with the group
+    /// inherited from a set-group-ID parent directory.
+    fn chown_new(&self, parent: &Inode, new: RawFd, caller: Caller) -> FsResult<()> {
         if !self.is_root_user {
             return Ok(());
         }
@@ -80,7 +81,7 @@ impl Core {
         // set-group-ID applies; chown only when that is not the answer.
         let created_gid = if setgid { pst.st_gid } else { 0 };
         if caller.uid != 0 || gid != created_gid {
-            sys::lchownat(parent.raw_fd(), name, caller.uid, gid)?;
+            sys::fchown_handle(new, caller.uid, gid)?;
         }
         Ok(())
     }
@@ -121,7 +122,7 @@ impl Core {
                 return Err(e.into());
             }
         };
-        self.chown_new(&dir, &c, caller)?;
+        self.chown_new(&dir, data.as_raw_fd(), caller)?;
         if mode & 0o7000 != 0 {
             // chown clears set-ID bits; put back what the caller asked for.
             sys::fchmod(data.as_raw_fd(), mode & 0o7777)?;
@@ -166,22 +167,34 @@ impl Core {
         let dir = self.inodes.dir(parent)?;
         let c = sys::cstr(name)?;
         sys::mkdirat(dir.raw_fd(), &c, mode & 0o7777)?;
-        self.finish_new(parent, &dir, name, caller, Some(mode))
+        self.finish_new(parent, &dir, name, caller, FileType::Directory, Some(mode))
     }
 
     /// Common tail of mkdir/mknod/symlink: chown, then look up.
     fn finish_new(
-        &self, parent: u64, dir: &Inode, name: &OsStr, caller: Caller, mode: Option<u32>,
+        &self, parent: u64, dir: &Inode, name: &OsStr, caller: Caller, expected: FileType,
+        mode: Option<u32>,
     ) -> FsResult<FileAttr> {
         let c = sys::cstr(name)?;
-        self.chown_new(dir, &c, caller)?;
-        if let Some(mode) = mode {
-            if mode & 0o7000 != 0 && kind_of(mode) != FileType::Symlink {
-                // chown clears set-ID bits; put back what the caller asked for.
-                sys::chmod_nofollow(dir.raw_fd(), &c, mode & 0o7777)?;
-            }
+        // A handle on what was just created, checked to be that: a name
+        // swapped for a hard link to another file (nlink > 1) or for an
+        // object of another type is not chowned or chmodded.
+        let handle = sys::open_path(dir.raw_fd(), &c)?;
+        let st = sys::fstat(handle.as_raw_fd())?;
+        let kind = kind_of(st.st_mode);
+        if kind != expected || (kind != FileType::Directory && st.st_nlink != 1) {
+            return Err(FsError::backing(
+                &self.inodes.label_at(dir, name),
+                "was replaced in the backing directory while it was being created",
+            ));
         }
-        let (fd, st) = stat_new(dir, &c)?;
+        self.chown_new(dir, handle.as_raw_fd(), caller)?;
+        if let Some(mode) = mode.filter(|m| m & 0o7000 != 0) {
+            // chown clears set-ID bits; put back what the caller asked for.
+            sys::chmod_path(&sys::proc_path(&handle), mode & 0o7777)?;
+        }
+        let st = sys::fstat(handle.as_raw_fd())?;
+        let fd = (kind == FileType::Directory).then_some(handle);
         let inode = self.inodes.remember(parent, name, fd, &st);
         Ok(self.attr(&st, &inode, false))
     }
@@ -199,7 +212,7 @@ impl Core {
         let dir = self.inodes.dir(parent)?;
         let c = sys::cstr(name)?;
         sys::mknodat(dir.raw_fd(), &c, mode, rdev as u64)?;
-        self.finish_new(parent, &dir, name, caller, Some(mode))
+        self.finish_new(parent, &dir, name, caller, kind_of(mode), Some(mode))
     }
 
     pub fn symlink(
@@ -210,7 +223,7 @@ impl Core {
         let c = sys::cstr(name)?;
         let t = sys::cstr(target.as_os_str())?;
         sys::symlinkat(&t, dir.raw_fd(), &c)?;
-        self.finish_new(parent, &dir, name, caller, None)
+        self.finish_new(parent, &dir, name, caller, FileType::Symlink, None)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {

@@ -113,6 +113,22 @@ pub fn lchownat(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
         .map(drop)
 }
 
+/// chown of the object a handle (O_PATH or not) refers to, itself even if
+/// it is a symlink.
+pub fn fchown_handle(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: a plain syscall on a live descriptor and an empty name.
+    check(unsafe {
+        libc::fchownat(
+            fd,
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 /// fchmodat2(2)'s number, the same on every architecture (it came after the
 /// syscall tables were unified); libc does not define it for all of them.
 const SYS_FCHMODAT2: libc::c_long = 452;

@@ -51,8 +51,19 @@ pub struct AwsConfig {
     /// Role to assume on top of the base credentials.
     pub assume_role_arn: Option<String>,
     pub external_id: Option<String>,
+    /// The account a volume's key ARNs may name. A key ID or alias name
+    /// resolves in the credentials' own account; an ARN names its account,
+    /// and a volume (which whoever writes the backing directory can change)
+    /// must not choose one, so ARNs are accepted for this account only.
+    pub account: Option<String>,
     #[serde(default = "super::default_timeout_secs")]
     pub timeout_secs: u64,
+}
+
+/// The account of a key or alias ARN (`arn:PARTITION:kms:REGION:ACCOUNT:...`),
+/// or None for a key ID or alias name.
+pub fn arn_account(key_id: &str) -> Option<&str> {
+    key_id.trim().strip_prefix("arn:")?.split(':').nth(3)
 }
 
 /// One AWS KMS key, resolved to its ARN.
@@ -115,6 +126,17 @@ impl AwsKms {
             return Err(KmsError::Config(
                 "aws: key_id is empty; pass --aws-key-id (key ID, key ARN or alias/NAME)".into(),
             ));
+        }
+        if let Some(account) = arn_account(&cfg.key_id) {
+            if cfg.account.as_deref() != Some(account) {
+                return Err(KmsError::Config(format!(
+                    "aws: key {} is an ARN in account {account}, which this provider's trusted \
+                     definition does not name; a volume must not choose the account its keys \
+                     live in. Set account = \"{account}\" in that definition if the key is \
+                     yours, or name the key by ID or alias/NAME",
+                    cfg.key_id.trim()
+                )));
+            }
         }
         if cfg.external_id.is_some() && cfg.assume_role_arn.is_none() {
             return Err(KmsError::Config(
@@ -501,5 +523,67 @@ impl KeyProvider for AwsKms {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(key_id: &str, account: Option<&str>) -> AwsConfig {
+        AwsConfig {
+            key_id: key_id.into(),
+            region: Some("us-east-1".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            allow_http: true,
+            profile: None,
+            assume_role_arn: None,
+            external_id: None,
+            account: account.map(String::from),
+            timeout_secs: 1,
+        }
+    }
+
+    #[test]
+    fn arn_accounts() {
+        assert_eq!(
+            arn_account("arn:aws:kms:eu-west-1:111122223333:key/1234"),
+            Some("111122223333")
+        );
+        assert_eq!(
+            arn_account("arn:aws:kms:eu-west-1:111122223333:alias/x"),
+            Some("111122223333")
+        );
+        assert_eq!(arn_account("1234abcd-12ab-34cd-56ef-1234567890ab"), None);
+        assert_eq!(arn_account("alias/x"), None);
+    }
+
+    /// A volume naming a key ARN in an account the trusted definition does
+    /// not name is refused before any request is made.
+    #[tokio::test]
+    async fn a_key_arn_in_another_account_is_refused() {
+        let arn = "arn:aws:kms:us-east-1:999988887777:key/attacker";
+        for account in [None, Some("111122223333")] {
+            let Err(err) = AwsKms::open(&config(arn, account)).await else {
+                panic!("an ARN in another account was accepted")
+            };
+            assert!(matches!(err, KmsError::Config(_)), "{err}");
+            assert!(err.to_string().contains("999988887777"), "{err}");
+        }
+    }
+
+    /// An ARN typed by the operator records its account in the provider's
+    /// trusted definition, so that it is then accepted.
+    #[test]
+    fn a_typed_arn_records_its_account() {
+        let arn = "arn:aws:kms:us-east-1:111122223333:key/mine";
+        let (def, key) = crate::kms::config::KmsConfig::Aws(config(arn, None)).split("aws");
+        assert_eq!(def.settings["account"].as_str(), Some("111122223333"));
+        match def.resolve(&key).unwrap() {
+            crate::kms::config::KmsConfig::Aws(c) => {
+                assert_eq!(c.account.as_deref(), Some("111122223333"))
+            }
+            _ => panic!("not aws"),
+        }
     }
 }

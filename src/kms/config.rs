@@ -253,6 +253,13 @@ impl KmsConfig {
             _ => unreachable!("KmsConfig is tagged by provider"),
         };
         let (id_field, version_field) = key_fields(&kind).expect("a known provider");
+        // An ARN typed by the operator names an account they chose.
+        #[cfg(feature = "aws")]
+        if let KmsConfig::Aws(c) = self {
+            if let (None, Some(account)) = (&c.account, super::aws::arn_account(&c.key_id)) {
+                t.insert("account".into(), toml::Value::String(account.to_owned()));
+            }
+        }
         let take = |t: &mut toml::Table, f: &str| match t.remove(f) {
             Some(toml::Value::String(s)) => Some(s),
             _ => None,

@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -93,9 +92,8 @@ pub struct KeyInfo {
     pub versions: Vec<u32>,
 }
 
-/// Flags for every open of the keyring and the files beside it: never
-/// through a symlink, never blocking (a FIFO), never a controlling terminal.
-const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+/// Flags for every open of the keyring and the files beside it.
+const OPEN_FLAGS: i32 = crate::safe_open::NO_FOLLOW_FLAGS;
 
 fn io_error(path: &Path, source: std::io::Error) -> KeyringError {
     match source.raw_os_error() {
@@ -175,33 +173,8 @@ impl KeyringLock {
             .mode(0o700)
             .create(dir)
             .map_err(|e| io_error(path, e))?;
-        let lock = beside(path, "", ".lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(OPEN_FLAGS)
-            .open(&lock)
-            .map_err(|e| io_error(&lock, e))?;
-        if !file
-            .metadata()
-            .map_err(|e| io_error(&lock, e))?
-            .file_type()
-            .is_file()
-        {
-            return Err(KeyringError::NotRegular(lock));
-        }
-        loop {
-            // SAFETY: flock on a descriptor `file` keeps open.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(Self { _file: file });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(io_error(&lock, e));
-            }
-        }
+        let file = crate::safe_open::lock_beside(path).map_err(|e| io_error(path, e))?;
+        Ok(Self { _file: file })
     }
 }
 

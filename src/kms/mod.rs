@@ -114,7 +114,7 @@ pub enum KmsError {
     },
     #[error("{kms} has no key {key:?}; check the key name (and region/namespace)")]
     KeyNotFound { kms: String, key: String },
-    #[error("{kms}: version {version} of key {key:?} cannot be used: {detail}")]
+    #[error("{kms}: version {version:?} of key {key:?} cannot be used: {detail}")]
     KeyVersionUnusable {
         kms: String,
         key: String,
@@ -123,7 +123,7 @@ pub enum KmsError {
     },
     #[error("{kms} could not unwrap the DEK: {detail} (wrong key, tampered wrapped DEK, or a sidecar moved from another file)")]
     UnwrapFailed { kms: String, detail: String },
-    #[error("no configured KMS can unwrap a DEK wrapped by {provider} key {key:?}; add that KMS to the configuration")]
+    #[error("no configured KMS can unwrap a DEK wrapped by {provider:?} key {key:?}; add that KMS to the configuration")]
     NoProvider { provider: String, key: String },
     #[error("KMS configuration: {0}")]
     Config(String),

@@ -8,6 +8,8 @@ use kmsfs::kms::aws::AwsConfig;
 use super::dev_server::DevServer;
 
 pub const REGION: &str = "us-east-1";
+/// The account moto puts every key in (its ARNs name it).
+pub const MOTO_ACCOUNT: &str = "123456789012";
 
 /// Process-wide AWS environment: moto's dummy credentials, and nothing that
 /// could send a request anywhere but loopback (no EC2 metadata, no shared
@@ -94,6 +96,7 @@ impl Moto {
             profile: None,
             assume_role_arn: None,
             external_id: None,
+            account: Some(MOTO_ACCOUNT.into()),
             timeout_secs: 5,
         }
     }

@@ -1,0 +1,63 @@
+//! Opening files where someone else may have planted something at the name
+//! (a backing directory, a keyring's directory): never through a symlink,
+//! never blocking on a FIFO, never acquiring a controlling terminal, and
+//! checked to be a regular file on the open descriptor.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The flags of every open here: ELOOP instead of following a symlink at
+/// the name; a FIFO or device cannot block or become a terminal.
+pub const NO_FOLLOW_FLAGS: i32 =
+    libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+/// Opens `path` for reading, or None if there is none. The caller checks
+/// the file type on the descriptor (its error says what to do).
+pub fn open_no_follow(path: &Path) -> io::Result<Option<File>> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(NO_FOLLOW_FLAGS)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// An exclusive `flock` on `PATH.lock` (created 0600 if missing), held
+/// until the returned file drops. Anything but a regular file at that name
+/// is refused, so a planted FIFO cannot hang the caller and a device node
+/// is never written.
+pub fn lock_beside(path: &Path) -> io::Result<File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(NO_FOLLOW_FLAGS)
+        .open(&lock)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file; remove it", lock.display()),
+        ));
+    }
+    loop {
+        // SAFETY: flock on a descriptor `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(file);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
