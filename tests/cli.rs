@@ -31,17 +31,7 @@ impl UnreachableVault {
         let key_file = dir.path().join("keys");
         std::fs::create_dir(&mnt).unwrap();
         let b = backing.to_str().unwrap();
-        common::run(
-            &[
-                "init",
-                b,
-                "--kms",
-                "local",
-                "--key-file",
-                key_file.to_str().unwrap(),
-            ],
-            true,
-        );
+        common::init_local(&backing, &key_file, &[]);
         common::run(
             &[
                 "policy",
@@ -159,17 +149,7 @@ fn policy_status_counts_regular_files_and_follows_no_symlink() {
     let outside = dir.path().join("outside");
     let key_file = dir.path().join("keys");
     let b = backing.to_str().unwrap();
-    common::run(
-        &[
-            "init",
-            b,
-            "--kms",
-            "local",
-            "--key-file",
-            key_file.to_str().unwrap(),
-        ],
-        true,
-    );
+    common::init_local(&backing, &key_file, &[]);
     // Two plaintext files count; nothing else does.
     std::fs::create_dir_all(backing.join("sub/deep")).unwrap();
     std::fs::write(backing.join("a"), b"a").unwrap();
@@ -215,12 +195,7 @@ fn termination_signals_unmount_cleanly() {
             "signal {signal} left the mount behind; log:\n{}",
             fs.log_text()
         );
-        assert!(
-            fs.log_text()
-                .contains(&format!("signal {signal}: unmounting")),
-            "{}",
-            fs.log_text()
-        );
+        fs.assert_logged(&format!("signal {signal}: unmounting"));
         fs.mount(&[]);
         assert_eq!(std::fs::read(fs.path("f")).unwrap(), b"data");
     }

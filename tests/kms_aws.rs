@@ -4,11 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::kms::aws::{setup_env, Moto, REGION};
+use common::kms::aws::{config_at, setup_env, Moto, REGION};
+use common::kms::{assert_denied, fails_fast};
+use common::Places;
 use kmsfs::kms::aws::AwsConfig;
 use kmsfs::kms::config::{ConnectError, KmsConfig};
 use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext};
@@ -286,17 +288,7 @@ fn service_errors_are_classified() {
     setup_env();
     let stub = StubKms::start();
     let rt = KmsRuntime::new().unwrap();
-    let cfg = AwsConfig {
-        key_id: "alias/stub".into(),
-        region: Some(REGION.into()),
-        endpoint: Some(stub.url.clone()),
-        allow_http: true,
-        profile: None,
-        assume_role_arn: None,
-        external_id: None,
-        account: None,
-        timeout_secs: 5,
-    };
+    let cfg = config_at(&stub.url, "alias/stub");
     let kms = connect(&rt, &cfg).unwrap();
     let wrapped = kmsfs::kms::WrappedDek {
         key_ref: kmsfs::kms::KeyRef {
@@ -338,41 +330,13 @@ fn service_errors_are_classified() {
         "User: arn:aws:iam::123456789012:user/u (AKIAIOSFODNN7EXAMPLE) is not authorized",
     );
     let e = gen(&kms);
-    assert!(
-        matches!(
-            e,
-            KmsError::PermissionDenied {
-                operation: "kms:GenerateDataKey",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert_denied(&e, "kms:GenerateDataKey");
     assert!(!e.to_string().contains("AKIAIOSFODNN7EXAMPLE"), "{e}");
-    let e = dec(&kms);
-    assert!(
-        matches!(
-            e,
-            KmsError::PermissionDenied {
-                operation: "kms:Decrypt",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert_denied(&dec(&kms), "kms:Decrypt");
     let e = rt
         .block_on(kms.wrap(&kmsfs::crypto::Dek::generate(), &ctx(1)))
         .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            KmsError::PermissionDenied {
-                operation: "kms:Encrypt",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert_denied(&e, "kms:Encrypt");
 
     stub.set(400, "NotFoundException", "Key does not exist");
     let e = gen(&kms);
@@ -416,32 +380,12 @@ fn unreachable_endpoint_fails_fast_and_retryable() {
     setup_env();
     let rt = KmsRuntime::new().unwrap();
     // A port nothing listens on: connection refused.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let cfg = AwsConfig {
-        key_id: "alias/kmsfs-dev".into(),
-        region: Some(REGION.into()),
-        endpoint: Some(format!("http://127.0.0.1:{closed}")),
-        allow_http: true,
-        profile: None,
-        assume_role_arn: None,
-        external_id: None,
-        account: None,
-        timeout_secs: 5,
-    };
-    let t = Instant::now();
-    let err = connect(&rt, &cfg)
-        .err()
-        .expect("connected to a closed port");
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        t.elapsed()
-    );
+    let closed = common::free_port();
+    let cfg = config_at(&format!("http://127.0.0.1:{closed}"), "alias/kmsfs-dev");
+    let err = fails_fast("connected to a closed port", Duration::from_secs(3), || {
+        connect(&rt, &cfg)
+    });
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
-    assert!(err.is_retryable());
 
     // A server that accepts and never answers: timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -451,15 +395,10 @@ fn unreachable_endpoint_fails_fast_and_retryable() {
         timeout_secs: 1,
         ..cfg
     };
-    let t = Instant::now();
-    let err = connect(&rt, &cfg).err().expect("a silent server answered");
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t.elapsed()
-    );
+    let err = fails_fast("a silent server answered", Duration::from_secs(5), || {
+        connect(&rt, &cfg)
+    });
     assert!(matches!(err, KmsError::Timeout { .. }), "{err}");
-    assert!(err.is_retryable());
     drop(silent);
 }
 
@@ -468,15 +407,9 @@ fn missing_region_is_a_clear_error() {
     setup_env();
     let rt = KmsRuntime::new().unwrap();
     let cfg = AwsConfig {
-        key_id: "alias/kmsfs-dev".into(),
         region: None,
-        endpoint: Some("http://127.0.0.1:1".into()),
-        allow_http: true,
-        profile: None,
-        assume_role_arn: None,
-        external_id: None,
-        account: None,
         timeout_secs: 2,
+        ..config_at("http://127.0.0.1:1", "alias/kmsfs-dev")
     };
     let err = connect(&rt, &cfg)
         .err()
@@ -494,9 +427,7 @@ struct Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if self.mounted {
-            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            common::wait_for_daemon_exit(&self.mnt);
+            common::detach(&self.mnt);
         }
     }
 }
@@ -505,41 +436,20 @@ fn kmsfs_with(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     common::run_with(env, args, true)
 }
 
-fn mount(env: &[(&str, &str)], backing: &Path, mnt: &Path, log: &Path) -> Mounted {
+fn mount(env: &[(&str, &str)], p: &Places) -> Mounted {
     kmsfs_with(
         env,
         &[
             "mount",
-            backing.to_str().unwrap(),
-            mnt.to_str().unwrap(),
+            p.backing.to_str().unwrap(),
+            p.mnt.to_str().unwrap(),
             "--log-file",
-            log.to_str().unwrap(),
+            p.log.to_str().unwrap(),
         ],
     );
     Mounted {
-        mnt: mnt.to_owned(),
+        mnt: p.mnt.clone(),
         mounted: true,
-    }
-}
-
-/// A temp dir (removed on drop) with the paths of a backing directory, a
-/// mountpoint (created) and a log file in it.
-struct Places {
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-fn places(prefix: &str) -> Places {
-    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    Places {
-        backing: dir.path().join("backing"),
-        log: dir.path().join("kmsfs.log"),
-        mnt,
-        _dir: dir,
     }
 }
 
@@ -551,14 +461,8 @@ fn umount(env: &[(&str, &str)], m: &mut Mounted) {
 
 #[test]
 fn mount_write_remount_read_with_aws_kms() {
-    common::require_fuse();
     let moto = Moto::start();
-    let Places {
-        _dir,
-        backing,
-        mnt,
-        log,
-    } = places("kmsfs-aws");
+    let p = Places::new("kmsfs-aws");
     let env = [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -568,7 +472,7 @@ fn mount_write_remount_read_with_aws_kms() {
         &env,
         &[
             "init",
-            backing.to_str().unwrap(),
+            p.backing.to_str().unwrap(),
             "--kms",
             "aws",
             "--aws-key-id",
@@ -580,26 +484,30 @@ fn mount_write_remount_read_with_aws_kms() {
         ],
     );
     let data = common::pattern(300_000, 11);
-    let mut m = mount(&env, &backing, &mnt, &log);
-    std::fs::write(mnt.join("hello.bin"), &data).unwrap();
-    std::fs::create_dir(mnt.join("sub")).unwrap();
-    std::fs::write(mnt.join("sub/small.txt"), b"hello aws kms\n").unwrap();
+    let mut m = mount(&env, &p);
+    std::fs::write(p.mnt.join("hello.bin"), &data).unwrap();
+    std::fs::create_dir(p.mnt.join("sub")).unwrap();
+    std::fs::write(p.mnt.join("sub/small.txt"), b"hello aws kms\n").unwrap();
     umount(&env, &mut m);
-    assert!(!std::fs::read(backing.join("hello.bin"))
+    assert!(!std::fs::read(p.backing.join("hello.bin"))
         .unwrap()
         .windows(64)
         .any(|w| w == &data[..64]));
 
-    let mut m = mount(&env, &backing, &mnt, &log);
-    assert_eq!(std::fs::read(mnt.join("hello.bin")).unwrap(), data);
+    let mut m = mount(&env, &p);
+    assert_eq!(std::fs::read(p.mnt.join("hello.bin")).unwrap(), data);
     assert_eq!(
-        std::fs::read(mnt.join("sub/small.txt")).unwrap(),
+        std::fs::read(p.mnt.join("sub/small.txt")).unwrap(),
         b"hello aws kms\n"
     );
 
     let out = kmsfs_with(
         &env,
-        &["info", "--verify", mnt.join("hello.bin").to_str().unwrap()],
+        &[
+            "info",
+            "--verify",
+            p.mnt.join("hello.bin").to_str().unwrap(),
+        ],
     );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Headers name the provider of the trusted configuration (aws, aws-2, ...).
@@ -609,7 +517,7 @@ fn mount_write_remount_read_with_aws_kms() {
     assert_eq!(info["key"]["key_id"], moto.key_arn(), "{info}");
     assert_eq!(info["header_verified"], true, "{info}");
     umount(&env, &mut m);
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let log_text = std::fs::read_to_string(&p.log).unwrap_or_default();
     assert!(
         !log_text.contains("testing"),
         "credentials in the log?\n{log_text}"
@@ -618,20 +526,14 @@ fn mount_write_remount_read_with_aws_kms() {
 
 #[test]
 fn assume_role_goes_through_sts() {
-    common::require_fuse();
     let moto = Moto::start();
-    let Places {
-        _dir,
-        backing,
-        mnt,
-        log,
-    } = places("kmsfs-aws-role");
+    let p = Places::new("kmsfs-aws-role");
     let init = |env: &[(&str, &str)]| {
         common::run_with(
             env,
             &[
                 "init",
-                backing.to_str().unwrap(),
+                p.backing.to_str().unwrap(),
                 "--kms",
                 "aws",
                 "--aws-key-id",
@@ -655,15 +557,15 @@ fn assume_role_goes_through_sts() {
     assert!(!out.status.success(), "initialised without STS");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("credentials"), "{stderr}");
-    assert!(!backing.join(".kmsfs-config.toml").exists());
+    assert!(!p.backing.join(".kmsfs-config.toml").exists());
 
     // STS on moto: the role is assumed and its credentials used for KMS.
     let env = [("AWS_ENDPOINT_URL_STS", moto.url())];
     assert!(init(&env).status.success());
-    let mut m = mount(&env, &backing, &mnt, &log);
-    std::fs::write(mnt.join("f"), b"role data").unwrap();
+    let mut m = mount(&env, &p);
+    std::fs::write(p.mnt.join("f"), b"role data").unwrap();
     umount(&env, &mut m);
-    let mut m = mount(&env, &backing, &mnt, &log);
-    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"role data");
+    let mut m = mount(&env, &p);
+    assert_eq!(std::fs::read(p.mnt.join("f")).unwrap(), b"role data");
     umount(&env, &mut m);
 }

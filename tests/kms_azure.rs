@@ -7,12 +7,15 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
 use base64::Engine;
-use common::kms::azure::{FakeCredential, Mock, Mode, API_VERSION, B64URL, KEY, TOKEN, V1, V2};
-use common::kms::unwrap_err;
+use common::kms::azure::{FakeCredential, Mock, API_VERSION, B64URL, KEY, TOKEN, V1, V2};
+use common::kms::http_mock::Req;
+use common::kms::{
+    assert_config_error, assert_handles_only, assert_unwraps, assert_wrap_times_out,
+    check_refusals, check_rotation, unwrap_err,
+};
 use kmsfs::crypto::Dek;
 use kmsfs::kms::azure::{AzureConfig, AzureKms};
 use kmsfs::kms::config::KmsConfig;
@@ -32,6 +35,17 @@ fn assert_no_secrets(err: &KmsError) {
     assert!(!s.contains(TOKEN), "error leaks the token: {s}");
 }
 
+/// Asserts that `req` is a POST to `path` of the API version, with the token.
+fn assert_authorized_post(req: &Req, path: &str) {
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.path, path);
+    assert_eq!(req.param("api-version"), Some(API_VERSION));
+    assert_eq!(
+        req.header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn round_trip_and_requests_sent() {
     let mock = Mock::start().await;
@@ -49,17 +63,12 @@ async fn round_trip_and_requests_sent() {
         }
     );
     assert_eq!(kms.key_id(), key_id);
-    assert!(kms.handles(&wrapped.key_ref));
-    assert!(!kms.handles(&KeyRef {
-        provider: "azure".into(),
-        key_id: format!("{}/keys/other", mock.vault_url()),
-        key_version: V1.into(),
-    }));
-    assert!(!kms.handles(&KeyRef {
-        provider: "gcp".into(),
-        key_id: key_id.clone(),
-        key_version: V1.into(),
-    }));
+    assert_handles_only(
+        &kms,
+        &wrapped.key_ref,
+        &format!("{}/keys/other", mock.vault_url()),
+        "gcp",
+    );
     let back = kms.unwrap(&wrapped, &ctx).await.unwrap();
     assert_eq!(back.as_bytes(), dek.as_bytes());
 
@@ -73,21 +82,8 @@ async fn round_trip_and_requests_sent() {
     assert!(reqs[0].body.is_empty(), "DEK sent before authentication");
     // 2. wrapKey with the token, latest version (empty path segment).
     let w = &reqs[1];
-    assert_eq!(w.method, "POST");
-    assert_eq!(w.path, format!("/keys/{KEY}//wrapkey"));
-    assert_eq!(
-        w.query.get("api-version").map(String::as_str),
-        Some(API_VERSION)
-    );
-    assert_eq!(
-        w.header("authorization"),
-        Some(format!("Bearer {TOKEN}").as_str())
-    );
-    assert!(w
-        .headers
-        .get("content-type")
-        .unwrap()
-        .starts_with("application/json"));
+    assert_authorized_post(w, &format!("/keys/{KEY}//wrapkey"));
+    assert!(w.sends_json(), "{w:?}");
     let body = w.json();
     assert_eq!(body["alg"], "RSA-OAEP-256");
     assert_eq!(
@@ -101,16 +97,7 @@ async fn round_trip_and_requests_sent() {
     assert_eq!(&plain[32..], &binding(&ctx)[..], "context binding");
     // 3. unwrapKey names the version the wrap reported.
     let u = &reqs[2];
-    assert_eq!(u.method, "POST");
-    assert_eq!(u.path, format!("/keys/{KEY}/{V1}/unwrapkey"));
-    assert_eq!(
-        u.query.get("api-version").map(String::as_str),
-        Some(API_VERSION)
-    );
-    assert_eq!(
-        u.header("authorization"),
-        Some(format!("Bearer {TOKEN}").as_str())
-    );
+    assert_authorized_post(u, &format!("/keys/{KEY}/{V1}/unwrapkey"));
     let body = u.json();
     assert_eq!(body["alg"], "RSA-OAEP-256");
     assert_eq!(
@@ -136,39 +123,24 @@ async fn pinned_version_and_rotation() {
     let mock = Mock::start().await;
     let (pinned, _) = mock.kms(Some(V1));
     let (latest, _) = mock.kms(None);
-    let ctx = WrapContext::file_v1([1; 16]);
-    let (d1, w1) = latest.generate_dek(&ctx).await.unwrap();
-    assert_eq!(w1.key_ref.key_version, V1);
-    mock.rotate();
-    mock.clear();
-    let (d2, w2) = latest.generate_dek(&ctx).await.unwrap();
-    assert_eq!(w2.key_ref.key_version, V2);
-    let (d3, w3) = pinned.generate_dek(&ctx).await.unwrap();
-    assert_eq!(w3.key_ref.key_version, V1);
-    let paths: Vec<String> = mock
+    check_rotation(&latest, &pinned, || mock.rotate(), [V1, V2]).await;
+    // The authorized wraps name the version only when pinned (an empty
+    // path segment is the latest).
+    let wraps: Vec<String> = mock
         .requests()
         .iter()
-        .filter(|r| r.header("authorization").is_some())
+        .filter(|r| r.header("authorization").is_some() && r.path.ends_with("/wrapkey"))
         .map(|r| r.path.clone())
         .collect();
+    let latest_path = format!("/keys/{KEY}//wrapkey");
     assert_eq!(
-        paths,
-        vec![
-            format!("/keys/{KEY}//wrapkey"),
+        wraps,
+        [
+            latest_path.clone(),
+            latest_path,
             format!("/keys/{KEY}/{V1}/wrapkey")
         ]
     );
-    // Every version still unwraps, through either provider.
-    for (d, w) in [(&d1, &w1), (&d2, &w2), (&d3, &w3)] {
-        assert_eq!(
-            latest.unwrap(w, &ctx).await.unwrap().as_bytes(),
-            d.as_bytes()
-        );
-        assert_eq!(
-            pinned.unwrap(w, &ctx).await.unwrap().as_bytes(),
-            d.as_bytes()
-        );
-    }
     assert!(latest.describe().contains("latest"));
     assert!(pinned.describe().contains(V1));
 }
@@ -200,62 +172,23 @@ async fn context_mismatch_unknown_version_and_foreign_keys() {
     let err = unwrap_err(kms.unwrap(&foreign, &ctx).await);
     assert!(matches!(err, KmsError::NoProvider { .. }), "{err}");
     // The right context still works.
-    assert_eq!(
-        kms.unwrap(&wrapped, &ctx).await.unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    assert_unwraps(&kms, &wrapped, &ctx, &dek).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn service_errors_are_classified() {
     let mock = Mock::start().await;
     let (kms, _) = mock.kms(None);
-    let ctx = WrapContext::file_v1([3; 16]);
-    let dek = Dek::generate();
-    let wrapped = kms.wrap(&dek, &ctx).await.unwrap();
+    let refused = check_refusals(
+        &kms,
+        |m| mock.set_mode(m),
+        ["wrapKey", "unwrapKey"],
+        ("keys/wrapKey", "disabled"),
+    )
+    .await;
+    refused.errors.iter().for_each(assert_no_secrets);
+    let (ctx, dek, wrapped) = (refused.ctx, refused.dek, refused.wrapped);
 
-    mock.set_mode(Mode::Reject401);
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
-    assert!(err.to_string().contains("401"), "{err}");
-    assert_no_secrets(&err);
-    assert!(!err.is_retryable());
-
-    mock.set_mode(Mode::Deny403);
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(
-        matches!(
-            err,
-            KmsError::PermissionDenied {
-                operation: "wrapKey",
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(err.to_string().contains("keys/wrapKey"), "{err}");
-    let err = unwrap_err(kms.unwrap(&wrapped, &ctx).await);
-    assert!(
-        matches!(
-            err,
-            KmsError::PermissionDenied {
-                operation: "unwrapKey",
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_no_secrets(&err);
-
-    mock.set_mode(Mode::Disabled403);
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::KeyVersionUnusable { .. }), "{err}");
-    assert!(err.to_string().contains("disabled"), "{err}");
-
-    mock.set_mode(Mode::Normal);
     let mut cfg = mock.cfg(None, 10);
     cfg.key_name = "missing".into();
     let missing = mock.kms_with(&cfg, mock.addr(), Arc::new(FakeCredential::default()));
@@ -267,10 +200,7 @@ async fn service_errors_are_classified() {
         other => panic!("expected KeyNotFound, got {other}"),
     }
     // And the provider still works once the vault is back to normal.
-    assert_eq!(
-        kms.unwrap(&wrapped, &ctx).await.unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    assert_unwraps(&kms, &wrapped, &ctx, &dek).await;
 }
 
 /// `kms` behind the timeout layer, bounded by what `cfg` configures (what
@@ -283,8 +213,6 @@ fn bounded(cfg: &AzureConfig, kms: AzureKms) -> Arc<dyn KeyProvider> {
 async fn a_silent_vault_times_out_at_the_configured_timeout() {
     // An unreachable one: tests/kms_contract.rs.
     let mock = Mock::start().await;
-    let ctx = WrapContext::file_v1([4; 16]);
-    let dek = Dek::generate();
     // A vault that accepts but never answers: the timeout layer gives up
     // after the configured timeout.
     mock.server.hang();
@@ -293,12 +221,7 @@ async fn a_silent_vault_times_out_at_the_configured_timeout() {
         &cfg,
         mock.kms_with(&cfg, mock.addr(), Arc::new(FakeCredential::default())),
     );
-    let t = std::time::Instant::now();
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::Timeout { seconds: 1, .. }), "{err}");
-    assert!(err.is_retryable());
-    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_wrap_times_out(&*kms, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -332,9 +255,6 @@ async fn config_is_validated() {
             ..base.clone()
         },
     ] {
-        let Err(err) = AzureKms::with_credential(&bad, cred.clone(), None) else {
-            panic!("accepted {bad:?}")
-        };
-        assert!(matches!(err, KmsError::Config(_)), "{err}");
+        assert_config_error(AzureKms::with_credential(&bad, cred.clone(), None), &bad);
     }
 }

@@ -7,10 +7,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::kms::gcp::{b64_decode, Mock, Mode, KEY_ID};
-use common::kms::unwrap_err;
+use common::kms::gcp::{b64_decode, Mock, KEY_ID};
+use common::kms::{
+    assert_config_error, assert_handles_only, assert_unwraps, assert_wrap_times_out,
+    check_refusals, check_rotation, unwrap_err,
+};
 use kmsfs::crypto::Dek;
 use kmsfs::kms::config::KmsConfig;
 use kmsfs::kms::gcp::{GcpConfig, GcpKms};
@@ -22,6 +24,15 @@ fn assert_no_secrets(err: &KmsError) {
         !s.contains("PRIVATE KEY") && !s.contains("eyJ"),
         "error leaks credentials: {s}"
     );
+}
+
+/// The additional authenticated data a request sent.
+fn sent_aad(body: &serde_json::Value) -> Vec<u8> {
+    b64_decode(
+        body["additionalAuthenticatedData"]
+            .as_str()
+            .expect("AAD sent"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,17 +50,12 @@ async fn round_trip_and_requests_sent() {
             key_version: "1".into(),
         }
     );
-    assert!(kms.handles(&wrapped.key_ref));
-    assert!(!kms.handles(&KeyRef {
-        provider: "gcp".into(),
-        key_id: "projects/test-proj/locations/europe-west1/keyRings/ring/cryptoKeys/other".into(),
-        key_version: "1".into(),
-    }));
-    assert!(!kms.handles(&KeyRef {
-        provider: "aws".into(),
-        key_id: KEY_ID.into(),
-        key_version: "1".into(),
-    }));
+    assert_handles_only(
+        &*kms,
+        &wrapped.key_ref,
+        "projects/test-proj/locations/europe-west1/keyRings/ring/cryptoKeys/other",
+        "aws",
+    );
     let back = kms.unwrap(&wrapped, &ctx).await.unwrap();
     assert_eq!(back.as_bytes(), dek.as_bytes());
 
@@ -58,15 +64,8 @@ async fn round_trip_and_requests_sent() {
     let e = &reqs[0];
     assert_eq!(e.method, "POST");
     assert_eq!(e.path, format!("/v1/{KEY_ID}:encrypt"));
-    assert_eq!(
-        e.query.get("$alt").map(String::as_str),
-        Some("json;enum-encoding=int")
-    );
-    assert!(e
-        .headers
-        .get("content-type")
-        .unwrap()
-        .starts_with("application/json"));
+    assert_eq!(e.param("$alt"), Some("json;enum-encoding=int"));
+    assert!(e.sends_json(), "{e:?}");
     assert!(e.headers.contains_key("x-goog-api-client"));
     assert!(
         mock.token_ok(e),
@@ -77,14 +76,7 @@ async fn round_trip_and_requests_sent() {
         b64_decode(body["plaintext"].as_str().unwrap()),
         dek.as_bytes()
     );
-    assert_eq!(
-        b64_decode(
-            body["additionalAuthenticatedData"]
-                .as_str()
-                .expect("AAD sent")
-        ),
-        ctx.canonical_bytes()
-    );
+    assert_eq!(sent_aad(&body), ctx.canonical_bytes());
     assert!(
         body.get("name").is_none(),
         "name belongs in the path: {body}"
@@ -98,14 +90,7 @@ async fn round_trip_and_requests_sent() {
         b64_decode(body["ciphertext"].as_str().unwrap()),
         wrapped.blob
     );
-    assert_eq!(
-        b64_decode(
-            body["additionalAuthenticatedData"]
-                .as_str()
-                .expect("AAD sent")
-        ),
-        ctx.canonical_bytes()
-    );
+    assert_eq!(sent_aad(&body), ctx.canonical_bytes());
 
     kms.check().await.unwrap();
 }
@@ -114,37 +99,24 @@ async fn round_trip_and_requests_sent() {
 async fn pinned_version_and_rotation() {
     let mock = Mock::start().await;
     let primary = mock.kms(None).await;
-    let (d1, w1) = primary
-        .generate_dek(&WrapContext::file_v1([1; 16]))
-        .await
-        .unwrap();
-    assert_eq!(w1.key_ref.key_version, "1");
-    mock.rotate();
     let pinned = mock.kms(Some("1")).await;
-    mock.clear();
-    let ctx = WrapContext::file_v1([1; 16]);
-    let (d2, w2) = primary.generate_dek(&ctx).await.unwrap();
-    assert_eq!(w2.key_ref.key_version, "2");
-    let (d3, w3) = pinned.generate_dek(&ctx).await.unwrap();
-    assert_eq!(w3.key_ref.key_version, "1");
-    let paths: Vec<String> = mock.requests().iter().map(|r| r.path.clone()).collect();
+    check_rotation(&*primary, &*pinned, || mock.rotate(), ["1", "2"]).await;
+    // Encrypt names the version only when pinned.
+    let encrypts: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .filter(|p| p.ends_with(":encrypt"))
+        .collect();
+    let latest = format!("/v1/{KEY_ID}:encrypt");
     assert_eq!(
-        paths,
-        vec![
-            format!("/v1/{KEY_ID}:encrypt"),
+        encrypts,
+        [
+            latest.clone(),
+            latest,
             format!("/v1/{KEY_ID}/cryptoKeyVersions/1:encrypt")
         ]
     );
-    for (d, w) in [(&d1, &w1), (&d2, &w2), (&d3, &w3)] {
-        assert_eq!(
-            primary.unwrap(w, &ctx).await.unwrap().as_bytes(),
-            d.as_bytes()
-        );
-        assert_eq!(
-            pinned.unwrap(w, &ctx).await.unwrap().as_bytes(),
-            d.as_bytes()
-        );
-    }
     // Decrypt always names the CryptoKey: Cloud KMS finds the version.
     assert!(mock
         .requests()
@@ -171,58 +143,19 @@ async fn another_keys_blob_is_not_sent() {
 async fn service_errors_are_classified() {
     let mock = Mock::start().await;
     let kms = mock.kms(None).await;
-    let ctx = WrapContext::file_v1([3; 16]);
-    let dek = Dek::generate();
-    let wrapped = kms.wrap(&dek, &ctx).await.unwrap();
+    let refused = check_refusals(
+        &*kms,
+        |m| mock.set_mode(m),
+        [
+            "cloudkms.cryptoKeyVersions.useToEncrypt",
+            "cloudkms.cryptoKeyVersions.useToDecrypt",
+        ],
+        ("cryptoKeyEncrypterDecrypter", "DISABLED"),
+    )
+    .await;
+    refused.errors.iter().for_each(assert_no_secrets);
+    let (ctx, dek, wrapped) = (refused.ctx, refused.dek, refused.wrapped);
 
-    mock.set_mode(Mode::Reject401);
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
-    assert!(err.to_string().contains("401"), "{err}");
-    assert_no_secrets(&err);
-
-    mock.set_mode(Mode::Deny403);
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(
-        matches!(
-            err,
-            KmsError::PermissionDenied {
-                operation: "cloudkms.cryptoKeyVersions.useToEncrypt",
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("cryptoKeyEncrypterDecrypter"),
-        "{err}"
-    );
-    let err = unwrap_err(kms.unwrap(&wrapped, &ctx).await);
-    eprintln!("{err}");
-    assert!(
-        matches!(
-            err,
-            KmsError::PermissionDenied {
-                operation: "cloudkms.cryptoKeyVersions.useToDecrypt",
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_no_secrets(&err);
-
-    mock.set_mode(Mode::Disabled);
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::KeyVersionUnusable { .. }), "{err}");
-    assert!(err.to_string().contains("DISABLED"), "{err}");
-    let err = unwrap_err(kms.unwrap(&wrapped, &ctx).await);
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::KeyVersionUnusable { .. }), "{err}");
-
-    mock.set_mode(Mode::Normal);
     let mut cfg = mock.cfg(None);
     cfg.key = "missing".into();
     let missing = GcpKms::connect(&cfg).await.unwrap();
@@ -241,10 +174,7 @@ async fn service_errors_are_classified() {
     eprintln!("{err}");
     assert!(matches!(err, KmsError::KeyNotFound { .. }), "{err}");
 
-    assert_eq!(
-        kms.unwrap(&wrapped, &ctx).await.unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    assert_unwraps(&*kms, &wrapped, &ctx, &dek).await;
 }
 
 /// The provider as `KmsConfig` connects it: calls bounded by the configured
@@ -257,20 +187,12 @@ async fn bounded(cfg: &GcpConfig) -> Arc<dyn KeyProvider> {
 async fn a_silent_server_times_out_at_the_configured_timeout() {
     // An unreachable one: tests/kms_contract.rs.
     let mock = Mock::start().await;
-    let ctx = WrapContext::file_v1([4; 16]);
-    let dek = Dek::generate();
     // A server that accepts but never answers: the timeout layer gives up
     // after the configured timeout.
     mock.server.hang();
     let mut cfg = mock.cfg(None);
     cfg.timeout_secs = 1;
-    let kms = bounded(&cfg).await;
-    let t = std::time::Instant::now();
-    let err = kms.wrap(&dek, &ctx).await.unwrap_err();
-    eprintln!("{err}");
-    assert!(matches!(err, KmsError::Timeout { seconds: 1, .. }), "{err}");
-    assert!(err.is_retryable());
-    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_wrap_times_out(&*bounded(&cfg).await, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,10 +217,7 @@ async fn config_and_credentials_are_validated() {
             ..base.clone()
         },
     ] {
-        let Err(err) = GcpKms::connect(&bad).await else {
-            panic!("accepted {bad:?}")
-        };
-        assert!(matches!(err, KmsError::Config(_)), "{err}");
+        assert_config_error(GcpKms::connect(&bad).await, &bad);
     }
     // A key file of an unknown type, and one that is not JSON.
     let odd = mock.dir.path().join("odd.json");

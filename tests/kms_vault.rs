@@ -10,6 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::kms::vault::{config_at, Bao};
+use common::kms::{assert_unwraps, fails_fast};
+use common::Places;
 use kmsfs::kms::config::{connect_within, KmsConfig};
 use kmsfs::kms::vault::{VaultAuth, VaultConfig, VaultKms};
 use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext, WrappedDek};
@@ -28,6 +30,29 @@ fn ctx(n: u32) -> WrapContext {
 fn connect(rt: &KmsRuntime, bao: &Bao, cfg: &VaultConfig) -> VaultKms {
     rt.block_on(VaultKms::connect_with_token(cfg, bao.token()))
         .unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+/// The error of connecting to `cfg` with `token`, which must fail; `what`
+/// says what it did if it connected.
+fn connect_err(rt: &KmsRuntime, cfg: &VaultConfig, token: &str, what: &str) -> KmsError {
+    rt.block_on(VaultKms::connect_with_token(cfg, token))
+        .err()
+        .expect(what)
+}
+
+/// Asserts that connecting to `cfg` is refused as a configuration error
+/// that says `says`.
+fn assert_config_refused(rt: &KmsRuntime, bao: &Bao, cfg: &VaultConfig, says: &str) {
+    let err = connect_err(
+        rt,
+        cfg,
+        bao.token(),
+        &format!("connected; expected: {says}"),
+    );
+    assert!(
+        matches!(err, KmsError::Config(_)) && err.to_string().contains(says),
+        "{err}"
+    );
 }
 
 #[test]
@@ -49,8 +74,7 @@ fn wrap_unwrap_round_trip_binds_the_file_id() {
     other.key_id = "transit/other".into();
     assert!(!kms.handles(&other));
 
-    let back = rt.block_on(kms.unwrap(&wrapped, &ctx(1))).unwrap();
-    assert_eq!(back.as_bytes(), dek.as_bytes());
+    rt.block_on(assert_unwraps(&kms, &wrapped, &ctx(1), &dek));
 
     // Another file's ID: the associated data differs, the AEAD tag fails.
     match rt.block_on(kms.unwrap(&wrapped, &ctx(2))) {
@@ -121,10 +145,7 @@ fn wrong_token_is_auth_failed_and_missing_policy_is_permission_denied() {
     let rt = rt();
     let cfg = bao.config();
     let secret = "s.not-a-real-token-0123456789";
-    let err = rt
-        .block_on(VaultKms::connect_with_token(&cfg, secret))
-        .err()
-        .expect("bad token connects");
+    let err = connect_err(&rt, &cfg, secret, "bad token connects");
     assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
     assert!(
         !err.to_string().contains(secret),
@@ -170,26 +191,15 @@ fn wrong_token_is_auth_failed_and_missing_policy_is_permission_denied() {
 fn unreachable_and_timeout_are_classified_quickly() {
     let rt = rt();
     // A port that was just free: connection refused.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let cfg = VaultConfig {
         timeout_secs: 5,
         ..config_at(&format!("http://127.0.0.1:{port}"), "kmsfs")
     };
-    let t = Instant::now();
-    let err = rt
-        .block_on(bounded_connect(&cfg, "t"))
-        .err()
-        .expect("connected to nothing");
+    let err = fails_fast("connected to nothing", Duration::from_secs(2), || {
+        rt.block_on(bounded_connect(&cfg, "t"))
+    });
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
-    assert!(err.is_retryable());
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        t.elapsed()
-    );
     let msg = err.to_string();
     assert!(
         msg.contains("check its address") && msg.contains(&port.to_string()),
@@ -204,18 +214,10 @@ fn unreachable_and_timeout_are_classified_quickly() {
         timeout_secs: 1,
         ..cfg
     };
-    let t = Instant::now();
-    let err = rt
-        .block_on(bounded_connect(&cfg, "t"))
-        .err()
-        .expect("silent server answered");
+    let err = fails_fast("silent server answered", Duration::from_secs(3), || {
+        rt.block_on(bounded_connect(&cfg, "t"))
+    });
     assert!(matches!(err, KmsError::Timeout { seconds: 2, .. }), "{err}");
-    assert!(err.is_retryable());
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        t.elapsed()
-    );
 }
 
 /// Connects with `token` through the timeout layer, as `KmsConfig::build`
@@ -234,13 +236,12 @@ async fn bounded_connect(cfg: &VaultConfig, token: &str) -> Result<VaultKms, Kms
 fn missing_key_is_key_not_found() {
     let bao = Bao::start();
     let rt = rt();
-    let err = rt
-        .block_on(VaultKms::connect_with_token(
-            &bao.config_for("no-such-key"),
-            bao.token(),
-        ))
-        .err()
-        .expect("connected to a missing key");
+    let err = connect_err(
+        &rt,
+        &bao.config_for("no-such-key"),
+        bao.token(),
+        "connected to a missing key",
+    );
     match &err {
         KmsError::KeyNotFound { key, .. } => assert_eq!(key, "transit/no-such-key"),
         e => panic!("expected KeyNotFound, got {e}"),
@@ -251,10 +252,7 @@ fn missing_key_is_key_not_found() {
     // A missing mount is KeyNotFound too.
     let mut cfg = bao.config();
     cfg.mount = "no-such-mount".into();
-    let err = rt
-        .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
-        .err()
-        .expect("missing mount");
+    let err = connect_err(&rt, &cfg, bao.token(), "missing mount");
     assert!(matches!(err, KmsError::KeyNotFound { .. }), "{err}");
 }
 
@@ -270,14 +268,8 @@ fn rotation_and_min_decryption_version() {
     let (dek2, w2) = rt.block_on(kms.generate_dek(&ctx(2))).unwrap();
     assert_eq!(w2.key_ref.key_version, "2");
     assert!(w2.blob.starts_with(b"vault:v2:"));
-    assert_eq!(
-        rt.block_on(kms.unwrap(&w1, &ctx(1))).unwrap().as_bytes(),
-        dek1.as_bytes()
-    );
-    assert_eq!(
-        rt.block_on(kms.unwrap(&w2, &ctx(2))).unwrap().as_bytes(),
-        dek2.as_bytes()
-    );
+    rt.block_on(assert_unwraps(&kms, &w1, &ctx(1), &dek1));
+    rt.block_on(assert_unwraps(&kms, &w2, &ctx(2), &dek2));
 
     bao.cli(&[
         "write",
@@ -312,27 +304,14 @@ fn derived_key_uses_context() {
     bao.cli(&["write", "transit/keys/derived", "derived=true"]);
     let kms = connect(&rt, &bao, &bao.config_for("derived"));
     let (dek, w) = rt.block_on(kms.generate_dek(&ctx(7))).unwrap();
-    assert_eq!(
-        rt.block_on(kms.unwrap(&w, &ctx(7))).unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    rt.block_on(assert_unwraps(&kms, &w, &ctx(7), &dek));
     assert!(matches!(
         rt.block_on(kms.unwrap(&w, &ctx(8))),
         Err(KmsError::UnwrapFailed { .. })
     ));
     // Non-AEAD keys cannot bind the file ID: refused at connect.
     bao.cli(&["write", "transit/keys/rsa", "type=rsa-2048"]);
-    let err = rt
-        .block_on(VaultKms::connect_with_token(
-            &bao.config_for("rsa"),
-            bao.token(),
-        ))
-        .err()
-        .expect("rsa key accepted");
-    assert!(
-        matches!(err, KmsError::Config(_)) && err.to_string().contains("AEAD"),
-        "{err}"
-    );
+    assert_config_refused(&rt, &bao, &bao.config_for("rsa"), "AEAD");
 }
 
 #[test]
@@ -373,10 +352,7 @@ fn approle_login() {
         .block_on(VaultKms::connect(&cfg))
         .unwrap_or_else(|e| panic!("approle connect: {e}"));
     let (dek, w) = rt.block_on(kms.generate_dek(&ctx(3))).unwrap();
-    assert_eq!(
-        rt.block_on(kms.unwrap(&w, &ctx(3))).unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    rt.block_on(assert_unwraps(&*kms, &w, &ctx(3), &dek));
     rt.block_on(kms.check()).unwrap();
 
     let wrong = "00000000-0000-0000-0000-000000000000";
@@ -398,35 +374,20 @@ fn approle_login() {
 /// VAULT_TOKEN in their environment only.
 struct VaultMount<'a> {
     bao: &'a Bao,
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-    log: PathBuf,
+    places: Places,
     mounted: bool,
 }
 
 impl<'a> VaultMount<'a> {
     fn init(bao: &'a Bao) -> Self {
-        common::require_fuse();
-        let dir = tempfile::Builder::new()
-            .prefix("kmsfs-vault")
-            .tempdir()
-            .unwrap();
-        let backing = dir.path().join("backing");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let log = dir.path().join("kmsfs.log");
         let m = VaultMount {
             bao,
-            backing,
-            mnt,
-            log,
-            _dir: dir,
+            places: Places::new("kmsfs-vault"),
             mounted: false,
         };
         m.kmsfs(&[
             "init",
-            m.backing.to_str().unwrap(),
+            m.places.backing.to_str().unwrap(),
             "--kms",
             "vault",
             "--vault-addr",
@@ -452,7 +413,7 @@ impl<'a> VaultMount<'a> {
             "kmsfs {args:?} failed ({}): {}\nlog: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+            std::fs::read_to_string(&self.places.log).unwrap_or_default()
         );
         String::from_utf8(out.stdout).unwrap()
     }
@@ -460,35 +421,44 @@ impl<'a> VaultMount<'a> {
     fn mount(&mut self) {
         self.kmsfs(&[
             "mount",
-            self.backing.to_str().unwrap(),
-            self.mnt.to_str().unwrap(),
+            self.places.backing.to_str().unwrap(),
+            self.places.mnt.to_str().unwrap(),
             "--log-file",
-            self.log.to_str().unwrap(),
+            self.places.log.to_str().unwrap(),
         ]);
         self.mounted = true;
     }
 
     fn umount(&mut self) {
-        self.kmsfs(&["umount", self.mnt.to_str().unwrap()]);
+        self.kmsfs(&["umount", self.places.mnt.to_str().unwrap()]);
         self.mounted = false;
-        common::wait_for_daemon_exit(&self.mnt);
+        common::wait_for_daemon_exit(&self.places.mnt);
     }
 
     fn path(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
+        self.places.mnt.join(rel)
     }
 
     fn info(&self, rel: &str) -> serde_json::Value {
         serde_json::from_str(&self.kmsfs(&["info", self.path(rel).to_str().unwrap()])).unwrap()
+    }
+
+    /// The key the header of `rel` names, after checking it is a Vault
+    /// provider's (of the trusted configuration: vault, vault-2, ...).
+    fn vault_key(&self, rel: &str) -> serde_json::Value {
+        let key = self.info(rel)["key"].clone();
+        assert!(
+            key["provider"].as_str().unwrap().starts_with("vault"),
+            "{key}"
+        );
+        key
     }
 }
 
 impl Drop for VaultMount<'_> {
     fn drop(&mut self) {
         if self.mounted {
-            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            common::wait_for_daemon_exit(&self.mnt);
+            common::detach(&self.places.mnt);
         }
     }
 }
@@ -518,8 +488,8 @@ fn mount_with_vault_survives_remount_and_rotation() {
     let out = m
         .cmd(&[
             "mount",
-            m.backing.to_str().unwrap(),
-            m.mnt.to_str().unwrap(),
+            m.places.backing.to_str().unwrap(),
+            m.places.mnt.to_str().unwrap(),
         ])
         .env_remove("VAULT_TOKEN")
         .output()
@@ -542,16 +512,9 @@ fn mount_with_vault_survives_remount_and_rotation() {
     for (name, data) in &files {
         std::fs::write(m.path(name), data).unwrap();
     }
-    let info = m.info("f0.bin");
-    assert!(
-        info["key"]["provider"]
-            .as_str()
-            .unwrap()
-            .starts_with("vault"),
-        "{info}"
-    );
-    assert_eq!(info["key"]["key_id"], format!("transit/{}", bao.key()));
-    assert_eq!(info["key"]["key_version"], "1");
+    let key = m.vault_key("f0.bin");
+    assert_eq!(key["key_id"], format!("transit/{}", bao.key()));
+    assert_eq!(key["key_version"], "1");
     m.umount();
 
     m.mount();
@@ -586,20 +549,12 @@ fn mount_with_vault_survives_remount_and_rotation() {
     let fresh = common::pattern(50_000, 99);
     std::fs::write(m.path("new.bin"), &fresh).unwrap();
     assert_eq!(read(&m.path("new.bin")), fresh);
-    let info = m.info("new.bin");
-    assert!(
-        info["key"]["provider"]
-            .as_str()
-            .unwrap()
-            .starts_with("vault"),
-        "{info}"
-    );
-    assert_eq!(info["key"]["key_version"], "2");
+    assert_eq!(m.vault_key("new.bin")["key_version"], "2");
     assert_eq!(m.info("f1.bin")["key"]["key_version"], "1");
     let verified = m.kmsfs(&["info", "--verify", m.path("f1.bin").to_str().unwrap()]);
     assert!(verified.contains("\"header_verified\": true"), "{verified}");
     m.umount();
-    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    let log = std::fs::read_to_string(&m.places.log).unwrap_or_default();
     assert!(
         !log.contains(bao.token()),
         "the daemon log contains the token"
@@ -618,17 +573,11 @@ fn tls_with_ca_cert_and_skip_verify() {
     cfg.ca_cert = Some(ca.clone());
     let kms = connect(&rt, &bao, &cfg);
     let (dek, w) = rt.block_on(kms.generate_dek(&ctx(5))).unwrap();
-    assert_eq!(
-        rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    rt.block_on(assert_unwraps(&kms, &w, &ctx(5), &dek));
 
     // Without it, the certificate is unknown: Unreachable, naming TLS.
     cfg.ca_cert = None;
-    let err = rt
-        .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
-        .err()
-        .expect("untrusted TLS accepted");
+    let err = connect_err(&rt, &cfg, bao.token(), "untrusted TLS accepted");
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
     let msg = err.to_string().to_lowercase();
     assert!(msg.contains("certificate") || msg.contains("tls"), "{msg}");
@@ -636,24 +585,14 @@ fn tls_with_ca_cert_and_skip_verify() {
     // skip_verify connects anyway (with a warning).
     cfg.skip_verify = true;
     let kms = connect(&rt, &bao, &cfg);
-    assert_eq!(
-        rt.block_on(kms.unwrap(&w, &ctx(5))).unwrap().as_bytes(),
-        dek.as_bytes()
-    );
+    rt.block_on(assert_unwraps(&kms, &w, &ctx(5), &dek));
 
     // A CA file that is not PEM is refused.
     cfg.skip_verify = false;
     let junk = bao.state_dir().join("junk.pem");
     std::fs::write(&junk, "not a certificate").unwrap();
     cfg.ca_cert = Some(junk);
-    let err = rt
-        .block_on(VaultKms::connect_with_token(&cfg, bao.token()))
-        .err()
-        .expect("junk CA accepted");
-    assert!(
-        matches!(err, KmsError::Config(_)) && err.to_string().contains("no PEM certificate"),
-        "{err}"
-    );
+    assert_config_refused(&rt, &bao, &cfg, "no PEM certificate");
 }
 
 /// A listing asks Vault for nothing; the first open in a directory batches
@@ -712,7 +651,7 @@ fn first_open_batches_a_directory_and_outages_spare_cached_files() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(cached.unwrap(), b"sample 7");
     assert_eq!(uncached.unwrap_err().raw_os_error(), Some(libc::EIO));
-    let log = std::fs::read_to_string(&m.log).unwrap();
+    let log = std::fs::read_to_string(&m.places.log).unwrap();
     assert!(
         log.contains("uncached: the DEK could not be unwrapped") && log.contains("did not answer"),
         "{log}"

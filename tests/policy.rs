@@ -6,9 +6,8 @@ mod common;
 use std::fs;
 use std::fs::OpenOptions;
 use std::io::Read;
-use std::net::TcpListener;
 
-use common::{pattern, run, TestFs};
+use common::{find_by, free_port, pattern, run, TestFs};
 
 fn info(fs: &TestFs, rel: &str) -> serde_json::Value {
     let out = run(&["info", fs.path(rel).to_str().unwrap()], true);
@@ -82,12 +81,7 @@ fn nearest_policy_applies_and_crossing_keys_is_exdev() {
     assert_eq!(key_of(&fs, "pii/new"), "pii2");
     assert_eq!(fs::read(fs.path("pii/a")).unwrap(), b"pii data");
     let status = policy_status(&fs);
-    let pii = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["dir"] == "/pii")
-        .unwrap();
+    let pii = find_by(&status, "dir", "/pii");
     assert_eq!(pii["files_on_current_key"], 1, "{status}");
     assert_eq!(pii["files_on_other_keys"], 1, "{status}");
     // Unset: files under the removed policy still open.
@@ -123,13 +117,10 @@ fn policy_dirs(fs: &TestFs) -> Vec<String> {
 
 #[test]
 fn non_mandatory_policy_lets_plaintext_files_through() {
-    let mut fs = TestFs::new(&[]);
-    fs.umount();
-    fs::create_dir(fs.backing_path("legacy")).unwrap();
-    fs::write(fs.backing_path("legacy/old.txt"), b"plain old data").unwrap();
-    fs::write(fs.backing_path("stray.txt"), b"no sidecar here").unwrap();
-    fs.set_policy("/legacy", "default", &["--not-mandatory"]);
-    fs.mount(&[]);
+    let fs = TestFs::with_plaintext_dir("legacy", |fs| {
+        fs::write(fs.backing_path("legacy/old.txt"), b"plain old data").unwrap();
+        fs::write(fs.backing_path("stray.txt"), b"no sidecar here").unwrap();
+    });
     assert_eq!(
         fs::read(fs.path("legacy/old.txt")).unwrap(),
         b"plain old data"
@@ -157,11 +148,8 @@ fn non_mandatory_policy_lets_plaintext_files_through() {
         b"plain old data"
     );
     assert_eq!(fs::read(&old).unwrap(), b"plain old data");
-    assert!(
-        fs.log_text().contains("legacy/old.txt") && fs.log_text().contains("copy it to a new name"),
-        "{}",
-        fs.log_text()
-    );
+    fs.assert_logged("legacy/old.txt");
+    fs.assert_logged("copy it to a new name");
     // Copying it encrypts it.
     fs::copy(&old, fs.path("legacy/old.enc")).unwrap();
     assert!(fs.backing_path("legacy/.kmsfs.old.enc").exists());
@@ -179,29 +167,11 @@ fn non_mandatory_policy_lets_plaintext_files_through() {
     // The mandatory root refuses a file without sidecar.
     let err = fs::read(fs.path("stray.txt")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert!(
-        fs.log_text()
-            .contains("stray.txt: sidecar header: sidecar is missing"),
-        "{}",
-        fs.log_text()
-    );
+    fs.assert_logged("stray.txt: sidecar header: sidecar is missing");
     let status = policy_status(&fs);
-    let legacy = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["dir"] == "/legacy")
-        .unwrap();
+    let legacy = find_by(&status, "dir", "/legacy");
     assert_eq!(legacy["files_without_sidecar"], 1);
     assert_eq!(legacy["files_on_current_key"], 2);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn scrape(port: u16) -> String {
@@ -419,21 +389,7 @@ fn kms_test_and_status_report_health() {
     // check passes.
     let new_keys = fs.dir.path().join("other-keys");
     assert!(!new_keys.exists());
-    let out = run(
-        &[
-            "policy",
-            "set",
-            fs.backing.to_str().unwrap(),
-            "/x",
-            "--kms",
-            "local",
-            "--key-file",
-            new_keys.to_str().unwrap(),
-            "--key-name",
-            "k",
-        ],
-        true,
-    );
+    let out = fs.policy_set("/x", &new_keys, &["--key-name", "k"], true);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("policy for /x saved"),
         "{}",
@@ -456,19 +412,7 @@ fn kms_test_and_status_report_health() {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let out = run(
-        &[
-            "policy",
-            "set",
-            fs.backing.to_str().unwrap(),
-            "/y",
-            "--kms",
-            "local",
-            "--key-file",
-            open_keys.to_str().unwrap(),
-        ],
-        false,
-    );
+    let out = fs.policy_set("/y", &open_keys, &[], false);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kmsfs, pattern, run, TestFs};
+use common::{find_by, kmsfs, pattern, run, TestFs};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -124,13 +124,10 @@ fn hard_link_into_a_non_mandatory_subtree_passes_nothing_through() {
 /// file in a non-mandatory subtree are refused, one is passed through.
 #[test]
 fn a_plaintext_file_with_two_links_is_not_passed_through() {
-    let mut fs = TestFs::new(&[]);
-    fs.umount();
-    fs::create_dir(fs.backing_path("public")).unwrap();
-    fs::write(fs.backing_path("public/a"), b"legacy data").unwrap();
-    fs::hard_link(fs.backing_path("public/a"), fs.backing_path("public/b")).unwrap();
-    fs.set_policy("/public", "default", &["--not-mandatory"]);
-    fs.mount(&[]);
+    let fs = TestFs::with_plaintext_dir("public", |fs| {
+        fs::write(fs.backing_path("public/a"), b"legacy data").unwrap();
+        fs::hard_link(fs.backing_path("public/a"), fs.backing_path("public/b")).unwrap();
+    });
     for name in ["public/a", "public/b"] {
         assert_eq!(errno(fs::read(fs.path(name))), Some(libc::EIO), "{name}");
     }
@@ -184,12 +181,7 @@ fn a_fifo_planted_as_a_sidecar_fails_promptly() {
         .recv_timeout(Duration::from_secs(10))
         .expect("opening a file whose sidecar is a FIFO hangs");
     assert_eq!(r, Some(libc::EIO));
-    assert!(
-        fs.log_text()
-            .contains("f: sidecar header: sidecar is not a regular file"),
-        "{}",
-        fs.log_text()
-    );
+    fs.assert_logged("f: sidecar header: sidecar is not a regular file");
     assert_eq!(fs::read(fs.path("g")).unwrap(), b"other data");
     fs::write(fs.path("h"), b"new").unwrap();
     assert_eq!(fs::read(fs.path("h")).unwrap(), b"new");
@@ -217,15 +209,8 @@ fn a_device_node_planted_as_a_data_file_is_not_opened() {
     let w = OpenOptions::new().write(true).open(fs.path("f"));
     assert_eq!(errno(w), Some(libc::EIO));
     assert_eq!(errno(fs::read(fs.path("g"))), Some(libc::EIO));
-    let log = fs.log_text();
-    assert!(
-        log.contains("open: f: backing data is not a regular file"),
-        "{log}"
-    );
-    assert!(
-        log.contains("open: g: backing data is not the file"),
-        "{log}"
-    );
+    fs.assert_logged("open: f: backing data is not a regular file");
+    fs.assert_logged("open: g: backing data is not the file");
     // The mount goes on.
     fs::write(fs.path("k"), b"fine").unwrap();
     assert_eq!(fs::read(fs.path("k")).unwrap(), b"fine");
@@ -308,13 +293,7 @@ fn versions(keys: &Path) -> Vec<u64> {
         true,
     );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let default = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == "default")
-        .unwrap();
-    default["versions"]
+    find_by(&list, "name", "default")["versions"]
         .as_array()
         .unwrap()
         .iter()

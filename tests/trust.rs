@@ -8,7 +8,6 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -43,6 +42,29 @@ fn mount_refused(fs: &TestFs) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A format 1 volume configuration as kmsfs 1 wrote it: a policy per
+/// (directory, local keyring), and a retired local keyring, each with key
+/// `default`.
+fn format_1_config(policies: &[(&str, &Path)], retired: Option<&Path>) -> String {
+    let key = |keys: &Path| {
+        format!(
+            "provider = \"local\"\nkey_file = \"{}\"\nkey = \"default\"\n",
+            keys.display()
+        )
+    };
+    let mut text = String::from("format_version = 1\nblock_size = 4096\n");
+    for (dir, keys) in policies {
+        text += &format!(
+            "[[policy]]\ndir = \"{dir}\"\ncipher = \"aes-256-gcm\"\n[policy.kms]\n{}",
+            key(keys)
+        );
+    }
+    if let Some(keys) = retired {
+        text += &format!("[[retired]]\n{}", key(keys));
+    }
+    text
+}
+
 /// A keyring the attacker controls, with key `default` (they can read it).
 fn attacker_keyring(dir: &Path) -> std::path::PathBuf {
     let keys = dir.join("attacker-keys");
@@ -65,24 +87,7 @@ fn attack_1_key_redirection_through_the_backing_config_is_refused() {
     // The attack that worked on format 1: the root policy names the
     // attacker's keyring, the real one stays as a retired key so that old
     // files still open and nobody notices.
-    let format_one = format!(
-        r#"format_version = 1
-block_size = 4096
-[[policy]]
-dir = "/"
-cipher = "aes-256-gcm"
-[policy.kms]
-provider = "local"
-key_file = "{}"
-key = "default"
-[[retired]]
-provider = "local"
-key_file = "{}"
-key = "default"
-"#,
-        evil.display(),
-        fs.key_file.display()
-    );
+    let format_one = format_1_config(&[("/", &evil)], Some(&fs.key_file));
     fs::write(&config, &format_one).unwrap();
     let err = mount_refused(&fs);
     assert!(
@@ -109,19 +114,7 @@ key = "default"
     // unwraps, or the MAC no longer matches; refused either way.
     let other = fs.dir.path().join("other-keys");
     let other_volume = fs.dir.path().join("other-volume");
-    run(
-        &[
-            "init",
-            other_volume.to_str().unwrap(),
-            "--kms",
-            "local",
-            "--key-file",
-            other.to_str().unwrap(),
-            "--provider",
-            "attacker-reachable",
-        ],
-        true,
-    );
+    common::init_local(&other_volume, &other, &["--provider", "attacker-reachable"]);
     let redirected = genuine.replace(
         &provider_of_root(&genuine),
         "provider = \"attacker-reachable\"",
@@ -204,33 +197,9 @@ fn kms_addresses_and_credentials_in_the_backing_config_are_never_used() {
 #[test]
 fn a_tampered_volume_config_is_refused() {
     let mut fs = TestFs::new(&[]);
-    run(
-        &[
-            "policy",
-            "set",
-            fs.backing.to_str().unwrap(),
-            "/pii",
-            "--kms",
-            "local",
-            "--key-file",
-            fs.dir.path().join("pii-keys").to_str().unwrap(),
-        ],
-        true,
-    );
+    fs.policy_set("/pii", &fs.dir.path().join("pii-keys"), &[], true);
     // Moving /pii to another key leaves the first one retired for it.
-    run(
-        &[
-            "policy",
-            "set",
-            fs.backing.to_str().unwrap(),
-            "/pii",
-            "--kms",
-            "local",
-            "--key-file",
-            fs.dir.path().join("pii-keys-2").to_str().unwrap(),
-        ],
-        true,
-    );
+    fs.policy_set("/pii", &fs.dir.path().join("pii-keys-2"), &[], true);
     fs.umount();
     let config = fs.backing_path(CONFIG);
     let genuine = fs::read_to_string(&config).unwrap();
@@ -280,20 +249,7 @@ fn drop_retired(config: &str) -> String {
 #[test]
 fn a_file_under_a_key_its_directory_does_not_allow_gives_eio() {
     let mut fs = TestFs::new(&[]);
-    let weak_keys = fs.dir.path().join("weak-keys");
-    run(
-        &[
-            "policy",
-            "set",
-            fs.backing.to_str().unwrap(),
-            "/scratch",
-            "--kms",
-            "local",
-            "--key-file",
-            weak_keys.to_str().unwrap(),
-        ],
-        true,
-    );
+    fs.policy_set("/scratch", &fs.dir.path().join("weak-keys"), &[], true);
     fs.remount();
     fs::create_dir(fs.path("scratch")).unwrap();
     fs::write(fs.path("scratch/forged"), b"made under the weak key").unwrap();
@@ -314,11 +270,8 @@ fn a_file_under_a_key_its_directory_does_not_allow_gives_eio() {
         fs::read(fs.path("real")).unwrap(),
         b"made under the root key"
     );
-    let log = fs.log_text();
-    assert!(
-        log.contains("forged") && log.contains("does not allow"),
-        "{log}"
-    );
+    fs.assert_logged("forged");
+    fs.assert_logged("does not allow");
 }
 
 #[test]
@@ -329,7 +282,7 @@ fn a_format_1_file_in_a_format_2_volume_gives_eio() {
     fs.mount(&[]);
     let err = fs::read(fs.path("planted")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert!(fs.log_text().contains("format 1 file"), "{}", fs.log_text());
+    fs.assert_logged("format 1 file");
 }
 
 /// Writes a format 1 file `name` holding `data` (one block at most) into
@@ -404,31 +357,11 @@ fn upgrade_moves_kms_settings_to_the_trusted_config_and_keeps_every_file() {
     }
     // A format 1 volume as kmsfs 1 left it: KMS settings in the backing
     // directory, files with format 1 headers and blocks.
-    let mut cfg = fs::File::create(backing.join(CONFIG)).unwrap();
-    write!(
-        cfg,
-        r#"format_version = 1
-block_size = 4096
-[[policy]]
-dir = "/"
-cipher = "aes-256-gcm"
-[policy.kms]
-provider = "local"
-key_file = "{}"
-key = "default"
-[[policy]]
-dir = "/pii"
-cipher = "aes-256-gcm"
-[policy.kms]
-provider = "local"
-key_file = "{}"
-key = "default"
-"#,
-        root_keys.display(),
-        pii_keys.display()
+    fs::write(
+        backing.join(CONFIG),
+        format_1_config(&[("/", &root_keys), ("/pii", &pii_keys)], None),
     )
     .unwrap();
-    drop(cfg);
     plant_v1_file(&backing, "old", &root_keys, "default", b"old root file");
     plant_v1_file(&sub, "old-pii", &pii_keys, "default", b"old pii file");
     let mnt = dir.path().join("mnt");

@@ -23,15 +23,8 @@ pub fn kmsfs() -> Command {
 /// its lock, with names of their own.
 pub fn trusted_config() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("kmsfs-trusted")
-            .tempdir()
-            .expect("a temporary directory")
-            .keep();
-        dir.join("kmsfs.toml")
-    })
-    .clone()
+    PATH.get_or_init(|| tempdir("kmsfs-trusted").keep().join("kmsfs.toml"))
+        .clone()
 }
 
 /// Runs `kmsfs ARGS`, returning its output; panics with stderr on failure
@@ -58,6 +51,48 @@ pub fn run_with(env: &[(&str, &str)], args: &[&str], expect_ok: bool) -> Output 
     out
 }
 
+/// A fresh temporary directory whose name starts with `prefix`, removed
+/// when dropped.
+pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temporary directory")
+}
+
+/// `kmsfs init BACKING` with the local KMS and keyring `key_file`, plus
+/// `extra` init flags.
+pub fn init_local(backing: &Path, key_file: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "init",
+        backing.to_str().unwrap(),
+        "--kms",
+        "local",
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args, true);
+}
+
+/// A loopback TCP port that was free a moment ago: nothing listens on it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The element of JSON array `list` whose `field` is `value`.
+pub fn find_by<'a>(list: &'a serde_json::Value, field: &str, value: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {list}"))
+        .iter()
+        .find(|e| e[field] == value)
+        .unwrap_or_else(|| panic!("no element with {field} = {value:?} in {list}"))
+}
+
 pub fn require_fuse() {
     assert!(
         Path::new("/dev/fuse").exists(),
@@ -68,6 +103,39 @@ pub fn require_fuse() {
         0,
         "mount tests must run as root"
     );
+}
+
+/// A temp dir (removed on drop) with the paths of a backing directory, a
+/// mountpoint (created) and a daemon log file in it, for a test that mounts:
+/// FUSE must be usable.
+pub struct Places {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Places {
+    pub fn new(prefix: &str) -> Places {
+        require_fuse();
+        let dir = tempdir(prefix);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        Places {
+            backing: dir.path().join("backing"),
+            log: dir.path().join("kmsfs.log"),
+            mnt,
+            dir,
+        }
+    }
+}
+
+/// Unmounts `mnt` lazily (whatever state its daemon is in) and waits for
+/// the daemon to exit: what a test's mount does when dropped.
+pub fn detach(mnt: &Path) {
+    let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    wait_for_daemon_exit(mnt);
 }
 
 /// A backing directory, a keyring and a mountpoint in a temp dir.
@@ -83,26 +151,14 @@ pub struct TestFs {
 impl TestFs {
     /// `kmsfs init` with the local KMS plus `extra` init flags, then mount.
     pub fn new(extra_init: &[&str]) -> Self {
-        require_fuse();
-        let dir = tempfile::Builder::new()
-            .prefix("kmsfs-test")
-            .tempdir()
-            .unwrap();
-        let backing = dir.path().join("backing");
-        let mnt = dir.path().join("mnt");
+        let Places {
+            dir,
+            backing,
+            mnt,
+            log,
+        } = Places::new("kmsfs-test");
         let key_file = dir.path().join("keys");
-        let log = dir.path().join("kmsfs.log");
-        std::fs::create_dir(&mnt).unwrap();
-        let mut args = vec![
-            "init",
-            backing.to_str().unwrap(),
-            "--kms",
-            "local",
-            "--key-file",
-            key_file.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra_init);
-        run(&args, true);
+        init_local(&backing, &key_file, extra_init);
         let mut fs = TestFs {
             dir,
             backing,
@@ -111,6 +167,19 @@ impl TestFs {
             log,
             mounted: false,
         };
+        fs.mount(&[]);
+        fs
+    }
+
+    /// A volume whose directory `dir` has a non-mandatory policy (under the
+    /// default key) and holds what `plant` puts in the backing directory
+    /// before the mount: plaintext files, typically.
+    pub fn with_plaintext_dir(dir: &str, plant: impl FnOnce(&TestFs)) -> Self {
+        let mut fs = TestFs::new(&[]);
+        fs.umount();
+        std::fs::create_dir(fs.backing_path(dir)).unwrap();
+        plant(&fs);
+        fs.set_policy(&format!("/{dir}"), "default", &["--not-mandatory"]);
         fs.mount(&[]);
         fs
     }
@@ -153,6 +222,12 @@ impl TestFs {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Asserts that the daemon's log contains `needle`.
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.log_text();
+        assert!(log.contains(needle), "the log lacks {needle:?}:\n{log}");
+    }
+
     /// PID of this mount's daemon.
     pub fn daemon_pid(&self) -> Option<i32> {
         daemon_pids(&self.mnt).into_iter().next()
@@ -165,6 +240,17 @@ impl TestFs {
     /// `kmsfs policy set` for `dir` under key `key` of this keyring, plus
     /// `extra` flags; takes effect at the next mount.
     pub fn set_policy(&self, dir: &str, key: &str, extra: &[&str]) {
+        let mut flags = vec!["--key-name", key];
+        flags.extend_from_slice(extra);
+        self.policy_set(dir, &self.key_file, &flags, true);
+    }
+
+    /// `kmsfs policy set` for `dir` under local keyring `key_file` (its key
+    /// `default` unless `extra` names another), plus `extra` flags; returns
+    /// its output, and panics on failure when `expect_ok`.
+    pub fn policy_set(
+        &self, dir: &str, key_file: &Path, extra: &[&str], expect_ok: bool,
+    ) -> Output {
         let mut args = vec![
             "policy",
             "set",
@@ -173,21 +259,17 @@ impl TestFs {
             "--kms",
             "local",
             "--key-file",
-            self.key_file.to_str().unwrap(),
-            "--key-name",
-            key,
+            key_file.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        run(&args, true);
+        run(&args, expect_ok)
     }
 }
 
 impl Drop for TestFs {
     fn drop(&mut self) {
         if self.mounted {
-            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            wait_for_daemon_exit(&self.mnt);
+            detach(&self.mnt);
         }
     }
 }

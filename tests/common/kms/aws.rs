@@ -8,7 +8,8 @@ use kmsfs::kms::aws::AwsConfig;
 use super::dev_server::DevServer;
 
 pub const REGION: &str = "us-east-1";
-/// The account moto puts every key in (its ARNs name it).
+/// The account moto (and the stub) put every key in: their ARNs name it,
+/// so the provider's trusted definition names it too.
 pub const MOTO_ACCOUNT: &str = "123456789012";
 
 /// Process-wide AWS environment: moto's dummy credentials, and nothing that
@@ -49,6 +50,22 @@ pub fn setup_env() {
     });
 }
 
+/// Key `key` of the KMS at `endpoint` (plain HTTP allowed) in [`REGION`],
+/// with the environment's credentials and a 5 s timeout.
+pub fn config_at(endpoint: &str, key: &str) -> AwsConfig {
+    AwsConfig {
+        key_id: key.to_owned(),
+        region: Some(REGION.into()),
+        endpoint: Some(endpoint.to_owned()),
+        allow_http: true,
+        profile: None,
+        assume_role_arn: None,
+        external_id: None,
+        account: Some(MOTO_ACCOUNT.into()),
+        timeout_secs: 5,
+    }
+}
+
 pub struct Moto {
     server: DevServer,
 }
@@ -70,15 +87,12 @@ impl Moto {
         Moto { server }
     }
 
-    pub fn url(&self) -> &str {
-        &self.server.env["KMSFS_AWS_ENDPOINT"]
+    server_vars! {
+        url => "KMSFS_AWS_ENDPOINT",
+        key_id => "KMSFS_AWS_KEY_ID",
+        key_arn => "KMSFS_AWS_KEY_ARN",
     }
-    pub fn key_id(&self) -> &str {
-        &self.server.env["KMSFS_AWS_KEY_ID"]
-    }
-    pub fn key_arn(&self) -> &str {
-        &self.server.env["KMSFS_AWS_KEY_ARN"]
-    }
+
     pub fn alias(&self) -> &str {
         self.server
             .env
@@ -88,17 +102,7 @@ impl Moto {
     }
 
     pub fn config(&self, key: &str) -> AwsConfig {
-        AwsConfig {
-            key_id: key.to_owned(),
-            region: Some(REGION.into()),
-            endpoint: Some(self.url().to_owned()),
-            allow_http: true,
-            profile: None,
-            assume_role_arn: None,
-            external_id: None,
-            account: Some(MOTO_ACCOUNT.into()),
-            timeout_secs: 5,
-        }
+        config_at(self.url(), key)
     }
 
     /// A raw SDK client on moto, to set up keys the provider then meets.

@@ -23,6 +23,7 @@ use base64::Engine;
 use kmsfs::kms::azure::{AzureConfig, AzureKms};
 use rand::RngCore;
 
+pub use super::http_mock::Mode;
 use super::http_mock::{MockServer, Req, Resp};
 
 pub const HOST: &str = "kmsfs.vault.localhost";
@@ -33,15 +34,6 @@ pub const KEY: &str = "kek";
 pub const V1: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
 pub const V2: &str = "f9e8d7c6b5a4938271605f4e3d2c1b0a";
 pub const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
-/// How the vault answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Normal,
-    Reject401,
-    Deny403,
-    Disabled403,
-}
 
 struct State {
     mode: Mode,
@@ -195,7 +187,7 @@ fn handle(req: &Req, st: &Mutex<State>) -> Resp {
                 }}),
             )
         }
-        Mode::Disabled403 => {
+        Mode::Disabled => {
             return error_resp(
                 403,
                 "Forbidden",

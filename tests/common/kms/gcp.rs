@@ -19,6 +19,7 @@ use kmsfs::kms::gcp::{GcpConfig, GcpKms};
 use kmsfs::kms::KeyProvider;
 use rand::RngCore;
 
+pub use super::http_mock::Mode;
 use super::http_mock::{MockServer, Req, Resp};
 
 pub const KEY_ID: &str = "projects/test-proj/locations/europe-west1/keyRings/ring/cryptoKeys/kek";
@@ -33,15 +34,6 @@ pub fn b64_decode(s: &str) -> Vec<u8> {
         .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(s))
         .or_else(|_| B64URL.decode(s))
         .expect("base64")
-}
-
-/// How Cloud KMS answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Normal,
-    Reject401,
-    Deny403,
-    Disabled,
 }
 
 struct State {

@@ -10,6 +10,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// How a KMS mock answers: normally, or with one of the failures a KMS
+/// service can answer with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// The credentials are rejected: 401.
+    Reject401,
+    /// The operation is not allowed: 403.
+    Deny403,
+    /// The key (version) is disabled.
+    Disabled,
+}
+
 /// One request as the server read it; path and query are percent-decoded.
 #[derive(Clone, Debug)]
 pub struct Req {
@@ -24,6 +37,17 @@ pub struct Req {
 impl Req {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
+    }
+
+    /// A query parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.get(name).map(String::as_str)
+    }
+
+    /// Whether the body is declared JSON.
+    pub fn sends_json(&self) -> bool {
+        self.header("content-type")
+            .is_some_and(|t| t.starts_with("application/json"))
     }
 
     pub fn json(&self) -> serde_json::Value {

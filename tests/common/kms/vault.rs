@@ -47,15 +47,12 @@ impl Bao {
         self.server.env.get(name).map(String::as_str)
     }
 
-    pub fn addr(&self) -> &str {
-        &self.server.env["VAULT_ADDR"]
+    server_vars! {
+        addr => "VAULT_ADDR",
+        token => "VAULT_TOKEN",
+        key => "KMSFS_VAULT_KEY",
     }
-    pub fn token(&self) -> &str {
-        &self.server.env["VAULT_TOKEN"]
-    }
-    pub fn key(&self) -> &str {
-        &self.server.env["KMSFS_VAULT_KEY"]
-    }
+
     /// The server's state directory, for a test's scratch files.
     pub fn state_dir(&self) -> &Path {
         self.server.state.path()
