@@ -81,7 +81,7 @@ impl Core {
         // set-group-ID applies; chown only when that is not the answer.
         let created_gid = if setgid { pst.st_gid } else { 0 };
         if caller.uid != 0 || gid != created_gid {
-            sys::fchown_handle(new, caller.uid, gid)?;
+            sys::fchownat(new, caller.uid, gid)?;
         }
         Ok(())
     }

@@ -94,6 +94,8 @@ pub fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// chown of the object a handle (O_PATH or not) refers to, itself even if
+/// it is a symlink.
 pub fn fchownat(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
     check(unsafe {
         libc::fchownat(
@@ -111,22 +113,6 @@ pub fn fchownat(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
 pub fn lchownat(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     check(unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
         .map(drop)
-}
-
-/// chown of the object a handle (O_PATH or not) refers to, itself even if
-/// it is a symlink.
-pub fn fchown_handle(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: a plain syscall on a live descriptor and an empty name.
-    check(unsafe {
-        libc::fchownat(
-            fd,
-            c"".as_ptr(),
-            uid,
-            gid,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
 }
 
 /// fchmodat2(2)'s number, the same on every architecture (it came after the
