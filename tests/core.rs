@@ -342,6 +342,34 @@ fn policies_choose_the_key_and_crossing_keys_is_exdev() {
     );
 }
 
+/// A plaintext file of a non-mandatory directory (no sidecar) renames like
+/// any file, over an encrypted one too, whose header then goes with it;
+/// exchanged with an encrypted one, each keeps its own header.
+#[test]
+fn plaintext_files_rename_without_a_header_and_take_none_over() {
+    let fx = Fixture::new(&[("/pub", "pub", false)]);
+    let dir = fx.lookup(ROOT, "pub").unwrap();
+    std::fs::write(fx.path("pub/plain"), b"legacy bytes").unwrap();
+    let rename = |name: &str, new: &str, flags| {
+        fx.core
+            .rename(dir, OsStr::new(name), dir, OsStr::new(new), flags)
+            .map_err(|e| errno_of(&e))
+    };
+    let read = |name: &str| fx.reread(fx.lookup(dir, name).unwrap());
+    assert_eq!(rename("plain", "moved", 0), Ok(()));
+    assert_eq!(read("moved").unwrap(), b"legacy bytes");
+    let (_, fh) = fx.create(dir, "enc", b"encrypted");
+    fx.core.release(fh);
+    assert_eq!(rename("moved", "enc", libc::RENAME_EXCHANGE as u32), Ok(()));
+    assert_eq!(read("enc").unwrap(), b"legacy bytes");
+    assert_eq!(read("moved").unwrap(), b"encrypted");
+    assert!(fx.path("pub/.kmsfs.moved").exists() && !fx.path("pub/.kmsfs.enc").exists());
+    // Over an encrypted file: its header must not stay as the new one's.
+    assert_eq!(rename("enc", "moved", 0), Ok(()));
+    assert!(!fx.path("pub/.kmsfs.moved").exists());
+    assert_eq!(read("moved").unwrap(), b"legacy bytes");
+}
+
 /// Flips one byte of backing file `path` at `offset`.
 fn flip(path: &Path, offset: u64) {
     use std::os::unix::fs::FileExt;

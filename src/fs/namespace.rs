@@ -311,22 +311,30 @@ impl Core {
         if let Some(d) = dst.filter(|_| !exchange) {
             self.inodes.pin_if_last_name(&nd, &nc, &d);
         }
+        // Which of the two have a sidecar: not directories and the like, and
+        // not plaintext pass-through files either.
+        let has_sidecar = |dir: &Inode, name: &OsStr, st: &libc::stat| -> FsResult<bool> {
+            Ok(kind_of(st.st_mode) == FileType::RegularFile && sidecar_exists(dir, name)?)
+        };
+        let src_sc = has_sidecar(&od, name, &src)?;
+        let dst_sc = match &dst {
+            Some(d) => has_sidecar(&nd, newname, d)?,
+            None => false,
+        };
         sys::renameat2(ofd, &oc, nfd, &nc, flags)?;
         // Data moved; now its sidecar follows (see docs/ARCHITECTURE.md on the
         // crash window between the two steps).
-        let is_reg = |st: &libc::stat| kind_of(st.st_mode) == FileType::RegularFile;
-        let src_reg = is_reg(&src);
-        let dst_reg = dst.as_ref().is_some_and(is_reg);
         if exchange {
-            match (src_reg, dst_reg) {
+            match (src_sc, dst_sc) {
                 (true, true) => sidecar::rename_at(ofd, name, nfd, newname, libc::RENAME_EXCHANGE)?,
                 (true, false) => sidecar::rename_at(ofd, name, nfd, newname, 0)?,
                 (false, true) => sidecar::rename_at(nfd, newname, ofd, name, 0)?,
                 (false, false) => {}
             }
-        } else if src_reg {
+        } else if src_sc {
             sidecar::rename_at(ofd, name, nfd, newname, 0)?;
-        } else if dst_reg {
+        } else if dst_sc {
+            // The replaced file's header must not stay as this one's.
             self.remove_sidecar(nfd, newname)?;
         }
         // Update where the kernel's inodes now live.
