@@ -360,7 +360,7 @@ fn plaintext_files_rename_without_a_header_and_take_none_over() {
     assert_eq!(read("moved").unwrap(), b"legacy bytes");
     let (_, fh) = fx.create(dir, "enc", b"encrypted");
     fx.core.release(fh);
-    assert_eq!(rename("moved", "enc", libc::RENAME_EXCHANGE as u32), Ok(()));
+    assert_eq!(rename("moved", "enc", libc::RENAME_EXCHANGE), Ok(()));
     assert_eq!(read("enc").unwrap(), b"legacy bytes");
     assert_eq!(read("moved").unwrap(), b"encrypted");
     assert!(fx.path("pub/.kmsfs.moved").exists() && !fx.path("pub/.kmsfs.enc").exists());
