@@ -86,15 +86,17 @@ pub fn upgrade(backing: &Path, json: bool, yes: bool) -> Result<()> {
         trusted_path.display()
     );
     for (def, spec) in &plan.providers {
-        eprintln!(
-            "  type = {:?}, key {:?}: {}",
-            def.kind,
-            spec.id,
-            toml::to_string(&def.settings)
-                .unwrap_or_default()
-                .trim()
-                .replace('\n', ", ")
-        );
+        let version = spec
+            .version
+            .as_deref()
+            .map(|v| format!(", version {v:?}"))
+            .unwrap_or_default();
+        eprintln!("  type = {:?}, key {:?}{version}:", def.kind, spec.id);
+        // One setting a line, values as TOML writes them (quoted, escaped):
+        // a crafted value cannot pass for another setting.
+        for (name, value) in &def.settings {
+            eprintln!("      {name} = {value}");
+        }
     }
     if !yes && !confirmed("Are these your KMSs and credentials?")? {
         anyhow::bail!(

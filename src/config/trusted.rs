@@ -233,21 +233,28 @@ impl TrustedConfig {
                     ),
                 });
             }
-            return match self.providers.get(name) {
-                Some(existing) if *existing == def => Ok((name.to_owned(), false)),
-                Some(_) => Err(TrustedError::BadProvider {
-                    path: self.path.clone(),
-                    name: name.to_owned(),
-                    detail: "is already defined with other settings; choose another name, or use it as it is with --provider".into(),
-                }),
+            return match self.providers.get_mut(name) {
+                Some(existing) => {
+                    if adopt(existing, &def) {
+                        Ok((name.to_owned(), false))
+                    } else {
+                        Err(TrustedError::BadProvider {
+                            path: self.path.clone(),
+                            name: name.to_owned(),
+                            detail: "is already defined with other settings; choose another name, or use it as it is with --provider".into(),
+                        })
+                    }
+                }
                 None => {
                     self.providers.insert(name.to_owned(), def);
                     Ok((name.to_owned(), true))
                 }
             };
         }
-        if let Some((name, _)) = self.providers.iter().find(|(_, d)| **d == def) {
-            return Ok((name.clone(), false));
+        for (name, existing) in self.providers.iter_mut() {
+            if adopt(existing, &def) {
+                return Ok((name.clone(), false));
+            }
         }
         let name = (1..)
             .map(|i| match i {
@@ -348,6 +355,26 @@ fn check_owner_and_mode(meta: &std::fs::Metadata, what: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// Whether `existing` serves as `def`: defined exactly alike, or alike but
+/// for the AWS `account` that `def` adds (a definition recorded before
+/// accounts were, met again when the operator types a key ARN), which is
+/// then filled in.
+fn adopt(existing: &mut ProviderDef, def: &ProviderDef) -> bool {
+    if existing == def {
+        return true;
+    }
+    let Some(account) = def.settings.get("account") else {
+        return false;
+    };
+    let mut without = def.clone();
+    without.settings.remove("account");
+    if *existing != without {
+        return false;
+    }
+    existing.settings.insert("account".into(), account.clone());
+    true
+}
+
 /// Replaces `path` with `bytes`: a temporary file beside it, created
 /// exclusively without following symlinks (a name planted there cannot
 /// redirect the write), fsynced, then renamed over `path`.
@@ -390,6 +417,41 @@ mod tests {
             kind: "local".into(),
             settings,
         }
+    }
+
+    /// An AWS definition recorded without `account` is reused, and gets
+    /// the account, when the operator types a key ARN of that account.
+    #[test]
+    fn a_definition_without_an_account_adopts_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsfs.toml");
+        let aws = |account: Option<&str>| {
+            let mut settings = toml::Table::new();
+            settings.insert("region".into(), "eu-west-1".into());
+            if let Some(a) = account {
+                settings.insert("account".into(), a.into());
+            }
+            ProviderDef {
+                kind: "aws".into(),
+                settings,
+            }
+        };
+        let got = update(&path, |t| {
+            let old = t.find_or_add(aws(None), None)?;
+            let typed = t.find_or_add(aws(Some("111122223333")), None)?;
+            let other = t.find_or_add(aws(Some("999988887777")), None)?;
+            Ok((old, typed, other))
+        })
+        .unwrap();
+        assert_eq!(got.0, ("aws".into(), true));
+        assert_eq!(got.1, ("aws".into(), false));
+        assert_eq!(
+            got.2,
+            ("aws-2".into(), true),
+            "another account is another provider"
+        );
+        let t = TrustedConfig::load(&path).unwrap();
+        assert_eq!(t.providers["aws"], aws(Some("111122223333")));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use super::volume::VolumeConfig;
 use super::ConfigError;
 use crate::format::header::VERSION_1;
 use crate::format::names::CONFIG_FILE;
-use crate::fs::{escape_name, sidecar, walk};
+use crate::fs::{escape_name, sidecar, sys, walk};
 use crate::kms::config::{KeySpec, ProviderDef};
 use crate::kms::named::NamedKey;
 use crate::kms::{KeyProvider, KmsRuntime};
@@ -107,13 +107,36 @@ pub fn plan(backing: &Path) -> Result<UpgradePlan, ConfigError> {
     Ok(UpgradePlan { legacy, providers })
 }
 
-/// Carries out `plan` on `backing`: its providers are added to the trusted
-/// configuration at `trusted_path` (or found there), the files' headers
-/// read, and the configuration rewritten as format 2.
+/// Carries out `plan` on `backing`: its providers are connected, then
+/// added to the trusted configuration at `trusted_path` (or found there),
+/// the files' headers read, and the configuration rewritten as format 2.
+/// Under the volume configuration's lock, and only if the volume is still
+/// what `plan` showed: nothing else may have upgraded or changed it since
+/// the operator confirmed.
 pub fn upgrade(
     plan: UpgradePlan, backing: &Path, trusted_path: &Path, rt: &KmsRuntime,
 ) -> Result<UpgradeReport, ConfigError> {
+    let _lock = VolumeConfig::lock(backing)?;
     let UpgradePlan { legacy, providers } = plan;
+    if self::plan(backing)?.providers != providers {
+        return Err(ConfigError::Invalid {
+            path: VolumeConfig::path(backing),
+            detail: "changed while the upgrade waited for confirmation; run `kmsfs upgrade` again"
+                .into(),
+        });
+    }
+    // Connected before anything is written: a provider that cannot be
+    // used leaves the trusted configuration as it was.
+    let inner: Vec<Arc<dyn KeyProvider>> = providers
+        .iter()
+        .map(|(def, spec)| {
+            let cfg = def.resolve(spec).map_err(|detail| ConfigError::Invalid {
+                path: VolumeConfig::path(backing),
+                detail,
+            })?;
+            Ok(cfg.build(rt)?)
+        })
+        .collect::<Result<_, ConfigError>>()?;
     // Each format 1 key becomes a named provider and a key in it.
     let mut keys: Vec<(KeySpec, String, bool)> = Vec::new();
     trusted::update(trusted_path, |t| {
@@ -134,11 +157,9 @@ pub fn upgrade(
     let trusted = TrustedConfig::load(trusted_path)?;
     let connected: Vec<Arc<dyn KeyProvider>> = keys
         .iter()
-        .map(|(spec, _, _)| {
-            let cfg = trusted.resolve(spec)?;
-            Ok(NamedKey::wrap(&spec.provider, cfg.build(rt)?))
-        })
-        .collect::<Result<_, ConfigError>>()?;
+        .zip(inner)
+        .map(|((spec, _, _), inner)| NamedKey::wrap(&spec.provider, inner))
+        .collect();
     let spec_of = |kms| {
         let i = legacy
             .all_kms()
@@ -190,7 +211,18 @@ pub fn upgrade(
     // Keep the format 1 file, out of sight, until the new one is written.
     let path = VolumeConfig::path(backing);
     let backup = backing.join(FORMAT_ONE_BACKUP);
-    std::fs::rename(&path, &backup).map_err(|source| ConfigError::Io {
+    // Never over an existing backup (RENAME_NOREPLACE): it would be lost.
+    let moved = (|| {
+        let (from, to) = (sys::cstr(path.as_os_str())?, sys::cstr(backup.as_os_str())?);
+        sys::renameat2(
+            libc::AT_FDCWD,
+            &from,
+            libc::AT_FDCWD,
+            &to,
+            libc::RENAME_NOREPLACE,
+        )
+    })();
+    moved.map_err(|source| ConfigError::Io {
         path: path.clone(),
         source,
     })?;

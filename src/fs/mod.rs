@@ -27,7 +27,7 @@ mod inode;
 mod namespace;
 mod prefetch;
 pub mod sidecar;
-mod sys;
+pub(crate) mod sys;
 pub mod walk;
 mod xattr;
 

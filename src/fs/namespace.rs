@@ -177,12 +177,14 @@ impl Core {
     ) -> FsResult<FileAttr> {
         let c = sys::cstr(name)?;
         // A handle on what was just created, checked to be that: a name
-        // swapped for a hard link to another file (nlink > 1) or for an
-        // object of another type is not chowned or chmodded.
+        // swapped for a hard link to another file (nlink > 1), for an object
+        // of another type, or for one the daemon did not create (another
+        // owner) is not chowned or chmodded.
         let handle = sys::open_path(dir.raw_fd(), &c)?;
         let st = sys::fstat(handle.as_raw_fd())?;
         let kind = kind_of(st.st_mode);
-        if kind != expected || (kind != FileType::Directory && st.st_nlink != 1) {
+        let created_by_us = st.st_uid == unsafe { libc::geteuid() };
+        if kind != expected || !created_by_us || (kind != FileType::Directory && st.st_nlink != 1) {
             return Err(FsError::backing(
                 &self.inodes.label_at(dir, name),
                 "was replaced in the backing directory while it was being created",
@@ -333,8 +335,9 @@ impl Core {
             }
         } else if src_sc {
             sidecar::rename_at(ofd, name, nfd, newname, 0)?;
-        } else if dst_sc {
-            // The replaced file's header must not stay as this one's.
+        } else {
+            // Whatever header the new name had (the replaced file's, or a
+            // stray one) must not become this entry's.
             self.remove_sidecar(nfd, newname)?;
         }
         // Update where the kernel's inodes now live.

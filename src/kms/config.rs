@@ -253,7 +253,9 @@ impl KmsConfig {
             _ => unreachable!("KmsConfig is tagged by provider"),
         };
         let (id_field, version_field) = key_fields(&kind).expect("a known provider");
-        // An ARN typed by the operator names an account they chose.
+        // A key ARN names its account: the definition records it, for the
+        // operator to see (typed by them in `init`, or shown by `upgrade`
+        // before they confirm).
         #[cfg(feature = "aws")]
         if let KmsConfig::Aws(c) = self {
             if let (None, Some(account)) = (&c.account, super::aws::arn_account(&c.key_id)) {

@@ -173,7 +173,8 @@ impl KeyringLock {
             .mode(0o700)
             .create(dir)
             .map_err(|e| io_error(path, e))?;
-        let file = crate::safe_open::lock_beside(path).map_err(|e| io_error(path, e))?;
+        let file = crate::safe_open::lock_beside(path)
+            .map_err(|e| io_error(&beside(path, "", ".lock"), e))?;
         Ok(Self { _file: file })
     }
 }
