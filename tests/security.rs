@@ -275,6 +275,74 @@ fn the_daemon_log_is_private_and_not_in_tmp() {
     assert_eq!(fs::metadata(&fs.log).unwrap().mode() & 0o777, 0o600);
 }
 
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount(8)")
+            .success();
+        assert!(ok, "cannot mount a tmpfs (the tests run as root)");
+        SmallDisk { dir }
+    }
+
+    /// Fills it: every further write fails with ENOSPC.
+    fn fill(&self) {
+        let mut f = fs::File::create(self.dir.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// With the disk under its log full, the daemon drops log lines and keeps
+/// serving: a log write that fails must not take the mount down (it used
+/// to: the logger reported the failure on stderr, which is that same log,
+/// and a failed `eprintln!` panics).
+#[test]
+fn a_full_log_disk_does_not_stop_the_mount() {
+    let mut fs = TestFs::new(&[]);
+    fs.umount();
+    let logs = SmallDisk::new("64k");
+    logs.fill();
+    let log = logs.dir.path().join("log");
+    run(
+        &[
+            "mount",
+            fs.backing.to_str().unwrap(),
+            fs.mnt.to_str().unwrap(),
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+        true,
+    );
+    fs.set_mounted(true);
+    // Lines the daemon must log and cannot: a damaged header, refused.
+    fs::write(fs.backing.join("damaged"), b"some bytes").unwrap();
+    fs::write(fs.backing.join(".kmsfs.damaged"), b"bad").unwrap();
+    for _ in 0..50 {
+        let err = fs::read(fs.path("damaged")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    }
+    let data = pattern(100_000, 9);
+    fs::write(fs.path("after"), &data).unwrap();
+    assert_eq!(fs::read(fs.path("after")).unwrap(), data);
+    fs.umount();
+}
+
 /// A new keyring with key "default" in a fresh directory.
 fn keyring() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();

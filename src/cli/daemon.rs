@@ -175,7 +175,10 @@ pub fn report_ready(r: std::result::Result<(), &str>) {
 }
 
 /// Logs to stderr (the log file, for the daemon) at `level_default` unless
-/// KMSFS_LOG says otherwise.
+/// KMSFS_LOG says otherwise. A log line that cannot be written (its disk
+/// is full) is dropped: reporting that on stderr too would fail the same
+/// way, and `eprintln!` panics on a failed write, which would take the
+/// mount down.
 pub fn init_logging(level_default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level_default));
@@ -183,6 +186,7 @@ pub fn init_logging(level_default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .log_internal_errors(false)
         .try_init();
 }
 
