@@ -3,6 +3,7 @@
 use crate::crypto::CryptoError;
 use crate::format::FormatError;
 use crate::kms::KmsError;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -117,11 +118,21 @@ impl FsError {
         match self {
             FsError::Io(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
                 // With the writeback cache the writer may only see this at
-                // fsync or close; say it where an operator looks.
-                tracing::warn!(
-                    "{op}: backing filesystem refused space ({e}): the request failed and changed \
-                     nothing; free space in the backing directory"
-                )
+                // fsync or close; say it where an operator looks. A full
+                // disk fails every write, so at most a line a second.
+                if let Some(more) = SPACE_WARNINGS.due(monotonic_secs()) {
+                    let more = if more > 0 {
+                        format!(
+                            " ({more} more requests failed the same way since the last such line)"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    tracing::warn!(
+                        "{op}: backing filesystem refused space ({e}): the request failed and \
+                         changed nothing; free space in the backing directory{more}"
+                    )
+                }
             }
             FsError::Refused { .. } => tracing::warn!("{op}: {self}"),
             FsError::Block { .. }
@@ -130,5 +141,67 @@ impl FsError {
             | FsError::Kms { .. } => tracing::error!("{op}: {self}"),
             FsError::Io(_) | FsError::Errno(_) => {}
         }
+    }
+}
+
+/// Seconds on a clock that never steps back, from 1 at its first use.
+fn monotonic_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+        + 1
+}
+
+/// The "refused space" warnings: one a second at most.
+static SPACE_WARNINGS: OncePerSecond = OncePerSecond::new();
+
+/// Lets one event a second through and counts the ones it holds back.
+struct OncePerSecond {
+    /// The second (of [`monotonic_secs`]) of the last event let through.
+    last: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl OncePerSecond {
+    const fn new() -> Self {
+        Self {
+            last: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// For an event at second `now`: Some(events held back since the last
+    /// one let through) if this one goes through, None if it is held back.
+    fn due(&self, now: u64) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OncePerSecond;
+
+    #[test]
+    fn one_event_a_second_and_a_count_of_the_rest() {
+        let limit = OncePerSecond::new();
+        assert_eq!(limit.due(100), Some(0));
+        assert_eq!(limit.due(100), None);
+        assert_eq!(limit.due(100), None);
+        assert_eq!(limit.due(101), Some(2));
+        assert_eq!(limit.due(101), None);
+        assert_eq!(limit.due(105), Some(1));
     }
 }
