@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -60,4 +61,39 @@ pub fn lock_beside(path: &Path) -> io::Result<File> {
             return Err(e);
         }
     }
+}
+
+/// Replaces `path` with `bytes`: a temporary file beside it, created
+/// exclusively without following symlinks (a name planted there cannot
+/// redirect the write), fsynced, then renamed over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use rand::RngCore;
+    let dir = parent_of(path);
+    let base = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut tag = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut tag);
+    // A leading dot hides it; in a backing directory ".kmsfs..." keeps it
+    // reserved, invisible in the mount.
+    let dot = if base.starts_with('.') { "" } else { "." };
+    let tmp = dir.join(format!("{dot}{base}.tmp-{}", hex::encode(tag)));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(NO_FOLLOW_FLAGS)
+        .open(&tmp)?;
+    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename is durable once the directory is.
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// The directory `path` is in ("." for a bare name).
+pub fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }

@@ -25,9 +25,8 @@
 //! another volume never stops a mount.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::kms::config::{KeySpec, KmsConfig, ProviderDef};
@@ -151,8 +150,8 @@ impl TrustedConfig {
         if meta.len() > MAX_LEN {
             return Err(unsafe_(format!("it is larger than {MAX_LEN} bytes")));
         }
-        let dir = parent_of(path);
-        let dir_meta = std::fs::metadata(&dir).map_err(io)?;
+        let dir = crate::safe_open::parent_of(path);
+        let dir_meta = std::fs::metadata(dir).map_err(io)?;
         check_owner_and_mode(&dir_meta, &format!("its directory {}", dir.display()))
             .map_err(unsafe_)?;
         let mut text = String::new();
@@ -296,13 +295,13 @@ impl TrustedConfig {
                 detail: e.to_string(),
             })?
         );
-        let dir = parent_of(&self.path);
+        let dir = crate::safe_open::parent_of(&self.path);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
-            .create(&dir)
+            .create(dir)
             .map_err(io)?;
-        write_atomically(&self.path, text.as_bytes(), 0o644).map_err(io)
+        crate::safe_open::write_atomically(&self.path, text.as_bytes(), 0o644).map_err(io)
     }
 }
 
@@ -316,25 +315,17 @@ pub fn update<T>(
         path: path.to_owned(),
         source,
     };
-    let dir = parent_of(path);
+    let dir = crate::safe_open::parent_of(path);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
-        .create(&dir)
+        .create(dir)
         .map_err(io)?;
     let _lock = crate::safe_open::lock_beside(path).map_err(io)?;
     let mut cfg = TrustedConfig::load_or_empty(path)?;
     let out = change(&mut cfg)?;
     cfg.save()?;
     Ok(out)
-}
-
-/// The directory holding `path`.
-fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// Owned by root or by us, and not writable by group or others.
@@ -373,34 +364,6 @@ fn adopt(existing: &mut ProviderDef, def: &ProviderDef) -> bool {
     }
     existing.settings.insert("account".into(), account.clone());
     true
-}
-
-/// Replaces `path` with `bytes`: a temporary file beside it, created
-/// exclusively without following symlinks (a name planted there cannot
-/// redirect the write), fsynced, then renamed over `path`.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use rand::RngCore;
-    let dir = parent_of(path);
-    let base = path.file_name().unwrap_or_default().to_string_lossy();
-    let mut tag = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut tag);
-    // A leading dot hides it; in a backing directory ".kmsfs..." keeps it
-    // reserved, invisible in the mount.
-    let dot = if base.starts_with('.') { "" } else { "." };
-    let tmp = dir.join(format!("{dot}{base}.tmp-{}", hex::encode(tag)));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(&tmp)?;
-    let written = f.write_all(bytes).and_then(|_| f.sync_all());
-    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // The rename is durable once the directory is.
-    File::open(&dir).and_then(|d| d.sync_all())
 }
 
 use std::os::unix::fs::DirBuilderExt;

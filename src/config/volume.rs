@@ -24,7 +24,6 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::trusted::write_atomically;
 use super::ConfigError;
 use crate::crypto::Dek;
 use crate::format::block::BlockLayout;
@@ -32,7 +31,7 @@ use crate::format::names::CONFIG_FILE;
 use crate::format::{BlockGeometry, KeyRef, WrappedDek};
 use crate::kms::WrapContext;
 use crate::policy::{governing, normalize_dir, Policy};
-use crate::safe_open::lock_beside;
+use crate::safe_open::{lock_beside, write_atomically};
 
 /// The configuration format this kmsfs writes and reads.
 pub const CONFIG_FORMAT: u32 = 2;

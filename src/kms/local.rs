@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -142,19 +142,13 @@ fn open_checked(path: &Path) -> Result<File, KeyringError> {
 }
 
 /// `path`'s directory ("." for a bare name).
-fn dir_of(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
 /// `path` with `suffix` appended to its file name, in the same directory.
 fn beside(path: &Path, prefix: &str, suffix: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    dir_of(path).join(format!("{prefix}{name}{suffix}"))
+    crate::safe_open::parent_of(path).join(format!("{prefix}{name}{suffix}"))
 }
 
 /// An exclusive lock on `KEYRING.lock` beside the keyring, held while a
@@ -167,7 +161,7 @@ struct KeyringLock {
 
 impl KeyringLock {
     fn take(path: &Path) -> Result<Self, KeyringError> {
-        let dir = dir_of(path);
+        let dir = crate::safe_open::parent_of(path);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -361,30 +355,7 @@ impl Keyring {
                 text.push_str(&format!("key {name} {v} {}\n", b64.as_str()));
             }
         }
-        let tmp = beside(
-            &self.path,
-            ".",
-            &format!(".{:016x}.tmp", rand::rngs::OsRng.next_u64()),
-        );
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(OPEN_FLAGS)
-            .open(&tmp)
-            .map_err(io)?;
-        let r = f
-            .write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .and_then(|_| fs::rename(&tmp, &self.path));
-        if let Err(e) = r {
-            let _ = fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        // The rename is durable only once the directory is.
-        File::open(dir_of(&self.path))
-            .and_then(|d| d.sync_all())
-            .map_err(io)
+        crate::safe_open::write_atomically(&self.path, text.as_bytes(), 0o600).map_err(io)
     }
 }
 
