@@ -40,14 +40,17 @@ pub fn init(a: InitArgs) -> Result<()> {
     if backing.exists() && !backing.is_dir() {
         bail!("{} exists and is not a directory", backing.display());
     }
+    std::fs::create_dir_all(&backing)
+        .with_context(|| format!("cannot create {}", backing.display()))?;
+    // Held until the configuration is written: two inits (or an init and
+    // an upgrade) on one directory never write over each other's volume.
+    let _lock = VolumeConfig::lock(&backing)?;
     if std::fs::symlink_metadata(VolumeConfig::path(&backing)).is_ok() {
         bail!(
             "{} is already a kmsfs backing directory; refusing to overwrite its configuration",
             backing.display()
         );
     }
-    std::fs::create_dir_all(&backing)
-        .with_context(|| format!("cannot create {}", backing.display()))?;
     let key = a.kms.to_key(&backing)?;
     let root = Policy {
         dir: "/".into(),

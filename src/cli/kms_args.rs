@@ -206,7 +206,17 @@ impl LocalArgs {
             anyhow!("--kms local needs --key-file FILE (a keyring outside the backing directory)")
         })?;
         let key_file = absolute(key_file)?;
-        if key_file.starts_with(backing) {
+        // Compared with symlinks and `..` resolved, as far as both exist.
+        let resolved = |p: &Path| {
+            p.ancestors()
+                .find_map(|a| {
+                    a.canonicalize()
+                        .ok()
+                        .map(|c| c.join(p.strip_prefix(a).unwrap()))
+                })
+                .unwrap_or_else(|| p.to_owned())
+        };
+        if key_file.starts_with(backing) || resolved(&key_file).starts_with(resolved(backing)) {
             bail!(
                 "the key file {} is inside the backing directory {}; keep keys away from the ciphertext",
                 key_file.display(),

@@ -84,7 +84,7 @@ pub fn plan(backing: &Path) -> Result<UpgradePlan, ConfigError> {
                 Ok(h) if h.parsed.header.version() != VERSION_1 && format_2.is_none() => {
                     format_2 = Some(format!(
                         "{}/{}",
-                        rel.trim_end_matches('/'),
+                        rel.trim_end_matches('/').escape_debug(),
                         escape_name(name.as_bytes())
                     ));
                 }

@@ -1,7 +1,6 @@
 //! Filesystem-layer errors and their one mapping to errno.
 
 use crate::crypto::CryptoError;
-use crate::format::FormatError;
 use crate::kms::KmsError;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -89,10 +88,6 @@ impl FsError {
             file: file.to_owned(),
             reason,
         }
-    }
-
-    pub fn header_format(file: &str, e: FormatError) -> Self {
-        Self::header(file, e)
     }
 
     /// The errno the kernel gets. Integrity, header, backing-object and KMS

@@ -19,9 +19,9 @@ use super::sidecar::FileHeader;
 use crate::cache::DekCache;
 use crate::config::volume::VolumeId;
 use crate::config::ActivePolicy;
-use crate::crypto::{self, BlockCipher, Dek};
+use crate::crypto::{self, BlockCipher};
 use crate::format::header::{self as hdr, Header, VERSION_1};
-use crate::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext, WrappedDek};
+use crate::kms::{KeyProvider, KmsRuntime, WrapContext, WrappedDek};
 use crate::metrics::CacheStats;
 
 /// Most DEKs per batch unwrap request of a prefetch.
@@ -103,21 +103,11 @@ impl FileKeys {
         };
         let ctx = self.context(h);
         let dek = self
-            .dek(wrapped, &ctx, key.as_ref())
+            .cache
+            .get_or_unwrap(wrapped, &ctx, key.as_ref())
             .await
             .map_err(|e| FsError::kms(label, "the DEK could not be unwrapped", e))?;
         crypto::open_header(&header.parsed, &dek).map_err(|e| FsError::header(label, e))
-    }
-
-    /// The DEK of `wrapped`: cached, or one unwrap by `key` shared by all
-    /// callers.
-    async fn dek(
-        &self, wrapped: &WrappedDek, ctx: &WrapContext, key: &dyn KeyProvider,
-    ) -> Result<Arc<Dek>, KmsError> {
-        if let Some(d) = self.cache.get(wrapped, ctx) {
-            return Ok(d);
-        }
-        self.cache.get_or_unwrap(wrapped, ctx, key).await
     }
 
     /// Keys for a new file under `policy`: a random file ID, a DEK generated

@@ -335,7 +335,7 @@ impl Core {
             }
         } else if src_sc {
             sidecar::rename_at(ofd, name, nfd, newname, 0)?;
-        } else {
+        } else if dst.is_some() {
             // Whatever header the new name had (the replaced file's, or a
             // stray one) must not become this entry's.
             self.remove_sidecar(nfd, newname)?;

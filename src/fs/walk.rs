@@ -31,7 +31,8 @@ type Result<T> = std::result::Result<T, WalkError>;
 /// kmsfs's reserved names are left out.
 pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString])) -> Result<()> {
     let cannot_read = |rel: &str, source| WalkError {
-        path: format!("{}{rel}", root.display()),
+        // Escaped: names in the backing directory are untrusted text.
+        path: format!("{}{}", root.display(), rel.escape_debug()),
         source,
     };
     // Directories still to visit: (parent, name, rel). A parent stays open
