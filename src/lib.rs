@@ -6,12 +6,15 @@
 //! trait, one module per provider), [`cache`], [`config`], [`fs`] (backing
 //! logic plus a thin fuser adapter), and the `kmsfs` binary's CLI.
 
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod crypto;
+pub mod duration;
 pub mod format;
 pub mod fs;
 pub mod kms;
+pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod safe_open;

@@ -31,30 +31,79 @@ pub struct Policy {
     /// unwrap them. A file under any other key does not open here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<KeySpec>,
+    /// Further keys each new header also wraps the DEK under (break-glass:
+    /// an offline recovery keyring beside a cloud KMS, say). Any one of
+    /// them unwraps; `kmsfs rewrap` adds or drops them on existing files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<KeySpec>,
+    /// Rotate the current key once its current version is this old
+    /// (`kmsfs rotate --due`).
+    #[serde(
+        default,
+        with = "crate::duration::serde_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rotate_after: Option<std::time::Duration>,
+    /// A current key version older than this is an error for
+    /// `kmsfs rotate --due` (and a warning for `kmsfs keys status`).
+    #[serde(
+        default,
+        with = "crate::duration::serde_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_key_age: Option<std::time::Duration>,
 }
 
 impl Policy {
+    /// A policy of `dir` with only a current key.
+    pub fn new(dir: String, cipher: CipherSuite, mandatory: bool, key: KeySpec) -> Self {
+        Policy {
+            dir,
+            cipher,
+            mandatory,
+            key,
+            retired: Vec::new(),
+            recipients: Vec::new(),
+            rotate_after: None,
+            max_key_age: None,
+        }
+    }
+
     /// Whether files may move between the subtrees of `self` and `other`
     /// without changing how they are checked: the same key, cipher and
-    /// retired keys (rename and link stay within one protection).
+    /// retired keys and recipients (rename and link stay within one
+    /// protection).
     pub fn same_protection(&self, other: &Policy) -> bool {
-        let sorted = |p: &Policy| {
-            let mut r = p.retired.clone();
+        let sorted = |keys: &[KeySpec]| {
+            let mut r = keys.to_vec();
             r.sort();
             r
         };
-        self.key == other.key && self.cipher == other.cipher && sorted(self) == sorted(other)
+        self.key == other.key
+            && self.cipher == other.cipher
+            && sorted(&self.retired) == sorted(&other.retired)
+            && sorted(&self.recipients) == sorted(&other.recipients)
     }
 
-    /// Every key a file here may be under: the current one first.
+    /// Every key a file here may be under: the current one first, then the
+    /// recipients, then the retired ones.
     pub fn keys(&self) -> impl Iterator<Item = &KeySpec> {
-        std::iter::once(&self.key).chain(&self.retired)
+        std::iter::once(&self.key)
+            .chain(&self.recipients)
+            .chain(&self.retired)
     }
 
-    /// Adds `keys` to the retired ones (not the current key, no repeats).
+    /// The keys a new header here is wrapped under: the current one first,
+    /// then the recipients.
+    pub fn wrapping_keys(&self) -> impl Iterator<Item = &KeySpec> {
+        std::iter::once(&self.key).chain(&self.recipients)
+    }
+
+    /// Adds `keys` to the retired ones (not a key that wraps new files, no
+    /// repeats).
     pub fn retire<'a>(&mut self, keys: impl IntoIterator<Item = &'a KeySpec>) {
         for k in keys {
-            if *k != self.key && !self.retired.contains(k) {
+            if *k != self.key && !self.recipients.contains(k) && !self.retired.contains(k) {
                 self.retired.push(k.clone());
             }
         }

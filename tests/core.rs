@@ -34,22 +34,22 @@ fn caller() -> Caller {
     Caller {
         uid: unsafe { libc::geteuid() },
         gid: unsafe { libc::getegid() },
+        pid: std::process::id(),
     }
 }
 
 /// A policy for `dir` under key `key` of provider `fake-<key>`.
 fn policy(dir: &str, key: &str, mandatory: bool) -> Policy {
-    Policy {
-        dir: dir.into(),
-        cipher: CipherSuite::Aes256Gcm,
+    Policy::new(
+        dir.into(),
+        CipherSuite::Aes256Gcm,
         mandatory,
-        key: KeySpec {
+        KeySpec {
             provider: format!("fake-{key}"),
             id: key.into(),
             version: None,
         },
-        retired: vec![],
-    }
+    )
 }
 
 impl Fixture {
@@ -131,7 +131,7 @@ impl Fixture {
     }
 
     fn open(&self, ino: u64) -> Result<u64, FsError> {
-        self.block_on(self.core.open(ino, true))
+        self.block_on(self.core.open(ino, true, caller()))
     }
 
     fn read_all(&self, fh: u64) -> Result<Vec<u8>, FsError> {

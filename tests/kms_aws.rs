@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use common::kms::{assert_denied, fails_fast};
 use common::Places;
 use kmsfs::kms::aws::AwsConfig;
 use kmsfs::kms::config::{ConnectError, KmsConfig};
-use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext};
+use kmsfs::kms::{KeyProvider, KeyVersions, KmsError, KmsRuntime, WrapContext};
 
 /// The provider as a mount or the CLI connects it: connecting and each call
 /// bounded by the configured timeout.
@@ -200,10 +201,14 @@ fn disabled_key_is_unusable() {
 }
 
 /// A minimal AWS JSON-protocol server on loopback: DescribeKey succeeds,
-/// every other operation answers with the error currently set.
+/// an operation with answers queued (`script`) takes the next one, every
+/// other operation answers with the error currently set. It records each
+/// request's operation and body.
 struct StubKms {
     url: String,
     answer: Arc<std::sync::Mutex<(u16, String, String)>>,
+    scripted: Arc<std::sync::Mutex<HashMap<String, VecDeque<String>>>>,
+    seen: Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
 }
 
 const STUB_ARN: &str =
@@ -219,11 +224,16 @@ impl StubKms {
             String::new(),
             String::new(),
         )));
+        let scripted = Arc::new(std::sync::Mutex::new(
+            HashMap::<String, VecDeque<String>>::new(),
+        ));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let a = answer.clone();
+        let (sc, sn) = (scripted.clone(), seen.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
-                let a = a.clone();
+                let (a, sc, sn) = (a.clone(), sc.clone(), sn.clone());
                 std::thread::spawn(move || {
                     let mut r = BufReader::new(conn.try_clone().unwrap());
                     let mut w = conn;
@@ -250,7 +260,19 @@ impl StubKms {
                         if r.read_exact(&mut body).is_err() {
                             return;
                         }
-                        let (status, text) = if target.ends_with(".DescribeKey") {
+                        let op = target.rsplit('.').next().unwrap_or_default().to_owned();
+                        sn.lock().unwrap().push((
+                            op.clone(),
+                            serde_json::from_slice(&body).unwrap_or_default(),
+                        ));
+                        let queued = sc
+                            .lock()
+                            .unwrap()
+                            .get_mut(&op)
+                            .and_then(VecDeque::pop_front);
+                        let (status, text) = if let Some(text) = queued {
+                            (200, text)
+                        } else if target.ends_with(".DescribeKey") {
                             (
                                 200,
                                 format!(
@@ -275,11 +297,37 @@ impl StubKms {
                 });
             }
         });
-        StubKms { url, answer }
+        StubKms {
+            url,
+            answer,
+            scripted,
+            seen,
+        }
     }
 
     fn set(&self, status: u16, code: &str, message: &str) {
         *self.answer.lock().unwrap() = (status, code.to_owned(), message.to_owned());
+    }
+
+    /// Queues successful answers (JSON bodies) to operation `op`.
+    fn script(&self, op: &str, answers: &[serde_json::Value]) {
+        self.scripted
+            .lock()
+            .unwrap()
+            .entry(op.to_owned())
+            .or_default()
+            .extend(answers.iter().map(|a| a.to_string()));
+    }
+
+    /// The bodies of the requests to operation `op` so far.
+    fn bodies(&self, op: &str) -> Vec<serde_json::Value> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, _)| o == op)
+            .map(|(_, b)| b.clone())
+            .collect()
     }
 }
 
@@ -373,6 +421,201 @@ fn service_errors_are_classified() {
     // No message carries the secret key.
     stub.set(400, "UnrecognizedClientException", "");
     assert!(!gen(&kms).to_string().contains("testing"));
+}
+
+/// The names of `kv`'s versions, oldest first.
+fn names(kv: &KeyVersions) -> Vec<&str> {
+    kv.versions.iter().map(|v| v.version.as_str()).collect()
+}
+
+/// moto implements DescribeKey, ListKeyRotations and RotateKeyOnDemand
+/// (without key material IDs): versions are `initial` and one
+/// `rotation-N` per rotation, and AWS never names one in key references.
+#[test]
+fn key_versions_and_rotation_on_moto() {
+    let moto = Moto::start();
+    let rt = KmsRuntime::new().unwrap();
+    let admin = rt.block_on(moto.admin());
+    let meta = rt
+        .block_on(admin.create_key().description("kmsfs test: rotated").send())
+        .unwrap()
+        .key_metadata
+        .unwrap();
+    let key_id = meta.key_id().to_owned();
+    let created = meta.creation_date().map(|d| d.secs());
+    assert!(created.is_some(), "moto reports no CreationDate");
+    let kms = connect(&rt, &moto.config(&key_id)).unwrap();
+
+    let before = rt.block_on(kms.key_versions()).unwrap();
+    assert_eq!(before.current, None, "{before:?}");
+    assert_eq!(names(&before), ["initial"]);
+    assert_eq!(before.versions[0].created, created);
+    assert!(before.versions[0].can_unwrap);
+    assert_eq!(before.current_created, created);
+    let (dek, wrapped) = rt.block_on(kms.generate_dek(&ctx(5))).unwrap();
+
+    let once = rt.block_on(kms.rotate()).unwrap();
+    assert_eq!(once.current, None, "{once:?}");
+    assert_eq!(names(&once), ["initial", "rotation-1"]);
+    let rotated = once.versions[1].created.expect("a rotation date");
+    assert!(rotated >= created.unwrap(), "{once:?}");
+    assert_eq!(once.current_created, Some(rotated));
+    assert!(once.versions.iter().all(|v| v.can_unwrap));
+
+    let twice = rt.block_on(kms.rotate()).unwrap();
+    assert_eq!(names(&twice), ["initial", "rotation-1", "rotation-2"]);
+    let dates: Vec<i64> = twice.versions.iter().map(|v| v.created.unwrap()).collect();
+    assert!(dates.windows(2).all(|w| w[0] <= w[1]), "{twice:?}");
+    assert_eq!(twice.current_created, Some(dates[2]));
+    assert_eq!(rt.block_on(kms.key_versions()).unwrap(), twice);
+
+    // Wraps still name no version, and a DEK from before unwraps.
+    let (_, after) = rt.block_on(kms.generate_dek(&ctx(5))).unwrap();
+    assert_eq!(after.key_ref.key_version, "");
+    assert_eq!(
+        rt.block_on(kms.unwrap(&wrapped, &ctx(5)))
+            .unwrap()
+            .as_bytes(),
+        dek.as_bytes()
+    );
+    // The key through its alias: the same key, the same versions.
+    rt.block_on(
+        admin
+            .create_alias()
+            .alias_name("alias/kmsfs-rotated")
+            .target_key_id(&key_id)
+            .send(),
+    )
+    .unwrap();
+    let by_alias = connect(&rt, &moto.config("alias/kmsfs-rotated")).unwrap();
+    assert_eq!(rt.block_on(by_alias.key_versions()).unwrap(), twice);
+
+    // A disabled key unwraps under none of its materials.
+    rt.block_on(admin.disable_key().key_id(&key_id).send())
+        .unwrap();
+    let disabled = rt.block_on(kms.key_versions()).unwrap();
+    assert_eq!(names(&disabled), names(&twice));
+    assert!(
+        disabled.versions.iter().all(|v| !v.can_unwrap),
+        "{disabled:?}"
+    );
+}
+
+/// ListKeyRotations is read page by page, and its KeyMaterialIds name the
+/// rotations; refusals of the key-version calls name the IAM action, and a
+/// key or endpoint that cannot rotate is `Unsupported`.
+#[test]
+fn key_version_calls_are_paged_and_classified() {
+    setup_env();
+    let stub = StubKms::start();
+    let rt = KmsRuntime::new().unwrap();
+    let kms = connect(&rt, &config_at(&stub.url, "alias/stub")).unwrap();
+
+    stub.script(
+        "ListKeyRotations",
+        &[
+            serde_json::json!({
+                "Rotations": [{"KeyId": STUB_ARN, "RotationDate": 1_700_000_200.0,
+                               "RotationType": "AUTOMATIC", "KeyMaterialId": "bb01"}],
+                "Truncated": true,
+                "NextMarker": "page-2"
+            }),
+            serde_json::json!({
+                "Rotations": [{"KeyId": STUB_ARN, "RotationDate": 1_700_000_100.0,
+                               "RotationType": "ON_DEMAND"}],
+                "Truncated": false
+            }),
+        ],
+    );
+    let kv = rt.block_on(kms.key_versions()).unwrap();
+    assert_eq!(names(&kv), ["initial", "rotation-1", "rotation-2:bb01"]);
+    assert_eq!(
+        kv.versions[0].created, None,
+        "the stub reports no CreationDate"
+    );
+    assert_eq!(kv.versions[1].created, Some(1_700_000_100));
+    assert_eq!(kv.current, None);
+    assert_eq!(kv.current_created, Some(1_700_000_200));
+    let pages = stub.bodies("ListKeyRotations");
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert_eq!(pages[0]["KeyId"], STUB_ARN);
+    assert!(pages[0].get("Marker").is_none(), "{pages:?}");
+    assert_eq!(pages[1]["Marker"], "page-2");
+
+    // A truncated page without a marker would loop: refused.
+    stub.script(
+        "ListKeyRotations",
+        &[serde_json::json!({"Rotations": [], "Truncated": true})],
+    );
+    let e = rt.block_on(kms.key_versions()).unwrap_err();
+    assert!(matches!(e, KmsError::Config(_)), "{e}");
+
+    stub.set(
+        400,
+        "AccessDeniedException",
+        "User: arn:aws:iam::123456789012:user/u (AKIAIOSFODNN7EXAMPLE) is not authorized",
+    );
+    let e = rt.block_on(kms.key_versions()).unwrap_err();
+    assert_denied(&e, "kms:ListKeyRotations");
+    assert!(!e.to_string().contains("AKIAIOSFODNN7EXAMPLE"), "{e}");
+    let e = rt.block_on(kms.rotate()).unwrap_err();
+    assert_denied(&e, "kms:RotateKeyOnDemand");
+    assert!(e.to_string().contains("kms:RotateKeyOnDemand"), "{e}");
+
+    let unsupported = |e: KmsError, operation: &str, says: &str| {
+        eprintln!("{e}");
+        assert!(
+            matches!(&e, KmsError::Unsupported { operation: o, .. } if *o == operation),
+            "{e}"
+        );
+        assert!(e.to_string().contains(says), "{e}");
+        assert!(!e.is_retryable());
+    };
+    stub.set(
+        400,
+        "UnsupportedOperationException",
+        "arn:... is not a symmetric encryption key",
+    );
+    unsupported(
+        rt.block_on(kms.rotate()).unwrap_err(),
+        "rotate the key",
+        "symmetric",
+    );
+    unsupported(
+        rt.block_on(kms.key_versions()).unwrap_err(),
+        "list key versions",
+        "custom key stores",
+    );
+    stub.set(400, "UnknownOperationException", "");
+    unsupported(
+        rt.block_on(kms.rotate()).unwrap_err(),
+        "rotate the key",
+        "does not implement kms:RotateKeyOnDemand",
+    );
+    unsupported(
+        rt.block_on(kms.key_versions()).unwrap_err(),
+        "list key versions",
+        "does not implement kms:ListKeyRotations",
+    );
+    // The on-demand rotation quota is not a throttle to retry; elsewhere a
+    // LimitExceededException still is.
+    stub.set(400, "LimitExceededException", "quota exceeded");
+    unsupported(
+        rt.block_on(kms.rotate()).unwrap_err(),
+        "rotate the key",
+        "enable-key-rotation",
+    );
+    let e = rt
+        .block_on(kms.generate_dek(&ctx(1)))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    // A rotation was asked for each time, never more than once per call.
+    assert_eq!(stub.bodies("RotateKeyOnDemand").len(), 4);
+    assert!(stub
+        .bodies("RotateKeyOnDemand")
+        .iter()
+        .all(|b| b["KeyId"] == STUB_ARN));
 }
 
 #[test]

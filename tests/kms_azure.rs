@@ -10,17 +10,20 @@ use std::sync::Arc;
 
 use azure_core::credentials::TokenCredential;
 use base64::Engine;
-use common::kms::azure::{FakeCredential, Mock, API_VERSION, B64URL, KEY, TOKEN, V1, V2};
+use common::kms::azure::{
+    FakeCredential, Mock, Mode, API_VERSION, B64URL, CREATED_BASE, CREATED_STEP, KEY, TOKEN, V1,
+    V2, VERSIONS_PAGE,
+};
 use common::kms::http_mock::Req;
 use common::kms::{
-    assert_config_error, assert_handles_only, assert_unwraps, assert_wrap_times_out,
+    assert_config_error, assert_denied, assert_handles_only, assert_unwraps, assert_wrap_times_out,
     check_refusals, check_rotation, unwrap_err,
 };
 use kmsfs::crypto::Dek;
 use kmsfs::kms::azure::{AzureConfig, AzureKms};
 use kmsfs::kms::config::KmsConfig;
 use kmsfs::kms::instrumented::Instrumented;
-use kmsfs::kms::{KeyProvider, KeyRef, KmsError, WrapContext};
+use kmsfs::kms::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext};
 use sha2::{Digest, Sha256};
 
 fn binding(ctx: &WrapContext) -> Vec<u8> {
@@ -143,6 +146,206 @@ async fn pinned_version_and_rotation() {
     );
     assert!(latest.describe().contains("latest"));
     assert!(pinned.describe().contains(V1));
+}
+
+/// Asserts that `req` is an authorized `method` to `path` of the API version.
+fn assert_authorized(req: &Req, method: &str, path: &str) {
+    assert_eq!(req.method, method, "{req:?}");
+    assert_eq!(req.path, path);
+    assert_eq!(req.param("api-version"), Some(API_VERSION), "{req:?}");
+    assert_eq!(
+        req.header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+}
+
+/// The mock's `i`-th version (oldest first) as the provider reports it.
+fn listed(version: &str, i: usize, can_unwrap: bool) -> KeyVersion {
+    KeyVersion {
+        version: version.into(),
+        created: Some(CREATED_BASE + CREATED_STEP * i as i64),
+        can_unwrap,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_versions_and_rotation() {
+    let mock = Mock::start().await;
+    let (kms, _) = mock.kms(None);
+    let ctx = WrapContext::file_v1([5; 16]);
+    assert_eq!(
+        kms.key_versions().await.unwrap(),
+        KeyVersions {
+            current: Some(V1.into()),
+            current_created: Some(CREATED_BASE),
+            versions: vec![listed(V1, 0, true)],
+        }
+    );
+    let (dek, first) = kms.generate_dek(&ctx).await.unwrap();
+    assert_eq!(first.key_ref.key_version, V1);
+
+    // One version made elsewhere, two through the provider: four in all,
+    // two pages of the listing.
+    mock.rotate();
+    mock.clear();
+    let once = kms.rotate().await.unwrap();
+    let all = mock.versions();
+    assert_eq!(all.len(), 3);
+    assert_eq!(once.current.as_deref(), Some(all[2].as_str()));
+    let reqs: Vec<Req> = mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.header("authorization").is_some())
+        .collect();
+    assert_authorized(&reqs[0], "POST", &format!("/keys/{KEY}/rotate"));
+    assert!(reqs[0].body.is_empty(), "{:?}", reqs[0]);
+    assert_authorized(&reqs[1], "GET", &format!("/keys/{KEY}/"));
+    assert_authorized(&reqs[2], "GET", &format!("/keys/{KEY}/versions"));
+    assert_eq!(reqs[2].param("$skiptoken"), None);
+    assert_authorized(&reqs[3], "GET", &format!("/keys/{KEY}/versions"));
+    assert_eq!(reqs[3].param("$skiptoken"), Some("2"));
+    assert_eq!(reqs.len(), 4, "{reqs:#?}");
+
+    let twice = kms.rotate().await.unwrap();
+    let all = mock.versions();
+    assert_eq!(all.len(), 4);
+    assert!(all.len() > VERSIONS_PAGE);
+    assert_eq!(all[..2], [V1, V2]);
+    // Oldest first, though the vault lists the newest first.
+    assert_eq!(
+        twice,
+        KeyVersions {
+            current: Some(all[3].clone()),
+            current_created: Some(CREATED_BASE + 3 * CREATED_STEP),
+            versions: all
+                .iter()
+                .enumerate()
+                .map(|(i, v)| listed(v, i, true))
+                .collect(),
+        }
+    );
+    assert_eq!(kms.key_versions().await.unwrap(), twice);
+    // New wraps use the current version; older ones still unwrap.
+    let (_, w) = kms.generate_dek(&ctx).await.unwrap();
+    assert_eq!(Some(w.key_ref.key_version), twice.current);
+    assert_unwraps(&kms, &first, &ctx, &dek).await;
+
+    // A disabled version cannot unwrap, and says so.
+    mock.disable(V2);
+    let kv = kms.key_versions().await.unwrap();
+    assert_eq!(kv.versions[1], listed(V2, 1, false));
+    assert!(kv
+        .versions
+        .iter()
+        .filter(|v| v.version != V2)
+        .all(|v| v.can_unwrap));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_version_is_current_and_does_not_rotate() {
+    let mock = Mock::start().await;
+    mock.rotate();
+    // Pinned as typed (case aside); current as the vault spells it, which
+    // is what wraps record.
+    for pin in [V1.to_string(), V1.to_ascii_uppercase()] {
+        let (pinned, _) = mock.kms(Some(&pin));
+        let kv = pinned.key_versions().await.unwrap();
+        assert_eq!(kv.current.as_deref(), Some(V1), "{kv:?}");
+        assert_eq!(kv.current_created, Some(CREATED_BASE));
+        assert_eq!(kv.versions, [listed(V1, 0, true), listed(V2, 1, true)]);
+    }
+    let (pinned, _) = mock.kms(Some(V1));
+    let (_, w) = pinned
+        .generate_dek(&WrapContext::file_v1([6; 16]))
+        .await
+        .unwrap();
+    assert_eq!(w.key_ref.key_version, V1);
+    // No GET of the latest version when pinned.
+    assert!(!mock
+        .requests()
+        .iter()
+        .any(|r| r.method == "GET" && r.path == format!("/keys/{KEY}/")));
+
+    mock.clear();
+    let err = pinned.rotate().await.unwrap_err();
+    eprintln!("{err}");
+    assert!(
+        matches!(
+            err,
+            KmsError::Unsupported {
+                operation: "rotate the key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    for says in [
+        "pinned",
+        V1,
+        "az keyvault key rotate",
+        "--key-version",
+        "kmsfs policy set",
+    ] {
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+    assert!(mock.requests().is_empty(), "rotated anyway");
+    assert_eq!(mock.versions(), [V1, V2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_version_calls_are_classified() {
+    let mock = Mock::start().await;
+    let (kms, _) = mock.kms(None);
+    let (pinned, _) = mock.kms(Some(V1));
+
+    mock.set_mode(Mode::Deny403);
+    let err = kms.key_versions().await.unwrap_err();
+    eprintln!("{err}");
+    assert_denied(&err, "getKey");
+    assert!(err.to_string().contains("Key Vault Reader"), "{err}");
+    let err = pinned.key_versions().await.unwrap_err();
+    assert_denied(&err, "getKeyVersions");
+    assert!(err.to_string().contains("keys/list"), "{err}");
+    let err = kms.rotate().await.unwrap_err();
+    eprintln!("{err}");
+    assert_denied(&err, "rotateKey");
+    let msg = err.to_string();
+    assert!(msg.contains("Key Vault Crypto Officer"), "{msg}");
+    assert!(msg.contains("keys/rotate"), "{msg}");
+    assert_no_secrets(&err);
+
+    mock.set_mode(Mode::Reject401);
+    for err in [
+        kms.key_versions().await.unwrap_err(),
+        kms.rotate().await.unwrap_err(),
+    ] {
+        assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
+        assert_no_secrets(&err);
+    }
+
+    mock.set_mode(Mode::Disabled);
+    let err = kms.rotate().await.unwrap_err();
+    assert!(matches!(err, KmsError::KeyVersionUnusable { .. }), "{err}");
+    assert!(err.to_string().contains("enable the key"), "{err}");
+    mock.set_mode(Mode::Normal);
+    assert_eq!(mock.versions(), [V1], "a refused rotation made a version");
+
+    let mut cfg = mock.cfg(None, 10);
+    cfg.key_name = "missing".into();
+    let missing = mock.kms_with(&cfg, mock.addr(), Arc::new(FakeCredential::default()));
+    for err in [
+        missing.key_versions().await.unwrap_err(),
+        missing.rotate().await.unwrap_err(),
+    ] {
+        match &err {
+            KmsError::KeyNotFound { key, .. } => {
+                assert_eq!(key, &format!("{}/keys/missing", mock.vault_url()))
+            }
+            other => panic!("expected KeyNotFound, got {other}"),
+        }
+    }
+    kms.key_versions().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

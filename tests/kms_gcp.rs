@@ -8,15 +8,16 @@ mod common;
 
 use std::sync::Arc;
 
-use common::kms::gcp::{b64_decode, Mock, KEY_ID};
+use common::kms::gcp::{b64_decode, Mock, Mode, CREATED_BASE, CREATED_STEP, KEY_ID, VERSIONS_PAGE};
+use common::kms::http_mock::Req;
 use common::kms::{
-    assert_config_error, assert_handles_only, assert_unwraps, assert_wrap_times_out,
+    assert_config_error, assert_denied, assert_handles_only, assert_unwraps, assert_wrap_times_out,
     check_refusals, check_rotation, unwrap_err,
 };
 use kmsfs::crypto::Dek;
 use kmsfs::kms::config::KmsConfig;
 use kmsfs::kms::gcp::{GcpConfig, GcpKms};
-use kmsfs::kms::{KeyProvider, KeyRef, KmsError, WrapContext};
+use kmsfs::kms::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext};
 
 fn assert_no_secrets(err: &KmsError) {
     let s = err.to_string();
@@ -123,6 +124,224 @@ async fn pinned_version_and_rotation() {
         .iter()
         .filter(|r| r.path.ends_with(":decrypt"))
         .all(|r| r.path == format!("/v1/{KEY_ID}:decrypt")));
+}
+
+/// Version `n` of the mock's key as the provider reports it.
+fn listed(n: u8, can_unwrap: bool) -> KeyVersion {
+    KeyVersion {
+        version: n.to_string(),
+        created: Some(CREATED_BASE + CREATED_STEP * (i64::from(n) - 1)),
+        can_unwrap,
+    }
+}
+
+/// The requests other than encrypt/decrypt, as "METHOD PATH".
+fn metadata_calls(mock: &Mock) -> Vec<(String, Req)> {
+    mock.requests()
+        .into_iter()
+        .filter(|r| !r.path.ends_with(":encrypt") && !r.path.ends_with(":decrypt"))
+        .map(|r| (format!("{} {}", r.method, r.path), r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_versions_and_rotation() {
+    let mock = Mock::start().await;
+    let kms = mock.kms(None).await;
+    let ctx = WrapContext::file_v1([5; 16]);
+    assert_eq!(
+        kms.key_versions().await.unwrap(),
+        KeyVersions {
+            current: Some("1".into()),
+            current_created: Some(CREATED_BASE),
+            versions: vec![listed(1, true)],
+        }
+    );
+    let (dek, first) = kms.generate_dek(&ctx).await.unwrap();
+    assert_eq!(first.key_ref.key_version, "1");
+
+    // One version made elsewhere, one through the provider: the listing
+    // takes two pages.
+    mock.rotate();
+    mock.clear();
+    let kv = kms.rotate().await.unwrap();
+    assert_eq!(mock.versions(), (vec![1, 2, 3], 3));
+    assert!(kv.versions.len() > VERSIONS_PAGE);
+    assert_eq!(
+        kv,
+        KeyVersions {
+            current: Some("3".into()),
+            current_created: Some(CREATED_BASE + 2 * CREATED_STEP),
+            versions: vec![listed(1, true), listed(2, true), listed(3, true)],
+        }
+    );
+    let calls = metadata_calls(&mock);
+    let names: Vec<&str> = calls.iter().map(|(n, _)| n.as_str()).collect();
+    let list = format!("GET /v1/{KEY_ID}/cryptoKeyVersions");
+    assert_eq!(
+        names,
+        [
+            format!("POST /v1/{KEY_ID}/cryptoKeyVersions"),
+            format!("POST /v1/{KEY_ID}:updatePrimaryVersion"),
+            format!("GET /v1/{KEY_ID}"),
+            list.clone(),
+            list,
+        ]
+    );
+    for (_, r) in &calls {
+        assert!(mock.token_ok(r), "{r:?}");
+    }
+    assert_eq!(calls[0].1.json(), serde_json::json!({}));
+    assert_eq!(
+        calls[1].1.json(),
+        serde_json::json!({"cryptoKeyVersionId": "3"})
+    );
+    assert_eq!(calls[3].1.param("pageToken").unwrap_or(""), "");
+    assert_eq!(calls[4].1.param("pageToken"), Some("after-2"));
+
+    // New wraps use the new primary; older ones still unwrap.
+    let (_, w) = kms.generate_dek(&ctx).await.unwrap();
+    assert_eq!(w.key_ref.key_version, "3");
+    assert_unwraps(&*kms, &first, &ctx, &dek).await;
+    // A disabled version cannot unwrap, and says so.
+    mock.disable(2);
+    assert_eq!(
+        kms.key_versions().await.unwrap().versions,
+        [listed(1, true), listed(2, false), listed(3, true)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_is_made_primary_once_generated() {
+    let mock = Mock::start().await;
+    let kms = mock.kms(None).await;
+    mock.set_generation_polls(2);
+    let kv = kms.rotate().await.unwrap();
+    assert_eq!(kv.current.as_deref(), Some("2"));
+    let polls = metadata_calls(&mock)
+        .iter()
+        .filter(|(n, _)| *n == format!("GET /v1/{KEY_ID}/cryptoKeyVersions/2"))
+        .count();
+    assert_eq!(polls, 3, "two GETs see it pending, the third enabled");
+
+    // Never generated (in time): not made primary, and the error says
+    // how to finish the rotation.
+    mock.set_generation_polls(1000);
+    let err = kms.rotate().await.unwrap_err();
+    eprintln!("{err}");
+    assert!(matches!(err, KmsError::KeyVersionUnusable { .. }), "{err}");
+    let msg = err.to_string();
+    for says in [
+        "PENDING_GENERATION",
+        "version 3 was created but is not the primary",
+        "gcloud kms keys update kek --keyring ring --location europe-west1 --project test-proj --primary-version 3",
+    ] {
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+    assert_eq!(mock.versions(), (vec![1, 2, 3], 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_version_is_current_and_does_not_rotate() {
+    let mock = Mock::start().await;
+    mock.rotate();
+    let pinned = mock.kms(Some("1")).await;
+    mock.clear();
+    assert_eq!(
+        pinned.key_versions().await.unwrap(),
+        KeyVersions {
+            current: Some("1".into()),
+            current_created: Some(CREATED_BASE),
+            versions: vec![listed(1, true), listed(2, true)],
+        }
+    );
+    // The key itself (its primary) is not read.
+    assert!(metadata_calls(&mock)
+        .iter()
+        .all(|(n, _)| *n == format!("GET /v1/{KEY_ID}/cryptoKeyVersions")));
+
+    mock.clear();
+    let err = pinned.rotate().await.unwrap_err();
+    eprintln!("{err}");
+    assert!(
+        matches!(
+            err,
+            KmsError::Unsupported {
+                operation: "rotate the key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    for says in [
+        "pinned to version 1",
+        "gcloud kms keys versions create --key kek --keyring ring",
+        "--key kek --key-version",
+        "kmsfs policy set",
+    ] {
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+    assert!(mock.requests().is_empty(), "rotated anyway");
+    assert_eq!(mock.versions(), (vec![1, 2], 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_version_calls_are_classified() {
+    let mock = Mock::start().await;
+    let kms = mock.kms(None).await;
+    let pinned = mock.kms(Some("1")).await;
+
+    mock.set_mode(Mode::Deny403);
+    let err = kms.key_versions().await.unwrap_err();
+    eprintln!("{err}");
+    assert_denied(&err, "cloudkms.cryptoKeys.get");
+    assert!(err.to_string().contains("roles/cloudkms.viewer"), "{err}");
+    let err = pinned.key_versions().await.unwrap_err();
+    assert_denied(&err, "cloudkms.cryptoKeyVersions.list");
+    let err = kms.rotate().await.unwrap_err();
+    eprintln!("{err}");
+    assert_denied(&err, "cloudkms.cryptoKeyVersions.create");
+    assert!(err.to_string().contains("roles/cloudkms.admin"), "{err}");
+    assert_no_secrets(&err);
+    mock.set_mode(Mode::Reject401);
+    for err in [
+        kms.key_versions().await.unwrap_err(),
+        kms.rotate().await.unwrap_err(),
+    ] {
+        assert!(matches!(err, KmsError::AuthFailed { .. }), "{err}");
+        assert_no_secrets(&err);
+    }
+    mock.set_mode(Mode::Normal);
+    assert_eq!(
+        mock.versions(),
+        (vec![1], 1),
+        "a refused rotation made a version"
+    );
+
+    // Allowed to create a version but not to make it primary: the error
+    // says so, and that a version was made.
+    mock.deny("cloudkms.cryptoKeys.update");
+    let err = kms.rotate().await.unwrap_err();
+    eprintln!("{err}");
+    assert_denied(&err, "cloudkms.cryptoKeys.update");
+    assert!(
+        err.to_string()
+            .contains("version 2 was created but is not the primary"),
+        "{err}"
+    );
+    assert_eq!(mock.versions(), (vec![1, 2], 1));
+
+    let mut cfg = mock.cfg(None);
+    cfg.key = "missing".into();
+    let missing = GcpKms::connect(&cfg).await.unwrap();
+    for err in [
+        missing.key_versions().await.unwrap_err(),
+        missing.rotate().await.unwrap_err(),
+    ] {
+        assert!(matches!(err, KmsError::KeyNotFound { .. }), "{err}");
+        assert!(err.to_string().contains("cryptoKeys/missing"), "{err}");
+    }
 }
 
 // Another file's context and tampered blobs: tests/kms_contract.rs.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::kms::vault::{config_at, Bao};
 use common::kms::{assert_unwraps, fails_fast};
 use common::Places;
+use kmsfs::crypto::Dek;
 use kmsfs::kms::config::{connect_within, KmsConfig};
 use kmsfs::kms::vault::{VaultAuth, VaultConfig, VaultKms};
 use kmsfs::kms::{KeyProvider, KmsError, KmsRuntime, WrapContext, WrappedDek};
@@ -137,6 +138,223 @@ fn batch_unwrap_of_600_deks_uses_three_requests() {
         "600 DEKs in batches of at most 250 should take 3 requests"
     );
     eprintln!("unwrap_many(600): {requests} requests, {took:?}");
+}
+
+/// Wraps `n` fresh DEKs with `wrap_many` (under contexts `ctx(0..n)`) and
+/// returns the DEKs, their wraps and how many encrypt requests it took.
+fn wrap_many_counted(
+    rt: &KmsRuntime, bao: &Bao, kms: &VaultKms, key: &str, n: u32,
+) -> (Vec<Dek>, Vec<WrappedDek>, usize) {
+    let deks: Vec<Dek> = (0..n).map(|_| Dek::generate()).collect();
+    let items: Vec<(&Dek, WrapContext)> = deks.iter().zip(0..n).map(|(d, i)| (d, ctx(i))).collect();
+    let prefix = format!("transit/encrypt/{key}");
+    let before = bao.audit_requests(&prefix);
+    let t = Instant::now();
+    let results = rt.block_on(kms.wrap_many(&items));
+    let took = t.elapsed();
+    let requests = bao.audit_requests(&prefix) - before;
+    assert_eq!(results.len(), n as usize);
+    let wrapped: Vec<WrappedDek> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|e| panic!("item {i}: {e}")))
+        .collect();
+    eprintln!("wrap_many({n}) with key {key}: {requests} requests, {took:?}");
+    (deks, wrapped, requests)
+}
+
+#[test]
+fn batch_wrap_of_500_deks_uses_three_requests() {
+    let bao = Bao::start();
+    let rt = rt();
+    let kms = connect(&rt, &bao, &bao.config());
+    let (deks, wrapped, requests) = wrap_many_counted(&rt, &bao, &kms, bao.key(), 500);
+    assert_eq!(
+        requests, 3,
+        "500 DEKs in batches of at most 240 should take 3 encrypt requests"
+    );
+    for w in &wrapped {
+        assert_eq!(w.key_ref.provider, "vault");
+        assert_eq!(w.key_ref.key_id, format!("transit/{}", bao.key()));
+        assert_eq!(w.key_ref.key_version, "1");
+        assert!(w.blob.starts_with(b"vault:v1:"));
+    }
+    // Every wrap unwraps, under its own context only.
+    let mut items: Vec<(WrappedDek, WrapContext)> =
+        wrapped.iter().cloned().zip((0..500).map(ctx)).collect();
+    items[123].1 = ctx(9999);
+    let d0 = bao.audit_requests("transit/decrypt/");
+    let back = rt.block_on(kms.unwrap_many(&items));
+    assert_eq!(bao.audit_requests("transit/decrypt/") - d0, 3);
+    for (i, r) in back.iter().enumerate() {
+        if i == 123 {
+            assert!(matches!(r, Err(KmsError::UnwrapFailed { .. })), "item 123");
+        } else {
+            let d = r.as_ref().unwrap_or_else(|e| panic!("item {i}: {e}"));
+            assert_eq!(d.as_bytes(), deks[i].as_bytes(), "item {i}");
+        }
+    }
+    rt.block_on(assert_unwraps(&kms, &wrapped[123], &ctx(123), &deks[123]));
+
+    // Nothing to wrap, no request.
+    let e0 = bao.audit_requests("transit/encrypt/");
+    assert!(rt.block_on(kms.wrap_many(&[])).is_empty());
+    assert_eq!(bao.audit_requests("transit/encrypt/"), e0);
+
+    // A derived key sends a context too (6 JSON strings per item): batches
+    // of 160, still under OpenBao's 1000 strings per request.
+    bao.cli(&["write", "transit/keys/derived", "derived=true"]);
+    let derived = connect(&rt, &bao, &bao.config_for("derived"));
+    let (deks, wrapped, requests) = wrap_many_counted(&rt, &bao, &derived, "derived", 500);
+    assert_eq!(requests, 4, "500 DEKs in batches of 160");
+    let items: Vec<(WrappedDek, WrapContext)> =
+        wrapped.into_iter().zip((0..500).map(ctx)).collect();
+    for (i, r) in rt
+        .block_on(derived.unwrap_many(&items))
+        .into_iter()
+        .enumerate()
+    {
+        let d = r.unwrap_or_else(|e| panic!("derived item {i}: {e}"));
+        assert_eq!(d.as_bytes(), deks[i].as_bytes(), "derived item {i}");
+    }
+}
+
+#[test]
+fn batch_wrap_without_encrypt_policy_is_permission_denied() {
+    let bao = Bao::start();
+    let rt = rt();
+    let key = bao.key();
+    let policy = format!(
+        "path \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/keys/{key}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao.cli_stdin(&["policy", "write", "dec-only", "-"], Some(&policy));
+    let limited = bao.cli(&["token", "create", "-policy=dec-only", "-field=token"]);
+    let kms = rt
+        .block_on(VaultKms::connect_with_token(&bao.config(), &limited))
+        .expect("connect with dec-only");
+    let deks: Vec<Dek> = (0..3).map(|_| Dek::generate()).collect();
+    let items: Vec<(&Dek, WrapContext)> = deks.iter().zip(0..).map(|(d, i)| (d, ctx(i))).collect();
+    for r in rt.block_on(kms.wrap_many(&items)) {
+        match r {
+            Err(
+                e @ KmsError::PermissionDenied {
+                    operation: "transit encrypt",
+                    ..
+                },
+            ) => {
+                assert!(
+                    e.to_string().contains(&format!("transit/encrypt/{key}")),
+                    "{e}"
+                )
+            }
+            other => panic!(
+                "expected PermissionDenied, got {:?}",
+                other.map(|w| w.key_ref)
+            ),
+        }
+    }
+}
+
+#[test]
+fn key_versions_rotate_and_min_decryption_version() {
+    let bao = Bao::start();
+    let rt = rt();
+    let key = bao.key();
+    let kms = connect(&rt, &bao, &bao.config());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+
+    let v = rt.block_on(kms.key_versions()).expect("key_versions");
+    assert_eq!(v.current.as_deref(), Some("1"));
+    assert_eq!(v.versions.len(), 1, "{v:?}");
+    assert_eq!(v.versions[0].version, "1");
+    assert!(v.versions[0].can_unwrap);
+    let created = v.versions[0].created.expect("creation time of version 1");
+    assert!(
+        (now - 600..=now + 60).contains(&created),
+        "{created} vs {now}"
+    );
+    assert_eq!(v.current_created, Some(created));
+    let (d1, w1) = rt.block_on(kms.generate_dek(&ctx(1))).unwrap();
+    assert_eq!(w1.key_ref.key_version, v.current.clone().unwrap());
+
+    // Rotating through kmsfs: new wraps are v2, v1 still unwraps.
+    let v = rt.block_on(kms.rotate()).expect("rotate");
+    assert_eq!(v.current.as_deref(), Some("2"));
+    let listed: Vec<(&str, bool)> = v
+        .versions
+        .iter()
+        .map(|k| (k.version.as_str(), k.can_unwrap))
+        .collect();
+    assert_eq!(listed, [("1", true), ("2", true)]);
+    assert!(v.current_created.unwrap() >= created);
+    assert_eq!(v, rt.block_on(kms.key_versions()).unwrap());
+    let (d2, w2) = rt.block_on(kms.generate_dek(&ctx(2))).unwrap();
+    assert_eq!(w2.key_ref.key_version, "2");
+    assert!(w2.blob.starts_with(b"vault:v2:"));
+    let deks = [Dek::generate(), Dek::generate()];
+    let many = rt.block_on(kms.wrap_many(&[(&deks[0], ctx(3)), (&deks[1], ctx(4))]));
+    assert!(many
+        .iter()
+        .all(|r| r.as_ref().unwrap().key_ref.key_version == "2"));
+    rt.block_on(assert_unwraps(&kms, &w1, &ctx(1), &d1));
+    rt.block_on(assert_unwraps(&kms, &w2, &ctx(2), &d2));
+
+    // Versions below min_decryption_version no longer unwrap; OpenBao drops
+    // them from the key's `keys`, key_versions still lists them.
+    bao.cli(&[
+        "write",
+        &format!("transit/keys/{key}/config"),
+        "min_decryption_version=2",
+    ]);
+    let v = rt.block_on(kms.key_versions()).unwrap();
+    assert_eq!(v.current.as_deref(), Some("2"));
+    let listed: Vec<(&str, bool)> = v
+        .versions
+        .iter()
+        .map(|k| (k.version.as_str(), k.can_unwrap))
+        .collect();
+    assert_eq!(listed, [("1", false), ("2", true)]);
+    assert!(matches!(
+        rt.block_on(kms.unwrap(&w1, &ctx(1))),
+        Err(KmsError::KeyVersionUnusable { .. })
+    ));
+
+    // A token that may encrypt, decrypt and read the key but not rotate it.
+    let policy = format!(
+        "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"transit/keys/{key}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao.cli_stdin(&["policy", "write", "no-rotate", "-"], Some(&policy));
+    let limited = bao.cli(&["token", "create", "-policy=no-rotate", "-field=token"]);
+    let kms = rt
+        .block_on(VaultKms::connect_with_token(&bao.config(), &limited))
+        .expect("connect with no-rotate");
+    assert_eq!(
+        rt.block_on(kms.key_versions()).unwrap().current.as_deref(),
+        Some("2")
+    );
+    let err = rt.block_on(kms.rotate()).unwrap_err();
+    eprintln!("{err}");
+    match &err {
+        KmsError::PermissionDenied { operation, .. } => {
+            assert_eq!(*operation, "transit key rotate")
+        }
+        e => panic!("expected PermissionDenied, got {e}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`update`") && msg.contains(&format!("transit/keys/{key}/rotate")),
+        "{msg}"
+    );
+    assert!(!msg.contains(&limited), "the token leaked into: {msg}");
+    // Nothing rotated.
+    let v = rt.block_on(kms.key_versions()).unwrap();
+    assert_eq!(v.current.as_deref(), Some("2"));
 }
 
 #[test]

@@ -52,13 +52,7 @@ pub fn init(a: InitArgs) -> Result<()> {
         );
     }
     let key = a.kms.to_key(&backing)?;
-    let root = Policy {
-        dir: "/".into(),
-        cipher: a.cipher,
-        mandatory: true,
-        key,
-        retired: vec![],
-    };
+    let root = Policy::new("/".into(), a.cipher, true, key);
     let rt = KmsRuntime::new()?;
     Volume::create(
         &backing,

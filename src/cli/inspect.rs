@@ -88,7 +88,7 @@ pub fn info(path: &Path, verify: bool) -> Result<()> {
             volume.config.legacy_v1_files,
         );
         let policy = volume.policy_for(&normalize_dir(&dir)?);
-        rt.block_on(keys.cipher_for(&header, policy, &rel.display().to_string()))
+        rt.block_on(keys.cipher_for(&header, policy, &rel.display().to_string(), None))
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         out["header_verified"] = serde_json::Value::Bool(true);
     }

@@ -15,6 +15,7 @@ mod inspect;
 mod keys;
 mod kms_args;
 mod kms_cmd;
+mod lifecycle;
 mod mount;
 mod mountinfo;
 mod policy;
@@ -65,7 +66,8 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
-    /// Manage a local keyring file.
+    /// Keys where they live: list, rotate, status, destroy (and local
+    /// keyring files).
     Keys {
         #[command(subcommand)]
         action: keys::KeysCmd,
@@ -85,6 +87,17 @@ enum Cmd {
         #[command(subcommand)]
         action: trust::ProvidersCmd,
     },
+    /// Wrap every file's DEK again under its policy's current key (after a
+    /// rotation or a policy change); data is not touched. Safe while
+    /// mounted, resumable.
+    Rewrap(lifecycle::RewrapArgs),
+    /// Give every file a new DEK and file ID, re-encrypting its data (after
+    /// a DEK leaked). Safe while mounted (files open in a mount are skipped:
+    /// run it again), resumable.
+    Rekey(lifecycle::PassArgs),
+    /// Rotate policy keys where they live (--due: those past their
+    /// rotate_after), then rewrap.
+    Rotate(lifecycle::RotateArgs),
     /// Upgrade a format 1 backing directory: move its KMS settings into the
     /// trusted configuration and authenticate its configuration.
     Upgrade {
@@ -114,6 +127,9 @@ pub fn run() -> i32 {
         Cmd::Kms { action } => kms_cmd::kms_cmd(action),
         Cmd::Providers { action } => trust::providers(action),
         Cmd::Upgrade { backing, json, yes } => trust::upgrade(&backing, json, yes),
+        Cmd::Rewrap(a) => lifecycle::rewrap_cmd(a),
+        Cmd::Rekey(a) => lifecycle::rekey_cmd(a),
+        Cmd::Rotate(a) => lifecycle::rotate_cmd(a),
     };
     match result {
         Ok(()) => EXIT_OK,
@@ -145,6 +161,8 @@ fn is_retryable(e: &anyhow::Error) -> bool {
         } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
             e.is_retryable()
         } else if let Some(e) = cause.downcast_ref::<ConnectError>() {
+            e.is_retryable()
+        } else if let Some(e) = cause.downcast_ref::<kmsfs::lifecycle::LifecycleError>() {
             e.is_retryable()
         } else {
             cause.is::<RetryLater>()

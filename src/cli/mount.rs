@@ -44,6 +44,10 @@ pub struct MountArgs {
     /// Serve Prometheus metrics on HOST:PORT (/metrics).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Log every key operation as a JSON line to FILE (default: the
+    /// trusted configuration's `audit_log`, if set).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {
@@ -59,6 +63,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // user sees the reason directly.
     let metrics = Arc::new(Metrics::default());
     let (volume, runtime) = trust::open_volume(&backing, &Calls::Mount(metrics.clone()))?;
+    let audit = trust::audit_log(a.audit_log.as_deref())?;
     check_mountpoint(&mountpoint)?;
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or install fuse3");
@@ -73,9 +78,18 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // The adapter applies each caller's umask; the daemon's own must not
     // mask the backing files' modes a second time.
     unsafe { libc::umask(0) };
-    let (config, policies) = volume.into_parts();
-    let core = fs::Core::new(&backing, &config, policies, cache, runtime, metrics, ro)
-        .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
+    let core = fs::Core::new(
+        &backing,
+        &volume.config,
+        volume.policies.clone(),
+        cache,
+        runtime,
+        metrics.clone(),
+        ro,
+    )
+    .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
+    core.set_audit_log(Arc::new(audit));
+    core.set_reloader(reloader(volume, metrics));
     let opts = MountOptions {
         read_only: ro,
         allow_other,
@@ -136,4 +150,52 @@ fn parse_mount_options(opts: &[String]) -> (bool, bool, Vec<String>) {
         }
     }
     (ro, allow_other, extra)
+}
+
+/// A volume configuration file's identity and version, to notice a change
+/// with one stat.
+fn stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// How the mount takes up a change to the volume's policies (`kmsfs policy
+/// set/unset` while mounted): when the configuration file changed, it is
+/// read again, checked under the volume key, and its new keys connected
+/// through the trusted configuration as it is now. A configuration that
+/// fails its checks is logged once and the mount keeps its policies.
+fn reloader(volume: kmsfs::config::Volume, metrics: Arc<Metrics>) -> fs::Reloader {
+    let path = kmsfs::config::VolumeConfig::path(&volume.backing);
+    let state = std::sync::Mutex::new((stamp(&path), volume));
+    Box::new(move |rt| {
+        let mut state = state.lock().unwrap();
+        let now = stamp(&path);
+        if now == state.0 {
+            return None;
+        }
+        state.0 = now;
+        let reloaded = trust::load()
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|trusted| {
+                state
+                    .1
+                    .reload(&trusted, rt, &Calls::Mount(metrics.clone()))
+                    .map_err(|e| e.to_string())
+            });
+        match reloaded {
+            Ok(true) => {
+                tracing::info!("the volume configuration changed and was read again; new files follow its policies from now on");
+                Some(state.1.policies.clone())
+            }
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(
+                    "the volume configuration changed but cannot be used, so the mount keeps its \
+                     policies: {e}"
+                );
+                None
+            }
+        }
+    })
 }

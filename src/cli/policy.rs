@@ -2,12 +2,15 @@
 //! `policy status` looks at the files themselves, so it is in `inspect`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
+use kmsfs::audit::{AuditEvent, AuditOp, AuditOutcome};
 use kmsfs::config::{Calls, VolumeConfig};
 use kmsfs::format::CipherSuite;
+use kmsfs::kms::config::KeySpec;
 use kmsfs::policy::{normalize_dir, Policy};
 
 use super::kms_args::{self, KmsArgs};
@@ -31,6 +34,20 @@ pub enum PolicyCmd {
         /// change is authenticated with the root key.
         #[arg(long)]
         no_check: bool,
+        /// Also wrap each new file's DEK under this key (break-glass), as
+        /// PROVIDER:KEY with PROVIDER a provider of the trusted
+        /// configuration; repeatable. `kmsfs rewrap` adds it to existing
+        /// files.
+        #[arg(long = "recipient", value_name = "PROVIDER:KEY", value_parser = parse_recipient)]
+        recipients: Vec<KeySpec>,
+        /// Rotate the key once its current version is this old, when
+        /// `kmsfs rotate --due` runs (e.g. 90d).
+        #[arg(long, value_parser = kmsfs::duration::parse)]
+        rotate_after: Option<Duration>,
+        /// Make `kmsfs rotate --due` fail while the key's current version is
+        /// older than this (e.g. 365d).
+        #[arg(long, value_parser = kmsfs::duration::parse)]
+        max_key_age: Option<Duration>,
         // Last (see KmsArgs).
         #[command(flatten)]
         kms: Box<KmsArgs>,
@@ -54,6 +71,9 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             cipher,
             not_mandatory,
             no_check,
+            recipients,
+            rotate_after,
+            max_key_age,
             kms,
         } => {
             let backing = absolute(&backing)?;
@@ -61,14 +81,18 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             let _lock = VolumeConfig::lock(&backing)?;
             let key = kms.to_key(&backing)?;
             let (mut volume, rt) = trust::open_volume(&backing, &Calls::Once)?;
-            let policy = Policy {
-                dir: dir.clone(),
-                cipher,
-                mandatory: !not_mandatory,
-                key,
-                retired: vec![],
-            };
+            let mut policy = Policy::new(dir.clone(), cipher, !not_mandatory, key);
+            policy.recipients = recipients;
+            policy.rotate_after = rotate_after;
+            policy.max_key_age = max_key_age;
+            let audit = trust::audit_log(None)?;
+            let detail = format!("policy {dir}: key {}", policy.key);
             volume.set_policy(policy, &trust::load()?, &rt, !no_check)?;
+            audit.record(
+                &AuditEvent::new(AuditOp::PolicySet, AuditOutcome::Ok)
+                    .path(&dir)
+                    .detail(&detail),
+            );
             if !no_check {
                 let active = volume.policy_for(&dir);
                 rt.block_on(active.current.check()).with_context(|| {
@@ -79,7 +103,8 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
                 })?;
             }
             eprintln!(
-                "kmsfs: policy for {dir} saved; new files there use it after the next mount. Existing files keep their keys (see `kmsfs policy status`)."
+                "kmsfs: policy for {dir} saved; running mounts use it for new files at once. Existing files keep their keys until `kmsfs rewrap {} {dir}` (see `kmsfs keys status`).",
+                backing.display()
             );
             Ok(())
         }
@@ -101,15 +126,32 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             }
             let _lock = VolumeConfig::lock(&backing)?;
             let (mut volume, _rt) = trust::open_volume(&backing, &Calls::Once)?;
+            let audit = trust::audit_log(None)?;
             if !volume.unset_policy(&dir)? {
                 bail!(
                     "there is no policy for {dir} (see `kmsfs policy list {}`)",
                     backing.display()
                 );
             }
+            audit.record(&AuditEvent::new(AuditOp::PolicyUnset, AuditOutcome::Ok).path(&dir));
             eprintln!("kmsfs: policy for {dir} removed; its files keep their keys, which stay usable for reading.");
             Ok(())
         }
         PolicyCmd::Status { backing } => inspect::policy_status(&backing),
+    }
+}
+
+/// `PROVIDER:KEY` as a key of a trusted provider (the key ID may itself
+/// hold ':', as AWS ARNs do; provider names never do).
+fn parse_recipient(s: &str) -> Result<KeySpec, String> {
+    match s.split_once(':') {
+        Some((provider, id)) if !provider.is_empty() && !id.is_empty() => Ok(KeySpec {
+            provider: provider.into(),
+            id: id.into(),
+            version: None,
+        }),
+        _ => Err(format!(
+            "{s:?} is not PROVIDER:KEY (a provider of the trusted configuration, then the key's ID)"
+        )),
     }
 }

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
+use kmsfs::audit::AuditLog;
 use kmsfs::config::{upgrade as upgrading, Calls, TrustedConfig, Volume, VolumeConfig};
 use kmsfs::kms::KmsRuntime;
 
@@ -28,6 +29,21 @@ pub fn path() -> PathBuf {
 /// The trusted configuration, checked.
 pub fn load() -> Result<TrustedConfig> {
     Ok(TrustedConfig::load(&path())?)
+}
+
+/// The audit log: `explicit` (`--audit-log`), else the trusted
+/// configuration's `audit_log`, else none.
+pub fn audit_log(explicit: Option<&Path>) -> Result<AuditLog> {
+    let path = match explicit {
+        Some(p) => Some(absolute(p)?),
+        None => TrustedConfig::load(&path())
+            .ok()
+            .and_then(|t| t.audit_log().map(Path::to_path_buf)),
+    };
+    Ok(match path {
+        Some(p) => AuditLog::open(&p)?,
+        None => AuditLog::disabled(),
+    })
 }
 
 /// The backing directory given on the command line, made absolute, and its

@@ -30,16 +30,23 @@ pub enum Calls {
 }
 
 /// A policy with its keys connected.
+#[derive(Clone)]
 pub struct ActivePolicy {
     pub policy: Policy,
     /// The key that wraps new files.
     pub current: Arc<dyn KeyProvider>,
-    /// Every key a file under this policy may be wrapped by: the current
-    /// one first, then the retired ones.
+    /// Every key a file under this policy may be wrapped by, in the order
+    /// of `Policy::keys`: the current one, the recipients, the retired ones.
     pub keys: Vec<Arc<dyn KeyProvider>>,
 }
 
 impl ActivePolicy {
+    /// The keys a new header is wrapped under: the current one first, then
+    /// the recipients (in the order of `Policy::wrapping_keys`).
+    pub fn wrapping(&self) -> &[Arc<dyn KeyProvider>] {
+        &self.keys[..1 + self.policy.recipients.len()]
+    }
+
     /// The key of this policy that can unwrap under `key_ref`, if any. A
     /// format 2 reference names its provider as the trusted configuration
     /// does, and only that name matches: a provider's kind ("local") would
@@ -269,6 +276,58 @@ impl Volume {
         Ok(())
     }
 
+    /// Wraps the volume key again under the root policy's current key, when
+    /// its wrap is under another key, or under a version other than
+    /// `current_version` (`None`: the KMS does not name versions), or
+    /// `force`; then seals and saves the configuration. This is the
+    /// volume's own `rewrap`: once it is done, the root key's older
+    /// versions are no longer needed to open the volume. The caller holds
+    /// the configuration's lock. Returns whether it wrapped.
+    pub fn rewrap_volume_key(
+        &mut self, rt: &KmsRuntime, current_version: Option<&str>, force: bool,
+    ) -> Result<bool, ConfigError> {
+        let wrapped = self.config.wrapped_volume_key()?;
+        let root = self.policy_for("/");
+        let same_key = wrapped.key_ref.provider == root.policy.key.provider
+            && root.current.handles(&wrapped.key_ref);
+        let same_version = current_version.is_none_or(|v| v == wrapped.key_ref.key_version);
+        if same_key && same_version && !force {
+            return Ok(false);
+        }
+        let new = rt
+            .block_on(
+                root.current
+                    .wrap(&self.volume_key, &self.config.volume_key_context()),
+            )
+            .map_err(|e| ConfigError::Connect(e.into()))?;
+        self.config.set_wrapped_volume_key(&new);
+        self.save()?;
+        Ok(true)
+    }
+
+    /// Reads the configuration again if it changed since it was read (a
+    /// `kmsfs policy set/unset` while mounted): checked under the same
+    /// volume key (a configuration of another volume, or one not sealed
+    /// with this volume's key, is refused), new keys connected through the
+    /// trusted configuration as it is now. Returns whether anything changed.
+    pub fn reload(
+        &mut self, trusted: &TrustedConfig, rt: &KmsRuntime, calls: &Calls,
+    ) -> Result<bool, ConfigError> {
+        let path = VolumeConfig::path(&self.backing);
+        let config = VolumeConfig::load(&self.backing)?;
+        if config == self.config {
+            return Ok(false);
+        }
+        if config.volume_id != self.config.volume_id {
+            return Err(ConfigError::Tampered(path));
+        }
+        config.verify(&self.volume_key, &path)?;
+        connect_all(&config, trusted, rt, calls, &mut self.connected)?;
+        self.policies = active_policies(&config, &self.connected);
+        self.config = config;
+        Ok(true)
+    }
+
     /// The configuration and its connected policies, without the volume
     /// key: what a mount keeps.
     pub fn into_parts(self) -> (VolumeConfig, Vec<ActivePolicy>) {
@@ -300,17 +359,16 @@ mod tests {
     fn active(dir: &str, provider: &str, id: &str) -> ActivePolicy {
         let key = NamedKey::wrap(provider, Arc::new(FakeKms::new(id)));
         ActivePolicy {
-            policy: Policy {
-                dir: dir.into(),
-                cipher: CipherSuite::Aes256Gcm,
-                mandatory: true,
-                key: KeySpec {
+            policy: Policy::new(
+                dir.into(),
+                CipherSuite::Aes256Gcm,
+                true,
+                KeySpec {
                     provider: provider.into(),
                     id: id.into(),
                     version: None,
                 },
-                retired: vec![],
-            },
+            ),
             current: key.clone(),
             keys: vec![key],
         }

@@ -67,12 +67,16 @@ pub enum TrustedError {
 pub struct TrustedConfig {
     path: PathBuf,
     providers: BTreeMap<String, ProviderDef>,
+    /// Where key operations are logged (`audit_log = "/var/log/kmsfs/audit.jsonl"`).
+    audit_log: Option<PathBuf>,
 }
 
 /// The file's layout on disk.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct OnDisk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audit_log: Option<PathBuf>,
     #[serde(default)]
     providers: BTreeMap<String, toml::Table>,
 }
@@ -118,7 +122,7 @@ impl TrustedConfig {
             Some(text) => Self::parse(path, &text),
             None => Ok(Self {
                 path: path.to_owned(),
-                providers: BTreeMap::new(),
+                ..Default::default()
             }),
         }
     }
@@ -188,10 +192,19 @@ impl TrustedConfig {
                 },
             );
         }
+        if file.audit_log.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(invalid("audit_log must be an absolute path".into()));
+        }
         Ok(Self {
             path: path.to_owned(),
             providers,
+            audit_log: file.audit_log,
         })
+    }
+
+    /// The audit log file this configuration names, if any.
+    pub fn audit_log(&self) -> Option<&Path> {
+        self.audit_log.as_deref()
     }
 
     /// The provider definitions, by name.
@@ -275,6 +288,7 @@ impl TrustedConfig {
             source,
         };
         let file = OnDisk {
+            audit_log: self.audit_log.clone(),
             providers: self
                 .providers
                 .iter()

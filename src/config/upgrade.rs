@@ -197,13 +197,7 @@ pub fn upgrade(
         .iter()
         .zip(&used)
         .map(|(p, used)| {
-            let mut policy = Policy {
-                dir: p.dir.clone(),
-                cipher: p.cipher,
-                mandatory: p.mandatory,
-                key: spec_of(&p.kms),
-                retired: Vec::new(),
-            };
+            let mut policy = Policy::new(p.dir.clone(), p.cipher, p.mandatory, spec_of(&p.kms));
             policy.retire(used);
             policy
         })

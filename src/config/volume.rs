@@ -404,17 +404,16 @@ mod tests {
             volume_id: hex::encode([3u8; 16]),
             block_size: 4096,
             legacy_v1_files: false,
-            policies: vec![Policy {
-                dir: "/".into(),
-                cipher: CipherSuite::Aes256Gcm,
-                mandatory: true,
-                key: crate::kms::config::KeySpec {
+            policies: vec![Policy::new(
+                "/".into(),
+                CipherSuite::Aes256Gcm,
+                true,
+                crate::kms::config::KeySpec {
                     provider: "local".into(),
                     id: "default".into(),
                     version: None,
                 },
-                retired: vec![],
-            }],
+            )],
             volume_key: WrappedVolumeKey {
                 provider: "local".into(),
                 key_id: "default".into(),

@@ -11,6 +11,10 @@ pub const SIDECAR_PREFIX: &[u8] = b".kmsfs.";
 pub const LONG_SIDECAR_PREFIX: &[u8] = b".kmsfs#";
 /// The per-backing configuration file (no secrets).
 pub const CONFIG_FILE: &str = ".kmsfs-config.toml";
+/// Temporary files of `kmsfs rewrap` and `rekey` (a new header or new data
+/// before it replaces the old one): left behind only by a killed run, and
+/// removed by the next.
+pub const LIFECYCLE_TEMP_PREFIX: &[u8] = b".kmsfs-lifecycle-tmp.";
 /// Longest name component the backing filesystem accepts.
 pub const NAME_MAX: usize = 255;
 

@@ -48,6 +48,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -239,12 +240,13 @@ impl Filesystem for KmsFs {
         self.entry("link", reply, self.core.link(ino.0, newparent.0, newname));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // O_TRUNC comes as a SETATTR after the open: nothing to fill.
         let reading_only =
             flags.acc_mode() == OpenAccMode::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
         let core = self.core.clone();
-        let work = async move { core.open(ino.0, reading_only).await };
+        let who = caller(req);
+        let work = async move { core.open(ino.0, reading_only, who).await };
         self.answer_later("open", reply, work, |reply, fh, _| {
             reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
         });

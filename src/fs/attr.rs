@@ -120,7 +120,7 @@ impl Core {
             }
             let open = match set.fh.and_then(|fh| self.handles.open_file(fh).ok()) {
                 Some((open, _)) => open,
-                None => self.crypt_file(&inode, None).await?,
+                None => self.crypt_file(&inode, None, None).await?,
             };
             if open.plain {
                 return Err(Self::plaintext_refused(&self.inodes.label(&inode)));

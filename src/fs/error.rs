@@ -153,18 +153,23 @@ fn monotonic_secs() -> u64 {
 static SPACE_WARNINGS: OncePerSecond = OncePerSecond::new();
 
 /// Lets one event a second through and counts the ones it holds back.
-struct OncePerSecond {
+pub(crate) struct OncePerSecond {
     /// The second (of [`monotonic_secs`]) of the last event let through.
     last: AtomicU64,
     held_back: AtomicU64,
 }
 
 impl OncePerSecond {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             last: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
         }
+    }
+
+    /// [`Self::due`] for an event now.
+    pub(crate) fn due_now(&self) -> Option<u64> {
+        self.due(monotonic_secs())
     }
 
     /// For an event at second `now`: Some(events held back since the last

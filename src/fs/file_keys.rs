@@ -12,14 +12,16 @@
 //! and the volume, the header sealed. Callers get a `BlockCipher` and
 //! header bytes, never a `Dek`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::error::{FsError, FsResult};
 use super::sidecar::FileHeader;
+use crate::audit::{AuditEvent, AuditLog, AuditOp, AuditOutcome};
 use crate::cache::DekCache;
 use crate::config::volume::VolumeId;
 use crate::config::ActivePolicy;
-use crate::crypto::{self, BlockCipher};
+use crate::crypto::{self, BlockCipher, Dek};
+use crate::format::block::{BlockGeometry, BlockLayout};
 use crate::format::header::{self as hdr, Header, VERSION_1};
 use crate::kms::{KeyProvider, KmsRuntime, WrapContext, WrappedDek};
 use crate::metrics::CacheStats;
@@ -30,15 +32,34 @@ const PREFETCH_BATCH: usize = 240;
 /// A wrapped DEK with the context it was wrapped under.
 type UnwrapItem = (WrappedDek, WrapContext);
 
+/// A file of a lifecycle pass: its header, the policy governing it, and
+/// its label for errors.
+pub type LifecycleFile<'a> = (&'a FileHeader, &'a ActivePolicy, &'a str);
+
+/// Adds file `i` to the group of `key` in `groups`.
+fn group(
+    groups: &mut Vec<(Arc<dyn KeyProvider>, Vec<usize>)>, key: &Arc<dyn KeyProvider>, i: usize,
+) {
+    match groups.iter_mut().find(|(k, _)| Arc::ptr_eq(k, key)) {
+        Some((_, v)) => v.push(i),
+        None => groups.push((key.clone(), vec![i])),
+    }
+}
+
 /// A new file's sealed header and block cipher.
 pub struct NewFile {
     pub header: FileHeader,
     pub cipher: BlockCipher,
 }
 
+/// Who asked for a key operation, for the audit log: uid and pid.
+pub type Requester = Option<(u32, u32)>;
+
 /// The DEK cache, and what every wrap of this volume is bound to.
 pub struct FileKeys {
     cache: DekCache,
+    /// Where key operations are logged; none until set.
+    audit: OnceLock<Arc<AuditLog>>,
     volume_id: VolumeId,
     /// Format 1 headers may be present (an upgraded volume).
     legacy_v1_files: bool,
@@ -48,8 +69,24 @@ impl FileKeys {
     pub fn new(cache: DekCache, volume_id: VolumeId, legacy_v1_files: bool) -> Self {
         Self {
             cache,
+            audit: OnceLock::new(),
             volume_id,
             legacy_v1_files,
+        }
+    }
+
+    /// Logs key operations to `audit` from now on (the first one set stays).
+    pub fn set_audit_log(&self, audit: Arc<AuditLog>) {
+        let _ = self.audit.set(audit);
+    }
+
+    fn audit(&self, event: AuditEvent<'_>, who: Requester) {
+        if let Some(log) = self.audit.get() {
+            let event = match who {
+                Some((uid, pid)) => event.caller(uid, pid),
+                None => event,
+            };
+            log.record(&event);
         }
     }
 
@@ -66,13 +103,20 @@ impl FileKeys {
     fn allowed_wrap<'a>(
         &self, h: &'a Header, policy: &'a ActivePolicy,
     ) -> Option<(&'a WrappedDek, &'a Arc<dyn KeyProvider>)> {
+        self.allowed_wraps(h, policy).next()
+    }
+
+    /// Every one of `h`'s wrapped DEKs that `policy` allows, with its key,
+    /// in header order (the policy's key first, then recipients).
+    fn allowed_wraps<'a>(
+        &self, h: &'a Header, policy: &'a ActivePolicy,
+    ) -> impl Iterator<Item = (&'a WrappedDek, &'a Arc<dyn KeyProvider>)> {
         let format_1 = h.version() == VERSION_1;
-        if format_1 && !self.legacy_v1_files {
-            return None;
-        }
+        let allowed = !format_1 || self.legacy_v1_files;
         h.wraps()
             .iter()
-            .find_map(|w| policy.key_for(&w.key_ref, format_1).map(|k| (w, k)))
+            .filter(move |_| allowed)
+            .filter_map(move |w| policy.key_for(&w.key_ref, format_1).map(|k| (w, k)))
     }
 
     pub fn cache_stats(&self) -> &CacheStats {
@@ -92,22 +136,65 @@ impl FileKeys {
     /// The block cipher of an existing file governed by `policy` (see the
     /// module documentation). `label` names the file in errors.
     pub async fn cipher_for(
-        &self, header: &FileHeader, policy: &ActivePolicy, label: &str,
+        &self, header: &FileHeader, policy: &ActivePolicy, label: &str, who: Requester,
     ) -> FsResult<BlockCipher> {
         let h = &header.parsed.header;
-        let Some((wrapped, key)) = self.allowed_wrap(h, policy) else {
-            return Err(FsError::header(
-                label,
-                refusal(h, policy, self.legacy_v1_files),
-            ));
-        };
         let ctx = self.context(h);
-        let dek = self
-            .cache
-            .get_or_unwrap(wrapped, &ctx, key.as_ref())
-            .await
-            .map_err(|e| FsError::kms(label, "the DEK could not be unwrapped", e))?;
-        crypto::open_header(&header.parsed, &dek).map_err(|e| FsError::header(label, e))
+        fn event<'a>(outcome: AuditOutcome<'a>, h: &Header, label: &'a str) -> AuditEvent<'a> {
+            AuditEvent::new(AuditOp::Unwrap, outcome)
+                .file(h.file_id)
+                .path(label)
+        }
+        // The policy's key first; a recipient (break-glass) only when that
+        // fails, and then said in the log.
+        let mut first_error = None;
+        for (wrapped, key) in self.allowed_wraps(h, policy) {
+            let dek = match self.cache.get(wrapped, &ctx) {
+                Some(dek) => {
+                    // Served from the cache: counted, not logged one by one.
+                    if let Some(log) = self.audit.get() {
+                        log.cache_hit(&wrapped.key_ref);
+                    }
+                    Ok(dek)
+                }
+                None => {
+                    let dek = self.cache.get_or_unwrap(wrapped, &ctx, key.as_ref()).await;
+                    let failed = dek.as_ref().err().map(|e| e.to_string());
+                    let outcome = match &failed {
+                        Some(e) => AuditOutcome::Failed(e),
+                        None => AuditOutcome::Ok,
+                    };
+                    self.audit(event(outcome, h, label).key(&wrapped.key_ref), who);
+                    dek
+                }
+            };
+            match dek {
+                Ok(dek) => {
+                    if let Some(e) = &first_error {
+                        tracing::warn!(
+                            "{label}: unwrapped with recipient {} because the first key failed: {e}",
+                            key.describe()
+                        );
+                    }
+                    return crypto::open_header(&header.parsed, &dek)
+                        .map_err(|e| FsError::header(label, e));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(match first_error {
+            Some(e) => FsError::kms(label, "the DEK could not be unwrapped", e),
+            None => {
+                let why = refusal(h, policy, self.legacy_v1_files);
+                self.audit(
+                    event(AuditOutcome::Refused(&why), h, label).key(&h.primary().key_ref),
+                    who,
+                );
+                FsError::header(label, why)
+            }
+        })
     }
 
     /// Keys for a new file under `policy`: a random file ID, a DEK generated
@@ -115,15 +202,45 @@ impl FileKeys {
     /// volume, and a format 2 header sealed under it with `block_shift`. The
     /// DEK goes into the cache, so the file's next open makes no KMS call.
     pub async fn create(
-        &self, policy: &ActivePolicy, block_shift: u8, label: &str,
+        &self, policy: &ActivePolicy, block_shift: u8, label: &str, who: Requester,
     ) -> FsResult<NewFile> {
         let file_id = crypto::random_file_id();
         let ctx = WrapContext::file(file_id, self.volume_id);
-        let (dek, wrapped) =
-            policy.current.generate_dek(&ctx).await.map_err(|e| {
-                FsError::kms(label, "no DEK could be generated for the new file", e)
-            })?;
-        let header = Header::v2(policy.policy.cipher, block_shift, file_id, vec![wrapped])
+        let (dek, wrapped) = match policy.current.generate_dek(&ctx).await {
+            Ok(generated) => generated,
+            Err(e) => {
+                let why = e.to_string();
+                self.audit(
+                    AuditEvent::new(AuditOp::Wrap, AuditOutcome::Failed(&why))
+                        .file(file_id)
+                        .path(label),
+                    who,
+                );
+                return Err(FsError::kms(
+                    label,
+                    "no DEK could be generated for the new file",
+                    e,
+                ));
+            }
+        };
+        self.audit(
+            AuditEvent::new(AuditOp::Wrap, AuditOutcome::Ok)
+                .key(&wrapped.key_ref)
+                .file(file_id)
+                .path(label),
+            who,
+        );
+        let mut wraps = vec![wrapped];
+        for recipient in &policy.wrapping()[1..] {
+            wraps.push(recipient.wrap(&dek, &ctx).await.map_err(|e| {
+                FsError::kms(
+                    label,
+                    "the new file's DEK could not be wrapped for a recipient",
+                    e,
+                )
+            })?);
+        }
+        let header = Header::v2(policy.policy.cipher, block_shift, file_id, wraps)
             .map_err(|e| FsError::header(label, e))?;
         let (raw, cipher) =
             crypto::seal_header(&header, &dek).map_err(|e| FsError::header(label, e))?;
@@ -133,6 +250,218 @@ impl FileKeys {
             header: FileHeader { parsed, raw },
             cipher,
         })
+    }
+
+    /// Whether `h` is wrapped exactly as a new header under `policy` would
+    /// be: under each of its wrapping keys (current, then recipients) in
+    /// order, each at the version `current_version` names for that key
+    /// (index into `policy.wrapping()`; `None`: any version, as when the
+    /// KMS never names versions). Reads no key.
+    pub fn is_wrapped_as(
+        &self, h: &Header, policy: &ActivePolicy, current_version: &dyn Fn(usize) -> Option<String>,
+    ) -> bool {
+        let specs: Vec<_> = policy.policy.wrapping_keys().collect();
+        h.wraps().len() == specs.len()
+            && h.wraps()
+                .iter()
+                .zip(specs)
+                .enumerate()
+                .all(|(i, (w, spec))| {
+                    let key = &policy.wrapping()[i];
+                    let by_name = h.version() == VERSION_1 || w.key_ref.provider == spec.provider;
+                    by_name
+                        && key.handles(&w.key_ref)
+                        && current_version(i).is_none_or(|v| v == w.key_ref.key_version)
+                })
+    }
+
+    /// The DEKs of `files` (headers with their policy and label), each
+    /// unwrapped under a key its policy allows and its header's MAC checked
+    /// with it, as at open: one `unwrap_many` per key the files are under.
+    /// One answer per file, in order.
+    async fn unwrap_checked(&self, files: &[LifecycleFile<'_>]) -> Vec<FsResult<Dek>> {
+        let mut out: Vec<Option<FsResult<Dek>>> = files.iter().map(|_| None).collect();
+        let mut by_key: Vec<(Arc<dyn KeyProvider>, Vec<usize>)> = Vec::new();
+        for (i, (header, policy, label)) in files.iter().enumerate() {
+            let h = &header.parsed.header;
+            match self.allowed_wrap(h, policy) {
+                None => {
+                    out[i] = Some(Err(FsError::header(
+                        label,
+                        refusal(h, policy, self.legacy_v1_files),
+                    )))
+                }
+                Some((_, key)) => group(&mut by_key, key, i),
+            }
+        }
+        for (key, idx) in &by_key {
+            let items: Vec<UnwrapItem> = idx
+                .iter()
+                .map(|&i| {
+                    let h = &files[i].0.parsed.header;
+                    let (w, _) = self.allowed_wrap(h, files[i].1).expect("grouped above");
+                    (w.clone(), self.context(h))
+                })
+                .collect();
+            for (&i, dek) in idx.iter().zip(key.unwrap_many(&items).await) {
+                let (header, _, label) = files[i];
+                out[i] = Some(
+                    dek.map_err(|e| FsError::kms(label, "the DEK could not be unwrapped", e))
+                        .and_then(|dek| {
+                            crypto::open_header(&header.parsed, &dek)
+                                .map(|_| dek)
+                                .map_err(|e| FsError::header(label, e))
+                        }),
+                );
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every file answered"))
+            .collect()
+    }
+
+    /// Sealed headers for `files`: file `i` gets `deks[i]` (skipped when an
+    /// error already) wrapped under its policy's wrapping keys (current key,
+    /// then recipients) with context `ctxs[i]`, in a header of `versions[i]`
+    /// with its old cipher and block size and file ID `ids[i]`. One
+    /// `wrap_many` per wrapping key.
+    async fn seal_for(
+        &self, files: &[LifecycleFile<'_>], deks: &[FsResult<Dek>], ids: &[[u8; 16]],
+        format_1: &[bool],
+    ) -> Vec<FsResult<NewFile>> {
+        let mut errors: Vec<Option<FsError>> = files.iter().map(|_| None).collect();
+        let mut wraps: Vec<Vec<WrappedDek>> = files.iter().map(|_| Vec::new()).collect();
+        let ctx = |i: usize| {
+            if format_1[i] {
+                WrapContext::file_v1(ids[i])
+            } else {
+                WrapContext::file(ids[i], self.volume_id)
+            }
+        };
+        let slots = files
+            .iter()
+            .map(|f| f.1.wrapping().len())
+            .max()
+            .unwrap_or(0);
+        for slot in 0..slots {
+            let mut by_key: Vec<(Arc<dyn KeyProvider>, Vec<usize>)> = Vec::new();
+            for (i, (_, policy, label)) in files.iter().enumerate() {
+                if deks[i].is_err() || errors[i].is_some() || slot >= policy.wrapping().len() {
+                    continue;
+                }
+                if slot > 0 && format_1[i] {
+                    errors[i] = Some(FsError::header(
+                        label,
+                        "is a format 1 file, which holds one wrapped DEK only: its policy's \
+                         recipients cannot be added (`kmsfs rekey` makes it format 2)",
+                    ));
+                    continue;
+                }
+                group(&mut by_key, &policy.wrapping()[slot], i);
+            }
+            for (key, idx) in by_key {
+                let items: Vec<(&Dek, WrapContext)> = idx
+                    .iter()
+                    .map(|&i| (deks[i].as_ref().expect("checked above"), ctx(i)))
+                    .collect();
+                for (&i, w) in idx.iter().zip(key.wrap_many(&items).await) {
+                    match w {
+                        Ok(w) => wraps[i].push(w),
+                        Err(e) => {
+                            errors[i] = Some(FsError::kms(
+                                files[i].2,
+                                "the DEK could not be wrapped under the policy's key",
+                                e,
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, (header, _, label))| {
+                let dek = match &deks[i] {
+                    Err(e) => return Err(FsError::header(label, e.to_string())),
+                    Ok(dek) => dek,
+                };
+                if let Some(e) = errors[i].take() {
+                    return Err(e);
+                }
+                let old = &header.parsed.header;
+                let layout = if format_1[i] {
+                    BlockLayout::V1
+                } else {
+                    BlockLayout::V2
+                };
+                let geometry = BlockGeometry::new(old.geometry.shift(), layout)
+                    .map_err(|e| FsError::header(label, e))?;
+                let h = Header::new(old.cipher, geometry, ids[i], std::mem::take(&mut wraps[i]))
+                    .map_err(|e| FsError::header(label, e))?;
+                let (raw, cipher) =
+                    crypto::seal_header(&h, dek).map_err(|e| FsError::header(label, e))?;
+                let parsed = hdr::parse(&raw).map_err(|e| FsError::header(label, e))?;
+                Ok(NewFile {
+                    header: FileHeader { parsed, raw },
+                    cipher,
+                })
+            })
+            .collect()
+    }
+
+    /// New headers for `files`, each governed by its policy: the same file
+    /// ID, cipher, block size and DEK, wrapped again under the policy's
+    /// wrapping keys and sealed again (`kmsfs rewrap`). Each DEK is
+    /// unwrapped and its old header's MAC checked first, as at open. A KMS
+    /// with a batch API gets one request per key per batch. One answer per
+    /// file, in order. A format 1 header stays format 1 (no recipients).
+    pub async fn rewrap(&self, files: &[LifecycleFile<'_>]) -> Vec<FsResult<FileHeader>> {
+        let deks = self.unwrap_checked(files).await;
+        let ids: Vec<[u8; 16]> = files.iter().map(|f| f.0.parsed.header.file_id).collect();
+        let v1: Vec<bool> = files
+            .iter()
+            .map(|f| f.0.parsed.header.version() == VERSION_1)
+            .collect();
+        let sealed = self.seal_for(files, &deks, &ids, &v1).await;
+        sealed.into_iter().map(|r| r.map(|n| n.header)).collect()
+    }
+
+    /// For each of `files` (`kmsfs rekey`): the block cipher of its data as
+    /// it is (DEK unwrapped and header MAC checked, as at open), and a new
+    /// format 2 header with a fresh DEK and file ID under the policy's
+    /// wrapping keys, with its block cipher. Fresh DEKs are made here and
+    /// wrapped in batches.
+    pub async fn rekey(
+        &self, files: &[LifecycleFile<'_>],
+    ) -> Vec<FsResult<(BlockCipher, NewFile)>> {
+        let old = self.unwrap_checked(files).await;
+        let old_ciphers: Vec<FsResult<BlockCipher>> = files
+            .iter()
+            .zip(&old)
+            .map(|((header, _, label), dek)| match dek {
+                Ok(dek) => {
+                    crypto::open_header(&header.parsed, dek).map_err(|e| FsError::header(label, e))
+                }
+                Err(e) => Err(FsError::header(label, e.to_string())),
+            })
+            .collect();
+        drop(old);
+        let deks: Vec<FsResult<Dek>> = old_ciphers
+            .iter()
+            .map(|c| match c {
+                Ok(_) => Ok(Dek::generate()),
+                Err(e) => Err(FsError::header("", e.to_string())),
+            })
+            .collect();
+        let ids: Vec<[u8; 16]> = files.iter().map(|_| crypto::random_file_id()).collect();
+        let v1 = vec![false; files.len()];
+        let headers = self.seal_for(files, &deks, &ids, &v1).await;
+        old_ciphers
+            .into_iter()
+            .zip(headers)
+            .map(|(old, new)| Ok((old?, new?)))
+            .collect()
     }
 
     /// Whether the DEK of `h` is cached (without touching the LRU order).

@@ -12,7 +12,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use fuser::FileType;
 
@@ -100,8 +100,10 @@ pub struct Inode {
     other_names: Mutex<Vec<(u64, OsString)>>,
     /// Shared open state while any handle is open (regular files).
     pub open_file: Mutex<OpenSlot>,
-    /// The sidecar header, read at most once (headers never change).
-    pub header: OnceLock<Arc<FileHeader>>,
+    /// The sidecar header as last read. Read once, and again only when it
+    /// fails to open the file (a `kmsfs rewrap` may have replaced it: same
+    /// DEK and file ID, other wraps).
+    pub header: RwLock<Option<Arc<FileHeader>>>,
     /// An O_PATH handle taken when the object's last name goes (unlink,
     /// rename over it) while the kernel still knows the inode. It keeps the
     /// backing inode number from being reused by a new object until the
@@ -124,7 +126,7 @@ impl Inode {
             location: Mutex::new(location),
             other_names: Mutex::new(Vec::new()),
             open_file: Mutex::new(OpenSlot::default()),
-            header: OnceLock::new(),
+            header: RwLock::new(None),
             pinned: Mutex::new(None),
             filled: AtomicBool::new(false),
         }

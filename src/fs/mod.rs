@@ -40,8 +40,9 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use fuser::FileType;
 
@@ -87,11 +88,31 @@ pub(crate) fn with_plaintext_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R 
     PLAINTEXT.with(|buf| f(&mut buf.borrow_mut()))
 }
 
+/// Returns the volume's policies when its configuration changed since the
+/// last call, connected and checked (see `config::Volume::reload`).
+pub type Reloader = Box<dyn Fn(&KmsRuntime) -> Option<Vec<ActivePolicy>> + Send + Sync>;
+
+/// One policy of a snapshot of the policies: stays valid while the
+/// policies are replaced.
+pub(crate) struct PolicyRef {
+    list: Arc<Vec<ActivePolicy>>,
+    index: usize,
+}
+
+impl std::ops::Deref for PolicyRef {
+    type Target = ActivePolicy;
+    fn deref(&self) -> &ActivePolicy {
+        &self.list[self.index]
+    }
+}
+
 /// Who asked: new objects are owned by them.
 #[derive(Clone, Copy)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// For the audit log.
+    pub pid: u32,
 }
 
 /// Backing-directory state shared by all FUSE threads.
@@ -105,10 +126,14 @@ pub struct Core {
     /// every encrypted file has layout V2 and its size follows from its
     /// ciphertext size alone.
     legacy_v1_files: bool,
-    /// Key policies with their KMS connected; one has dir "/".
-    policies: Vec<ActivePolicy>,
+    /// Key policies with their KMS connected; one has dir "/". Replaced
+    /// whole when the volume's configuration changes (`reloader`).
+    policies: RwLock<Arc<Vec<ActivePolicy>>>,
     /// True when some policy lets sidecar-less (plaintext) files through.
-    has_optional_policy: bool,
+    has_optional_policy: AtomicBool,
+    /// Reads the volume's policies again if its configuration changed; set
+    /// by the mount (see `set_reloader`).
+    reloader: OnceLock<Reloader>,
     keys: FileKeys,
     runtime: KmsRuntime,
     metrics: Arc<Metrics>,
@@ -137,8 +162,9 @@ impl Core {
             handles: HandleTable::default(),
             block_shift: volume.geometry_shift(),
             legacy_v1_files: volume.legacy_v1_files,
-            has_optional_policy: policies.iter().any(|p| !p.policy.mandatory),
-            policies,
+            has_optional_policy: AtomicBool::new(policies.iter().any(|p| !p.policy.mandatory)),
+            policies: RwLock::new(Arc::new(policies)),
+            reloader: OnceLock::new(),
             keys: FileKeys::new(cache, volume.id(), volume.legacy_v1_files),
             runtime,
             metrics,
@@ -157,6 +183,38 @@ impl Core {
         let _ = self.page_filler.set(filler);
     }
 
+    /// Logs key operations to `audit` from now on.
+    pub fn set_audit_log(&self, audit: Arc<crate::audit::AuditLog>) {
+        self.keys.set_audit_log(audit);
+    }
+
+    /// Installs how the policies are read again after a change to the
+    /// volume's configuration; the first one installed stays.
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// Takes up the volume's policies as they are now, if they changed.
+    /// Called where a stale policy would do harm: before a new file's key
+    /// is chosen, and when a file's key is refused.
+    fn refresh_policies(&self) -> bool {
+        let Some(reload) = self.reloader.get() else {
+            return false;
+        };
+        let Some(new) = reload(&self.runtime) else {
+            return false;
+        };
+        self.has_optional_policy
+            .store(new.iter().any(|p| !p.policy.mandatory), Ordering::Relaxed);
+        *self.policies.write().unwrap() = Arc::new(new);
+        true
+    }
+
+    /// The policies as they are now.
+    fn policies(&self) -> Arc<Vec<ActivePolicy>> {
+        self.policies.read().unwrap().clone()
+    }
+
     pub fn runtime(&self) -> &KmsRuntime {
         &self.runtime
     }
@@ -166,12 +224,14 @@ impl Core {
     }
 
     /// The policy governing mount-relative `path`.
-    fn policy_at(&self, path: &str) -> &ActivePolicy {
-        &self.policies[governing_by(self.policies.iter().map(|p| p.policy.dir.as_str()), path)]
+    fn policy_at(&self, path: &str) -> PolicyRef {
+        let list = self.policies();
+        let index = governing_by(list.iter().map(|p| p.policy.dir.as_str()), path);
+        PolicyRef { list, index }
     }
 
     /// The policy for new files in directory `dir`.
-    fn policy_in(&self, dir: &Inode) -> FsResult<&ActivePolicy> {
+    fn policy_in(&self, dir: &Inode) -> FsResult<PolicyRef> {
         let path = self
             .inodes
             .rel_path(dir)
@@ -212,9 +272,15 @@ impl Core {
 
     /// The sidecar header of a regular file, read once per inode.
     fn header_of(&self, inode: &Inode) -> FsResult<Arc<FileHeader>> {
-        if let Some(h) = inode.header.get() {
+        if let Some(h) = inode.header.read().unwrap().as_ref() {
             return Ok(h.clone());
         }
+        self.read_header(inode)
+    }
+
+    /// Reads the sidecar header of a regular file and keeps it as the
+    /// inode's.
+    fn read_header(&self, inode: &Inode) -> FsResult<Arc<FileHeader>> {
         let label = self.inodes.label(inode);
         let Some((parent, name)) = inode.location() else {
             return Err(FsError::header(
@@ -230,7 +296,9 @@ impl Core {
                 "its block size differs from this backing directory's configuration",
             ));
         }
-        Ok(inode.header.get_or_init(|| Arc::new(header)).clone())
+        let header = Arc::new(header);
+        *inode.header.write().unwrap() = Some(header.clone());
+        Ok(header)
     }
 
     /// Whether regular file `name` in `dir`, with stat `st`, is a plaintext
@@ -240,7 +308,7 @@ impl Core {
     /// the name as it is now, never cached: a hard link or a rename in the
     /// backing directory must not make an encrypted file pass as plaintext.
     fn plain_at(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
-        if !self.has_optional_policy
+        if !self.has_optional_policy.load(Ordering::Relaxed)
             || kind_of(st.st_mode) != FileType::RegularFile
             || st.st_nlink != 1
             || self.policy_in(dir)?.policy.mandatory
@@ -275,7 +343,10 @@ impl Core {
     /// whether the file is plaintext (`plain_at`).
     fn data_handle(&self, inode: &Inode) -> FsResult<(OwnedFd, bool)> {
         let Some((parent, name)) = inode.location() else {
-            return Err(FsError::errno(libc::ENOENT));
+            // Its name went (unlinked, or renamed over) after the kernel
+            // resolved the path: ESTALE has the kernel resolve it again,
+            // as a local filesystem would have opened what the name holds.
+            return Err(FsError::errno(libc::ESTALE));
         };
         let dir = self.inodes.dir(parent)?;
         let handle = sys::open_path(dir.raw_fd(), &sys::cstr(&name)?)?;
@@ -288,6 +359,13 @@ impl Core {
             ));
         }
         if (st.st_dev, st.st_ino) != (inode.dev, inode.backing_ino) {
+            // Another regular file under the name (a `kmsfs rekey` swapped
+            // in a new copy, say): ESTALE makes the kernel look the name
+            // up again, which reaches the new file through its own inode
+            // and checks.
+            if st.st_dev == inode.dev {
+                return Err(FsError::errno(libc::ESTALE));
+            }
             return Err(FsError::backing(
                 &self.inodes.label(inode),
                 "backing data is not the file the mount knows (another file was put in its \
@@ -298,11 +376,29 @@ impl Core {
         Ok((handle, plain))
     }
 
+    /// ESTALE unless the inode's name still leads to its backing object.
+    fn still_named(&self, inode: &Inode) -> FsResult<()> {
+        let Some((parent, name)) = inode.location() else {
+            // Its name went (unlinked, or renamed over) after the kernel
+            // resolved the path: ESTALE has the kernel resolve it again,
+            // as a local filesystem would have opened what the name holds.
+            return Err(FsError::errno(libc::ESTALE));
+        };
+        let dir = self.inodes.dir(parent)?;
+        let st = sys::fstatat(dir.raw_fd(), &sys::cstr(&name)?)?;
+        if (st.st_dev, st.st_ino) != (inode.dev, inode.backing_ino) {
+            return Err(FsError::errno(libc::ESTALE));
+        }
+        Ok(())
+    }
+
     /// The shared open state of a regular file: its header and block cipher
     /// from `file_keys`, or none for a plaintext file. With `fill` (the
     /// inode's FUSE number, for an open for reading), an open state made
     /// here also has the file's head put into the kernel's page cache.
-    async fn crypt_file(&self, inode: &Arc<Inode>, fill: Option<u64>) -> FsResult<OpenFile> {
+    async fn crypt_file(
+        &self, inode: &Arc<Inode>, fill: Option<u64>, who: file_keys::Requester,
+    ) -> FsResult<OpenFile> {
         if let Some(open) = inode.open_file() {
             return Ok(open);
         }
@@ -322,6 +418,12 @@ impl Core {
         let cipher = if plain {
             None
         } else {
+            // `kmsfs rekey` swaps a file's data and header under an
+            // exclusive lock on its data file: the header is read under a
+            // shared one, held while the file is open (so a rekey skips a
+            // file in use), and the name must still lead to this data.
+            sys::flock(fd.as_raw_fd(), libc::LOCK_SH)?;
+            self.still_named(inode)?;
             // Start reading the data's head from disk, so that read overlaps
             // the sidecar read and the unwrap.
             let head = self.new_file_geometry().ciphertext_size(OPEN_FILL);
@@ -333,8 +435,28 @@ impl Core {
                 .inodes
                 .rel_path(inode)
                 .ok_or_else(|| FsError::errno(libc::ENOENT))?;
-            let policy = self.policy_at(&path);
-            Some(self.keys.cipher_for(&header, policy, &label).await?)
+            match self
+                .keys
+                .cipher_for(&header, &self.policy_at(&path), &label, who)
+                .await
+            {
+                Ok(cipher) => Some(cipher),
+                Err(first) => {
+                    // A rewrap may have replaced the header, or a policy
+                    // change allowed its new key, since either was read:
+                    // both are taken up again, once.
+                    let fresh = self.read_header(inode)?;
+                    let reloaded = self.refresh_policies();
+                    if !reloaded && fresh.raw == header.raw {
+                        return Err(first);
+                    }
+                    Some(
+                        self.keys
+                            .cipher_for(&fresh, &self.policy_at(&path), &label, who)
+                            .await?,
+                    )
+                }
+            }
         };
         let mut slot = inode.open_file.lock().unwrap();
         if let Some(open) = slot.get() {
@@ -403,10 +525,15 @@ impl Core {
     /// (only such opens fill the page cache, and only such opens are allowed
     /// on a plaintext file). The first cold open in a directory also starts
     /// readying its other files' keys (`prefetch`).
-    pub async fn open(self: &Arc<Self>, ino: u64, reading_only: bool) -> FsResult<u64> {
+    pub async fn open(
+        self: &Arc<Self>, ino: u64, reading_only: bool, caller: Caller,
+    ) -> FsResult<u64> {
         let inode = self.inodes.get(ino)?;
         self.prefetch_siblings(&inode);
-        let open = self.crypt_file(&inode, reading_only.then_some(ino)).await?;
+        let who = Some((caller.uid, caller.pid));
+        let open = self
+            .crypt_file(&inode, reading_only.then_some(ino), who)
+            .await?;
         if open.plain && !reading_only {
             return Err(Self::plaintext_refused(&self.inodes.label(&inode)));
         }

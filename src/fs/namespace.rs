@@ -104,9 +104,19 @@ impl Core {
             // Checked before asking the KMS for a key that would go unused.
             return Err(errno(libc::EEXIST));
         }
+        // A policy changed while mounted applies to this file already.
+        self.refresh_policies();
         let policy = self.policy_in(&dir)?;
         let label = self.inodes.label_at(&dir, name);
-        let new = self.keys.create(policy, self.block_shift, &label).await?;
+        let new = self
+            .keys
+            .create(
+                &policy,
+                self.block_shift,
+                &label,
+                Some((caller.uid, caller.pid)),
+            )
+            .await?;
         let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
         // O_EXCL: a new regular file or nothing, whatever was planted under
         // the name meanwhile (a symlink there fails with EEXIST).
@@ -129,7 +139,7 @@ impl Core {
         }
         let st = sys::fstat(data.as_raw_fd())?;
         let inode = self.inodes.remember(parent, name, None, &st);
-        let _ = inode.header.set(Arc::new(new.header));
+        *inode.header.write().unwrap() = Some(Arc::new(new.header));
         let cf = Arc::new(CryptFile::new(
             File::from(data),
             new.cipher,
@@ -365,7 +375,8 @@ impl Core {
     fn check_same_policy(
         &self, od: &Inode, name: &OsStr, kind: FileType, nd: &Inode, newname: &OsStr,
     ) -> FsResult<()> {
-        if self.policies.len() == 1 {
+        let policies = self.policies();
+        if policies.len() == 1 {
             return Ok(());
         }
         let (Some(op), Some(np)) = (self.inodes.rel_path(od), self.inodes.rel_path(nd)) else {
@@ -376,8 +387,7 @@ impl Core {
         let (src, dst) = if kind == FileType::Directory {
             let src = join(&op, name);
             // A policy rooted inside the moved tree would no longer match.
-            if self
-                .policies
+            if policies
                 .iter()
                 .any(|p| p.policy.dir != src && is_within(&p.policy.dir, &src))
             {

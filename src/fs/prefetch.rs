@@ -63,7 +63,7 @@ impl Core {
             if self.keys.is_cached(&header.parsed.header) {
                 return;
             }
-        } else if inode.header.get().is_some() {
+        } else if inode.header.read().unwrap().is_some() {
             return;
         }
         let Some((parent, own_name)) = inode.location() else {
@@ -95,7 +95,7 @@ impl Core {
                     .filter_map(|n| sidecar::read_at(dir.raw_fd(), n).ok())
                     .map(|h| h.parsed.header);
                 if let Ok(policy) = core.policy_in(&dir) {
-                    core.keys.prefetch(&core.runtime, policy, headers);
+                    core.keys.prefetch(&core.runtime, &policy, headers);
                 }
             });
         } else {
@@ -112,7 +112,7 @@ impl Core {
     }
 
     fn has_remote_kms(&self) -> bool {
-        self.policies
+        self.policies()
             .iter()
             .any(|p| p.keys.iter().any(|k| k.kind() != "local"))
     }

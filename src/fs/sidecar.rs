@@ -67,8 +67,13 @@ fn sidecar_cstr(name: &OsStr) -> std::io::Result<std::ffi::CString> {
 /// Opens the sidecar of `name` in directory `dir` for reading, checked to be
 /// a regular file.
 fn open_checked(dir: RawFd, name: &OsStr) -> Result<File, SidecarError> {
-    let sc = sidecar_cstr(name).map_err(SidecarError::Io)?;
-    let fd = match sys::openat(dir, &sc, READ_FLAGS, 0) {
+    open_exact(dir, &sidecar_cstr(name).map_err(SidecarError::Io)?)
+}
+
+/// Opens file `sc` in `dir` as a sidecar is opened (see the module
+/// documentation).
+fn open_exact(dir: RawFd, sc: &std::ffi::CStr) -> Result<File, SidecarError> {
+    let fd = match sys::openat(dir, sc, READ_FLAGS, 0) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(SidecarError::Missing),
         // A symlink planted under a sidecar's name.
@@ -84,7 +89,12 @@ fn open_checked(dir: RawFd, name: &OsStr) -> Result<File, SidecarError> {
 
 /// The raw bytes of the sidecar of `name` in directory `dir`.
 pub fn read_raw_at(dir: RawFd, name: &OsStr) -> Result<Vec<u8>, SidecarError> {
-    let f = open_checked(dir, name)?;
+    read_exact_at(dir, &sidecar_cstr(name).map_err(SidecarError::Io)?)
+}
+
+/// The raw bytes of header file `sc` in `dir` (a sidecar or a temporary one).
+pub fn read_exact_at(dir: RawFd, sc: &std::ffi::CStr) -> Result<Vec<u8>, SidecarError> {
+    let f = open_exact(dir, sc)?;
     // Headers are a few hundred bytes: one read usually gets it all.
     let mut raw = Vec::with_capacity(1024);
     f.take(MAX_SIDECAR_LEN + 1)
@@ -173,6 +183,65 @@ pub fn remove_at(dir: RawFd, name: &OsStr) -> FsResult<Option<OwnedFd>> {
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e.into()),
         _ => Ok(held),
     }
+}
+
+/// What [`replace_at`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replaced {
+    /// The new header is in place.
+    Done,
+    /// The sidecar no longer held the expected bytes (the file was
+    /// replaced or renamed meanwhile): left as it was.
+    Changed,
+    /// There was no sidecar any more (the file was removed meanwhile).
+    Gone,
+}
+
+/// A temporary file of `rewrap`/`rekey` in `dir`: a fresh random name,
+/// created O_EXCL with mode 0600. Returns its name and the open file.
+pub fn create_temp_at(dir: RawFd) -> FsResult<(std::ffi::CString, File)> {
+    use rand::RngCore;
+    let mut tag = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut tag);
+    let mut name = crate::format::names::LIFECYCLE_TEMP_PREFIX.to_vec();
+    name.extend_from_slice(hex::encode(tag).as_bytes());
+    let c = sys::cstr(OsStr::from_bytes(&name))?;
+    let fd = sys::openat(
+        dir,
+        &c,
+        libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NOCTTY,
+        0o600,
+    )?;
+    Ok((c, File::from(fd)))
+}
+
+/// Replaces the sidecar of `name` in `dir` by `raw` in one atomic step, if
+/// it still holds `expected`: the new header is written to a temporary
+/// file and made durable, then exchanged with the sidecar
+/// (`RENAME_EXCHANGE`), so a reader sees the old header or the new one,
+/// never neither. If what came out is not `expected` (the file changed
+/// meanwhile), it is exchanged back. The caller makes the directory durable.
+pub fn replace_at(dir: RawFd, name: &OsStr, expected: &[u8], raw: &[u8]) -> FsResult<Replaced> {
+    let sc = sidecar_cstr(name)?;
+    let (tmp, mut f) = create_temp_at(dir)?;
+    let written = f.write_all(raw).and_then(|_| f.sync_all());
+    drop(f);
+    let result = written.map_err(FsError::from).and_then(|_| {
+        match sys::renameat2(dir, &tmp, dir, &sc, libc::RENAME_EXCHANGE) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Replaced::Gone),
+            Err(e) => return Err(e.into()),
+            Ok(()) => {}
+        }
+        match read_exact_at(dir, &tmp) {
+            Ok(old) if old == expected => Ok(Replaced::Done),
+            _ => {
+                sys::renameat2(dir, &tmp, dir, &sc, libc::RENAME_EXCHANGE)?;
+                Ok(Replaced::Changed)
+            }
+        }
+    });
+    let _ = sys::unlinkat(dir, &tmp, 0);
+    result
 }
 
 /// Moves the sidecar of `old` in `odir` to be that of `new` in `ndir`

@@ -330,3 +330,18 @@ pub fn removexattr(path: &CStr, follow: bool, name: &CStr) -> io::Result<()> {
     };
     check(unsafe { remove(path.as_ptr(), name.as_ptr()) }).map(drop)
 }
+
+pub fn fsync(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    check(unsafe { libc::fsync(fd) }).map(drop)
+}
+
+pub fn flock(fd: RawFd, how: i32) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on a descriptor the caller owns.
+        match check(unsafe { libc::flock(fd, how) }) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r.map(drop),
+        }
+    }
+}

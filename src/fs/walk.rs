@@ -12,7 +12,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::rc::Rc;
 
-use crate::format::names::is_reserved;
+use crate::format::names::{is_reserved, LIFECYCLE_TEMP_PREFIX};
 
 /// A directory of the tree that could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,28 @@ type Result<T> = std::result::Result<T, WalkError>;
 /// root, "/a/b" below it) and `files` the names of its regular files.
 /// kmsfs's reserved names are left out.
 pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString])) -> Result<()> {
+    walk_scoped(
+        root,
+        |_| true,
+        |dir, rel, listing| visit(dir, rel, &listing.files),
+    )
+}
+
+/// What one directory holds, as `walk_scoped` reports it.
+pub struct Listing {
+    /// Regular files, reserved names left out.
+    pub files: Vec<OsString>,
+    /// Leftover temporary files of a killed `rewrap` or `rekey` (regular
+    /// files named with `LIFECYCLE_TEMP_PREFIX`).
+    pub temps: Vec<OsString>,
+}
+
+/// [`walk`], entering only the directories whose `rel` satisfies `enter`
+/// (the root is always visited), and reporting leftover temporary files.
+pub fn walk_scoped(
+    root: &Path, enter: impl Fn(&str) -> bool,
+    mut visit: impl FnMut(BorrowedFd<'_>, &str, &Listing),
+) -> Result<()> {
     let cannot_read = |rel: &str, source| WalkError {
         // Escaped: names in the backing directory are untrusted text.
         path: format!("{}{}", root.display(), rel.escape_debug()),
@@ -41,21 +63,33 @@ pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString]
     let mut pending: Vec<(Rc<DirHandle>, OsString, String)> = Vec::new();
     let mut list_and_visit = |dir: DirHandle, rel: String, pending: &mut Vec<_>| -> Result<()> {
         let dir = Rc::new(dir);
-        let mut files = Vec::new();
+        let mut listing = Listing {
+            files: Vec::new(),
+            temps: Vec::new(),
+        };
         for (name, kind) in dir.entries().map_err(|e| cannot_read(&rel, e))? {
             if is_reserved(name.as_bytes()) {
+                if kind == Kind::RegularFile && name.as_bytes().starts_with(LIFECYCLE_TEMP_PREFIX) {
+                    listing.temps.push(name);
+                }
                 continue;
             }
             match kind {
                 Kind::Directory => {
                     let sub = format!("{rel}/{}", name.to_string_lossy());
-                    pending.push((dir.clone(), name, sub));
+                    if enter(&sub) {
+                        pending.push((dir.clone(), name, sub));
+                    }
                 }
-                Kind::RegularFile => files.push(name),
+                Kind::RegularFile => listing.files.push(name),
                 Kind::Other => {}
             }
         }
-        visit(dir.as_fd(), if rel.is_empty() { "/" } else { &rel }, &files);
+        visit(
+            dir.as_fd(),
+            if rel.is_empty() { "/" } else { &rel },
+            &listing,
+        );
         Ok(())
     };
     // The root is the user's own path: symlinks in it are theirs to follow.

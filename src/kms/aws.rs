@@ -8,6 +8,11 @@
 //! record; AWS embeds the key material version in the ciphertext blob, so
 //! `key_version` stays empty.
 //!
+//! Rotation is AWS's own (`RotateKeyOnDemand`, or automatic rotation): the
+//! key ARN stays, new wraps use the newest key material and every older
+//! material keeps unwrapping. [`AwsKms::key_versions`] names the materials
+//! as described there.
+//!
 //! Credentials come from the SDK's default chain (environment, shared
 //! profile files — optionally a named profile —, web identity, ECS/EC2
 //! roles), optionally with a role assumed on top (with an external ID). The
@@ -29,10 +34,15 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use super::support::{bad_response, clean_message, ensure_handles, error_chain, Direction};
-use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use super::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
 const PROVIDER: &str = "aws";
+/// The version name of a key's first key material (see
+/// [`AwsKms::key_versions`]).
+pub const INITIAL_VERSION: &str = "initial";
+/// Most pages of `ListKeyRotations` read (100 rotations a page by default).
+const MAX_ROTATION_PAGES: usize = 100;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,13 +94,19 @@ enum Op {
     GenerateDataKey,
     Encrypt,
     Decrypt,
+    ListKeyRotations,
+    RotateKeyOnDemand,
 }
 
 impl Op {
     fn direction(self) -> Direction {
         match self {
             Op::Decrypt => Direction::Unwrap,
-            Op::DescribeKey | Op::GenerateDataKey | Op::Encrypt => Direction::Wrap,
+            Op::DescribeKey
+            | Op::GenerateDataKey
+            | Op::Encrypt
+            | Op::ListKeyRotations
+            | Op::RotateKeyOnDemand => Direction::Wrap,
         }
     }
 
@@ -100,6 +116,18 @@ impl Op {
             Op::GenerateDataKey => "kms:GenerateDataKey",
             Op::Encrypt => "kms:Encrypt",
             Op::Decrypt => "kms:Decrypt",
+            Op::ListKeyRotations => "kms:ListKeyRotations",
+            Op::RotateKeyOnDemand => "kms:RotateKeyOnDemand",
+        }
+    }
+
+    /// What kmsfs does with the call, for [`KmsError::Unsupported`]; only
+    /// the key-version calls, which a key or an endpoint may not support.
+    fn unsupported_action(self) -> Option<&'static str> {
+        match self {
+            Op::ListKeyRotations => Some("list key versions"),
+            Op::RotateKeyOnDemand => Some("rotate the key"),
+            _ => None,
         }
     }
 }
@@ -309,6 +337,9 @@ impl AwsKms {
     }
 
     fn map_service(&self, op: Op, status: u16, code: &str, detail: String) -> KmsError {
+        if let Some(e) = self.map_unsupported(op, code, &detail) {
+            return e;
+        }
         let kms = self.kms_name();
         match code {
             "UnrecognizedClientException"
@@ -372,6 +403,49 @@ impl AwsKms {
         }
     }
 
+    /// The answers that say a key-version call cannot be made: the key does
+    /// not support it (asymmetric, HMAC, custom key store, imported material,
+    /// a multi-Region replica), its on-demand rotation quota is used up, or
+    /// the endpoint does not implement the operation (an emulator).
+    fn map_unsupported(&self, op: Op, code: &str, detail: &str) -> Option<KmsError> {
+        let action = op.unsupported_action()?;
+        let lower = detail.to_ascii_lowercase();
+        let hint = match code {
+            "UnsupportedOperationException" => format!(
+                "AWS KMS rotates only symmetric encryption keys whose key material it generated, \
+                 outside custom key stores, and a multi-Region key only through its primary \
+                 (key {})",
+                self.key_label()
+            ),
+            "LimitExceededException" if matches!(op, Op::RotateKeyOnDemand) => format!(
+                "AWS KMS allows a limited number of on-demand rotations per key and key {} has \
+                 used them up; enable automatic rotation (`aws kms enable-key-rotation`) instead",
+                self.key_label()
+            ),
+            "UnknownOperationException"
+            | "InvalidAction"
+            | "NotImplemented"
+            | "NotImplementedException" => format!(
+                "this endpoint does not implement {} (an emulator such as moto or LocalStack \
+                 that is too old?)",
+                op.iam()
+            ),
+            _ if lower.contains("not been implemented") || lower.contains("not implemented") => {
+                format!("this endpoint does not implement {}", op.iam())
+            }
+            _ => return None,
+        };
+        Some(KmsError::Unsupported {
+            kms: self.kms_name(),
+            operation: action,
+            detail: if detail.is_empty() {
+                hint
+            } else {
+                format!("{detail}; {hint}")
+            },
+        })
+    }
+
     async fn describe_key(&self) -> Result<aws_sdk_kms::types::KeyMetadata, KmsError> {
         let out = self
             .call(
@@ -414,6 +488,44 @@ impl AwsKms {
             key_id: self.key_arn.clone(),
             key_version: String::new(),
         }
+    }
+
+    /// Every rotation of the key (`ListKeyRotations`, all pages), oldest
+    /// first.
+    async fn rotations(&self) -> Result<Vec<aws_sdk_kms::types::RotationsListEntry>, KmsError> {
+        let mut rotations = Vec::new();
+        let mut marker: Option<String> = None;
+        for _ in 0..MAX_ROTATION_PAGES {
+            let out = self
+                .call(
+                    Op::ListKeyRotations,
+                    self.client
+                        .list_key_rotations()
+                        .key_id(self.key())
+                        .set_marker(marker.clone())
+                        .send(),
+                )
+                .await?;
+            rotations.extend(out.rotations.unwrap_or_default());
+            if !out.truncated {
+                // Dated oldest first; undated ones (none expected) last.
+                rotations.sort_by_key(|r| r.rotation_date().map_or(i64::MAX, |d| d.secs()));
+                return Ok(rotations);
+            }
+            match out.next_marker.filter(|m| !m.is_empty()) {
+                Some(m) if marker.as_deref() != Some(m.as_str()) => marker = Some(m),
+                _ => {
+                    return Err(self.bad_response(
+                        Op::ListKeyRotations,
+                        "a truncated page without a new NextMarker",
+                    ))
+                }
+            }
+        }
+        Err(self.bad_response(
+            Op::ListKeyRotations,
+            &format!("more than {MAX_ROTATION_PAGES} pages of rotations"),
+        ))
     }
 }
 
@@ -489,6 +601,66 @@ impl KeyProvider for AwsKms {
             )
             .await?;
         self.take_dek(out.plaintext.take(), Op::Decrypt)
+    }
+
+    /// AWS KMS keeps a key's key materials inside its ciphertexts and never
+    /// names them in key references (their `key_version` is empty): so
+    /// `current` is `None`, and `current_created` is when the newest
+    /// material was made (the last rotation, else the key's creation).
+    ///
+    /// The versions are the key's materials, oldest first:
+    /// - [`INITIAL_VERSION`] (`initial`): the material the key was created
+    ///   with, dated by the key's `CreationDate`;
+    /// - `rotation-N` for the N-th rotation (on demand or automatic, from
+    ///   `ListKeyRotations`), dated by its `RotationDate`, followed by
+    ///   `:KEY_MATERIAL_ID` when AWS reports the material's ID
+    ///   (`rotation-2:1a2b...`).
+    ///
+    /// AWS unwraps under every material as long as the key is enabled, so
+    /// `can_unwrap` is the key's `Enabled` for all of them. Needs
+    /// kms:DescribeKey and kms:ListKeyRotations.
+    async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
+        let meta = self.describe_key().await?;
+        let rotations = self.rotations().await?;
+        let can_unwrap = meta.enabled();
+        let created = meta.creation_date().map(|d| d.secs());
+        let mut versions = Vec::with_capacity(rotations.len() + 1);
+        versions.push(KeyVersion {
+            version: INITIAL_VERSION.into(),
+            created,
+            can_unwrap,
+        });
+        for (i, r) in rotations.iter().enumerate() {
+            let mut version = format!("rotation-{}", i + 1);
+            if let Some(id) = r.key_material_id().filter(|id| !id.is_empty()) {
+                version.push(':');
+                version.push_str(id);
+            }
+            versions.push(KeyVersion {
+                version,
+                created: r.rotation_date().map(|d| d.secs()),
+                can_unwrap,
+            });
+        }
+        let current_created = versions.iter().rev().find_map(|v| v.created).or(created);
+        Ok(KeyVersions {
+            current: None,
+            current_created,
+            versions,
+        })
+    }
+
+    /// `RotateKeyOnDemand` (needs kms:RotateKeyOnDemand), then
+    /// [`key_versions`](Self::key_versions). AWS rotates in the background:
+    /// the answer may not list the new rotation yet, though new wraps use
+    /// the new material as soon as the rotation completes.
+    async fn rotate(&self) -> Result<KeyVersions, KmsError> {
+        self.call(
+            Op::RotateKeyOnDemand,
+            self.client.rotate_key_on_demand().key_id(self.key()).send(),
+        )
+        .await?;
+        self.key_versions().await
     }
 
     async fn check(&self) -> Result<(), KmsError> {

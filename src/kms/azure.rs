@@ -17,6 +17,15 @@
 //! only has to differ between contexts, and it is inside the RSA ciphertext,
 //! so it cannot be changed without the key.
 //!
+//! # Versions and rotation
+//!
+//! Key references record the version (the last segment of the `kid`) each
+//! wrap was made under. [`AzureKms::key_versions`] lists the key's versions
+//! (`GET /keys/NAME/versions`, all pages) and the one new wraps use: the
+//! latest (`GET /keys/NAME`), or the pinned one. [`AzureKms::rotate`] is
+//! `POST /keys/NAME/rotate`; a provider pinned to a version refuses it, since
+//! its wraps would not follow.
+//!
 //! # Credentials
 //!
 //! A service principal from `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
@@ -26,6 +35,7 @@
 //! [`TokenCredential`] and client options (tests use it to trust a local
 //! TLS mock).
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -45,7 +55,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
-use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use super::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::{Dek, DEK_LEN};
 
 const PROVIDER: &str = "azure";
@@ -53,6 +63,9 @@ const ALG: &str = "RSA-OAEP-256";
 const BINDING_LEN: usize = 32;
 const BINDING_DOMAIN: &[u8] = b"kmsfs azure wrap v1\0";
 const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+/// Most versions of one key read: Key Vault pages 25 at a time, so a
+/// `nextLink` that never ends stops here.
+const MAX_VERSIONS: usize = 100_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +83,11 @@ pub struct AzureConfig {
 enum Op {
     Wrap,
     Unwrap,
+    /// `GET /keys/NAME`: the latest version.
+    Get,
+    /// `GET /keys/NAME/versions`.
+    Versions,
+    Rotate,
 }
 
 impl Op {
@@ -77,6 +95,21 @@ impl Op {
         match self {
             Op::Wrap => "wrapKey",
             Op::Unwrap => "unwrapKey",
+            Op::Get => "getKey",
+            Op::Versions => "getKeyVersions",
+            Op::Rotate => "rotateKey",
+        }
+    }
+
+    /// What to grant when the vault refuses the operation (403).
+    fn grant(self) -> String {
+        match self {
+            Op::Wrap | Op::Unwrap => format!(
+                "grant keys/{} via an access policy, or the 'Key Vault Crypto Service Encryption User' RBAC role; check the vault firewall",
+                self.name()
+            ),
+            Op::Get | Op::Versions => "grant keys/get and keys/list via an access policy, or an RBAC role with the data action Microsoft.KeyVault/vaults/keys/read ('Key Vault Reader' or 'Key Vault Crypto Service Encryption User'); check the vault firewall".into(),
+            Op::Rotate => "grant keys/rotate (with keys/get and keys/list) via an access policy, or the 'Key Vault Crypto Officer' RBAC role (data action Microsoft.KeyVault/vaults/keys/rotate/action); check the vault firewall".into(),
         }
     }
 }
@@ -217,8 +250,8 @@ impl AzureKms {
 
     fn bad_response(&self, op: Op, detail: String) -> KmsError {
         let direction = match op {
-            Op::Wrap => Direction::Wrap,
             Op::Unwrap => Direction::Unwrap,
+            Op::Wrap | Op::Get | Op::Versions | Op::Rotate => Direction::Wrap,
         };
         bad_response(self.kms_name(), direction, op.name(), &detail)
     }
@@ -272,16 +305,16 @@ impl AzureKms {
                             kms,
                             key: self.key_id.clone(),
                             version,
-                            detail: format!("{detail} (enable the key/version or allow {} in its key_ops)", op.name()),
+                            detail: match op {
+                                Op::Wrap | Op::Unwrap => format!("{detail} (enable the key/version or allow {} in its key_ops)", op.name()),
+                                Op::Get | Op::Versions | Op::Rotate => format!("{detail} (enable the key)"),
+                            },
                         }
                     }
                     StatusCode::Forbidden => KmsError::PermissionDenied {
                         kms,
                         operation: op.name(),
-                        detail: format!(
-                            "{detail} (grant keys/{} via an access policy, or the 'Key Vault Crypto Service Encryption User' RBAC role; check the vault firewall)",
-                            op.name()
-                        ),
+                        detail: format!("{detail} ({})", op.grant()),
                     },
                     StatusCode::NotFound => KmsError::KeyNotFound {
                         kms,
@@ -292,7 +325,7 @@ impl AzureKms {
                         },
                     },
                     StatusCode::BadRequest if op == Op::Unwrap => KmsError::UnwrapFailed { kms, detail },
-                    StatusCode::BadRequest => KmsError::KeyVersionUnusable {
+                    StatusCode::BadRequest if op == Op::Wrap => KmsError::KeyVersionUnusable {
                         kms,
                         key: self.key_id.clone(),
                         version,
@@ -319,6 +352,85 @@ impl AzureKms {
             ErrorKind::DataConversion => self.bad_response(op, error_chain(&e)),
             _ => KmsError::Config(format!("{kms}: {} failed: {}", op.name(), error_chain(&e))),
         }
+    }
+}
+
+impl AzureKms {
+    /// The version a key identifier (`kid`) names, or why it names none of
+    /// this key's.
+    fn kid_version(&self, op: Op, kid: Option<&str>) -> Result<String, KmsError> {
+        let Some(kid) = kid else {
+            return Err(self.bad_response(op, format!("no \"kid\" in the {} response", op.name())));
+        };
+        let rid: ResourceId = kid.parse().map_err(|_| {
+            self.bad_response(op, format!("\"kid\" {kid:?} is not a key identifier"))
+        })?;
+        if !rid.name.eq_ignore_ascii_case(&self.key_name) {
+            return Err(self.bad_response(op, format!("\"kid\" {kid:?} names another key")));
+        }
+        rid.version
+            .filter(|v| !v.is_empty() && v.len() <= 255)
+            .ok_or_else(|| self.bad_response(op, format!("\"kid\" {kid:?} names no key version")))
+    }
+
+    /// The latest version of the key and when it was created (`GET
+    /// /keys/NAME`).
+    async fn latest_version(&self) -> Result<(String, Option<i64>), KmsError> {
+        let key = self
+            .call(Op::Get, "latest", self.client.get_key(&self.key_name, None))
+            .await?
+            .into_model()
+            .map_err(|e| self.bad_response(Op::Get, error_chain(&e)))?;
+        let kid = key.key.as_ref().and_then(|k| k.kid.as_deref());
+        let version = self.kid_version(Op::Get, kid)?;
+        let created = key
+            .attributes
+            .as_ref()
+            .and_then(|a| a.created)
+            .map(|t| t.unix_timestamp());
+        Ok((version, created))
+    }
+
+    /// Every version of the key (`GET /keys/NAME/versions`, following
+    /// `nextLink`), oldest first.
+    async fn versions(&self) -> Result<Vec<KeyVersion>, KmsError> {
+        use futures_core::Stream;
+        let pager = self
+            .client
+            .list_key_properties_versions(&self.key_name, None)
+            .map_err(|e| self.classify(Op::Versions, "latest", e))?;
+        let mut pager = Box::pin(pager);
+        let mut versions = Vec::new();
+        while let Some(item) =
+            std::future::poll_fn(|cx| Pin::as_mut(&mut pager).poll_next(cx)).await
+        {
+            let props = item.map_err(|e| self.classify(Op::Versions, "latest", e))?;
+            if versions.len() >= MAX_VERSIONS {
+                return Err(
+                    self.bad_response(Op::Versions, format!("more than {MAX_VERSIONS} versions"))
+                );
+            }
+            let version = self.kid_version(Op::Versions, props.kid.as_deref())?;
+            let attributes = props.attributes.as_ref();
+            versions.push(KeyVersion {
+                version,
+                created: attributes
+                    .and_then(|a| a.created)
+                    .map(|t| t.unix_timestamp()),
+                // Key Vault always reports it; absent, the default (enabled).
+                can_unwrap: attributes.and_then(|a| a.enabled).unwrap_or(true),
+            });
+        }
+        // Undated versions (none expected) last; the order of the listing
+        // is not specified.
+        versions.sort_by(|a, b| {
+            (a.created.is_none(), a.created, &a.version).cmp(&(
+                b.created.is_none(),
+                b.created,
+                &b.version,
+            ))
+        });
+        Ok(versions)
     }
 }
 
@@ -500,5 +612,95 @@ impl KeyProvider for AzureKms {
             kms: self.kms_name(),
             detail: e.to_string(),
         })
+    }
+
+    /// The key's versions (as key references record them: the last segment
+    /// of their `kid`), oldest first, each usable for unwrapping while
+    /// enabled; `current` is the pinned version if there is one, else the
+    /// latest. Needs keys/get and keys/list (RBAC: Microsoft.KeyVault/
+    /// vaults/keys/read).
+    async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
+        let versions;
+        let (current, current_created) = match &self.key_version {
+            None => {
+                let (latest, created) = self.latest_version().await?;
+                versions = self.versions().await?;
+                let listed = versions.iter().find(|k| k.version == latest);
+                let created = created.or_else(|| listed.and_then(|k| k.created));
+                (latest, created)
+            }
+            // Pinned: as the service spells it, which is what wraps record.
+            Some(pin) => {
+                versions = self.versions().await?;
+                match versions
+                    .iter()
+                    .find(|k| k.version.eq_ignore_ascii_case(pin))
+                {
+                    Some(k) => (k.version.clone(), k.created),
+                    None => (pin.clone(), None),
+                }
+            }
+        };
+        Ok(KeyVersions {
+            current: Some(current),
+            current_created,
+            versions,
+        })
+    }
+
+    /// `POST /keys/NAME/rotate` (keys/rotate; RBAC: Key Vault Crypto
+    /// Officer), then [`key_versions`](Self::key_versions). Refused when
+    /// pinned to a version: the new version would not wrap anything.
+    async fn rotate(&self) -> Result<KeyVersions, KmsError> {
+        if let Some(v) = &self.key_version {
+            return Err(KmsError::Unsupported {
+                kms: self.kms_name(),
+                operation: "rotate the key",
+                detail: format!(
+                    "key {name} is pinned to version {v}, and a pinned version does not follow \
+                     rotation: new files would still be wrapped under {v}. Rotate it in Key Vault \
+                     (`az keyvault key rotate --vault-name VAULT --name {name}`), then point the \
+                     policy at the new version (`kmsfs policy set BACKING DIR --provider PROVIDER \
+                     --key {name} --key-version NEW_VERSION`), or drop the pin (the same without \
+                     --key-version) so that new files follow the latest version",
+                    name = self.key_name
+                ),
+            });
+        }
+        let key = self
+            .call(
+                Op::Rotate,
+                "latest",
+                self.client.rotate_key(&self.key_name, None),
+            )
+            .await?
+            .into_model()
+            .map_err(|e| self.bad_response(Op::Rotate, error_chain(&e)))?;
+        let rotated =
+            self.kid_version(Op::Rotate, key.key.as_ref().and_then(|k| k.kid.as_deref()))?;
+        let mut state = self.key_versions().await?;
+        // The rotation's own answer names the new latest version, should a
+        // read right after it still see the previous one.
+        if state.current.as_deref() != Some(rotated.as_str()) {
+            let created = key
+                .attributes
+                .as_ref()
+                .and_then(|a| a.created)
+                .map(|t| t.unix_timestamp());
+            if !state.versions.iter().any(|k| k.version == rotated) {
+                state.versions.push(KeyVersion {
+                    version: rotated.clone(),
+                    created,
+                    can_unwrap: key
+                        .attributes
+                        .as_ref()
+                        .and_then(|a| a.enabled)
+                        .unwrap_or(true),
+                });
+            }
+            state.current = Some(rotated);
+            state.current_created = created;
+        }
+        Ok(state)
     }
 }

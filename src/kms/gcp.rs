@@ -13,22 +13,37 @@
 //! Decrypt always names the CryptoKey, not a version: Cloud KMS finds the
 //! version from the ciphertext. The version recorded in key references is
 //! the one the encrypt response reports, for information and audits.
+//!
+//! Versions and rotation: [`GcpKms::key_versions`] reads the key (its
+//! primary) and lists its CryptoKeyVersions; [`GcpKms::rotate`] creates a
+//! version and makes it the primary. A provider pinned to a version reports
+//! that version as current and refuses to rotate (it would not follow).
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_kms_v1::client::KeyManagementService;
+use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
+use google_cloud_kms_v1::model::CryptoKeyVersion;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
-use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use super::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
 const PROVIDER: &str = "gcp";
 const DEFAULT_ENDPOINT: &str = "https://cloudkms.googleapis.com";
+/// Most pages of CryptoKeyVersions read (of up to 1000 each): a
+/// `nextPageToken` that never ends stops here.
+const MAX_VERSION_PAGES: usize = 100;
+/// How often, and how long apart, a new version that is still being
+/// generated (HSM, external keys) is looked at before it is made primary.
+const GENERATION_POLLS: u32 = 8;
+const GENERATION_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,13 +70,18 @@ pub struct GcpConfig {
 enum Op {
     Encrypt,
     Decrypt,
+    GetKey,
+    ListVersions,
+    GetVersion,
+    CreateVersion,
+    UpdatePrimary,
 }
 
 impl Op {
     fn direction(self) -> Direction {
         match self {
-            Op::Encrypt => Direction::Wrap,
             Op::Decrypt => Direction::Unwrap,
+            _ => Direction::Wrap,
         }
     }
 
@@ -69,6 +89,11 @@ impl Op {
         match self {
             Op::Encrypt => "encrypt",
             Op::Decrypt => "decrypt",
+            Op::GetKey => "getCryptoKey",
+            Op::ListVersions => "listCryptoKeyVersions",
+            Op::GetVersion => "getCryptoKeyVersion",
+            Op::CreateVersion => "createCryptoKeyVersion",
+            Op::UpdatePrimary => "updateCryptoKeyPrimaryVersion",
         }
     }
 
@@ -76,6 +101,20 @@ impl Op {
         match self {
             Op::Encrypt => "cloudkms.cryptoKeyVersions.useToEncrypt",
             Op::Decrypt => "cloudkms.cryptoKeyVersions.useToDecrypt",
+            Op::GetKey => "cloudkms.cryptoKeys.get",
+            Op::ListVersions => "cloudkms.cryptoKeyVersions.list",
+            Op::GetVersion => "cloudkms.cryptoKeyVersions.get",
+            Op::CreateVersion => "cloudkms.cryptoKeyVersions.create",
+            Op::UpdatePrimary => "cloudkms.cryptoKeys.update",
+        }
+    }
+
+    /// A predefined role that has [`permission`](Self::permission).
+    fn role(self) -> &'static str {
+        match self {
+            Op::Encrypt | Op::Decrypt => "roles/cloudkms.cryptoKeyEncrypterDecrypter",
+            Op::GetKey | Op::ListVersions | Op::GetVersion => "roles/cloudkms.viewer",
+            Op::CreateVersion | Op::UpdatePrimary => "roles/cloudkms.admin",
         }
     }
 }
@@ -317,16 +356,27 @@ impl GcpKms {
                 kms,
                 operation: op.permission(),
                 detail: format!(
-                    "{detail} (grant roles/cloudkms.cryptoKeyEncrypterDecrypter on {} to the caller, and check the API is enabled)",
-                    self.key_id
+                    "{detail} (grant {} on {} to the caller, or a role with {}, and check the API is enabled)",
+                    op.role(),
+                    self.key_id,
+                    op.permission()
                 ),
             },
             Code::NotFound => KmsError::KeyNotFound {
                 kms,
                 key: match op {
                     Op::Encrypt => self.encrypt_name.clone(),
-                    Op::Decrypt => self.key_id.clone(),
+                    Op::GetVersion => format!("{}/cryptoKeyVersions/{version}", self.key_id),
+                    _ => self.key_id.clone(),
                 },
+            },
+            Code::Unimplemented if !matches!(op, Op::Encrypt | Op::Decrypt) => KmsError::Unsupported {
+                kms,
+                operation: match op {
+                    Op::GetKey | Op::ListVersions | Op::GetVersion => "list key versions",
+                    _ => "rotate the key",
+                },
+                detail: format!("{detail} (this endpoint does not implement {})", op.name()),
             },
             Code::FailedPrecondition => KmsError::KeyVersionUnusable {
                 kms,
@@ -345,6 +395,149 @@ impl GcpKms {
                 detail: format!("{detail} (unavailable or throttled)"),
             },
             _ => KmsError::Config(format!("{kms} refused {}: {detail}", op.name())),
+        }
+    }
+}
+
+/// `e` with `note` added to what it says; a failure after a change was
+/// made (a version created) is never retried, so it becomes a
+/// configuration error where it has no detail to carry the note.
+fn with_note(e: KmsError, note: &str) -> KmsError {
+    match e {
+        KmsError::Unreachable { kms, detail } => KmsError::Unreachable {
+            kms,
+            detail: format!("{detail}; {note}"),
+        },
+        KmsError::AuthFailed { kms, detail } => KmsError::AuthFailed {
+            kms,
+            detail: format!("{detail}; {note}"),
+        },
+        KmsError::PermissionDenied {
+            kms,
+            operation,
+            detail,
+        } => KmsError::PermissionDenied {
+            kms,
+            operation,
+            detail: format!("{detail}; {note}"),
+        },
+        KmsError::KeyVersionUnusable {
+            kms,
+            key,
+            version,
+            detail,
+        } => KmsError::KeyVersionUnusable {
+            kms,
+            key,
+            version,
+            detail: format!("{detail}; {note}"),
+        },
+        KmsError::Unsupported {
+            kms,
+            operation,
+            detail,
+        } => KmsError::Unsupported {
+            kms,
+            operation,
+            detail: format!("{detail}; {note}"),
+        },
+        KmsError::Config(m) => KmsError::Config(format!("{m}; {note}")),
+        other => KmsError::Config(format!("{other}; {note}")),
+    }
+}
+
+impl GcpKms {
+    /// The version ID in a CryptoKeyVersion's resource name.
+    fn version_id(&self, op: Op, name: &str) -> Result<String, KmsError> {
+        name.strip_prefix(&self.key_id)
+            .and_then(|r| r.strip_prefix("/cryptoKeyVersions/"))
+            .filter(|v| !v.is_empty() && !v.contains('/') && v.len() <= 255)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                self.bad_response(
+                    op,
+                    format!("\"name\" {name:?} is not a version of {}", self.key_id),
+                )
+            })
+    }
+
+    /// Every CryptoKeyVersion of the key (all pages), oldest first.
+    async fn versions(&self) -> Result<Vec<KeyVersion>, KmsError> {
+        let mut versions = Vec::new();
+        let mut token = String::new();
+        for _ in 0..MAX_VERSION_PAGES {
+            let rsp = self
+                .call(
+                    Op::ListVersions,
+                    "primary",
+                    self.client
+                        .list_crypto_key_versions()
+                        .set_parent(self.key_id.clone())
+                        .set_page_size(1000)
+                        .set_page_token(token.clone())
+                        .send(),
+                )
+                .await?;
+            for v in &rsp.crypto_key_versions {
+                versions.push(KeyVersion {
+                    version: self.version_id(Op::ListVersions, &v.name)?,
+                    created: v.create_time.as_ref().map(|t| t.seconds()),
+                    can_unwrap: v.state == CryptoKeyVersionState::Enabled,
+                });
+            }
+            if rsp.next_page_token.is_empty() {
+                // Version IDs count up from 1 as versions are created.
+                versions.sort_by_cached_key(|v| {
+                    let n = v.version.parse::<u64>().ok();
+                    (n.is_none(), n, v.version.clone())
+                });
+                return Ok(versions);
+            }
+            if rsp.next_page_token == token {
+                return Err(
+                    self.bad_response(Op::ListVersions, "the same nextPageToken twice".into())
+                );
+            }
+            token = rsp.next_page_token;
+        }
+        Err(self.bad_response(
+            Op::ListVersions,
+            format!("more than {MAX_VERSION_PAGES} pages of versions"),
+        ))
+    }
+
+    /// Waits (briefly) for a version being generated to be enabled.
+    async fn generated(
+        &self, mut version: CryptoKeyVersion, id: &str,
+    ) -> Result<CryptoKeyVersion, KmsError> {
+        for _ in 0..GENERATION_POLLS {
+            if version.state != CryptoKeyVersionState::PendingGeneration {
+                break;
+            }
+            tokio::time::sleep(GENERATION_POLL_INTERVAL).await;
+            version = self
+                .call(
+                    Op::GetVersion,
+                    id,
+                    self.client
+                        .get_crypto_key_version()
+                        .set_name(version.name.clone())
+                        .send(),
+                )
+                .await?;
+        }
+        Ok(version)
+    }
+
+    /// The `gcloud` flags that name this key.
+    fn gcloud_key(&self) -> String {
+        // projects/P/locations/L/keyRings/R/cryptoKeys/K
+        let parts: Vec<&str> = self.key_id.split('/').collect();
+        match parts[..] {
+            [_, project, _, location, _, ring, _, key] => {
+                format!("{key} --keyring {ring} --location {location} --project {project}")
+            }
+            _ => self.key_id.clone(),
         }
     }
 }
@@ -438,5 +631,120 @@ impl KeyProvider for GcpKms {
             kms: self.kms_name(),
             detail: format!("{e} (not a kmsfs-wrapped DEK)"),
         })
+    }
+
+    /// The key's CryptoKeyVersions (their IDs, as key references record
+    /// them), oldest first, each usable for unwrapping while ENABLED;
+    /// `current` is the pinned version if there is one, else the primary.
+    /// Needs cloudkms.cryptoKeys.get and cloudkms.cryptoKeyVersions.list
+    /// (roles/cloudkms.viewer).
+    async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
+        let primary = match &self.key_version {
+            Some(v) => Some((v.clone(), None)),
+            None => {
+                let key = self
+                    .call(
+                        Op::GetKey,
+                        "primary",
+                        self.client
+                            .get_crypto_key()
+                            .set_name(self.key_id.clone())
+                            .send(),
+                    )
+                    .await?;
+                match &key.primary {
+                    Some(p) => Some((
+                        self.version_id(Op::GetKey, &p.name)?,
+                        p.create_time.as_ref().map(|t| t.seconds()),
+                    )),
+                    // No primary (disabled or destroyed): nothing encrypts.
+                    None => None,
+                }
+            }
+        };
+        let versions = self.versions().await?;
+        let (current, current_created) = match primary {
+            Some((v, created)) => {
+                let listed = versions
+                    .iter()
+                    .find(|k| k.version == v)
+                    .and_then(|k| k.created);
+                (Some(v), created.or(listed))
+            }
+            None => (None, None),
+        };
+        Ok(KeyVersions {
+            current,
+            current_created,
+            versions,
+        })
+    }
+
+    /// Creates a CryptoKeyVersion (cloudkms.cryptoKeyVersions.create) and
+    /// makes it the primary (cloudkms.cryptoKeys.update); both are in
+    /// roles/cloudkms.admin. Then [`key_versions`](Self::key_versions).
+    /// Refused when pinned to a version: the new one would not encrypt.
+    async fn rotate(&self) -> Result<KeyVersions, KmsError> {
+        if let Some(v) = &self.key_version {
+            return Err(KmsError::Unsupported {
+                kms: self.kms_name(),
+                operation: "rotate the key",
+                detail: format!(
+                    "key {} is pinned to version {v}, and a pinned version does not follow \
+                     rotation: new files would still be encrypted under {v}. Rotate it in Cloud \
+                     KMS (`gcloud kms keys versions create --key {} --primary`), then point the \
+                     policy at the new version (`kmsfs policy set BACKING DIR --provider PROVIDER \
+                     --key {} --key-version NEW_VERSION`), or drop the pin (the same without \
+                     --key-version) so that new files follow the primary version",
+                    self.key_id,
+                    self.gcloud_key(),
+                    self.key_id.rsplit('/').next().unwrap_or_default()
+                ),
+            });
+        }
+        let created = self
+            .call(
+                Op::CreateVersion,
+                "new",
+                self.client
+                    .create_crypto_key_version()
+                    .set_parent(self.key_id.clone())
+                    .set_crypto_key_version(CryptoKeyVersion::default())
+                    .send(),
+            )
+            .await?;
+        let id = self.version_id(Op::CreateVersion, &created.name)?;
+        let make_primary = format!(
+            "version {id} was created but is not the primary; make it the primary with \
+             `gcloud kms keys update {} --primary-version {id}` once it is ENABLED",
+            self.gcloud_key()
+        );
+        let created = self
+            .generated(created, &id)
+            .await
+            .map_err(|e| with_note(e, &make_primary))?;
+        if created.state != CryptoKeyVersionState::Enabled {
+            return Err(KmsError::KeyVersionUnusable {
+                kms: self.kms_name(),
+                key: self.key_id.clone(),
+                version: id.clone(),
+                detail: format!(
+                    "the new version is {}, not ENABLED; {make_primary}",
+                    created.state.name().unwrap_or("in an unknown state")
+                ),
+            });
+        }
+        self.call(
+            Op::UpdatePrimary,
+            &id,
+            self.client
+                .update_crypto_key_primary_version()
+                .set_name(self.key_id.clone())
+                .set_crypto_key_version_id(id.clone())
+                .send(),
+        )
+        .await
+        .map_err(|e| with_note(e, &make_primary))?;
+        self.key_versions().await
     }
 }

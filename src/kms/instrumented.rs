@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use super::{KeyProvider, KeyRef, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 use crate::metrics::Metrics;
 
@@ -168,6 +168,31 @@ impl KeyProvider for Instrumented {
         self.metrics
             .record_kms(self.inner.kind(), "unwrap_batch", outcome, start.elapsed());
         out
+    }
+    async fn wrap_many(&self, items: &[(&Dek, WrapContext)]) -> Vec<Result<WrappedDek, KmsError>> {
+        let start = Instant::now();
+        // Lifecycle batches: a stalled KMS fails the batch, which the
+        // command reports and a rerun retries.
+        let (out, outcome) =
+            match tokio::time::timeout(self.timeout, self.inner.wrap_many(items)).await {
+                Ok(out) if out.iter().all(|r| r.is_ok()) => (out, "ok"),
+                Ok(out) => (out, "partial_error"),
+                Err(_) => {
+                    let e = timed_out(self.inner.describe(), self.timeout);
+                    (items.iter().map(|_| Err(e.clone())).collect(), "timeout")
+                }
+            };
+        self.metrics
+            .record_kms(self.inner.kind(), "wrap_batch", outcome, start.elapsed());
+        out
+    }
+    async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
+        self.call("key_versions", || self.inner.key_versions())
+            .await
+    }
+    async fn rotate(&self) -> Result<KeyVersions, KmsError> {
+        // Never retried: a rotation that timed out may have happened.
+        within(self.timeout, || self.inner.describe(), self.inner.rotate()).await
     }
     async fn check(&self) -> Result<(), KmsError> {
         self.call("check", || self.inner.check()).await

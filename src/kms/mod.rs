@@ -125,6 +125,12 @@ pub enum KmsError {
     UnwrapFailed { kms: String, detail: String },
     #[error("no configured KMS can unwrap a DEK wrapped by {provider:?} key {key:?}; add that KMS to the configuration")]
     NoProvider { provider: String, key: String },
+    #[error("{kms} cannot {operation} through kmsfs: {detail}")]
+    Unsupported {
+        kms: String,
+        operation: &'static str,
+        detail: String,
+    },
     #[error("KMS configuration: {0}")]
     Config(String),
 }
@@ -149,6 +155,7 @@ impl KmsError {
             KmsError::KeyVersionUnusable { .. } => "key_version_unusable",
             KmsError::UnwrapFailed { .. } => "unwrap_failed",
             KmsError::NoProvider { .. } => "no_provider",
+            KmsError::Unsupported { .. } => "unsupported",
             KmsError::Config(_) => "config",
         }
     }
@@ -160,6 +167,34 @@ impl KmsError {
             KmsError::Unreachable { .. } | KmsError::Timeout { .. }
         )
     }
+}
+
+/// One version of a KMS key, as its KMS reports it. Never key bytes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyVersion {
+    /// As key references record it (`KeyRef::key_version`), e.g. "3".
+    pub version: String,
+    /// When it was created, in seconds since the Unix epoch, if known.
+    pub created: Option<i64>,
+    /// Whether the KMS still unwraps with it (false: disabled, destroyed,
+    /// below Vault's `min_decryption_version`, ...).
+    pub can_unwrap: bool,
+}
+
+/// What a KMS says of the key a provider wraps with: its versions and which
+/// one new wraps use.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyVersions {
+    /// The version new wraps are made under, as key references record it;
+    /// `None` when the KMS keeps versions inside its ciphertext and never
+    /// names them (AWS KMS): then headers cannot tell which version wrapped
+    /// them, and the KMS unwraps every version for ever.
+    pub current: Option<String>,
+    /// When the version new wraps use was created (for AWS: the last
+    /// rotation, or the key's creation), seconds since the Unix epoch.
+    pub current_created: Option<i64>,
+    /// Every version the KMS reports, oldest first.
+    pub versions: Vec<KeyVersion>,
 }
 
 /// One configured key in one KMS.
@@ -191,6 +226,37 @@ pub trait KeyProvider: Send + Sync {
     async fn wrap(&self, dek: &Dek, ctx: &WrapContext) -> Result<WrappedDek, KmsError>;
 
     async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError>;
+
+    /// Wraps many DEKs; providers with a batch endpoint override this to
+    /// make one request per batch instead of one per DEK. One answer per
+    /// item, in order.
+    async fn wrap_many(&self, items: &[(&Dek, WrapContext)]) -> Vec<Result<WrappedDek, KmsError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (dek, ctx) in items {
+            out.push(self.wrap(dek, ctx).await);
+        }
+        out
+    }
+
+    /// The key's versions, and which one new wraps use (`kmsfs keys list`,
+    /// `keys status`, `rotate --due`). Never key bytes.
+    async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
+        Err(KmsError::Unsupported {
+            kms: self.describe(),
+            operation: "list key versions",
+            detail: "this provider does not report key versions".into(),
+        })
+    }
+
+    /// Makes a new version of the key, which new wraps use from now on;
+    /// older versions keep unwrapping. Returns the key's state after it.
+    async fn rotate(&self) -> Result<KeyVersions, KmsError> {
+        Err(KmsError::Unsupported {
+            kms: self.describe(),
+            operation: "rotate the key",
+            detail: "rotate it with the KMS's own tools".into(),
+        })
+    }
 
     /// Unwraps many DEKs; providers with a batch endpoint override this to
     /// make one request per batch instead of one per DEK.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{KeyProvider, KeyRef, KmsError, WrapContext, WrappedDek};
+use super::{KeyProvider, KeyRef, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
 pub struct NamedKey {
@@ -108,6 +108,19 @@ impl KeyProvider for NamedKey {
                 _ => answers.next().expect("one answer per item"),
             })
             .collect()
+    }
+
+    async fn wrap_many(&self, items: &[(&Dek, WrapContext)]) -> Vec<Result<WrappedDek, KmsError>> {
+        let out = self.inner.wrap_many(items).await;
+        out.into_iter().map(|r| r.map(|w| self.named(w))).collect()
+    }
+
+    async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
+        self.inner.key_versions().await
+    }
+
+    async fn rotate(&self) -> Result<KeyVersions, KmsError> {
+        self.inner.rotate().await
     }
 
     async fn check(&self) -> Result<(), KmsError> {

@@ -16,13 +16,23 @@ pub(super) enum Op {
     Encrypt,
     Decrypt,
     ReadKey,
+    /// `POST {mount}/keys/{key}/rotate`: a new key version.
+    Rotate,
 }
 
 impl Op {
     pub(super) fn direction(self) -> Direction {
         match self {
             Op::Decrypt => Direction::Unwrap,
-            Op::Encrypt | Op::ReadKey => Direction::Wrap,
+            Op::Encrypt | Op::ReadKey | Op::Rotate => Direction::Wrap,
+        }
+    }
+
+    /// The policy capability the request needs on its path.
+    pub(super) fn capability(self) -> &'static str {
+        match self {
+            Op::ReadKey => "read",
+            Op::Encrypt | Op::Decrypt | Op::Rotate => "update",
         }
     }
 
@@ -31,6 +41,7 @@ impl Op {
             Op::Encrypt => "transit encrypt",
             Op::Decrypt => "transit decrypt",
             Op::ReadKey => "transit keys read",
+            Op::Rotate => "transit key rotate",
         }
     }
 }
@@ -181,11 +192,15 @@ impl VaultKms {
                     _ => KmsError::PermissionDenied {
                         kms: self.kms(),
                         operation: op.name(),
-                        detail: format!("{detail} on {}", self.op_path(op)),
+                        detail: format!(
+                            "{detail} on {path} (the token's policy needs `{cap}` on {path})",
+                            path = self.op_path(op),
+                            cap = op.capability()
+                        ),
                     },
                 }
             }
-            404 if op == Op::ReadKey => KmsError::KeyNotFound {
+            404 if matches!(op, Op::ReadKey | Op::Rotate) => KmsError::KeyNotFound {
                 kms: self.kms(),
                 key: self.key_id(),
             },
@@ -254,6 +269,7 @@ impl VaultKms {
             Op::Encrypt => format!("{m}/encrypt/{k}"),
             Op::Decrypt => format!("{m}/decrypt/{k}"),
             Op::ReadKey => format!("{m}/keys/{k}"),
+            Op::Rotate => format!("{m}/keys/{k}/rotate"),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A local HTTPS mock of the Azure Key Vault REST API (wrapkey/unwrapkey,
-//! with the bearer challenge flow).
+//! get key, list versions (paged by `nextLink`), rotate; with the bearer
+//! challenge flow).
 //!
 //! The mock holds real keys (AES-256-GCM per key version standing in for the
 //! vault's RSA keys: the client never sees the difference), so round trips are
@@ -10,7 +11,7 @@
 //! that name by a CA the client trusts. The SDK's challenge resource
 //! verification stays on (resource [`CHALLENGE_RESOURCE`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -34,11 +35,57 @@ pub const KEY: &str = "kek";
 pub const V1: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
 pub const V2: &str = "f9e8d7c6b5a4938271605f4e3d2c1b0a";
 pub const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+/// When the mock's versions were created: the first at `CREATED_BASE`,
+/// each later one `CREATED_STEP` seconds after the one before.
+pub const CREATED_BASE: i64 = 1_700_000_000;
+pub const CREATED_STEP: i64 = 100;
+/// Versions per page of `GET /keys/NAME/versions`.
+pub const VERSIONS_PAGE: usize = 2;
 
 struct State {
     mode: Mode,
     keys: HashMap<String, [u8; 32]>,
     latest: String,
+    /// Versions, oldest first.
+    order: Vec<String>,
+    disabled: HashSet<String>,
+}
+
+impl State {
+    fn add_version(&mut self, version: String) {
+        self.keys
+            .insert(version.clone(), rand::random::<[u8; 32]>());
+        self.latest = version.clone();
+        self.order.push(version);
+    }
+
+    fn created(&self, version: &str) -> i64 {
+        let i = self.order.iter().position(|v| v == version).unwrap_or(0);
+        CREATED_BASE + CREATED_STEP * i as i64
+    }
+
+    /// A key bundle (`GET /keys/NAME/VERSION`, rotate) or a key item (the
+    /// versions listing) of `version`.
+    fn bundle(&self, host: &str, version: &str, item: bool) -> serde_json::Value {
+        let kid = format!("https://{host}/keys/{KEY}/{version}");
+        let created = self.created(version);
+        let attributes = serde_json::json!({
+            "enabled": !self.disabled.contains(version),
+            "created": created,
+            "updated": created,
+            "recoveryLevel": "Recoverable+Purgeable",
+            "recoverableDays": 90
+        });
+        if item {
+            serde_json::json!({"kid": kid, "attributes": attributes})
+        } else {
+            serde_json::json!({
+                "key": {"kid": kid, "kty": "RSA", "key_ops": ["wrapKey", "unwrapKey"],
+                        "n": B64URL.encode([0xc5u8; 256]), "e": "AQAB"},
+                "attributes": attributes
+            })
+        }
+    }
 }
 
 pub struct Mock {
@@ -48,13 +95,15 @@ pub struct Mock {
 
 impl Mock {
     pub async fn start() -> Mock {
-        let mut keys = HashMap::new();
-        keys.insert(V1.to_string(), rand::random::<[u8; 32]>());
-        let state = Arc::new(Mutex::new(State {
+        let mut state = State {
             mode: Mode::Normal,
-            keys,
-            latest: V1.to_string(),
-        }));
+            keys: HashMap::new(),
+            latest: String::new(),
+            order: Vec::new(),
+            disabled: HashSet::new(),
+        };
+        state.add_version(V1.to_string());
+        let state = Arc::new(Mutex::new(state));
         let st = state.clone();
         let server = MockServer::https(HOST, Arc::new(move |req: &Req| handle(req, &st))).await;
         Mock { server, state }
@@ -74,9 +123,22 @@ impl Mock {
 
     /// A new key version becomes the latest.
     pub fn rotate(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.keys.insert(V2.to_string(), rand::random::<[u8; 32]>());
-        s.latest = V2.to_string();
+        self.state.lock().unwrap().add_version(V2.to_string());
+    }
+
+    /// The key's versions, oldest first.
+    pub fn versions(&self) -> Vec<String> {
+        self.state.lock().unwrap().order.clone()
+    }
+
+    /// Disables a version: it is listed as not enabled, and neither wraps
+    /// nor unwraps.
+    pub fn disable(&self, version: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .disabled
+            .insert(version.to_string());
     }
 
     pub fn requests(&self) -> Vec<Req> {
@@ -154,10 +216,13 @@ fn handle(req: &Req, st: &Mutex<State>) -> Resp {
         }
         Some(_) => {}
     }
+    let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    if let ["keys", name, what] = segs[..] {
+        return handle_key(req, st, mode, name, what);
+    }
     if req.method != "POST" {
         return error_resp(405, "MethodNotAllowed", "only POST here");
     }
-    let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     let [keys_lit, name, version, op] = segs[..] else {
         return error_resp(400, "BadParameter", "unexpected path");
     };
@@ -219,6 +284,13 @@ fn handle(req: &Req, st: &Mutex<State>) -> Resp {
             &format!("A key with (name/id) {name}/{version} was not found."),
         );
     };
+    if g.disabled.contains(&version) {
+        return error_resp(
+            403,
+            "Forbidden",
+            &format!("Operation {op_name} is not allowed on a disabled key."),
+        );
+    }
     let cipher = Aes256Gcm::new_from_slice(k).unwrap();
     let host = req.headers.get("host").cloned().unwrap_or_default();
     let kid = format!("https://{host}/keys/{name}/{version}");
@@ -245,6 +317,82 @@ fn handle(req: &Req, st: &Mutex<State>) -> Resp {
         200,
         serde_json::json!({"kid": kid, "value": B64URL.encode(out)}),
     )
+}
+
+/// The key's metadata calls (authorized already): `GET /keys/NAME/` (the
+/// latest version), `GET /keys/NAME/versions` (newest first,
+/// [`VERSIONS_PAGE`] a page, `$skiptoken` in `nextLink`) and `POST
+/// /keys/NAME/rotate` (a new latest version).
+fn handle_key(req: &Req, st: &Mutex<State>, mode: Mode, name: &str, what: &str) -> Resp {
+    let (permission, method) = match what {
+        "" => ("get", "GET"),
+        "versions" => ("list", "GET"),
+        "rotate" => ("rotate", "POST"),
+        _ => return error_resp(400, "BadParameter", "unexpected path"),
+    };
+    if req.method != method {
+        return error_resp(405, "MethodNotAllowed", "unexpected method");
+    }
+    if name != KEY {
+        return error_resp(
+            404,
+            "KeyNotFound",
+            &format!("A key with (name/id) {name} was not found in this key vault."),
+        );
+    }
+    match mode {
+        Mode::Deny403 => {
+            return Resp::json(
+                403,
+                serde_json::json!({"error": {
+                    "code": "Forbidden",
+                    "message": format!("The user, group or application 'appid=11111111-2222-3333-4444-555555555555' does not have keys {permission} permission on key vault 'kmsfs;location=westeurope'."),
+                    "innererror": {"code": "AccessDenied"}
+                }}),
+            )
+        }
+        Mode::Disabled if what == "rotate" => {
+            return error_resp(
+                403,
+                "Forbidden",
+                "Operation rotate is not allowed on a disabled key.",
+            )
+        }
+        _ => {}
+    }
+    let host = req.headers.get("host").cloned().unwrap_or_default();
+    let mut g = st.lock().unwrap();
+    match what {
+        "" => Resp::json(200, g.bundle(&host, &g.latest, false)),
+        "rotate" => {
+            let version = hex::encode(rand::random::<[u8; 16]>());
+            g.add_version(version.clone());
+            Resp::json(200, g.bundle(&host, &version, false))
+        }
+        _ => {
+            let skip: usize = req
+                .param("$skiptoken")
+                .map(|t| t.parse().expect("a skiptoken of ours"))
+                .unwrap_or(0);
+            let newest_first: Vec<&String> = g.order.iter().rev().collect();
+            let page: Vec<serde_json::Value> = newest_first
+                .iter()
+                .skip(skip)
+                .take(VERSIONS_PAGE)
+                .map(|v| g.bundle(&host, v, true))
+                .collect();
+            let next = skip + VERSIONS_PAGE;
+            let next_link = (next < newest_first.len()).then(|| {
+                format!(
+                    "https://{host}/keys/{KEY}/versions?api-version={API_VERSION}&$skiptoken={next}&maxresults={VERSIONS_PAGE}"
+                )
+            });
+            Resp::json(
+                200,
+                serde_json::json!({"value": page, "nextLink": next_link}),
+            )
+        }
+    }
 }
 
 /// Hands out TOKEN and records the scopes it was asked for.
