@@ -89,18 +89,101 @@ fn connect(
     Ok(NamedKey::wrap(&spec.provider, inner))
 }
 
-/// Connects every key `config`'s policies name (current and retired) that
-/// `connected` does not hold yet, each once.
+/// Connects every key `config`'s policies name (current, recipients,
+/// retired) that `connected` does not hold yet, each once. A key that
+/// cannot be connected fails the whole, except a wrapping key of a policy
+/// that has another one (break-glass recipients, `Policy::wrapping_keys`),
+/// other than the root policy's key (which the volume key needs): it is
+/// replaced by a stand-in that fails every call with the reason, so that
+/// files under the policy open through their other wraps, and new files
+/// there fail to be created rather than be wrapped under fewer keys.
 fn connect_all(
     config: &VolumeConfig, trusted: &TrustedConfig, rt: &KmsRuntime, calls: &Calls,
     connected: &mut HashMap<KeySpec, Arc<dyn KeyProvider>>,
 ) -> Result<(), ConfigError> {
-    for spec in config.policies.iter().flat_map(|p| p.keys()) {
-        if !connected.contains_key(spec) {
-            connected.insert(spec.clone(), connect(spec, trusted, rt, calls)?);
+    let root_key = &config.root().key;
+    for p in &config.policies {
+        let has_another = p.wrapping_keys().count() > 1;
+        for spec in p.keys() {
+            if connected.contains_key(spec) {
+                continue;
+            }
+            let key = match connect(spec, trusted, rt, calls) {
+                Ok(key) => key,
+                Err(e)
+                    if has_another && spec != root_key && p.wrapping_keys().any(|k| k == spec) =>
+                {
+                    tracing::warn!(
+                        "key {spec} of the policy of {} cannot be connected ({e}); files there open \
+                         through their other keys, and new files there cannot be created until it \
+                         can",
+                        p.dir
+                    );
+                    let kind = trusted
+                        .providers()
+                        .get(&spec.provider)
+                        .map(|d| d.kind.clone())
+                        .unwrap_or_default();
+                    NamedKey::wrap(&spec.provider, Arc::new(Unavailable::new(spec, &kind, e)))
+                }
+                Err(e) => return Err(e),
+            };
+            connected.insert(spec.clone(), key);
         }
     }
     Ok(())
+}
+
+/// A key that could not be connected, in place (see `connect_all`): it
+/// claims the references of its provider kind, so that a header's wrap
+/// under it is tried, and fails every call with why it is unavailable.
+struct Unavailable {
+    kind: &'static str,
+    describe: String,
+    why: KmsError,
+}
+
+impl Unavailable {
+    fn new(spec: &KeySpec, kind: &str, e: ConfigError) -> Self {
+        let kind = ["local", "vault", "aws", "azure", "gcp"]
+            .into_iter()
+            .find(|k| *k == kind)
+            .unwrap_or("unknown");
+        Unavailable {
+            kind,
+            describe: format!("{spec} (not connected)"),
+            why: KmsError::Unreachable {
+                kms: spec.to_string(),
+                detail: format!("it could not be connected when the volume was opened: {e}"),
+            },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyProvider for Unavailable {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    fn handles(&self, key_ref: &crate::format::KeyRef) -> bool {
+        key_ref.provider == self.kind
+    }
+    async fn wrap(
+        &self, _: &Dek, _: &crate::kms::WrapContext,
+    ) -> Result<crate::kms::WrappedDek, KmsError> {
+        Err(self.why.clone())
+    }
+    async fn unwrap(
+        &self, _: &crate::kms::WrappedDek, _: &crate::kms::WrapContext,
+    ) -> Result<Dek, KmsError> {
+        Err(self.why.clone())
+    }
+    async fn check(&self) -> Result<(), KmsError> {
+        Err(self.why.clone())
+    }
 }
 
 /// A KMS refusing to unwrap the volume key means the key does not match the

@@ -80,14 +80,24 @@ impl FileKeys {
         let _ = self.audit.set(audit);
     }
 
+    /// Logs `event`, whose path is a label (`a/b`, relative to the mount),
+    /// with the path written as everywhere in the audit log (`/a/b`).
     fn audit(&self, event: AuditEvent<'_>, who: Requester) {
-        if let Some(log) = self.audit.get() {
-            let event = match who {
-                Some((uid, pid)) => event.caller(uid, pid),
-                None => event,
-            };
-            log.record(&event);
-        }
+        let Some(log) = self.audit.get() else {
+            return;
+        };
+        let event = match who {
+            Some((uid, pid)) => event.caller(uid, pid),
+            None => event,
+        };
+        let rooted = event
+            .path
+            .filter(|p| !p.starts_with('/') && !p.starts_with('('))
+            .map(|p| format!("/{p}"));
+        log.record(&AuditEvent {
+            path: rooted.as_deref().or(event.path),
+            ..event
+        });
     }
 
     /// The wrap context of a header: what its wrapped DEKs are bound to.
