@@ -190,6 +190,13 @@ fn report(summary: &Summary, json: bool) -> Result<()> {
             }
         );
     }
+    if summary.failed > 0 && summary.failed == summary.retryable {
+        return Err(RetryLater(format!(
+            "{} files could not be {}ed because a KMS was unreachable or slow (listed above); run it again",
+            summary.failed, summary.operation
+        ))
+        .into());
+    }
     if summary.failed > 0 {
         bail!(
             "{} files could not be {}ed (listed above); fix what each says and run it again",
@@ -211,9 +218,17 @@ fn report(summary: &Summary, json: bool) -> Result<()> {
 fn make_scope<'a>(
     volume: &'a Volume, rt: &'a KmsRuntime, dir: String, audit: &'a AuditLog,
 ) -> Scope<'a> {
+    // By identity, not spelling: a symlinked path to the backing
+    // directory is the same directory.
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ours = id(&volume.backing);
     let mountpoint = super::mountinfo::mounts()
         .into_iter()
-        .find(|m| m.kmsfs_backing() == Some(volume.backing.as_path()))
+        .find(|m| {
+            m.kmsfs_backing()
+                .is_some_and(|b| ours.is_some() && id(b) == ours)
+        })
         .map(|m| m.mountpoint);
     Scope {
         volume,
@@ -378,6 +393,7 @@ pub fn rotate_cmd(a: RotateArgs) -> Result<()> {
             .collect()
     };
     let mut rotated = Vec::new();
+    let mut rotate_error = None;
     // A key shared by several policies is rotated once.
     let mut done_keys: Vec<String> = Vec::new();
     for r in &chosen {
@@ -422,16 +438,22 @@ pub fn rotate_cmd(a: RotateArgs) -> Result<()> {
                 audit.record(
                     &AuditEvent::new(AuditOp::Rotate, AuditOutcome::Failed(&why)).key(&key_ref),
                 );
-                return Err(anyhow::Error::new(e).context(format!("cannot rotate {}", r.key)));
+                // The keys rotated so far are still rewrapped below.
+                rotate_error =
+                    Some(anyhow::Error::new(e).context(format!("cannot rotate {}", r.key)));
+                break;
             }
         }
     }
+    // Rewrap after a rotation, and whenever files are stale (a run that
+    // rotated but was stopped before its rewrap finished).
+    let stale = rows.iter().any(|r| r.files_stale > 0);
     let mut summary = None;
-    if !rotated.is_empty() && !a.no_rewrap {
+    if (!rotated.is_empty() || stale) && !a.no_rewrap && !a.dry_run {
         rewrap_volume_key(&mut volume, &rt, &audit, false)?;
-        // Every policy under the rotated keys, from the volume's root.
-        let dir = if a.due { "/".into() } else { scope_dir.clone() };
-        let scope = make_scope(&volume, &rt, dir, &audit);
+        // The whole volume: a key may serve several policies; files
+        // already current are skipped.
+        let scope = make_scope(&volume, &rt, "/".into(), &audit);
         let s = rewrap(
             &scope,
             &RewrapOptions::default(),
@@ -464,6 +486,9 @@ pub fn rotate_cmd(a: RotateArgs) -> Result<()> {
         }))?;
     } else if rotated.is_empty() && !a.dry_run {
         eprintln!("kmsfs: no key was due for rotation");
+    }
+    if let Some(e) = rotate_error {
+        return Err(e);
     }
     if let Some(s) = &summary {
         report(s, false)?;

@@ -152,50 +152,103 @@ fn parse_mount_options(opts: &[String]) -> (bool, bool, Vec<String>) {
     (ro, allow_other, extra)
 }
 
+/// How the mount takes up a change to the volume's policies (`kmsfs policy
+/// set/unset` while mounted): when the configuration file changed, it is
+/// read again, checked under the volume key, and its new keys connected
+/// through the trusted configuration as it is now. A change that cannot be
+/// used (a KMS unreachable, a configuration that fails its checks) is
+/// logged, the mount keeps its policies, and it is tried again at most
+/// every few seconds.
+struct LiveConfig {
+    path: PathBuf,
+    metrics: Arc<Metrics>,
+    state: std::sync::Mutex<LiveState>,
+}
+
+struct LiveState {
+    /// The configuration file as last taken up.
+    applied: Option<Stamp>,
+    last_failure: Option<std::time::Instant>,
+    volume: kmsfs::config::Volume,
+}
+
+type Stamp = (u64, u64, i64, i64);
+
+/// How long a change that could not be used waits before it is tried again.
+const RELOAD_RETRY: Duration = Duration::from_secs(5);
+
+impl fs::PolicySource for LiveConfig {
+    fn stale(&self) -> bool {
+        match self.state.try_lock() {
+            Ok(s) => {
+                stamp(&self.path) != s.applied
+                    && s.last_failure.is_none_or(|t| t.elapsed() >= RELOAD_RETRY)
+            }
+            // Another thread is taking it up.
+            Err(_) => false,
+        }
+    }
+
+    fn reload(&self, rt: &kmsfs::kms::KmsRuntime) -> Option<Vec<kmsfs::config::ActivePolicy>> {
+        let mut state = match self.state.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let now = stamp(&self.path);
+        if now == state.applied {
+            return None;
+        }
+        let reloaded = trust::load()
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|trusted| {
+                state
+                    .volume
+                    .reload(&trusted, rt, &Calls::Mount(self.metrics.clone()))
+                    .map_err(|e| e.to_string())
+            });
+        match reloaded {
+            Ok(changed) => {
+                state.applied = now;
+                state.last_failure = None;
+                if changed {
+                    tracing::info!(
+                        "the volume configuration changed and was read again; new files follow \
+                         its policies from now on"
+                    );
+                }
+                changed.then(|| state.volume.policies.clone())
+            }
+            Err(e) => {
+                state.last_failure = Some(std::time::Instant::now());
+                tracing::warn!(
+                    "the volume configuration changed but cannot be used yet, so the mount keeps \
+                     its policies (tried again in {} s): {e}",
+                    RELOAD_RETRY.as_secs()
+                );
+                None
+            }
+        }
+    }
+}
+
 /// A volume configuration file's identity and version, to notice a change
 /// with one stat.
-fn stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
+fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(path).ok()?;
     Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
-/// How the mount takes up a change to the volume's policies (`kmsfs policy
-/// set/unset` while mounted): when the configuration file changed, it is
-/// read again, checked under the volume key, and its new keys connected
-/// through the trusted configuration as it is now. A configuration that
-/// fails its checks is logged once and the mount keeps its policies.
 fn reloader(volume: kmsfs::config::Volume, metrics: Arc<Metrics>) -> fs::Reloader {
     let path = kmsfs::config::VolumeConfig::path(&volume.backing);
-    let state = std::sync::Mutex::new((stamp(&path), volume));
-    Box::new(move |rt| {
-        let mut state = state.lock().unwrap();
-        let now = stamp(&path);
-        if now == state.0 {
-            return None;
-        }
-        state.0 = now;
-        let reloaded = trust::load()
-            .map_err(|e| format!("{e:#}"))
-            .and_then(|trusted| {
-                state
-                    .1
-                    .reload(&trusted, rt, &Calls::Mount(metrics.clone()))
-                    .map_err(|e| e.to_string())
-            });
-        match reloaded {
-            Ok(true) => {
-                tracing::info!("the volume configuration changed and was read again; new files follow its policies from now on");
-                Some(state.1.policies.clone())
-            }
-            Ok(false) => None,
-            Err(e) => {
-                tracing::warn!(
-                    "the volume configuration changed but cannot be used, so the mount keeps its \
-                     policies: {e}"
-                );
-                None
-            }
-        }
+    Box::new(LiveConfig {
+        state: std::sync::Mutex::new(LiveState {
+            applied: stamp(&path),
+            last_failure: None,
+            volume,
+        }),
+        path,
+        metrics,
     })
 }

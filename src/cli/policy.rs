@@ -78,6 +78,13 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
         } => {
             let backing = absolute(&backing)?;
             let dir = normalize_dir(&dir)?;
+            let most = kmsfs::format::header::MAX_WRAPS - 1;
+            if recipients.len() > most {
+                bail!(
+                    "a policy takes at most {most} recipients (a header holds {} wrapped DEKs)",
+                    most + 1
+                );
+            }
             let _lock = VolumeConfig::lock(&backing)?;
             let key = kms.to_key(&backing)?;
             let (mut volume, rt) = trust::open_volume(&backing, &Calls::Once)?;

@@ -68,6 +68,11 @@ impl FsError {
     }
 
     /// A KMS failure while `action` for `file`.
+    /// Whether trying again later may succeed (a KMS unreachable or slow).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, FsError::Kms { source, .. } if source.is_retryable())
+    }
+
     pub fn kms(file: &str, action: &'static str, source: KmsError) -> Self {
         FsError::Kms {
             file: file.to_owned(),

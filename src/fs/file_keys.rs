@@ -36,6 +36,17 @@ type UnwrapItem = (WrappedDek, WrapContext);
 /// its label for errors.
 pub type LifecycleFile<'a> = (&'a FileHeader, &'a ActivePolicy, &'a str);
 
+/// The DEKs of a batch, and the errors of the files that have none.
+fn split(results: Vec<FsResult<Dek>>) -> (Vec<Option<Dek>>, Vec<Option<FsError>>) {
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(dek) => (Some(dek), None),
+            Err(e) => (None, Some(e)),
+        })
+        .unzip()
+}
+
 /// Adds file `i` to the group of `key` in `groups`.
 fn group(
     groups: &mut Vec<(Arc<dyn KeyProvider>, Vec<usize>)>, key: &Arc<dyn KeyProvider>, i: usize,
@@ -287,8 +298,9 @@ impl FileKeys {
 
     /// The DEKs of `files` (headers with their policy and label), each
     /// unwrapped under a key its policy allows and its header's MAC checked
-    /// with it, as at open: one `unwrap_many` per key the files are under.
-    /// One answer per file, in order.
+    /// with it, as at open: one `unwrap_many` per key the files are under,
+    /// then, for a file whose first allowed wrap failed, its other allowed
+    /// wraps (recipients) one by one. One answer per file, in order.
     async fn unwrap_checked(&self, files: &[LifecycleFile<'_>]) -> Vec<FsResult<Dek>> {
         let mut out: Vec<Option<FsResult<Dek>>> = files.iter().map(|_| None).collect();
         let mut by_key: Vec<(Arc<dyn KeyProvider>, Vec<usize>)> = Vec::new();
@@ -304,6 +316,12 @@ impl FileKeys {
                 Some((_, key)) => group(&mut by_key, key, i),
             }
         }
+        let check = |i: usize, dek: Dek| -> FsResult<Dek> {
+            let (header, _, label) = files[i];
+            crypto::open_header(&header.parsed, &dek)
+                .map(|_| dek)
+                .map_err(|e| FsError::header(label, e))
+        };
         for (key, idx) in &by_key {
             let items: Vec<UnwrapItem> = idx
                 .iter()
@@ -314,15 +332,27 @@ impl FileKeys {
                 })
                 .collect();
             for (&i, dek) in idx.iter().zip(key.unwrap_many(&items).await) {
-                let (header, _, label) = files[i];
-                out[i] = Some(
-                    dek.map_err(|e| FsError::kms(label, "the DEK could not be unwrapped", e))
-                        .and_then(|dek| {
-                            crypto::open_header(&header.parsed, &dek)
-                                .map(|_| dek)
-                                .map_err(|e| FsError::header(label, e))
-                        }),
-                );
+                out[i] = Some(match dek {
+                    Ok(dek) => check(i, dek),
+                    Err(first) => {
+                        let (header, policy, label) = files[i];
+                        let h = &header.parsed.header;
+                        let ctx = self.context(h);
+                        let mut answer =
+                            Err(FsError::kms(label, "the DEK could not be unwrapped", first));
+                        for (w, other) in self.allowed_wraps(h, policy).skip(1) {
+                            if let Ok(dek) = other.unwrap(w, &ctx).await {
+                                tracing::warn!(
+                                    "{label}: unwrapped with recipient {} because the first key failed",
+                                    other.describe()
+                                );
+                                answer = check(i, dek);
+                                break;
+                            }
+                        }
+                        answer
+                    }
+                });
             }
         }
         out.into_iter()
@@ -330,13 +360,14 @@ impl FileKeys {
             .collect()
     }
 
-    /// Sealed headers for `files`: file `i` gets `deks[i]` (skipped when an
-    /// error already) wrapped under its policy's wrapping keys (current key,
-    /// then recipients) with context `ctxs[i]`, in a header of `versions[i]`
-    /// with its old cipher and block size and file ID `ids[i]`. One
+    /// Sealed headers for `files`: file `i`, unless `deks[i]` is `None`
+    /// (its answer is then an error the caller replaces with its own), gets
+    /// `deks[i]` wrapped under its policy's wrapping keys (current key, then
+    /// recipients) bound to file ID `ids[i]`, in a header of format 1 if
+    /// `format_1[i]` (else 2) with its old cipher and block size. One
     /// `wrap_many` per wrapping key.
     async fn seal_for(
-        &self, files: &[LifecycleFile<'_>], deks: &[FsResult<Dek>], ids: &[[u8; 16]],
+        &self, files: &[LifecycleFile<'_>], deks: &[Option<Dek>], ids: &[[u8; 16]],
         format_1: &[bool],
     ) -> Vec<FsResult<NewFile>> {
         let mut errors: Vec<Option<FsError>> = files.iter().map(|_| None).collect();
@@ -356,7 +387,7 @@ impl FileKeys {
         for slot in 0..slots {
             let mut by_key: Vec<(Arc<dyn KeyProvider>, Vec<usize>)> = Vec::new();
             for (i, (_, policy, label)) in files.iter().enumerate() {
-                if deks[i].is_err() || errors[i].is_some() || slot >= policy.wrapping().len() {
+                if deks[i].is_none() || errors[i].is_some() || slot >= policy.wrapping().len() {
                     continue;
                 }
                 if slot > 0 && format_1[i] {
@@ -392,9 +423,8 @@ impl FileKeys {
             .iter()
             .enumerate()
             .map(|(i, (header, _, label))| {
-                let dek = match &deks[i] {
-                    Err(e) => return Err(FsError::header(label, e.to_string())),
-                    Ok(dek) => dek,
+                let Some(dek) = &deks[i] else {
+                    return Err(FsError::errno(libc::EIO));
                 };
                 if let Some(e) = errors[i].take() {
                     return Err(e);
@@ -427,14 +457,21 @@ impl FileKeys {
     /// with a batch API gets one request per key per batch. One answer per
     /// file, in order. A format 1 header stays format 1 (no recipients).
     pub async fn rewrap(&self, files: &[LifecycleFile<'_>]) -> Vec<FsResult<FileHeader>> {
-        let deks = self.unwrap_checked(files).await;
+        let (deks, mut errors) = split(self.unwrap_checked(files).await);
         let ids: Vec<[u8; 16]> = files.iter().map(|f| f.0.parsed.header.file_id).collect();
         let v1: Vec<bool> = files
             .iter()
             .map(|f| f.0.parsed.header.version() == VERSION_1)
             .collect();
         let sealed = self.seal_for(files, &deks, &ids, &v1).await;
-        sealed.into_iter().map(|r| r.map(|n| n.header)).collect()
+        sealed
+            .into_iter()
+            .zip(errors.iter_mut())
+            .map(|(r, e)| match e.take() {
+                Some(e) => Err(e),
+                None => r.map(|n| n.header),
+            })
+            .collect()
     }
 
     /// For each of `files` (`kmsfs rekey`): the block cipher of its data as
@@ -445,32 +482,33 @@ impl FileKeys {
     pub async fn rekey(
         &self, files: &[LifecycleFile<'_>],
     ) -> Vec<FsResult<(BlockCipher, NewFile)>> {
-        let old = self.unwrap_checked(files).await;
-        let old_ciphers: Vec<FsResult<BlockCipher>> = files
+        let (old, mut errors) = split(self.unwrap_checked(files).await);
+        let old_ciphers: Vec<Option<BlockCipher>> = files
             .iter()
             .zip(&old)
-            .map(|((header, _, label), dek)| match dek {
-                Ok(dek) => {
-                    crypto::open_header(&header.parsed, dek).map_err(|e| FsError::header(label, e))
-                }
-                Err(e) => Err(FsError::header(label, e.to_string())),
+            .map(|((header, _, _), dek)| {
+                // The MAC was checked with this DEK already.
+                dek.as_ref()
+                    .and_then(|dek| crypto::open_header(&header.parsed, dek).ok())
             })
             .collect();
         drop(old);
-        let deks: Vec<FsResult<Dek>> = old_ciphers
+        let deks: Vec<Option<Dek>> = old_ciphers
             .iter()
-            .map(|c| match c {
-                Ok(_) => Ok(Dek::generate()),
-                Err(e) => Err(FsError::header("", e.to_string())),
-            })
+            .map(|c| c.as_ref().map(|_| Dek::generate()))
             .collect();
         let ids: Vec<[u8; 16]> = files.iter().map(|_| crypto::random_file_id()).collect();
         let v1 = vec![false; files.len()];
-        let headers = self.seal_for(files, &deks, &ids, &v1).await;
+        let sealed = self.seal_for(files, &deks, &ids, &v1).await;
         old_ciphers
             .into_iter()
-            .zip(headers)
-            .map(|(old, new)| Ok((old?, new?)))
+            .zip(sealed)
+            .zip(errors.iter_mut())
+            .map(|((old, new), e)| match (e.take(), old) {
+                (Some(e), _) => Err(e),
+                (None, Some(old)) => Ok((old, new?)),
+                (None, None) => Err(FsError::errno(libc::EIO)),
+            })
             .collect()
     }
 

@@ -88,9 +88,22 @@ pub(crate) fn with_plaintext_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R 
     PLAINTEXT.with(|buf| f(&mut buf.borrow_mut()))
 }
 
-/// Returns the volume's policies when its configuration changed since the
-/// last call, connected and checked (see `config::Volume::reload`).
-pub type Reloader = Box<dyn Fn(&KmsRuntime) -> Option<Vec<ActivePolicy>> + Send + Sync>;
+/// Where a mount learns that the volume's configuration changed (`kmsfs
+/// policy set/unset` while mounted), and gets its policies again.
+pub trait PolicySource: Send + Sync {
+    /// Whether the configuration changed since it was last taken up (one
+    /// `stat`; no KMS call).
+    fn stale(&self) -> bool;
+    /// The policies of the configuration as it is now, connected and
+    /// checked (see `config::Volume::reload`), if they changed; `None`
+    /// also when the change cannot be used (logged) or another thread is
+    /// taking it up. Called on a thread of its own (it may block on the
+    /// KMS runtime).
+    fn reload(&self, rt: &KmsRuntime) -> Option<Vec<ActivePolicy>>;
+}
+
+/// See [`PolicySource`].
+pub type Reloader = Box<dyn PolicySource>;
 
 /// One policy of a snapshot of the policies: stays valid while the
 /// policies are replaced.
@@ -198,10 +211,18 @@ impl Core {
     /// Called where a stale policy would do harm: before a new file's key
     /// is chosen, and when a file's key is refused.
     fn refresh_policies(&self) -> bool {
-        let Some(reload) = self.reloader.get() else {
+        let Some(source) = self.reloader.get() else {
             return false;
         };
-        let Some(new) = reload(&self.runtime) else {
+        if !source.stale() {
+            return false;
+        }
+        // On a thread of its own: this one may be in the KMS runtime's
+        // context (a FUSE worker polling a request, or a runtime worker),
+        // where connecting a new key (which blocks on the runtime) panics.
+        let runtime = &self.runtime;
+        let reloaded = std::thread::scope(|s| s.spawn(|| source.reload(runtime)).join());
+        let Ok(Some(new)) = reloaded else {
             return false;
         };
         self.has_optional_policy
@@ -422,7 +443,7 @@ impl Core {
             // exclusive lock on its data file: the header is read under a
             // shared one, held while the file is open (so a rekey skips a
             // file in use), and the name must still lead to this data.
-            sys::flock(fd.as_raw_fd(), libc::LOCK_SH)?;
+            sys::share_lock(fd.as_raw_fd())?;
             self.still_named(inode)?;
             // Start reading the data's head from disk, so that read overlaps
             // the sidecar read and the unwrap.

@@ -137,6 +137,9 @@ impl Core {
             // chown clears set-ID bits; put back what the caller asked for.
             sys::fchmod(data.as_raw_fd(), mode & 0o7777)?;
         }
+        // Held while the file is open, as for every open file (see
+        // `Core::crypt_file`): a rekey leaves it alone.
+        sys::share_lock(data.as_raw_fd())?;
         let st = sys::fstat(data.as_raw_fd())?;
         let inode = self.inodes.remember(parent, name, None, &st);
         *inode.header.write().unwrap() = Some(Arc::new(new.header));

@@ -223,8 +223,19 @@ pub fn create_temp_at(dir: RawFd) -> FsResult<(std::ffi::CString, File)> {
 /// meanwhile), it is exchanged back. The caller makes the directory durable.
 pub fn replace_at(dir: RawFd, name: &OsStr, expected: &[u8], raw: &[u8]) -> FsResult<Replaced> {
     let sc = sidecar_cstr(name)?;
+    // The new header gets the old one's owner and mode (the mount's user
+    // must still read it, whoever runs the rewrap).
+    let old = match sys::fstatat(dir, &sc) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Replaced::Gone),
+        Err(e) => return Err(e.into()),
+    };
     let (tmp, mut f) = create_temp_at(dir)?;
-    let written = f.write_all(raw).and_then(|_| f.sync_all());
+    let written = f
+        .write_all(raw)
+        .and_then(|_| sys::fchownat(f.as_raw_fd(), old.st_uid, old.st_gid))
+        .and_then(|_| sys::fchmod(f.as_raw_fd(), old.st_mode & 0o7777))
+        .and_then(|_| f.sync_all());
     drop(f);
     let result = written.map_err(FsError::from).and_then(|_| {
         match sys::renameat2(dir, &tmp, dir, &sc, libc::RENAME_EXCHANGE) {

@@ -345,3 +345,28 @@ pub fn flock(fd: RawFd, how: i32) -> io::Result<()> {
         }
     }
 }
+
+/// A shared `flock` on an open data file, held while the mount has it open
+/// (`kmsfs rekey` takes an exclusive one for its swap, and skips a file it
+/// cannot lock). A backing filesystem without working locks (ENOLCK: NFS
+/// without lockd; EOPNOTSUPP) gets none, with a warning once.
+pub fn share_lock(fd: RawFd) -> io::Result<()> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    match flock(fd, libc::LOCK_SH) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
+            ) =>
+        {
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "the backing filesystem refuses file locks ({e}): `kmsfs rekey` cannot tell \
+                     which files this mount has open, so do not run it while mounted"
+                )
+            });
+            Ok(())
+        }
+        other => other,
+    }
+}

@@ -129,15 +129,20 @@ impl Scope<'_> {
     }
 }
 
-/// Mount-relative path of `name` in directory `rel`, escaped for display.
+/// Mount-relative path of `name` in directory `rel`, escaped for display
+/// (names in the backing directory are untrusted text). Policies are
+/// matched on it too, so it must stay a plain path where escaping changes
+/// nothing.
 fn file_path(rel: &str, name: &std::ffi::OsStr) -> String {
     use std::os::unix::ffi::OsStrExt;
-    let name = escape_name(name.as_bytes());
-    if rel == "/" {
-        format!("/{name}")
+    let mut raw = if rel == "/" {
+        Vec::new()
     } else {
-        format!("{rel}/{name}")
-    }
+        rel.as_bytes().to_vec()
+    };
+    raw.push(b'/');
+    raw.extend_from_slice(name.as_bytes());
+    escape_name(&raw)
 }
 
 /// Where a pass reports progress: a terminal bar, plain lines, or nothing.
@@ -189,6 +194,8 @@ pub struct Summary {
     /// as they were; a rerun takes them.
     pub changed_meanwhile: u64,
     pub failed: u64,
+    /// Of the failures, those a retry may fix (a KMS unreachable or slow).
+    pub retryable: u64,
     /// KMS batch calls made (each is one request where the KMS has a
     /// batch API).
     pub kms_batches: u64,
@@ -215,6 +222,11 @@ impl Summary {
     }
 
     fn fail(&mut self, progress: &dyn Progress, path: &str, error: String) {
+        // Errors about a file mostly name it already.
+        let error = match error.strip_prefix(path).and_then(|e| e.strip_prefix(": ")) {
+            Some(rest) => rest.to_owned(),
+            None => error,
+        };
         progress.note(&format!("kmsfs: {path}: {error}"));
         self.failed += 1;
         if self.failures.len() < FAILURES_LISTED {
@@ -288,19 +300,29 @@ fn lock(backing: &Path) -> Result<File, LifecycleError> {
 
 /// Runs `work` on `concurrency` threads over the batches `produce` sends
 /// (at most `concurrency` waiting at a time), then returns what `produce`
-/// returned.
+/// returned and how many batches failed unexpectedly (panicked).
 fn run_batches<B: Send, R>(
     concurrency: usize, produce: impl FnOnce(&dyn Fn(B)) -> R, work: impl Fn(B) + Sync,
-) -> R {
+) -> (R, u64) {
     let concurrency = concurrency.max(1);
     let (tx, rx) = std::sync::mpsc::sync_channel::<B>(concurrency);
     let rx = Mutex::new(rx);
-    std::thread::scope(|s| {
+    let failed_batches = Mutex::new(0u64);
+    let out = std::thread::scope(|s| {
         for _ in 0..concurrency {
             s.spawn(|| loop {
-                let next = rx.lock().unwrap().recv();
+                let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 match next {
-                    Ok(batch) => work(batch),
+                    // A batch that panics is reported (the panic message
+                    // goes to stderr) and the worker goes on, so the walk
+                    // never waits on a worker that is gone.
+                    Ok(batch) => {
+                        let work = std::panic::AssertUnwindSafe(|| work(batch));
+                        if std::panic::catch_unwind(work).is_err() {
+                            eprintln!("kmsfs: a batch of files failed unexpectedly; run the command again");
+                            *failed_batches.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                        }
+                    }
                     Err(_) => break,
                 }
             });
@@ -311,7 +333,13 @@ fn run_batches<B: Send, R>(
         let out = produce(&send);
         drop(tx);
         out
-    })
+    });
+    (
+        out,
+        failed_batches
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner()),
+    )
 }
 
 /// A name in a directory of the pass.

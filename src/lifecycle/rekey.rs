@@ -34,7 +34,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -63,7 +62,7 @@ fn is_mount_temp(name: &[u8]) -> bool {
         && name.starts_with(b".")
         && name.ends_with(MOUNT_TEMP_SUFFIX.as_bytes())
 }
-const INTENT_MAGIC: &str = "kmsfs rekey intent 1";
+const INTENT_MAGIC: &str = "kmsfs rekey intent 2";
 
 /// How `rekey` runs.
 #[derive(Clone, Debug)]
@@ -172,6 +171,49 @@ fn unchanged(a: &libc::stat, b: &libc::stat) -> bool {
     )
 }
 
+/// Why a hard-linked file is not rekeyed.
+const HARD_LINKED: &str = "has several hard links; rekey makes a new file, which would split \
+     them: left as it is";
+
+/// Opens data file `name` in `dir` for locking (read-write where allowed:
+/// on NFS, flock is a byte-range lock, and an exclusive one needs a
+/// writable descriptor), not following a symlink. `None` when it is gone.
+fn open_for_lock(dir: RawFd, name: &CString) -> Result<Option<File>, String> {
+    // A handle that opens nothing first: only a regular file is opened.
+    let handle = match sys::open_path(dir, name) {
+        Ok(h) => h,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => return Ok(None),
+        Err(e) => return Err(format!("cannot open its data: {e}")),
+    };
+    let st = sys::fstat(handle.as_raw_fd()).map_err(|e| e.to_string())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    let opened = match sys::reopen(handle.as_raw_fd(), libc::O_RDWR) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            sys::reopen(handle.as_raw_fd(), libc::O_RDONLY)
+        }
+        other => other,
+    };
+    opened
+        .map(|fd| Some(File::from(fd)))
+        .map_err(|e| format!("cannot open its data: {e}"))
+}
+
+/// The access and modification times of `st`, for `futimens`.
+fn times_of(st: &libc::stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
 /// Copies the user-visible extended attributes of `from` to `to`.
 fn copy_xattrs(from: &File, to: &File) -> std::io::Result<()> {
     let (src, dst) = (sys::proc_path(from), sys::proc_path(to));
@@ -184,41 +226,87 @@ fn copy_xattrs(from: &File, to: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `name` is a plain file name of this directory the walk listed:
+/// one component, not reserved. An intent record (untrusted, like all of
+/// the backing directory) can name nothing else.
+fn listed_name(name: &[u8], listing: &Listing) -> bool {
+    !name.is_empty()
+        && !name.contains(&b'/')
+        && !name.contains(&0)
+        && name != b"."
+        && name != b".."
+        && !crate::format::names::is_reserved(name)
+        && listing.files.iter().any(|f| f.as_bytes() == name)
+}
+
+/// The inode number of regular file `name` in `dir`, not following a
+/// symlink.
+fn regular_ino(dir: RawFd, name: &CString) -> Option<u64> {
+    sys::fstatat(dir, name)
+        .ok()
+        .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        .map(|st| st.st_ino)
+}
+
 /// Finishes or undoes the rekey swaps a killed pass left in `dir` (see the
-/// module documentation), then removes every leftover temporary file.
-/// Needs no KMS: only names and inode numbers.
-pub(super) fn settle_temps(dir: BorrowedFd<'_>, listing: &Listing, tally: &Tally) {
+/// module documentation), then removes the leftover temporary files of
+/// every swap whose file is consistent again. Needs no KMS: the intent
+/// record says which header is the new one (its SHA-256) and which inode
+/// the new data is.
+/// Returns the names of the files left half swapped: passes leave them
+/// alone.
+pub(super) fn settle_temps(dir: BorrowedFd<'_>, listing: &Listing, tally: &Tally) -> Vec<Vec<u8>> {
     let fd = dir.as_raw_fd();
+    let mut keep: Vec<&OsString> = Vec::new();
+    let mut unsettled = Vec::new();
     for t in listing
         .temps
         .iter()
         .filter(|t| t.as_bytes().ends_with(b".intent"))
     {
-        if let Some((name, data_ino, header_ino)) = read_intent(fd, t) {
-            let Ok(c) = cstr_of(&name) else { continue };
-            let Ok(sc) = cstr_of(&sidecar_name(&name)) else {
-                continue;
-            };
-            let temps = TempNames::of(&name);
-            let header_swapped = ino_at(fd, &sc) == Some(header_ino);
-            let data_swapped = ino_at(fd, &c) == Some(data_ino);
-            let data_waiting = ino_at(fd, &temps.data) == Some(data_ino);
-            let repaired = match (header_swapped, data_swapped) {
-                (true, false) if data_waiting => exchange(fd, &temps.data, &c).is_ok(),
-                // Not this pass's order, but undone all the same.
-                (false, true) => exchange(fd, &temps.data, &c).is_ok(),
-                _ => false,
-            };
-            if repaired {
-                tracing::warn!(
-                    "finished the swap of a rekey that was interrupted: {}",
-                    crate::fs::escape_name(&name)
-                );
+        let Some(intent) = read_intent(fd, t) else {
+            continue;
+        };
+        let name = &intent.name;
+        let shown = crate::fs::escape_name(name);
+        let (Ok(c), true) = (cstr_of(name), listed_name(name, listing)) else {
+            // The file is gone or renamed: nothing left to pair.
+            continue;
+        };
+        let temps = TempNames::of(name);
+        let header_swapped = sidecar::read_raw_at(fd, OsStr::from_bytes(name))
+            .is_ok_and(|raw| Sha256::digest(&raw)[..] == intent.header_sha256[..]);
+        let data_swapped = regular_ino(fd, &c) == Some(intent.data_ino);
+        let data_waiting = regular_ino(fd, &temps.data) == Some(intent.data_ino);
+        let consistent = match (header_swapped, data_swapped) {
+            (true, true) | (false, false) => true,
+            // Killed between the two exchanges: the data follows.
+            (true, false) if data_waiting => exchange(fd, &temps.data, &c).is_ok(),
+            // Not this pass's order; the new header never went in.
+            (false, true) if regular_ino(fd, &temps.data).is_some() => {
+                exchange(fd, &temps.data, &c).is_ok()
             }
-            let _ = sys::fsync(fd);
+            _ => false,
+        };
+        if consistent {
+            if header_swapped != data_swapped {
+                tracing::warn!("{shown}: finished the swap of a rekey that was interrupted");
+            }
+        } else {
+            tracing::warn!(
+                "{shown}: an interrupted rekey's swap could not be finished; its temporary files \
+                 are kept for the next run (or for repair by hand)"
+            );
+            for n in [&temps.data, &temps.header, &temps.intent] {
+                if let Some(k) = listing.temps.iter().find(|k| k.as_bytes() == n.as_bytes()) {
+                    keep.push(k);
+                }
+            }
+            unsettled.push(name.clone());
         }
+        let _ = sys::fsync(fd);
     }
-    for t in &listing.temps {
+    for t in listing.temps.iter().filter(|t| !keep.contains(t)) {
         if let Ok(c) = sys::cstr(t) {
             if sys::unlinkat(fd, &c, 0).is_ok() {
                 tally.with(|s| s.temps_removed += 1);
@@ -226,10 +314,23 @@ pub(super) fn settle_temps(dir: BorrowedFd<'_>, listing: &Listing, tally: &Tally
         }
     }
     let _ = sys::fsync(fd);
+    unsettled
 }
 
-/// The (name, new data inode, new header inode) an intent record holds.
-fn read_intent(dir: RawFd, intent: &OsString) -> Option<(Vec<u8>, u64, u64)> {
+/// The failure of a file an interrupted rekey left half swapped.
+pub(super) const UNSETTLED: &str = "an interrupted rekey left this file half swapped and its \
+     temporary files could not be settled (see the log); left alone";
+
+/// What an intent record says.
+struct Intent {
+    name: Vec<u8>,
+    data_ino: u64,
+    header_sha256: Vec<u8>,
+}
+
+/// The intent record `intent` in `dir`, if it is one, under the name its
+/// own content implies.
+fn read_intent(dir: RawFd, intent: &OsString) -> Option<Intent> {
     let c = sys::cstr(intent).ok()?;
     let fd = sys::openat(
         dir,
@@ -245,10 +346,13 @@ fn read_intent(dir: RawFd, intent: &OsString) -> Option<(Vec<u8>, u64, u64)> {
         return None;
     }
     let name = hex::decode(lines.next()?.strip_prefix("name=")?).ok()?;
-    let data = lines.next()?.strip_prefix("data_ino=")?.parse().ok()?;
-    let header = lines.next()?.strip_prefix("header_ino=")?.parse().ok()?;
-    // The intent's own name must be the one of this name's rekey.
-    (TempNames::of(&name).intent.as_bytes() == intent.as_bytes()).then_some((name, data, header))
+    let data_ino = lines.next()?.strip_prefix("data_ino=")?.parse().ok()?;
+    let header_sha256 = hex::decode(lines.next()?.strip_prefix("header_sha256=")?).ok()?;
+    (TempNames::of(&name).intent.as_bytes() == intent.as_bytes()).then_some(Intent {
+        name,
+        data_ino,
+        header_sha256,
+    })
 }
 
 /// Writes `bytes` to new temporary file `name` in `dir`, durably.
@@ -273,30 +377,25 @@ fn rekey_one(
     let name = entry.name.as_bytes();
     let c = cstr_of(name).map_err(|e| e.to_string())?;
     let sc = cstr_of(&sidecar_name(name)).map_err(|e| e.to_string())?;
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-    let data = match sys::openat(dir, &c, flags, 0) {
-        Ok(fd) => File::from(fd),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Outcome::Changed),
-        Err(e) => return Err(format!("cannot open its data: {e}")),
+    let Some(data) = open_for_lock(dir, &c)? else {
+        return Ok(Outcome::Changed);
     };
     let st0 = sys::fstat(data.as_raw_fd()).map_err(|e| e.to_string())?;
-    if st0.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Ok(Outcome::Changed);
-    }
     if st0.st_nlink != 1 {
-        return Err(
-            "has several hard links; rekey makes a new file, which would split them: \
-                    left as it is"
-                .into(),
-        );
+        return Err(HARD_LINKED.into());
     }
-    if !try_lock(data.as_raw_fd(), libc::LOCK_EX).map_err(|e| e.to_string())? {
+    if !not_open(data.as_raw_fd())? {
         return Ok(Outcome::Busy);
     }
-    unlock(data.as_raw_fd());
 
     let temps = TempNames::of(name);
-    temps.remove(dir);
+    if [&temps.data, &temps.header, &temps.intent]
+        .iter()
+        .any(|t| sys::fstatat(dir, t).is_ok())
+    {
+        return Err(UNSETTLED.into());
+    }
+    let keep = std::cell::Cell::new(false);
     let result = (|| -> Result<Outcome, String> {
         fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
             move |e| format!("{what}: {e}")
@@ -344,27 +443,22 @@ fn rekey_one(
         sys::fchownat(nfd, st0.st_uid, st0.st_gid).map_err(io("chown of the new copy"))?;
         sys::fchmod(nfd, st0.st_mode & 0o7777).map_err(io("chmod of the new copy"))?;
         copy_xattrs(&data, &new_file).map_err(io("copying extended attributes"))?;
-        let times = [
-            libc::timespec {
-                tv_sec: st0.st_atime,
-                tv_nsec: st0.st_atime_nsec,
-            },
-            libc::timespec {
-                tv_sec: st0.st_mtime,
-                tv_nsec: st0.st_mtime_nsec,
-            },
-        ];
-        sys::futimens(nfd, &times).map_err(io("setting times on the new copy"))?;
+        sys::futimens(nfd, &times_of(&st0)).map_err(io("setting times on the new copy"))?;
         new_file.sync_all().map_err(io("fsync of the new copy"))?;
         let header_file = write_temp(dir, &temps.header, &new.header.raw)
             .map_err(io("writing the new header"))?;
+        // The new header belongs to whoever owned the old one (the mount's
+        // user), with its mode.
+        let old_sc = sys::fstatat(dir, &sc).map_err(io("the old header"))?;
+        let hfd = header_file.as_raw_fd();
+        sys::fchownat(hfd, old_sc.st_uid, old_sc.st_gid).map_err(io("chown of the new header"))?;
+        sys::fchmod(hfd, old_sc.st_mode & 0o7777).map_err(io("chmod of the new header"))?;
         let data_ino = sys::fstat(nfd).map_err(|e| e.to_string())?.st_ino;
-        let header_ino = sys::fstat(header_file.as_raw_fd())
-            .map_err(|e| e.to_string())?
-            .st_ino;
+        drop(header_file);
         let intent = format!(
-            "{INTENT_MAGIC}\nname={}\ndata_ino={data_ino}\nheader_ino={header_ino}\n",
-            hex::encode(name)
+            "{INTENT_MAGIC}\nname={}\ndata_ino={data_ino}\nheader_sha256={}\n",
+            hex::encode(name),
+            hex::encode(Sha256::digest(&new.header.raw))
         );
         write_temp(dir, &temps.intent, intent.as_bytes())
             .map_err(io("writing the intent record"))?;
@@ -382,105 +476,164 @@ fn rekey_one(
         exchange(dir, &temps.header, &sc).map_err(io("exchanging the header"))?;
         let swapped_out = sidecar::read_exact_at(dir, &temps.header);
         if !matches!(&swapped_out, Ok(raw) if *raw == old_header.raw) {
-            exchange(dir, &temps.header, &sc).map_err(io("exchanging the header back"))?;
+            if let Err(e) = exchange(dir, &temps.header, &sc) {
+                keep.set(true);
+                return Err(format!(
+                    "exchanging the header back: {e}; the intent record is kept for the next run"
+                ));
+            }
             return Ok(Outcome::Changed);
         }
-        exchange(dir, &temps.data, &c).map_err(io("exchanging the data"))?;
+        if let Err(e) = exchange(dir, &temps.data, &c) {
+            // Back to the old pair; failing that, the next pass finishes
+            // the swap from the intent record.
+            if exchange(dir, &temps.header, &sc).is_err() {
+                keep.set(true);
+            }
+            return Err(format!("exchanging the data: {e}"));
+        }
+        // Locks go with the descriptors: before the old copies are removed.
+        unlock(nfd);
+        unlock(data.as_raw_fd());
         Ok(Outcome::Done {
             new: Box::new(new.header),
         })
     })();
-    // Old data and header (after a swap) or the unused new copies.
-    temps.remove(dir);
+    // Old data and header (after a swap) or the unused new copies; kept
+    // when the file is left half swapped, for `settle_temps`.
+    if !keep.get() {
+        temps.remove(dir);
+    }
     let _ = sys::fsync(dir);
     result
+}
+
+/// The mount's directory for volume directory `rel`, opened one component
+/// at a time without following symlinks (a symlink planted in the backing
+/// directory shows in the mount too), and checked to be the backing
+/// directory `backing_dir` (the mount reports backing inode numbers).
+fn mount_dir(
+    mountpoint: &Path, rel: &str, backing_dir: RawFd,
+) -> Result<std::os::fd::OwnedFd, String> {
+    if rel.contains('\u{FFFD}') {
+        return Err("its directory's name is not UTF-8; rekey it with the volume unmounted".into());
+    }
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    let root = sys::cstr(mountpoint.as_os_str()).map_err(|e| e.to_string())?;
+    let mut dir = sys::openat(libc::AT_FDCWD, &root, flags & !libc::O_NOFOLLOW, 0)
+        .map_err(|e| format!("cannot open the mount {}: {e}", mountpoint.display()))?;
+    for component in rel.split('/').filter(|c| !c.is_empty()) {
+        let c = cstr_of(component.as_bytes()).map_err(|e| e.to_string())?;
+        dir = sys::openat(dir.as_raw_fd(), &c, flags, 0)
+            .map_err(|e| format!("its directory is no longer reachable in the mount: {e}"))?;
+    }
+    if rel != "/" {
+        let in_mount = sys::fstat(dir.as_raw_fd()).map_err(|e| e.to_string())?;
+        let backing = sys::fstat(backing_dir).map_err(|e| e.to_string())?;
+        if in_mount.st_ino != backing.st_ino {
+            return Err(
+                "its directory in the mount is not the one in the backing directory \
+                        (moved meanwhile)"
+                    .into(),
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Takes and drops an exclusive lock on `fd`: whether no mount has the
+/// file open. A close through the mount is released asynchronously, so a
+/// lock held a moment ago is given a few tries.
+fn not_open(fd: RawFd) -> Result<bool, String> {
+    for attempt in 0..5 {
+        if try_lock(fd, libc::LOCK_EX).map_err(|e| e.to_string())? {
+            unlock(fd);
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10 << attempt));
+    }
+    Ok(false)
 }
 
 /// Rekeys one file through the mount at `mountpoint` (see the module
 /// documentation). `rel` is the file's directory inside the volume.
 fn rekey_through_mount(entry: &Entry, rel: &str, mountpoint: &Path) -> Result<Outcome, String> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let name = std::str::from_utf8(entry.name.as_bytes())
-        .map_err(|_| "its name is not UTF-8; rekey it with the volume unmounted".to_string())?;
     let dir = entry.dir.as_raw_fd();
     let c = cstr_of(entry.name.as_bytes()).map_err(|e| e.to_string())?;
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-    let data = match sys::openat(dir, &c, flags, 0) {
-        Ok(fd) => File::from(fd),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Outcome::Changed),
-        Err(e) => return Err(format!("cannot open its data: {e}")),
+    let data = match open_for_lock(dir, &c)? {
+        Some(f) => f,
+        None => return Ok(Outcome::Changed),
     };
     let st0 = sys::fstat(data.as_raw_fd()).map_err(|e| e.to_string())?;
     if st0.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Ok(Outcome::Changed);
     }
     if st0.st_nlink != 1 {
-        return Err(
-            "has several hard links; rekey makes a new file, which would split them: \
-                    left as it is"
-                .into(),
-        );
+        return Err(HARD_LINKED.into());
     }
-    // The mount holds a shared lock while it has the file open.
-    if !try_lock(data.as_raw_fd(), libc::LOCK_EX).map_err(|e| e.to_string())? {
+    if !not_open(data.as_raw_fd())? {
         return Ok(Outcome::Busy);
     }
-    unlock(data.as_raw_fd());
-    let mdir = mountpoint.join(rel.trim_start_matches('/'));
-    let target = mdir.join(name);
+    let mdir = mount_dir(mountpoint, rel, dir)?;
+    let md = mdir.as_raw_fd();
     let tmp = {
         use rand::RngCore;
         let mut tag = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut tag);
-        mdir.join(format!(".{}{MOUNT_TEMP_SUFFIX}", hex::encode(tag)))
+        cstr_of(format!(".{}{MOUNT_TEMP_SUFFIX}", hex::encode(tag)).as_bytes())
+            .map_err(|e| e.to_string())?
     };
     let result = (|| -> Result<Outcome, String> {
-        let mut src =
-            File::open(&target).map_err(|e| format!("reading it through the mount: {e}"))?;
-        let mut dst = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("creating its new copy in the mount: {e}"))?;
-        std::io::copy(&mut src, &mut dst).map_err(|e| format!("copying it: {e}"))?;
-        drop(src);
-        copy_xattrs(&data, &dst).map_err(|e| format!("copying extended attributes: {e}"))?;
-        std::os::unix::fs::fchown(&dst, Some(st0.st_uid), Some(st0.st_gid))
-            .map_err(|e| format!("chown of the new copy: {e}"))?;
-        let mode = std::fs::Permissions::from_mode(st0.st_mode & 0o7777);
-        dst.set_permissions(mode)
-            .map_err(|e| format!("chmod of the new copy: {e}"))?;
-        let at =
-            |s: i64, ns: i64| std::time::UNIX_EPOCH + std::time::Duration::new(s as u64, ns as u32);
-        let times = std::fs::FileTimes::new()
-            .set_accessed(at(st0.st_atime, st0.st_atime_nsec))
-            .set_modified(at(st0.st_mtime, st0.st_mtime_nsec));
-        dst.set_times(times)
-            .map_err(|e| format!("setting times: {e}"))?;
-        dst.sync_all()
-            .map_err(|e| format!("fsync of the new copy: {e}"))?;
-        drop(dst);
-        // Unchanged and not open in the mount, just before the rename.
-        let now = sys::fstat(data.as_raw_fd()).map_err(|e| e.to_string())?;
-        let named =
-            std::fs::symlink_metadata(mountpoint.join(rel.trim_start_matches('/')).join(name));
-        if !unchanged(&st0, &now) || ino_at(dir, &c) != Some(st0.st_ino) || named.is_err() {
+        let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+        let mut src = File::from(
+            sys::openat(
+                md,
+                &c,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOCTTY,
+                0,
+            )
+            .map_err(io("reading it through the mount"))?,
+        );
+        let in_mount = sys::fstat(src.as_raw_fd()).map_err(|e| e.to_string())?;
+        if in_mount.st_mode & libc::S_IFMT != libc::S_IFREG || in_mount.st_ino != st0.st_ino {
             return Ok(Outcome::Changed);
         }
-        if !try_lock(data.as_raw_fd(), libc::LOCK_EX).map_err(|e| e.to_string())? {
+        let mut dst = File::from(
+            sys::openat(
+                md,
+                &tmp,
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NOCTTY,
+                0o600,
+            )
+            .map_err(io("creating its new copy in the mount"))?,
+        );
+        std::io::copy(&mut src, &mut dst).map_err(io("copying it"))?;
+        // The extended attributes the mount shows (it keeps its own).
+        copy_xattrs(&src, &dst).map_err(io("copying extended attributes"))?;
+        drop(src);
+        let dfd = dst.as_raw_fd();
+        sys::fchownat(dfd, st0.st_uid, st0.st_gid).map_err(io("chown of the new copy"))?;
+        sys::fchmod(dfd, st0.st_mode & 0o7777).map_err(io("chmod of the new copy"))?;
+        sys::futimens(dfd, &times_of(&st0)).map_err(io("setting times on the new copy"))?;
+        dst.sync_all().map_err(io("fsync of the new copy"))?;
+        drop(dst);
+        // Unchanged and not open in the mount just before the rename (no
+        // lock is held across it: the mount's own threads serve it).
+        let now = sys::fstat(data.as_raw_fd()).map_err(|e| e.to_string())?;
+        if !unchanged(&st0, &now) || ino_at(dir, &c) != Some(st0.st_ino) {
+            return Ok(Outcome::Changed);
+        }
+        if !not_open(data.as_raw_fd())? {
             return Ok(Outcome::Busy);
         }
-        std::fs::rename(&tmp, &target)
-            .map_err(|e| format!("renaming the new copy over it: {e}"))?;
-        let _ = named.map(|m| m.ino());
+        sys::renameat2(md, &tmp, md, &c, 0).map_err(io("renaming the new copy over it"))?;
         let header = sidecar::read_at(dir, &entry.name).map_err(|e| e.to_string())?;
         Ok(Outcome::Done {
             new: Box::new(header),
         })
     })();
     if !matches!(result, Ok(Outcome::Done { .. })) {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = sys::unlinkat(md, &tmp, 0);
     }
     result
 }
@@ -530,12 +683,16 @@ pub fn rekey(
         let mut results = results.into_iter();
         for it in &batch {
             let old_id = it.header.parsed.header.file_id;
+            let mut retry = false;
             let outcome = match &scope.mountpoint {
                 Some(m) => rekey_through_mount(&it.entry, &it.rel, m),
                 None => results
                     .next()
                     .expect("one answer per file")
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| {
+                        retry = e.is_retryable();
+                        e.to_string()
+                    })
                     .and_then(|(old, new)| rekey_one(&it.entry, &it.header, old, new)),
             };
             match outcome {
@@ -559,14 +716,17 @@ pub fn rekey(
                             .file(old_id)
                             .path(&it.entry.path),
                     );
-                    tally.with(|s| s.fail(progress, &it.entry.path, e));
+                    tally.with(|s| {
+                        s.retryable += u64::from(retry);
+                        s.fail(progress, &it.entry.path, e)
+                    });
                 }
             }
             progress.advance(1);
         }
     };
 
-    let walked = run_batches(
+    let (walked, panicked) = run_batches(
         opts.concurrency,
         |send| {
             let mut batch: Vec<Item> = Vec::new();
@@ -574,8 +734,9 @@ pub fn rekey(
             // keep every thread busy; still far fewer KMS calls than files.
             let batch_len = BATCH.min(16);
             let walked = scope.walk(|dir, rel, listing| {
+                let mut unsettled = Vec::new();
                 if !opts.dry_run {
-                    settle_temps(dir, listing, &tally);
+                    unsettled = settle_temps(dir, listing, &tally);
                     if let Some(m) = &scope.mountpoint {
                         remove_mount_temps(listing, rel, m, &tally);
                     }
@@ -593,6 +754,11 @@ pub fn rekey(
                     }
                     let path = file_path(rel, name);
                     tally.with(|s| s.files += 1);
+                    if unsettled.iter().any(|u| u.as_slice() == name.as_bytes()) {
+                        tally.with(|s| s.fail(progress, &path, UNSETTLED.into()));
+                        progress.advance(1);
+                        continue;
+                    }
                     let header = match sidecar::read_at(dir.as_raw_fd(), name) {
                         Ok(h) => h,
                         Err(SidecarError::Missing) => {
@@ -636,6 +802,7 @@ pub fn rekey(
         work,
     );
     walked?;
+    tally.with(|s| s.failed += panicked);
     progress.finish();
     Ok(tally.finish())
 }

@@ -3,6 +3,7 @@
 //! mtime); each header replaced in one atomic exchange.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use super::{
@@ -107,6 +108,7 @@ pub fn rewrap(
         let results = scope.rt.block_on(keys.rewrap(&files));
         let mut dirs: Vec<super::SharedDir> = Vec::new();
         for (it, result) in batch.iter().zip(results) {
+            let retry = result.as_ref().err().is_some_and(|e| e.is_retryable());
             let outcome = result.map_err(|e| e.to_string()).and_then(|new| {
                 sidecar::replace_at(
                     it.entry.dir.as_raw_fd(),
@@ -142,7 +144,10 @@ pub fn rewrap(
                             .file(it.header.parsed.header.file_id)
                             .path(&it.entry.path),
                     );
-                    tally.with(|s| s.fail(progress, &it.entry.path, e));
+                    tally.with(|s| {
+                        s.retryable += u64::from(retry);
+                        s.fail(progress, &it.entry.path, e)
+                    });
                 }
             }
         }
@@ -154,7 +159,7 @@ pub fn rewrap(
         progress.advance(batch.len() as u64);
     };
 
-    let walked = run_batches(
+    let (walked, panicked) = run_batches(
         opts.concurrency,
         |send| {
             let mut batch: Vec<Item> = Vec::with_capacity(BATCH);
@@ -165,8 +170,9 @@ pub fn rewrap(
                 }
             };
             let walked = scope.walk(|dir, rel, listing| {
+                let mut unsettled = Vec::new();
                 if !opts.dry_run {
-                    super::rekey::settle_temps(dir, listing, &tally);
+                    unsettled = super::rekey::settle_temps(dir, listing, &tally);
                 }
                 let shared = match dir.try_clone_to_owned() {
                     Ok(fd) => Arc::new(fd),
@@ -178,6 +184,14 @@ pub fn rewrap(
                 let mut skipped = 0;
                 for name in &listing.files {
                     let path = file_path(rel, name);
+                    if unsettled.iter().any(|u| u.as_slice() == name.as_bytes()) {
+                        tally.with(|s| {
+                            s.files += 1;
+                            s.fail(progress, &path, super::rekey::UNSETTLED.into())
+                        });
+                        skipped += 1;
+                        continue;
+                    }
                     let header = match sidecar::read_at(dir.as_raw_fd(), name) {
                         Ok(h) => h,
                         Err(SidecarError::Missing) => {
@@ -232,6 +246,7 @@ pub fn rewrap(
         work,
     );
     walked?;
+    tally.with(|s| s.failed += panicked);
     progress.finish();
     Ok(tally.finish())
 }
