@@ -1298,3 +1298,94 @@ fn destroy_old_root_version_after_rotate_and_rewrap() {
     assert_mount_holds(&vol, &files);
     vol.umount();
 }
+
+// -------------------------------------------------------------- 6. schedules
+
+/// `rotate_after` makes `kmsfs rotate --due` rotate the key and rewrap its
+/// files; a key older than `max_key_age` makes it fail, and `keys status`
+/// says which is which. No mount needed.
+#[test]
+fn rotate_due_follows_the_policy_schedule() {
+    let mut vol = Vol::local("kmsfs-lc-due", &[]);
+    let b = vol.backing_str();
+    let kf = vol.key_file_str();
+    vol.mount();
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("f{i}"), content(i, 100 + 50 * i)))
+        .collect();
+    write_all(&vol.places.mnt, &files, 1);
+    vol.umount();
+
+    // Nothing is due without a schedule.
+    let out = vol.json(&["rotate", "--due", &b, "--json"]);
+    assert_eq!(out["rotated"].as_array().map(Vec::len), Some(0), "{out:#}");
+
+    // Due after 1 s; the key's current version is older than that soon.
+    vol.ok(&[
+        "policy",
+        "set",
+        &b,
+        "/",
+        "--kms",
+        "local",
+        "--key-file",
+        &kf,
+        "--key-name",
+        "default",
+        "--rotate-after",
+        "1s",
+        "--max-key-age",
+        "1h",
+    ]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let status = vol.json(&["keys", "status", &b, "--json"]);
+    assert_eq!(status[0]["rotation_due"], true, "{status:#}");
+    assert_eq!(status[0]["past_max_age"], false, "{status:#}");
+    assert_eq!(u(&status[0]["files_current"]), 20, "{status:#}");
+
+    let out = vol.json(&["rotate", "--due", &b, "--json"]);
+    assert_eq!(out["rotated"][0]["to_version"], "2", "{out:#}");
+    assert_eq!(u(&out["rewrap"]["changed"]), 20, "{out:#}");
+    let status = vol.json(&["keys", "status", &b, "--json"]);
+    assert_eq!(status[0]["current_version"], "2", "{status:#}");
+    assert_eq!(u(&status[0]["files_current"]), 20, "{status:#}");
+    assert_eq!(u(&status[0]["files_stale"]), 0, "{status:#}");
+    assert_eq!(vol.info("f3")["key"]["key_version"], "2");
+
+    // A key past its max age: rotate --due fails with a message that says
+    // so (here the schedule never rotates it: no rotate_after).
+    vol.ok(&[
+        "policy",
+        "set",
+        &b,
+        "/",
+        "--kms",
+        "local",
+        "--key-file",
+        &kf,
+        "--key-name",
+        "default",
+        "--max-key-age",
+        "3s",
+    ]);
+    // Ages are whole seconds: well past 3 s here, well under it after the
+    // rotation below.
+    std::thread::sleep(Duration::from_millis(4100));
+    let out = vol.run(&["rotate", "--due", &b]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_key_age"), "{err}");
+    // Rotating it now clears that.
+    vol.ok(&["keys", "rotate", &b, "/"]);
+    let out = vol.run(&["rotate", "--due", &b]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    vol.mount();
+    assert_mount_holds(&vol, &files);
+    vol.umount();
+}

@@ -30,6 +30,11 @@ use async_trait::async_trait;
 use crate::crypto::Dek;
 pub use crate::format::{KeyRef, WrappedDek};
 
+/// Single calls in flight at once when a provider without a batch API
+/// serves a batch (`wrap_many`, `unwrap_many`): AWS KMS, say, where a
+/// rewrap of many files is two calls per file.
+pub const PARALLEL_CALLS: usize = 16;
+
 /// Default per-call timeout of the remote providers, in seconds.
 pub fn default_timeout_secs() -> u64 {
     10
@@ -228,14 +233,13 @@ pub trait KeyProvider: Send + Sync {
     async fn unwrap(&self, wrapped: &WrappedDek, ctx: &WrapContext) -> Result<Dek, KmsError>;
 
     /// Wraps many DEKs; providers with a batch endpoint override this to
-    /// make one request per batch instead of one per DEK. One answer per
-    /// item, in order.
+    /// make one request per batch instead of one per DEK. Otherwise up to
+    /// [`PARALLEL_CALLS`] single calls are in flight at once. One answer
+    /// per item, in order.
     async fn wrap_many(&self, items: &[(&Dek, WrapContext)]) -> Vec<Result<WrappedDek, KmsError>> {
-        let mut out = Vec::with_capacity(items.len());
-        for (dek, ctx) in items {
-            out.push(self.wrap(dek, ctx).await);
-        }
-        out
+        use futures_util::stream::{self, StreamExt};
+        let calls: Vec<_> = items.iter().map(|(dek, ctx)| self.wrap(dek, ctx)).collect();
+        stream::iter(calls).buffered(PARALLEL_CALLS).collect().await
     }
 
     /// The key's versions, and which one new wraps use (`kmsfs keys list`,
@@ -259,13 +263,12 @@ pub trait KeyProvider: Send + Sync {
     }
 
     /// Unwraps many DEKs; providers with a batch endpoint override this to
-    /// make one request per batch instead of one per DEK.
+    /// make one request per batch instead of one per DEK. Otherwise up to
+    /// [`PARALLEL_CALLS`] single calls are in flight at once.
     async fn unwrap_many(&self, items: &[(WrappedDek, WrapContext)]) -> Vec<Result<Dek, KmsError>> {
-        let mut out = Vec::with_capacity(items.len());
-        for (w, ctx) in items {
-            out.push(self.unwrap(w, ctx).await);
-        }
-        out
+        use futures_util::stream::{self, StreamExt};
+        let calls: Vec<_> = items.iter().map(|(w, ctx)| self.unwrap(w, ctx)).collect();
+        stream::iter(calls).buffered(PARALLEL_CALLS).collect().await
     }
 
     /// Health check for `kmsfs kms status`: reachable, authenticated, key
