@@ -127,6 +127,28 @@ impl Instrumented {
     }
 }
 
+impl Instrumented {
+    /// A batch call of `n` items: bounded by the timeout as a whole (once
+    /// it passes, every item fails with it), recorded as `operation`.
+    async fn batch<T>(
+        &self, operation: &'static str, n: usize,
+        call: impl Future<Output = Vec<Result<T, KmsError>>>,
+    ) -> Vec<Result<T, KmsError>> {
+        let start = Instant::now();
+        let (out, outcome) = match tokio::time::timeout(self.timeout, call).await {
+            Ok(out) if out.iter().all(|r| r.is_ok()) => (out, "ok"),
+            Ok(out) => (out, "partial_error"),
+            Err(_) => {
+                let e = timed_out(self.inner.describe(), self.timeout);
+                ((0..n).map(|_| Err(e.clone())).collect(), "timeout")
+            }
+        };
+        self.metrics
+            .record_kms(self.inner.kind(), operation, outcome, start.elapsed());
+        out
+    }
+}
+
 #[async_trait]
 impl KeyProvider for Instrumented {
     fn describe(&self) -> String {
@@ -152,39 +174,17 @@ impl KeyProvider for Instrumented {
             .await
     }
     async fn unwrap_many(&self, items: &[(WrappedDek, WrapContext)]) -> Vec<Result<Dek, KmsError>> {
-        let start = Instant::now();
-        // Batches only prefetch: one that outlives the timeout is given up
-        // (each open then unwraps its own DEK), so its thread does not wait
-        // on a stalled KMS for ever.
-        let (out, outcome) =
-            match tokio::time::timeout(self.timeout, self.inner.unwrap_many(items)).await {
-                Ok(out) if out.iter().all(|r| r.is_ok()) => (out, "ok"),
-                Ok(out) => (out, "partial_error"),
-                Err(_) => {
-                    let e = timed_out(self.inner.describe(), self.timeout);
-                    (items.iter().map(|_| Err(e.clone())).collect(), "timeout")
-                }
-            };
-        self.metrics
-            .record_kms(self.inner.kind(), "unwrap_batch", outcome, start.elapsed());
-        out
+        // Prefetch batches: one that outlives the timeout is given up (each
+        // open then unwraps its own DEK), so its thread does not wait on a
+        // stalled KMS for ever.
+        self.batch("unwrap_batch", items.len(), self.inner.unwrap_many(items))
+            .await
     }
     async fn wrap_many(&self, items: &[(&Dek, WrapContext)]) -> Vec<Result<WrappedDek, KmsError>> {
-        let start = Instant::now();
         // Lifecycle batches: a stalled KMS fails the batch, which the
         // command reports and a rerun retries.
-        let (out, outcome) =
-            match tokio::time::timeout(self.timeout, self.inner.wrap_many(items)).await {
-                Ok(out) if out.iter().all(|r| r.is_ok()) => (out, "ok"),
-                Ok(out) => (out, "partial_error"),
-                Err(_) => {
-                    let e = timed_out(self.inner.describe(), self.timeout);
-                    (items.iter().map(|_| Err(e.clone())).collect(), "timeout")
-                }
-            };
-        self.metrics
-            .record_kms(self.inner.kind(), "wrap_batch", outcome, start.elapsed());
-        out
+        self.batch("wrap_batch", items.len(), self.inner.wrap_many(items))
+            .await
     }
     async fn key_versions(&self) -> Result<KeyVersions, KmsError> {
         self.call("key_versions", || self.inner.key_versions())

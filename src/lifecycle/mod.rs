@@ -348,4 +348,30 @@ struct Entry {
     name: OsString,
     /// Mount-relative, escaped for display.
     path: String,
+    /// The directory's path in the volume, as the walk gives it.
+    rel: String,
+}
+
+/// A file a pass works on: where it is, its header, and the index of its
+/// policy.
+struct Item {
+    entry: Entry,
+    header: crate::fs::sidecar::FileHeader,
+    policy: usize,
+}
+
+/// The files of `batch` as `FileKeys` takes them.
+fn key_files<'a>(
+    scope: &'a Scope, batch: &'a [Item],
+) -> Vec<crate::fs::file_keys::LifecycleFile<'a>> {
+    batch
+        .iter()
+        .map(|it| {
+            (
+                &it.header,
+                &scope.volume.policies[it.policy],
+                it.entry.path.as_str(),
+            )
+        })
+        .collect()
 }

@@ -39,7 +39,8 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::{
-    file_path, lock, run_batches, Entry, LifecycleError, Progress, Scope, Summary, Tally, BATCH,
+    file_path, key_files, lock, run_batches, Entry, Item, LifecycleError, Progress, Scope, Summary,
+    Tally, BATCH,
 };
 use crate::audit::{AuditEvent, AuditOp, AuditOutcome};
 use crate::crypto::BlockCipher;
@@ -657,23 +658,8 @@ pub fn rekey(
     let tally = Tally::new(Summary::new("rekey", &scope.dir, opts.dry_run));
     progress.start(scope.count_files()?);
 
-    struct Item {
-        entry: Entry,
-        header: FileHeader,
-        policy: usize,
-        rel: String,
-    }
     let work = |batch: Vec<Item>| {
-        let files: Vec<crate::fs::file_keys::LifecycleFile> = batch
-            .iter()
-            .map(|it| {
-                (
-                    &it.header,
-                    &scope.volume.policies[it.policy],
-                    it.entry.path.as_str(),
-                )
-            })
-            .collect();
+        let files = key_files(scope, &batch);
         // Through a mount, the mount makes the new keys (as for any new
         // file); only the old ones are needed here, to check the file.
         let results = match &scope.mountpoint {
@@ -685,7 +671,7 @@ pub fn rekey(
             let old_id = it.header.parsed.header.file_id;
             let mut retry = false;
             let outcome = match &scope.mountpoint {
-                Some(m) => rekey_through_mount(&it.entry, &it.rel, m),
+                Some(m) => rekey_through_mount(&it.entry, &it.entry.rel, m),
                 None => results
                     .next()
                     .expect("one answer per file")
@@ -782,10 +768,10 @@ pub fn rekey(
                             dir: shared.clone(),
                             name: name.clone(),
                             path: path.clone(),
+                            rel: rel.to_owned(),
                         },
                         header,
                         policy: scope.policy_index(&path),
-                        rel: rel.to_owned(),
                     });
                     if batch.len() == batch_len {
                         tally.with(|s| s.kms_batches += 1);

@@ -7,8 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use super::{
-    file_path, lock, run_batches, sync_dir, Entry, LifecycleError, Progress, Scope, Summary, Tally,
-    BATCH,
+    file_path, key_files, lock, run_batches, sync_dir, Entry, Item, LifecycleError, Progress,
+    Scope, Summary, Tally, BATCH,
 };
 use crate::audit::{AuditEvent, AuditOp, AuditOutcome};
 use crate::fs::sidecar::{self, FileHeader, Replaced, SidecarError};
@@ -38,12 +38,6 @@ impl Default for RewrapOptions {
 }
 
 /// A file to rewrap.
-struct Item {
-    entry: Entry,
-    header: FileHeader,
-    policy: usize,
-}
-
 /// The current version of each wrapping key of each policy (`None`: the
 /// KMS does not name versions, so any version is current).
 pub(super) fn current_versions(scope: &Scope) -> Result<Vec<Vec<Option<String>>>, LifecycleError> {
@@ -95,16 +89,7 @@ pub fn rewrap(
     progress.start(scope.count_files()?);
 
     let work = |batch: Vec<Item>| {
-        let files: Vec<(&FileHeader, &crate::config::ActivePolicy, &str)> = batch
-            .iter()
-            .map(|it| {
-                (
-                    &it.header,
-                    &scope.volume.policies[it.policy],
-                    it.entry.path.as_str(),
-                )
-            })
-            .collect();
+        let files = key_files(scope, &batch);
         let results = scope.rt.block_on(keys.rewrap(&files));
         let mut dirs: Vec<super::SharedDir> = Vec::new();
         for (it, result) in batch.iter().zip(results) {
@@ -230,6 +215,7 @@ pub fn rewrap(
                             dir: shared.clone(),
                             name: name.clone(),
                             path,
+                            rel: rel.to_owned(),
                         },
                         header,
                         policy,
