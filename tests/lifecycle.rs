@@ -1389,3 +1389,66 @@ fn rotate_due_follows_the_policy_schedule() {
     assert_mount_holds(&vol, &files);
     vol.umount();
 }
+
+// ------------------------------------------------- 7. a hostile backing dir
+
+/// Temporary files of a rekey of `name`, as kmsfs names them.
+fn rekey_temp(name: &[u8], suffix: &str) -> String {
+    let tag = hex::encode(&Sha256::digest(name)[..16]);
+    format!(".kmsfs-lifecycle-tmp.rk-{tag}.{suffix}")
+}
+
+/// An intent record planted in the backing directory can name only a file
+/// of its own directory: one that points outside (`../`), at a
+/// subdirectory, or at a name that is not there makes rewrap and rekey
+/// change nothing outside, and its temporaries are cleared away.
+#[test]
+fn planted_intent_records_change_nothing_outside() {
+    let mut vol = Vol::local("kmsfs-lc-intent", &[]);
+    let b = vol.backing_str();
+    vol.mount();
+    let mut files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("f{i}"), content(i, 5000)))
+        .collect();
+    files.push(("sub/g".into(), b"in sub".to_vec()));
+    write_all(&vol.places.mnt, &files, 1);
+    vol.umount();
+
+    // A file outside the backing directory, and one planted swap for each
+    // hostile name: intent record plus a data file to swap in.
+    let outside = vol.dir().join("outside.txt");
+    std::fs::write(&outside, b"keep me").unwrap();
+    let before = std::fs::metadata(&outside).unwrap().ino();
+    for name in ["../outside.txt", "sub/g", "missing", ".kmsfs-config.toml"] {
+        let data = vol.backing().join(rekey_temp(name.as_bytes(), "data"));
+        std::fs::write(&data, b"attacker's bytes").unwrap();
+        // For the name outside, the inode number of the file there: without
+        // the check, "the data was swapped in, the header not" would have
+        // the pass exchange the planted data with it.
+        let ino = if name.starts_with("../") {
+            before
+        } else {
+            std::fs::metadata(&data).unwrap().ino()
+        };
+        let intent = format!(
+            "kmsfs rekey intent 2\nname={}\ndata_ino={ino}\nheader_sha256={}\n",
+            hex::encode(name),
+            hex::encode(Sha256::digest(b"anything"))
+        );
+        std::fs::write(
+            vol.backing().join(rekey_temp(name.as_bytes(), "intent")),
+            intent,
+        )
+        .unwrap();
+    }
+    vol.ok(&["rewrap", &b]);
+    vol.ok(&["rekey", &b]);
+
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+    assert_eq!(std::fs::metadata(&outside).unwrap().ino(), before);
+    let leftovers = temps_below(vol.backing());
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    vol.mount();
+    assert_mount_holds(&vol, &files);
+    vol.umount();
+}
