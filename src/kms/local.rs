@@ -716,6 +716,11 @@ impl LocalKms {
     fn versions_now(&self) -> Result<KeyVersions, KmsError> {
         let fresh = Keyring::load(&self.path).map_err(|e| self.keyring_error(e))?;
         self.adopt(fresh);
+        self.versions_held()
+    }
+
+    /// This key's versions as the keyring held here has them.
+    fn versions_held(&self) -> Result<KeyVersions, KmsError> {
         self.keyring
             .read()
             .unwrap()
@@ -907,14 +912,7 @@ impl KeyProvider for LocalKms {
     async fn rotate(&self) -> Result<KeyVersions, KmsError> {
         self.change(|kr| kr.rotate(&self.key_name))
             .map_err(|e| self.keyring_error(e))?;
-        self.keyring
-            .read()
-            .unwrap()
-            .key_versions(&self.key_name)
-            .ok_or_else(|| KmsError::KeyNotFound {
-                kms: self.kms_name(),
-                key: self.key_name.clone(),
-            })
+        self.versions_held()
     }
 }
 
