@@ -104,6 +104,10 @@ struct Lines {
 impl Progress for Bar {
     fn start(&self, total: u64) {
         self.0.set_length(total);
+        // Drawn from here on: before, the total is still being counted.
+        self.0
+            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        self.0.enable_steady_tick(Duration::from_millis(200));
     }
     fn advance(&self, n: u64) {
         self.0.inc(n);
@@ -138,16 +142,21 @@ impl Progress for Lines {
 
 fn progress(op: &'static str) -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
+        let bar = ProgressBar::hidden();
         bar.set_style(
             ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} files  {per_sec}  ETA {eta}",
+                "{prefix} [{bar:30}] {pos}/{len} files  {rate}  ETA {eta}",
             )
             .expect("a valid template")
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} files/s", state.per_sec());
+                },
+            )
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("kmsfs {op}"));
-        bar.enable_steady_tick(Duration::from_millis(200));
         Box::new(Bar(bar))
     } else {
         Box::new(Lines {
