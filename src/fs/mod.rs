@@ -40,7 +40,6 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -105,17 +104,39 @@ pub trait PolicySource: Send + Sync {
 /// See [`PolicySource`].
 pub type Reloader = Box<dyn PolicySource>;
 
+/// The volume's policies as one snapshot, replaced whole (never edited)
+/// when the configuration changes, with what follows from them.
+pub(crate) struct Policies {
+    list: Vec<ActivePolicy>,
+    /// Some policy lets sidecar-less (plaintext) files through.
+    any_optional: bool,
+}
+
+impl Policies {
+    fn new(list: Vec<ActivePolicy>) -> Self {
+        let any_optional = list.iter().any(|p| !p.policy.mandatory);
+        Policies { list, any_optional }
+    }
+}
+
+impl std::ops::Deref for Policies {
+    type Target = [ActivePolicy];
+    fn deref(&self) -> &[ActivePolicy] {
+        &self.list
+    }
+}
+
 /// One policy of a snapshot of the policies: stays valid while the
 /// policies are replaced.
 pub(crate) struct PolicyRef {
-    list: Arc<Vec<ActivePolicy>>,
+    snapshot: Arc<Policies>,
     index: usize,
 }
 
 impl std::ops::Deref for PolicyRef {
     type Target = ActivePolicy;
     fn deref(&self) -> &ActivePolicy {
-        &self.list[self.index]
+        &self.snapshot[self.index]
     }
 }
 
@@ -141,9 +162,7 @@ pub struct Core {
     legacy_v1_files: bool,
     /// Key policies with their KMS connected; one has dir "/". Replaced
     /// whole when the volume's configuration changes (`reloader`).
-    policies: RwLock<Arc<Vec<ActivePolicy>>>,
-    /// True when some policy lets sidecar-less (plaintext) files through.
-    has_optional_policy: AtomicBool,
+    policies: RwLock<Arc<Policies>>,
     /// Reads the volume's policies again if its configuration changed; set
     /// by the mount (see `set_reloader`).
     reloader: OnceLock<Reloader>,
@@ -175,8 +194,7 @@ impl Core {
             handles: HandleTable::default(),
             block_shift: volume.geometry_shift(),
             legacy_v1_files: volume.legacy_v1_files,
-            has_optional_policy: AtomicBool::new(policies.iter().any(|p| !p.policy.mandatory)),
-            policies: RwLock::new(Arc::new(policies)),
+            policies: RwLock::new(Arc::new(Policies::new(policies))),
             reloader: OnceLock::new(),
             keys: FileKeys::new(cache, volume.id(), volume.legacy_v1_files),
             runtime,
@@ -225,14 +243,12 @@ impl Core {
         let Ok(Some(new)) = reloaded else {
             return false;
         };
-        self.has_optional_policy
-            .store(new.iter().any(|p| !p.policy.mandatory), Ordering::Relaxed);
-        *self.policies.write().unwrap() = Arc::new(new);
+        *self.policies.write().unwrap() = Arc::new(Policies::new(new));
         true
     }
 
     /// The policies as they are now.
-    fn policies(&self) -> Arc<Vec<ActivePolicy>> {
+    fn policies(&self) -> Arc<Policies> {
         self.policies.read().unwrap().clone()
     }
 
@@ -246,9 +262,9 @@ impl Core {
 
     /// The policy governing mount-relative `path`.
     fn policy_at(&self, path: &str) -> PolicyRef {
-        let list = self.policies();
-        let index = governing_by(list.iter().map(|p| p.policy.dir.as_str()), path);
-        PolicyRef { list, index }
+        let snapshot = self.policies();
+        let index = governing_by(snapshot.iter().map(|p| p.policy.dir.as_str()), path);
+        PolicyRef { snapshot, index }
     }
 
     /// The policy for new files in directory `dir`.
@@ -329,7 +345,7 @@ impl Core {
     /// the name as it is now, never cached: a hard link or a rename in the
     /// backing directory must not make an encrypted file pass as plaintext.
     fn plain_at(&self, dir: &Inode, name: &OsStr, st: &libc::stat) -> FsResult<bool> {
-        if !self.has_optional_policy.load(Ordering::Relaxed)
+        if !self.policies().any_optional
             || kind_of(st.st_mode) != FileType::RegularFile
             || st.st_nlink != 1
             || self.policy_in(dir)?.policy.mandatory

@@ -54,7 +54,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
+use super::support::{
+    self, bad_response, clean_message, ensure_handles, error_chain, given, Direction,
+};
 use super::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::{Dek, DEK_LEN};
 
@@ -653,19 +655,16 @@ impl KeyProvider for AzureKms {
     /// pinned to a version: the new version would not wrap anything.
     async fn rotate(&self) -> Result<KeyVersions, KmsError> {
         if let Some(v) = &self.key_version {
-            return Err(KmsError::Unsupported {
-                kms: self.kms_name(),
-                operation: "rotate the key",
-                detail: format!(
-                    "key {name} is pinned to version {v}, and a pinned version does not follow \
-                     rotation: new files would still be wrapped under {v}. Rotate it in Key Vault \
-                     (`az keyvault key rotate --vault-name VAULT --name {name}`), then point the \
-                     policy at the new version (`kmsfs policy set BACKING DIR --provider PROVIDER \
-                     --key {name} --key-version NEW_VERSION`), or drop the pin (the same without \
-                     --key-version) so that new files follow the latest version",
-                    name = self.key_name
-                ),
-            });
+            let rotate_there = format!(
+                "az keyvault key rotate --vault-name VAULT --name {}",
+                self.key_name
+            );
+            return Err(support::pinned_version_does_not_rotate(
+                self.kms_name(),
+                &self.key_name,
+                v,
+                &rotate_there,
+            ));
         }
         let key = self
             .call(

@@ -31,7 +31,9 @@ use google_cloud_kms_v1::model::CryptoKeyVersion;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::support::{bad_response, clean_message, ensure_handles, error_chain, given, Direction};
+use super::support::{
+    self, bad_response, clean_message, ensure_handles, error_chain, given, Direction,
+};
 use super::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext, WrappedDek};
 use crate::crypto::Dek;
 
@@ -686,21 +688,16 @@ impl KeyProvider for GcpKms {
     /// Refused when pinned to a version: the new one would not encrypt.
     async fn rotate(&self) -> Result<KeyVersions, KmsError> {
         if let Some(v) = &self.key_version {
-            return Err(KmsError::Unsupported {
-                kms: self.kms_name(),
-                operation: "rotate the key",
-                detail: format!(
-                    "key {} is pinned to version {v}, and a pinned version does not follow \
-                     rotation: new files would still be encrypted under {v}. Rotate it in Cloud \
-                     KMS (`gcloud kms keys versions create --key {} --primary`), then point the \
-                     policy at the new version (`kmsfs policy set BACKING DIR --provider PROVIDER \
-                     --key {} --key-version NEW_VERSION`), or drop the pin (the same without \
-                     --key-version) so that new files follow the primary version",
-                    self.key_id,
-                    self.gcloud_key(),
-                    self.key_id.rsplit('/').next().unwrap_or_default()
-                ),
-            });
+            let rotate_there = format!(
+                "gcloud kms keys versions create --key {} --primary",
+                self.gcloud_key()
+            );
+            return Err(support::pinned_version_does_not_rotate(
+                self.kms_name(),
+                self.key_id.rsplit('/').next().unwrap_or_default(),
+                v,
+                &rotate_there,
+            ));
         }
         let created = self
             .call(

@@ -117,6 +117,26 @@ pub(crate) fn ensure_handles(
     }
 }
 
+/// Why a key pinned to `version` is not rotated through kmsfs: new files
+/// would still be wrapped under the pinned version. `rotate_there` is the
+/// KMS's own command to make a new version; `key` the key as a policy
+/// names it.
+pub(crate) fn pinned_version_does_not_rotate(
+    kms: String, key: &str, version: &str, rotate_there: &str,
+) -> KmsError {
+    KmsError::Unsupported {
+        kms,
+        operation: "rotate the key",
+        detail: format!(
+            "key {key} is pinned to version {version}, and a pinned version does not follow \
+             rotation: new files would still be wrapped under {version}. Make a new version \
+             (`{rotate_there}`), then point the policy at it (`kmsfs policy set BACKING DIR \
+             --provider PROVIDER --key {key} --key-version NEW_VERSION`), or drop the pin (the \
+             same without --key-version) so that new files follow the KMS's current version"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
