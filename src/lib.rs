@@ -18,3 +18,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod safe_open;
+pub mod volume;
+
+pub use volume::Volume;

@@ -51,11 +51,8 @@ pub fn audit_log(explicit: Option<&Path>) -> Result<AuditLog> {
 pub fn open_volume(backing: &Path, calls: &Calls) -> Result<(Volume, KmsRuntime)> {
     let backing = absolute(backing)?;
     // The volume first: "not a backing directory" is the likelier mistake.
-    let config = VolumeConfig::load(&backing)?;
-    let trusted = load()?;
-    let rt = KmsRuntime::new()?;
-    let volume = Volume::from_config(&backing, config, &trusted, &rt, calls)?;
-    Ok((volume, rt))
+    VolumeConfig::load(&backing)?;
+    Ok(kmsfs::config::open_volume(&backing, &load()?, calls)?)
 }
 
 #[derive(Subcommand)]

@@ -20,7 +20,7 @@ pub mod volume;
 use std::path::PathBuf;
 
 pub use crate::kms::config::{ConnectError, KeySpec, KmsConfig};
-pub use open::{ActivePolicy, Calls, Volume};
+pub use open::{open_volume, ActivePolicy, Calls, Volume};
 pub use trusted::{TrustedConfig, TrustedError};
 pub use volume::VolumeConfig;
 

@@ -202,6 +202,22 @@ fn unwrap_error(e: KmsError, path: &Path, key: &KeySpec) -> ConfigError {
     }
 }
 
+/// Opens the volume of `backing` with the trusted configuration `trusted`,
+/// on a KMS runtime of its own: how every command, a mount and the library
+/// open a volume. The volume's configuration is read first ("not a backing
+/// directory" is the likelier mistake than a missing trusted one).
+pub fn open_volume(
+    backing: &Path, trusted: &TrustedConfig, calls: &Calls,
+) -> Result<(Volume, KmsRuntime), ConfigError> {
+    let config = VolumeConfig::load(backing)?;
+    let rt = KmsRuntime::new().map_err(|source| ConfigError::Io {
+        path: backing.to_owned(),
+        source,
+    })?;
+    let volume = Volume::from_config(backing, config, trusted, &rt, calls)?;
+    Ok((volume, rt))
+}
+
 impl Volume {
     /// Opens the volume of `backing`: see the module documentation.
     pub fn open(
