@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the filesystem-core tests (tests/core.rs) the way a machine without
-# FUSE would: as an unprivileged user, in a mount namespace where /dev/fuse
-# does not exist. They drive `Core` directly, so they must pass there; this
-# proves it instead of assuming it. Needs root (to drop to `nobody` and to
+# Runs the filesystem-core tests (tests/core.rs) and the library's no-FUSE
+# tests (tests/library.rs, `nofuse_*`: the library API, cat, export and
+# import) the way a machine without FUSE would: as an unprivileged user, in
+# a mount namespace where /dev/fuse does not exist. They drive `Core`
+# directly, so they must pass there; this proves it instead of assuming it. Needs root (to drop to `nobody` and to
 # make the namespace) and util-linux's unshare and setpriv.
 set -euo pipefail
 
@@ -12,18 +13,25 @@ cd "$KMSFS_ROOT"
 
 [[ $(id -u) -eq 0 ]] || { echo "test-core-unprivileged: needs root to drop privileges" >&2; exit 1; }
 
-bin=$(cargo test --release --test core --no-run --message-format=json 2>/dev/null |
+# The test binaries (core, library) and the kmsfs binary the library tests
+# run, built here and copied where `nobody` can reach them.
+artifacts=$(cargo test --release --test core --test library --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "core" and m.get("executable"):
-        print(m["executable"])')
-[[ -x $bin ]] || { echo "test-core-unprivileged: could not build the core tests" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] in ("core", "library") and m.get("executable"):
+        print(m["target"]["name"], m["executable"])')
+core_bin=$(awk '$1 == "core" {print $2}' <<<"$artifacts")
+library_bin=$(awk '$1 == "library" {print $2}' <<<"$artifacts")
+[[ -x $core_bin && -x $library_bin ]] || { echo "test-core-unprivileged: could not build the core and library tests" >&2; exit 1; }
+kmsfs_build
 
 work=$(mktemp -d /tmp/kmsfs-core-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-cp "$bin" "$work/core-tests"
-chmod 0755 "$work" "$work/core-tests"
+cp "$core_bin" "$work/core-tests"
+cp "$library_bin" "$work/library-tests"
+cp "$KMSFS" "$work/kmsfs"
+chmod 0755 "$work" "$work/core-tests" "$work/library-tests" "$work/kmsfs"
 chown nobody "$work"
 
 # A private mount namespace whose /dev holds only null, zero, random and
@@ -42,7 +50,10 @@ unshare --mount --propagation private -- sh -c '
     cd "$work"
     exec setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all \
         env -i PATH=/usr/bin:/bin TMPDIR="$work" HOME="$work" RUST_BACKTRACE=1 \
-        sh -c "test ! -e /dev/fuse || { echo \"/dev/fuse is still there\" >&2; exit 1; }
+        sh -c "set -e
+               test ! -e /dev/fuse || { echo \"/dev/fuse is still there\" >&2; exit 1; }
                echo \"core tests as uid \$(id -u), no /dev/fuse\"
-               exec ./core-tests --test-threads=2"
+               ./core-tests --test-threads=2
+               echo \"library tests without FUSE as uid \$(id -u), no /dev/fuse\"
+               KMSFS_TEST_BIN=$work/kmsfs exec ./library-tests --test-threads=2 nofuse_"
 ' sh "$work"

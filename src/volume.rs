@@ -92,13 +92,10 @@ pub enum VolumeError {
     /// `path` is not a path inside the volume (relative, or with `..`).
     #[error("{}: {reason}", path.display())]
     Path { path: PathBuf, reason: &'static str },
-    /// An operation on `path` failed as it would through a mount.
-    #[error("{}", describe(path, source))]
-    Fs {
-        path: PathBuf,
-        #[source]
-        source: FsError,
-    },
+    /// An operation on `path` failed as it would through a mount. The
+    /// message has the filesystem's reason in it (so it is no `source`).
+    #[error("{}", describe(path, error))]
+    Fs { path: PathBuf, error: FsError },
 }
 
 /// "path: reason", unless the reason names the file already.
@@ -114,7 +111,7 @@ impl VolumeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             VolumeError::Config(e) => e.is_retryable(),
-            VolumeError::Fs { source, .. } => source.is_retryable(),
+            VolumeError::Fs { error, .. } => error.is_retryable(),
             _ => false,
         }
     }
@@ -123,16 +120,16 @@ impl VolumeError {
     /// operation reached the filesystem.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            VolumeError::Fs { source, .. } => Some(source.to_errno()),
+            VolumeError::Fs { error, .. } => Some(error.to_errno()),
             VolumeError::Path { .. } => Some(libc::EINVAL),
             _ => None,
         }
     }
 
-    fn fs(path: &Path, source: FsError) -> Self {
+    fn fs(path: &Path, error: FsError) -> Self {
         VolumeError::Fs {
             path: path.to_owned(),
-            source,
+            error,
         }
     }
 }
@@ -480,17 +477,19 @@ impl Volume {
 
     fn open_handle(&self, path: &Path, reading_only: bool) -> Result<File> {
         let at = self.resolve(path)?;
+        let fs_err = |e| VolumeError::fs(path, e);
+        let attr = self.core.getattr(at.last()).map_err(fs_err)?;
+        // What open(2) says where the kernel would stop before the mount
+        // is asked: a directory is no file, and no symlink is followed.
+        match FileKind::from(attr.kind) {
+            FileKind::Dir => return Err(fs_err(FsError::errno(libc::EISDIR))),
+            FileKind::Symlink => return Err(fs_err(FsError::errno(libc::ELOOP))),
+            _ => {}
+        }
         let fh = self
             .block_on(self.core.open(at.last(), reading_only, self.caller))
-            .map_err(|e| VolumeError::fs(path, e))?;
-        let size = match self.core.getattr(at.last()) {
-            Ok(attr) => attr.size,
-            Err(e) => {
-                self.core.release(fh);
-                return Err(VolumeError::fs(path, e));
-            }
-        };
-        Ok(File::new(self, at, fh, path, size))
+            .map_err(fs_err)?;
+        Ok(File::new(self, at, fh, path, attr.size))
     }
 
     /// Creates file `path` (mode 0644 before the umask), or empties it if it

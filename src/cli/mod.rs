@@ -7,6 +7,8 @@
 //! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
 //! - `trust`: the trusted configuration (`providers`, `upgrade`, and how
 //!   every command finds and opens a volume);
+//! - `transfer`: `cat`, `export` and `import`, over the library
+//!   (`kmsfs::Volume`), without a mount;
 //! - `mountinfo`: what is mounted where.
 
 mod daemon;
@@ -19,6 +21,7 @@ mod lifecycle;
 mod mount;
 mod mountinfo;
 mod policy;
+mod transfer;
 mod trust;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +101,16 @@ enum Cmd {
     /// Rotate policy keys where they live (--due: those past their
     /// rotate_after), then rewrap.
     Rotate(lifecycle::RotateArgs),
+    /// Print files of a volume (paths inside it, like /d/e/x) as plaintext,
+    /// without a mount.
+    Cat(transfer::CatArgs),
+    /// Decrypt a volume's directory (default /) into a new plaintext
+    /// directory OUT, without a mount: modes, times, owners (as root),
+    /// symlinks, hard links and extended attributes are kept.
+    Export(transfer::ExportArgs),
+    /// Encrypt plaintext directory SRC into a volume (at DIR, default /),
+    /// without a mount, keeping what export keeps.
+    Import(transfer::ImportArgs),
     /// Upgrade a format 1 backing directory: move its KMS settings into the
     /// trusted configuration and authenticate its configuration.
     Upgrade {
@@ -130,6 +143,9 @@ pub fn run() -> i32 {
         Cmd::Rewrap(a) => lifecycle::rewrap_cmd(a),
         Cmd::Rekey(a) => lifecycle::rekey_cmd(a),
         Cmd::Rotate(a) => lifecycle::rotate_cmd(a),
+        Cmd::Cat(a) => transfer::cat(a),
+        Cmd::Export(a) => transfer::export(a),
+        Cmd::Import(a) => transfer::import(a),
     };
     match result {
         Ok(()) => EXIT_OK,
@@ -163,6 +179,8 @@ fn is_retryable(e: &anyhow::Error) -> bool {
         } else if let Some(e) = cause.downcast_ref::<ConnectError>() {
             e.is_retryable()
         } else if let Some(e) = cause.downcast_ref::<kmsfs::lifecycle::LifecycleError>() {
+            e.is_retryable()
+        } else if let Some(e) = cause.downcast_ref::<kmsfs::volume::VolumeError>() {
             e.is_retryable()
         } else {
             cause.is::<RetryLater>()

@@ -11,9 +11,18 @@ use std::time::{Duration, Instant};
 /// `kmsfs`, with this test process's own trusted configuration (see
 /// [`trusted_config`]).
 pub fn kmsfs() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kmsfs"));
+    let mut c = Command::new(kmsfs_bin());
     c.env("KMSFS_CONFIG", trusted_config());
     c
+}
+
+/// The `kmsfs` binary under test: this build's, unless `KMSFS_TEST_BIN`
+/// names a copy (scripts/test-core-unprivileged.sh runs tests as a user
+/// who cannot reach the build directory).
+pub fn kmsfs_bin() -> PathBuf {
+    std::env::var_os("KMSFS_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kmsfs")))
 }
 
 /// The trusted configuration every kmsfs command of this test process
