@@ -129,6 +129,7 @@ pub fn parse_option(item: &str) -> Result<MountOpt, OptionError> {
         // itself; `kmsfs mount -o` and fstab copies may still carry them).
         "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "owner" | "group"
         | "_netdev" | "nofail" => MountOpt::NoEffect,
+        other if other.starts_with("x-") => MountOpt::NoEffect,
         "suid" | "dev" => {
             return refused(
                 "kmsfs always mounts nosuid,nodev: whoever can write the backing directory \

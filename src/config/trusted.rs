@@ -494,6 +494,18 @@ mod tests {
     }
 
     #[test]
+    fn the_mount_table_survives_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsfs.toml");
+        std::fs::write(&path, "[mount]\nthreads = 4\noptions = [\"allow_other\"]\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        update(&path, |t| t.find_or_add(local_def("/k/a"), None)).unwrap();
+        let t = TrustedConfig::load(&path).unwrap();
+        assert_eq!(t.mount_settings()["threads"].as_integer(), Some(4));
+        assert!(t.providers().contains_key("local"));
+    }
+
+    #[test]
     fn a_provider_may_not_name_a_key_and_bad_entries_wait_until_used() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kmsfs.toml");
