@@ -65,6 +65,10 @@ fn translate(args: &[OsString], warn: &mut dyn FnMut(String)) -> Result<Option<V
     let (mut sloppy, mut fake) = (false, false);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
+        if arg == "-h" || arg == "--help" {
+            // The options are those of kmsfs mount.
+            return Ok(Some(vec!["kmsfs".into(), "mount".into(), "--help".into()]));
+        }
         let bytes = arg.as_bytes();
         if bytes.len() < 2 || bytes[0] != b'-' {
             positional.push(arg.clone());
@@ -193,6 +197,7 @@ mod tests {
             Some(args("kmsfs mount /b /m -o ro"))
         );
         assert_eq!(line("/b /m -f -o rw"), None, "a fake mount does nothing");
+        assert_eq!(line("-h"), Some(args("kmsfs mount --help")));
         let mut warned = Vec::new();
         let sloppy = translate(&args("/b /m -sv -o rw,weird"), &mut |w| warned.push(w)).unwrap();
         assert_eq!(sloppy, Some(args("kmsfs mount /b /m -o rw")));
