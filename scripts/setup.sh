@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what kmsfs needs to build, mount and be tested on a fresh
 # Debian 12 machine: FUSE 3 (fusermount3), /dev/fuse, a few tools the demo and
-# tests use, and the pjdfstest POSIX suite; then builds kmsfs and installs its
-# mount helper (/sbin/mount.fuse.kmsfs, for mount -t fuse.kmsfs and fstab).
-# Idempotent: a second run only checks, rebuilds if the sources changed, and
-# links the helper again.
+# tests use, and the pjdfstest POSIX suite; then installs the kmsfs mount
+# helper (/sbin/mount.fuse.kmsfs, for mount -t fuse.kmsfs and fstab), building
+# kmsfs first if there is no binary yet. Idempotent: a second run only checks,
+# and links the helper again.
 #
 # Environment:
 #   KMSFS_SETUP_EXTRA_APT  extra Debian packages to install (space separated)
@@ -133,13 +133,17 @@ else
 fi
 
 # The mount helper: mount(8) runs /sbin/mount.fuse.kmsfs for type fuse.kmsfs;
-# `kmsfs install-helper` makes it a link to the binary. The demo and the tests
-# build that same binary (same CARGO_TARGET_DIR), so building it here costs
-# them nothing. A failed build is left for them to report.
-if kmsfs_build; then
-    "${SUDO[@]}" "$KMSFS" install-helper --dir /sbin || die "kmsfs install-helper failed"
+# `kmsfs install-helper` makes it a link to the release binary, which the demo
+# and the tests rebuild in place. So a binary already there installs it, and
+# kmsfs is built only when there is none (or it is too old to install): a
+# build here would cost the tests a second one, as they build it with their
+# test features. A failed build is left for the demo and the tests to report.
+install_helper() { [[ -x ${KMSFS:-} ]] && "${SUDO[@]}" "$KMSFS" install-helper --dir /sbin; }
+KMSFS=${KMSFS_BIN:-$CARGO_TARGET_DIR/release/kmsfs}
+if install_helper 2>/dev/null || { kmsfs_build && install_helper; }; then
+    log "mount helper: /sbin/mount.fuse.kmsfs -> $KMSFS"
 else
-    log "warning: kmsfs did not build, so the mount helper is not installed (mount -t fuse.kmsfs will not work)"
+    log "warning: the mount helper is not installed (see above), so mount -t fuse.kmsfs will not work"
 fi
 
 log "done"
