@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what kmsfs needs to build, mount and be tested on a fresh
 # Debian 12 machine: FUSE 3 (fusermount3), /dev/fuse, a few tools the demo and
-# tests use, and the pjdfstest POSIX suite. Idempotent: a second run only
-# checks, and installs nothing.
+# tests use, and the pjdfstest POSIX suite; then installs the kmsfs mount
+# helper (/sbin/mount.fuse.kmsfs, for mount -t fuse.kmsfs and fstab), building
+# kmsfs first if there is no binary yet. Idempotent: a second run only checks,
+# and links the helper again.
 #
 # Environment:
 #   KMSFS_SETUP_EXTRA_APT  extra Debian packages to install (space separated)
 set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 log() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -27,9 +32,11 @@ fi
 # kmod:  modprobe, to load the fuse module when /dev/fuse is missing.
 # python3-venv, curl, util-linux (flock): scripts/dev-moto.sh and
 #        scripts/dev-vault.sh install moto / OpenBao from PyPI into venvs for
-#        the KMS integration tests.
+#        the KMS integration tests; util-linux also has mount(8), which the
+#        mount helper's tests drive.
+# systemd: systemd-analyze, which checks contrib/systemd/kmsfs@.service.
 APT_PACKAGES=(fuse3 attr xxd kmod ca-certificates pkg-config gcc libc6-dev
-    python3 python3-venv curl util-linux)
+    python3 python3-venv curl util-linux systemd)
 # shellcheck disable=SC2206
 APT_PACKAGES+=(${KMSFS_SETUP_EXTRA_APT:-})
 
@@ -111,7 +118,6 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy is missing (rustup compone
 
 # pjdfstest, the POSIX file-system suite (Rust rewrite, from crates.io).
 CARGO_BIN_DIR=${CARGO_HOME:-$HOME/.cargo}/bin
-case ":$PATH:" in *":$CARGO_BIN_DIR:"*) ;; *) export PATH="$CARGO_BIN_DIR:$PATH" ;; esac
 if command -v pjdfstest >/dev/null 2>&1; then
     log "pjdfstest present: $(command -v pjdfstest)"
 else
@@ -124,6 +130,20 @@ else
     rm -f "$cargo_log"
     command -v pjdfstest >/dev/null 2>&1 || die "pjdfstest installed but not on PATH ($CARGO_BIN_DIR)"
     log "pjdfstest installed: $(command -v pjdfstest)"
+fi
+
+# The mount helper: mount(8) runs /sbin/mount.fuse.kmsfs for type fuse.kmsfs;
+# `kmsfs install-helper` makes it a link to the release binary, which the demo
+# and the tests rebuild in place. So a binary already there installs it, and
+# kmsfs is built only when there is none (or it is too old to install): a
+# build here would cost the tests a second one, as they build it with their
+# test features. A failed build is left for the demo and the tests to report.
+install_helper() { [[ -x ${KMSFS:-} ]] && "${SUDO[@]}" "$KMSFS" install-helper --dir /sbin; }
+KMSFS=${KMSFS_BIN:-$CARGO_TARGET_DIR/release/kmsfs}
+if install_helper 2>/dev/null || { kmsfs_build && install_helper; }; then
+    log "mount helper: /sbin/mount.fuse.kmsfs -> $KMSFS"
+else
+    log "warning: the mount helper is not installed (see above), so mount -t fuse.kmsfs will not work"
 fi
 
 log "done"

@@ -1,7 +1,7 @@
 //! The mount's daemon and its lifetime: starting it in the background and
 //! waiting for it to report the mount ready, the serving process's logging
-//! and open-files limit, unmounting on SIGTERM/SIGINT/SIGHUP, and
-//! `kmsfs umount`.
+//! and open-files limit, telling systemd (sd_notify), unmounting on
+//! SIGTERM/SIGINT/SIGHUP, and `kmsfs umount`.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -34,7 +34,12 @@ pub fn spawn(log_file: Option<&Path>, mountpoint: &Path) -> Result<()> {
     };
     let log_file =
         open_log(&log).with_context(|| format!("cannot open log file {}", log.display()))?;
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    // The command line as understood (mount(8)'s helper form translated).
+    let mut args: Vec<OsString> = super::helper::command_line()
+        .iter()
+        .skip(1)
+        .cloned()
+        .collect();
     args.push("--foreground".into());
     let mut child = unsafe {
         Command::new(std::env::current_exe()?)
@@ -171,6 +176,27 @@ pub fn report_ready(r: std::result::Result<(), &str>) {
             libc::dup2(null, 1);
             libc::close(null);
         }
+    }
+}
+
+/// Sends `state` (such as "READY=1") to the service manager when it asked
+/// for it through $NOTIFY_SOCKET: one datagram on that Unix socket, a
+/// name starting with '@' being in the abstract namespace (systemd's
+/// sd_notify protocol). Best effort: the mount works without it.
+pub fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.as_bytes();
+    let addr = match target.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(target)),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        tracing::warn!("cannot tell the service manager {state:?} through NOTIFY_SOCKET: {e}");
     }
 }
 

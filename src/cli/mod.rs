@@ -1,8 +1,9 @@
 //! The `kmsfs` command line. Here: the commands' clap types, and how a
 //! failure ends (one message on stderr, one exit code). Elsewhere:
 //! - `init`, `keys`, `policy`, `kms_cmd` (`kms test|status`): those commands;
-//! - `mount`: the mount command; `daemon`: the background daemon (start,
-//!   readiness, signals) and `umount`;
+//! - `mount`: the mount command, `mount_options` its options and where
+//!   they come from, `helper` mount(8)'s helper form; `daemon`: the
+//!   background daemon (start, readiness, signals) and `umount`;
 //! - `inspect`: `info` and `policy status`, over `kmsfs::fs::walk`;
 //! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
 //! - `trust`: the trusted configuration (`providers`, `upgrade`, and how
@@ -12,6 +13,7 @@
 //! - `mountinfo`: what is mounted where.
 
 mod daemon;
+mod helper;
 mod init;
 mod inspect;
 mod keys;
@@ -19,6 +21,7 @@ mod kms_args;
 mod kms_cmd;
 mod lifecycle;
 mod mount;
+mod mount_options;
 mod mountinfo;
 mod policy;
 mod transfer;
@@ -59,6 +62,8 @@ enum Cmd {
     Init(init::InitArgs),
     /// Mount BACKING at MOUNTPOINT; returns once the mount is ready.
     Mount(mount::MountArgs),
+    /// Install /sbin/mount.fuse.kmsfs, so mount(8) and fstab mount kmsfs.
+    InstallHelper(helper::InstallArgs),
     /// Unmount a kmsfs mount.
     Umount { mountpoint: PathBuf },
     /// Print a file's header facts as JSON (never key bytes).
@@ -128,11 +133,16 @@ enum Cmd {
 
 /// Runs the command line's command; returns the process exit code.
 pub fn run() -> i32 {
-    let cli = Cli::parse();
-    trust::set_path(cli.config.as_deref());
+    let cli = Cli::parse_from(helper::command_line());
+    let mount_config = match &cli.command {
+        Cmd::Mount(a) => a.config_option(),
+        _ => None,
+    };
+    trust::set_path(mount_config.or(cli.config.as_deref()));
     let result = match cli.command {
         Cmd::Init(a) => init::init(a),
         Cmd::Mount(a) => mount::mount(a),
+        Cmd::InstallHelper(a) => helper::install(a),
         Cmd::Umount { mountpoint } => daemon::umount(&mountpoint),
         Cmd::Info { path, verify } => inspect::info(&path, verify),
         Cmd::Keys { action } => keys::keys(action),

@@ -14,33 +14,47 @@ use kmsfs::config::Calls;
 use kmsfs::fs::{self, MountOptions};
 use kmsfs::metrics::Metrics;
 
-use super::{absolute, daemon, mountinfo, trust};
+use super::mount_options::{self, MountOpt, Resolved, Setting};
+use super::{absolute, daemon, helper, mountinfo, trust};
 
 #[derive(Args)]
+#[command(
+    after_help = "Every setting can also come from the environment (KMSFS_THREADS, \
+KMSFS_CACHE_SIZE, KMSFS_CACHE_TTL, KMSFS_ATTR_TIMEOUT, KMSFS_METRICS_ADDR, KMSFS_AUDIT_LOG, \
+KMSFS_LOG_FILE; KMSFS_OPTIONS for -o items) or the [mount] table of the trusted \
+configuration (threads = 8, options = [\"allow_other\"], ...). The command line wins over \
+the environment, which wins over the file. See docs/MOUNTING.md."
+)]
 pub struct MountArgs {
     backing: PathBuf,
     mountpoint: PathBuf,
-    /// Stay in the foreground (logs to stderr).
+    /// Stay in the foreground (logs to stderr; tells systemd when the
+    /// mount is ready through $NOTIFY_SOCKET).
     #[arg(long, short = 'f')]
     foreground: bool,
-    /// Mount options, comma separated: ro, allow_other, or kernel options.
-    #[arg(short = 'o', value_delimiter = ',')]
-    options: Vec<String>,
+    /// Mount options, comma separated, as in fstab: ro, rw, allow_other,
+    /// noexec, sync, dirsync, ...; the settings below as NAME=VALUE
+    /// (cache_size=1000, log_file=FILE, ...) and config=FILE. Options for
+    /// mount(8) and systemd (_netdev, nofail, x-systemd.*, ...) are
+    /// accepted and have no effect here.
+    #[arg(short = 'o', long = "options", value_delimiter = ',',
+          value_parser = mount_options::parse_option, value_name = "OPTION")]
+    options: Vec<MountOpt>,
     /// Log file of the background daemon.
     #[arg(long)]
     log_file: Option<PathBuf>,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 8)]
-    threads: usize,
-    /// DEK cache capacity (entries).
-    #[arg(long, default_value_t = 100_000)]
-    cache_size: usize,
-    /// DEK cache time-to-live, seconds.
-    #[arg(long, default_value_t = 3600)]
-    cache_ttl: u64,
-    /// Kernel attribute/entry cache timeout, seconds.
-    #[arg(long, default_value_t = 1.0)]
-    attr_timeout: f64,
+    /// FUSE worker threads [default: 8].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// DEK cache capacity (entries) [default: 100000].
+    #[arg(long)]
+    cache_size: Option<usize>,
+    /// DEK cache time-to-live, seconds [default: 3600].
+    #[arg(long)]
+    cache_ttl: Option<u64>,
+    /// Kernel attribute/entry cache timeout, seconds [default: 1].
+    #[arg(long)]
+    attr_timeout: Option<f64>,
     /// Serve Prometheus metrics on HOST:PORT (/metrics).
     #[arg(long)]
     metrics_addr: Option<String>,
@@ -48,6 +62,47 @@ pub struct MountArgs {
     /// trusted configuration's `audit_log`, if set).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+}
+
+impl MountArgs {
+    /// The trusted configuration `-o config=FILE` names (the last one).
+    pub fn config_option(&self) -> Option<&Path> {
+        self.options.iter().rev().find_map(|o| match o {
+            MountOpt::Config(p) => Some(p.as_path()),
+            _ => None,
+        })
+    }
+
+    /// The command line's settings and options: flags first, so that an
+    /// `-o` item wins over its flag.
+    fn command_line(&self) -> Vec<MountOpt> {
+        let flags = [
+            self.threads.map(Setting::Threads),
+            self.cache_size.map(Setting::CacheSize),
+            self.cache_ttl.map(Setting::CacheTtl),
+            self.attr_timeout.map(Setting::AttrTimeout),
+            self.metrics_addr.clone().map(Setting::MetricsAddr),
+            self.audit_log.clone().map(Setting::AuditLog),
+            self.log_file.clone().map(Setting::LogFile),
+        ];
+        flags
+            .into_iter()
+            .flatten()
+            .map(MountOpt::Setting)
+            .chain(self.options.iter().cloned())
+            .collect()
+    }
+}
+
+/// The mount's settings from every source (see `mount_options`).
+fn settings(a: &MountArgs) -> Result<Resolved> {
+    let path = trust::path();
+    // A missing or unsafe trusted configuration is reported when the volume
+    // is opened, with what to do; its [mount] table is then moot.
+    let table = kmsfs::config::TrustedConfig::load(&path)
+        .map(|t| t.mount_settings().clone())
+        .unwrap_or_default();
+    mount_options::resolve(&table, &path, |v| std::env::var(v).ok(), &a.command_line())
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {
@@ -63,18 +118,26 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // user sees the reason directly.
     let metrics = Arc::new(Metrics::default());
     let (volume, runtime) = trust::open_volume(&backing, &Calls::Mount(metrics.clone()))?;
-    let audit = trust::audit_log(a.audit_log.as_deref())?;
-    check_mountpoint(&mountpoint)?;
+    let set = settings(&a)?;
+    let audit = trust::audit_log(set.audit_log.as_deref())?;
+    if already_mounted(&mountpoint, &backing)? {
+        eprintln!(
+            "kmsfs: {} is already mounted at {}",
+            backing.display(),
+            mountpoint.display()
+        );
+        return Ok(());
+    }
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or install fuse3");
     }
     if !a.foreground {
-        return daemon::spawn(a.log_file.as_deref(), &mountpoint);
+        return daemon::spawn(set.log_file.as_deref(), &mountpoint);
     }
     daemon::init_logging("info");
     daemon::raise_fd_limit();
-    let (ro, allow_other, extra) = parse_mount_options(&a.options);
-    let cache = DekCache::new(a.cache_size, Duration::from_secs(a.cache_ttl));
+    let ro = set.read_only;
+    let cache = DekCache::new(set.cache_size, set.cache_ttl);
     // The adapter applies each caller's umask; the daemon's own must not
     // mask the backing files' modes a second time.
     unsafe { libc::umask(0) };
@@ -92,14 +155,14 @@ pub fn mount(a: MountArgs) -> Result<()> {
     core.set_reloader(reloader(volume, metrics));
     let opts = MountOptions {
         read_only: ro,
-        allow_other,
-        threads: a.threads,
-        attr_ttl: Duration::from_secs_f64(a.attr_timeout.max(0.0)),
-        extra,
+        allow_other: set.allow_other,
+        threads: set.threads,
+        attr_ttl: set.attr_timeout,
+        extra: set.kernel_flags(),
         fs_name: format!("kmsfs:{}", backing.display()),
     };
     let core = Arc::new(core);
-    if let Some(addr) = &a.metrics_addr {
+    if let Some(addr) = &set.metrics_addr {
         let c = core.clone();
         let bound = kmsfs::metrics::serve(addr, Arc::new(move || c.render_metrics()))
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
@@ -116,40 +179,39 @@ pub fn mount(a: MountArgs) -> Result<()> {
     tracing::info!("mounted {} at {}", backing.display(), mountpoint.display());
     daemon::unmount_on_termination_signal(mountpoint.clone());
     daemon::report_ready(Ok(()));
-    session.run().context("FUSE session failed")?;
+    daemon::notify_systemd(&format!(
+        "READY=1\nSTATUS=mounted {} at {}",
+        backing.display(),
+        mountpoint.display()
+    ));
+    let served = session.run().context("FUSE session failed");
+    daemon::notify_systemd("STOPPING=1");
+    served?;
     tracing::info!("unmounted {}", mountpoint.display());
     Ok(())
 }
 
-fn check_mountpoint(mnt: &Path) -> Result<()> {
+/// Checks that `mnt` can take the mount. True when it already has this
+/// very mount and mount(8) runs us: `mount -a` runs the helper for every
+/// fstab line whose mount it does not recognise, and it cannot recognise a
+/// kmsfs mount (the kernel lists it as `fuse`, source `kmsfs:BACKING`).
+fn already_mounted(mnt: &Path, backing: &Path) -> Result<bool> {
     let meta =
         std::fs::metadata(mnt).map_err(|e| anyhow::anyhow!("mountpoint {}: {e}", mnt.display()))?;
     if !meta.is_dir() {
         bail!("mountpoint {} is not a directory", mnt.display());
     }
-    if mountinfo::mounts().iter().any(|m| m.mountpoint == mnt) {
+    if let Some(m) = mountinfo::mounts().iter().find(|m| m.mountpoint == mnt) {
+        if helper::invoked_as_helper() && m.kmsfs_backing() == Some(backing) {
+            return Ok(true);
+        }
         bail!(
             "mountpoint {} is busy: something is already mounted there (unmount it first: kmsfs umount {})",
             mnt.display(),
             mnt.display()
         );
     }
-    Ok(())
-}
-
-/// Splits `-o` options into (read-only, allow_other, options passed to the
-/// kernel as they are); a later ro/rw wins.
-fn parse_mount_options(opts: &[String]) -> (bool, bool, Vec<String>) {
-    let (mut ro, mut allow_other, mut extra) = (false, false, Vec::new());
-    for o in opts.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
-        match o {
-            "ro" => ro = true,
-            "rw" => ro = false,
-            "allow_other" => allow_other = true,
-            other => extra.push(other.to_owned()),
-        }
-    }
-    (ro, allow_other, extra)
+    Ok(false)
 }
 
 /// How the mount takes up a change to the volume's policies (`kmsfs policy

@@ -19,6 +19,9 @@
 //! auth = { method = "approle", role_id = "...", secret_id_file = "/etc/kmsfs/secret-id" }
 //! ```
 //!
+//! `[mount]` holds defaults for `kmsfs mount` (`threads = 16`, `options =
+//! ["allow_other"]`); see docs/MOUNTING.md.
+//!
 //! The file is refused unless it and its directory belong to root or to the
 //! user running kmsfs, and neither is writable by group or others. A
 //! provider is checked only when a volume uses it, so a stale entry for
@@ -69,6 +72,10 @@ pub struct TrustedConfig {
     providers: BTreeMap<String, ProviderDef>,
     /// Where key operations are logged (`audit_log = "/var/log/kmsfs/audit.jsonl"`).
     audit_log: Option<PathBuf>,
+    /// `[mount]`: settings for `kmsfs mount` (`threads = 8`, `options =
+    /// ["allow_other"]`), checked by the command, which also takes them from
+    /// its command line and environment.
+    mount: toml::Table,
 }
 
 /// The file's layout on disk.
@@ -77,6 +84,8 @@ pub struct TrustedConfig {
 struct OnDisk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     audit_log: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    mount: toml::Table,
     #[serde(default)]
     providers: BTreeMap<String, toml::Table>,
 }
@@ -199,12 +208,18 @@ impl TrustedConfig {
             path: path.to_owned(),
             providers,
             audit_log: file.audit_log,
+            mount: file.mount,
         })
     }
 
     /// The audit log file this configuration names, if any.
     pub fn audit_log(&self) -> Option<&Path> {
         self.audit_log.as_deref()
+    }
+
+    /// The `[mount]` table, as written.
+    pub fn mount_settings(&self) -> &toml::Table {
+        &self.mount
     }
 
     /// The provider definitions, by name.
@@ -289,6 +304,7 @@ impl TrustedConfig {
         };
         let file = OnDisk {
             audit_log: self.audit_log.clone(),
+            mount: self.mount.clone(),
             providers: self
                 .providers
                 .iter()
@@ -475,6 +491,18 @@ mod tests {
         // Another definition under a taken name is refused.
         let taken = update(&path, |t| t.find_or_add(local_def("/k/d"), Some("mine")));
         assert!(matches!(taken, Err(TrustedError::BadProvider { .. })));
+    }
+
+    #[test]
+    fn the_mount_table_survives_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsfs.toml");
+        std::fs::write(&path, "[mount]\nthreads = 4\noptions = [\"allow_other\"]\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        update(&path, |t| t.find_or_add(local_def("/k/a"), None)).unwrap();
+        let t = TrustedConfig::load(&path).unwrap();
+        assert_eq!(t.mount_settings()["threads"].as_integer(), Some(4));
+        assert!(t.providers().contains_key("local"));
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// How long the kernel may cache attributes and names.
     pub attr_ttl: Duration,
-    /// Extra options passed to the kernel as-is.
+    /// Extra options for the kernel: mount flags by name (noexec, sync,
+    /// dirsync), anything else as-is in the FUSE option string.
     pub extra: Vec<String>,
     pub fs_name: String,
 }
@@ -440,7 +441,7 @@ pub fn mount(
     if opts.read_only {
         options.push(MountOption::RO);
     }
-    options.extend(opts.extra.iter().map(|o| MountOption::CUSTOM(o.clone())));
+    options.extend(opts.extra.iter().map(|o| kernel_option(o)));
     let mut config = fuser::Config::default();
     config.mount_options = options;
     config.acl = if opts.allow_other {
@@ -464,6 +465,17 @@ pub fn mount(
     }));
     raise_readahead(mountpoint);
     Ok(session)
+}
+
+/// A mount flag by name is a flag of mount(2), not part of the FUSE
+/// option string (where the kernel would refuse it with EINVAL).
+fn kernel_option(name: &str) -> MountOption {
+    match name {
+        "noexec" => MountOption::NoExec,
+        "sync" => MountOption::Sync,
+        "dirsync" => MountOption::DirSync,
+        other => MountOption::CUSTOM(other.to_owned()),
+    }
 }
 
 /// The kernel caps a FUSE mount's readahead at its default (128 KiB) even
