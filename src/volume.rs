@@ -332,9 +332,7 @@ impl Volume {
         )
         .map_err(|e| VolumeError::fs(&backing, e.into()))?;
         if let Some(path) = audit {
-            core.set_audit_log(Arc::new(
-                AuditLog::open(&path)?,
-            ));
+            core.set_audit_log(Arc::new(AuditLog::open(&path)?));
         }
         // SAFETY: these calls have no preconditions.
         let caller = unsafe {
@@ -527,11 +525,22 @@ impl Volume {
 
     /// Reads all of file `path`.
     pub fn read(&self, path: impl AsRef<Path>) -> Result<Vec<u8>> {
-        let path = path.as_ref();
         let mut file = self.open_file(path)?;
+        // Sized by the length at open, in one call (its blocks decrypted
+        // in parallel); a file that grew meanwhile is read to its end.
         let mut out = vec![0; file.size as usize];
-        let n = file.read_at(&mut out, 0)?;
-        out.truncate(n);
+        let mut filled = 0;
+        loop {
+            if filled == out.len() {
+                out.resize(filled + (filled / 2).max(64 * 1024), 0);
+            }
+            let n = file.read_at(&mut out[filled..], filled as u64)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        out.truncate(filled);
         Ok(out)
     }
 
@@ -677,7 +686,9 @@ impl Volume {
     }
 
     /// Changes the owner and/or group of `path` (a symlink's own).
-    pub fn set_owner(&self, path: impl AsRef<Path>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    pub fn set_owner(
+        &self, path: impl AsRef<Path>, uid: Option<u32>, gid: Option<u32>,
+    ) -> Result<()> {
         let path = path.as_ref();
         self.set_attr(
             path,
@@ -690,7 +701,9 @@ impl Volume {
     }
 
     /// Sets the access and modification times of `path` (a symlink's own).
-    pub fn set_times(&self, path: impl AsRef<Path>, atime: SystemTime, mtime: SystemTime) -> Result<()> {
+    pub fn set_times(
+        &self, path: impl AsRef<Path>, atime: SystemTime, mtime: SystemTime,
+    ) -> Result<()> {
         let path = path.as_ref();
         self.set_attr(
             path,
@@ -740,7 +753,9 @@ impl Volume {
     }
 
     /// Sets extended attribute `name` of `path` to `value`.
-    pub fn set_xattr(&self, path: impl AsRef<Path>, name: impl AsRef<OsStr>, value: &[u8]) -> Result<()> {
+    pub fn set_xattr(
+        &self, path: impl AsRef<Path>, name: impl AsRef<OsStr>, value: &[u8],
+    ) -> Result<()> {
         let path = path.as_ref();
         let at = self.resolve(path)?;
         self.core

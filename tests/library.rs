@@ -71,7 +71,10 @@ fn write_tree(v: &Volume) {
 /// Checks the tree of [`write_tree`] through a mount at `mnt`.
 fn check_tree_in_mount(mnt: &Path) {
     let d = mnt.join("data");
-    assert_eq!(std::fs::read(d.join("small.txt")).unwrap(), b"hello, library");
+    assert_eq!(
+        std::fs::read(d.join("small.txt")).unwrap(),
+        b"hello, library"
+    );
     assert_eq!(std::fs::read(d.join("empty")).unwrap(), b"");
     assert_eq!(
         std::fs::read(d.join("deep/er/big.bin")).unwrap(),
@@ -132,10 +135,7 @@ fn nofuse_library_round_trip_and_errors() {
         .map(|e| e.name.into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(
-        names,
-        ["also.txt", "deep", "empty", "link", "small.txt"]
-    );
+    assert_eq!(names, ["also.txt", "deep", "empty", "link", "small.txt"]);
     let walked: Vec<_> = v.walk("/").map(|e| e.unwrap().path).collect();
     assert!(walked.contains(&PathBuf::from("/data/deep/er/big.bin")));
     assert!(
@@ -179,10 +179,7 @@ fn nofuse_library_round_trip_and_errors() {
     let backing_big = std::fs::read(p.backing.join("data/deep/er/big.bin")).unwrap();
     assert!(backing_big.len() > BIG);
     assert!(!backing_big.windows(64).any(|w| w == &want[..64]));
-    assert!(p
-        .backing
-        .join("data/deep/er/.kmsfs.big.bin")
-        .exists());
+    assert!(p.backing.join("data/deep/er/.kmsfs.big.bin").exists());
 }
 
 #[test]
@@ -224,10 +221,7 @@ fn nofuse_read_only_volume_refuses_changes() {
     )
     .unwrap();
     assert_eq!(v.read("/f").unwrap(), b"x");
-    assert_eq!(
-        v.write("/g", b"y").unwrap_err().errno(),
-        Some(libc::EROFS)
-    );
+    assert_eq!(v.write("/g", b"y").unwrap_err().errno(), Some(libc::EROFS));
 }
 
 #[test]
@@ -267,15 +261,15 @@ fn filetime(secs: i64) -> SystemTime {
 }
 
 fn set_mtime(p: &Path, t: SystemTime) {
-    std::fs::File::open(p)
-        .unwrap()
-        .set_modified(t)
-        .unwrap();
+    std::fs::File::open(p).unwrap().set_modified(t).unwrap();
 }
 
-/// Every entry below `root`: (relative path, kind, mode, size, mtime,
-/// content or link target, link count).
-fn snapshot(root: &Path) -> Vec<(PathBuf, String, u32, u64, i64, Vec<u8>, u64)> {
+/// (relative path, kind, mode, size, mtime, content or link target, link
+/// count) of one entry.
+type Entry = (PathBuf, String, u32, u64, i64, Vec<u8>, u64);
+
+/// Every entry below `root`.
+fn snapshot(root: &Path) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -387,7 +381,11 @@ fn library_writes_a_mount_reads_and_the_reverse() {
     let src = fs.dir.path().join("src");
     std::fs::create_dir(&src).unwrap();
     let refused = common::run(
-        &["import", src.to_str().unwrap(), fs.backing.to_str().unwrap()],
+        &[
+            "import",
+            src.to_str().unwrap(),
+            fs.backing.to_str().unwrap(),
+        ],
         false,
     );
     assert_eq!(refused.status.code(), Some(1));

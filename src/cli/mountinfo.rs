@@ -62,6 +62,19 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Where backing directory `backing` is mounted by kmsfs on this machine,
+/// if it is. By identity, not spelling: a symlinked path to the backing
+/// directory is the same directory.
+pub fn mountpoint_of(backing: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ours = id(backing)?;
+    mounts()
+        .into_iter()
+        .find(|m| m.kmsfs_backing().is_some_and(|b| id(b) == Some(ours)))
+        .map(|m| m.mountpoint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,17 +91,4 @@ mod tests {
         assert!(!other.is_fuse());
         assert_eq!(other.kmsfs_backing(), None);
     }
-}
-
-/// Where backing directory `backing` is mounted by kmsfs on this machine,
-/// if it is. By identity, not spelling: a symlinked path to the backing
-/// directory is the same directory.
-pub fn mountpoint_of(backing: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let ours = id(backing)?;
-    mounts()
-        .into_iter()
-        .find(|m| m.kmsfs_backing().is_some_and(|b| id(b) == Some(ours)))
-        .map(|m| m.mountpoint)
 }

@@ -221,10 +221,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
             }
             Err(e) => {
                 summary.failed += 1;
-                progress.note(&format!(
-                    "kmsfs export: {}: {e:#}",
-                    entry.path.display()
-                ));
+                progress.note(&format!("kmsfs export: {}: {e:#}", entry.path.display()));
             }
         }
         progress.advance(1);
@@ -308,7 +305,6 @@ fn export_entry(volume: &Volume, path: &Path, meta: &Metadata, target: &Path) ->
     copy_xattrs_out(volume, path, target)?;
     set_local_attrs(target, meta)
 }
-
 
 fn copy_stream(src: &mut impl Read, dst: &mut impl Write) -> Result<u64> {
     let mut buf = vec![0; CHUNK];
