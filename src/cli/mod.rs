@@ -7,8 +7,10 @@
 //! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
 //! - `trust`: the trusted configuration (`providers`, `upgrade`, and how
 //!   every command finds and opens a volume);
-//! - `mountinfo`: what is mounted where.
+//! - `mountinfo`: what is mounted where;
+//! - `completions`: shell completions and man pages.
 
+mod completions;
 mod daemon;
 mod init;
 mod inspect;
@@ -98,6 +100,14 @@ enum Cmd {
     /// Rotate policy keys where they live (--due: those past their
     /// rotate_after), then rewrap.
     Rotate(lifecycle::RotateArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...)
+    /// to stdout, e.g. `kmsfs completions bash > /etc/bash_completion.d/kmsfs`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the kmsfs(1) man page, or write one page per command to DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Upgrade a format 1 backing directory: move its KMS settings into the
     /// trusted configuration and authenticate its configuration.
     Upgrade {
@@ -130,6 +140,8 @@ pub fn run() -> i32 {
         Cmd::Rewrap(a) => lifecycle::rewrap_cmd(a),
         Cmd::Rekey(a) => lifecycle::rekey_cmd(a),
         Cmd::Rotate(a) => lifecycle::rotate_cmd(a),
+        Cmd::Completions { shell } => completions::completions(shell),
+        Cmd::Man { out } => completions::man(out.as_deref()),
     };
     match result {
         Ok(()) => EXIT_OK,
