@@ -21,8 +21,9 @@ pub enum KmsCmd {
         dir: Option<String>,
     },
     /// Every KMS key the backing directory names, all at once: reachable,
-    /// authenticated, key present, latency, versions. Exits 75 when only
-    /// unreachable or slow KMSs failed (a retry may help), 1 otherwise.
+    /// authenticated, key present, latency, versions. Exits 0 when every
+    /// key answers, 75 when only unreachable or slow KMSs failed (a retry
+    /// may help), 1 when some failure needs fixing.
     Status {
         backing: PathBuf,
         /// One JSON row per key instead of one line.
