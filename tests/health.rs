@@ -166,13 +166,17 @@ fn ready_follows_the_vault_and_kms_status_exits_75_while_it_is_down() {
     };
     std::thread::sleep(Duration::from_millis(1100));
     let before = checks(port);
+    let start = Instant::now();
     for _ in 0..20 {
         assert_eq!(ready(port).0, 200);
     }
     let made = checks(port) - before;
+    // One check per second the storm lasted (answers are reused for 1 s).
+    let most = start.elapsed().as_secs() + 1;
     assert!(
-        (1..=2).contains(&made),
-        "20 probes within a second made {made} checks"
+        (1..=most).contains(&made),
+        "20 probes in {:?} made {made} checks",
+        start.elapsed()
     );
 
     let status_json = |extra: &[&str]| -> (Option<i32>, serde_json::Value) {
