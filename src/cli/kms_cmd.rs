@@ -88,7 +88,7 @@ fn status(backing: PathBuf, json: bool, timeout: u64) -> Result<()> {
         .iter()
         .map(|&key| {
             let target = match trusted.resolve(key) {
-                Ok(settings) => ProbeTarget::Settings(settings),
+                Ok(settings) => ProbeTarget::Settings(Box::new(settings)),
                 Err(e) => ProbeTarget::Unresolved(e.to_string()),
             };
             (key.clone(), target)

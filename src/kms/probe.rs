@@ -22,7 +22,7 @@ pub enum ProbeTarget {
     Connected(Arc<dyn KeyProvider>),
     /// Settings to connect with first (a one-off command): connecting is
     /// part of the probe.
-    Settings(KmsConfig),
+    Settings(Box<KmsConfig>),
     /// The key could not even be resolved to settings; why.
     Unresolved(String),
 }
