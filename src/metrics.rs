@@ -1,13 +1,19 @@
-//! Prometheus text metrics: KMS requests by provider/operation/outcome with
-//! latency, DEK cache counters, and bytes read/written through the mount.
+//! A mount's HTTP endpoint: Prometheus text metrics on `/metrics` (KMS
+//! requests by provider/operation/outcome with latency, DEK cache counters,
+//! bytes read/written through the mount), liveness on `/health`, and
+//! readiness on `/ready` (the FUSE session is up and every KMS key answers;
+//! see [`Readiness`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::fs::Core;
+use crate::kms::probe::{probe_all, KeyHealth, ProbeTarget};
 
 /// Upper bounds (seconds) of the KMS latency histogram buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
@@ -148,37 +154,145 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `addr` from a background thread.
-pub fn serve(
-    addr: &str, render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> std::io::Result<std::net::SocketAddr> {
+/// How long a `/ready` answer is reused: however many probes come, each
+/// KMS key sees one check per this long.
+pub const READY_CACHE: Duration = Duration::from_secs(1);
+/// How long each key's check may take before `/ready` counts its KMS as
+/// unreachable.
+pub const READY_DEADLINE: Duration = Duration::from_secs(2);
+
+/// A mount's readiness: the FUSE session is up and every key its policies
+/// name answers a real round trip within [`READY_DEADLINE`] (all keys at
+/// once, through the mount's own providers, so the checks are counted in
+/// `kmsfs_kms_requests_total{operation="check"}`).
+pub struct Readiness {
+    core: Arc<Core>,
+    mounted: Arc<AtomicBool>,
+    /// The last probe's answers and when they came.
+    last: Mutex<Option<(Instant, Vec<KeyHealth>)>>,
+}
+
+impl Readiness {
+    /// `mounted` says whether the FUSE session is up; the mount sets it.
+    pub fn new(core: Arc<Core>, mounted: Arc<AtomicBool>) -> Self {
+        Readiness {
+            core,
+            mounted,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether the mount is ready, and the JSON body saying why:
+    /// `{"ready", "mounted", "keys": [{"key", "kms", "ok", "latency_ms",
+    /// "error", ...}]}`.
+    pub fn answer(&self) -> (bool, String) {
+        let keys = self.keys();
+        let mounted = self.mounted.load(Ordering::Acquire);
+        let ready = mounted && keys.iter().all(|k| k.ok);
+        let body = serde_json::json!({ "ready": ready, "mounted": mounted, "keys": keys });
+        (ready, format!("{body:#}\n"))
+    }
+
+    /// The keys' answers, probed again if the last ones are older than
+    /// [`READY_CACHE`]. Probes wait for one another (the lock), so a storm
+    /// makes one probe, not many.
+    fn keys(&self) -> Vec<KeyHealth> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, keys)) = &*last {
+            if at.elapsed() < READY_CACHE {
+                return keys.clone();
+            }
+        }
+        let targets = self
+            .core
+            .policy_keys()
+            .into_iter()
+            .map(|(key, provider)| (key, ProbeTarget::Connected(provider)))
+            .collect();
+        let keys = self
+            .core
+            .runtime()
+            .block_on(probe_all(targets, READY_DEADLINE, false));
+        *last = Some((Instant::now(), keys.clone()));
+        keys
+    }
+}
+
+/// What the HTTP endpoint answers: `/metrics` from `metrics`, `/ready`
+/// from `ready`, and `/health` (the process serves) by itself.
+pub struct Endpoints {
+    pub metrics: Box<dyn Fn() -> String + Send>,
+    pub ready: Box<dyn Fn() -> (bool, String) + Send>,
+}
+
+impl Endpoints {
+    /// A mount's endpoints.
+    pub fn for_mount(core: Arc<Core>, mounted: Arc<AtomicBool>) -> Self {
+        let readiness = Readiness::new(core.clone(), mounted);
+        Endpoints {
+            metrics: Box::new(move || core.render_metrics()),
+            ready: Box::new(move || readiness.answer()),
+        }
+    }
+
+    /// Status line, content type and body for `method` `path`.
+    fn answer(&self, path: &str) -> (&'static str, &'static str, String) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match path {
+            "/metrics" | "/" => ("200 OK", "text/plain; version=0.0.4", (self.metrics)()),
+            "/health" => ("200 OK", TEXT, "ok\n".to_owned()),
+            "/ready" => match (self.ready)() {
+                (true, body) => ("200 OK", "application/json", body),
+                (false, body) => ("503 Service Unavailable", "application/json", body),
+            },
+            _ => (
+                "404 Not Found",
+                TEXT,
+                "not found; try /metrics, /health or /ready\n".to_owned(),
+            ),
+        }
+    }
+}
+
+/// Serves `endpoints` on `addr` (HOST:PORT) from a background thread, one
+/// request at a time.
+pub fn serve(addr: &str, endpoints: Endpoints) -> std::io::Result<std::net::SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    std::thread::Builder::new().name("kmsfs-metrics".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut reader = BufReader::new(&stream);
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).is_err() {
-                continue;
+    std::thread::Builder::new()
+        .name("kmsfs-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(&stream);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                // Drain headers.
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    line.clear();
+                }
+                let mut parts = request_line.split_whitespace();
+                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let path = target.split('?').next().unwrap_or("");
+                let (status, content_type, body) = match method {
+                    "GET" | "HEAD" => endpoints.answer(path),
+                    _ => (
+                        "405 Method Not Allowed",
+                        "text/plain; charset=utf-8",
+                        "use GET\n".to_owned(),
+                    ),
+                };
+                let mut s = &stream;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    body.len(),
+                    if method == "HEAD" { "" } else { &body }
+                );
             }
-            // Drain headers.
-            let mut line = String::new();
-            while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                line.clear();
-            }
-            let (status, body) = if request_line.starts_with("GET /metrics") || request_line.starts_with("GET / ") {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "not found; try /metrics\n".to_owned())
-            };
-            let mut s = &stream;
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    })?;
+        })?;
     Ok(local)
 }

@@ -376,7 +376,10 @@ fn kms_test_and_status_report_health() {
             && said.contains("(policy of /): wrap/unwrap round trip"),
         "{said}"
     );
-    let out = run(&["kms", "status", fs.backing.to_str().unwrap()], true);
+    let out = run(
+        &["kms", "status", fs.backing.to_str().unwrap(), "--json"],
+        true,
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "one KMS: {v}");
     assert_eq!(v[0]["ok"], true, "{v}");

@@ -259,7 +259,9 @@ enum VaultAuthMethod {
 #[derive(Args, Clone)]
 #[command(next_help_heading = "Vault / OpenBao transit (--kms vault)")]
 struct VaultArgs {
-    /// Server address, e.g. http://127.0.0.1:8200 (token from VAULT_TOKEN).
+    /// Server address, e.g. http://127.0.0.1:8200 (token from
+    /// VAULT_TOKEN). Without it, none is recorded: VAULT_ADDR is read at
+    /// every use.
     #[arg(long)]
     vault_addr: Option<String>,
     /// Transit key name.
@@ -330,8 +332,16 @@ impl VaultArgs {
                     .unwrap_or_else(|| "kubernetes".into()),
             },
         };
+        // Without --vault-addr the provider reads VAULT_ADDR whenever it
+        // connects; it must be set now too, for the checks that follow.
+        let env_addr = std::env::var("VAULT_ADDR")
+            .ok()
+            .filter(|a| !a.trim().is_empty());
+        if self.vault_addr.is_none() && env_addr.is_none() {
+            bail!("--kms vault needs --vault-addr URL, or VAULT_ADDR in the environment");
+        }
         Ok(VaultConfig {
-            address: need(&self.vault_addr, "--vault-addr URL", vault)?,
+            address: self.vault_addr.clone().unwrap_or_default(),
             mount: self.vault_mount.clone(),
             key: need(&self.vault_key, "--vault-key NAME", vault)?,
             namespace: self.vault_namespace.clone(),
@@ -340,7 +350,7 @@ impl VaultArgs {
             client_cert: absolute_opt(&self.vault_client_cert)?,
             client_key: absolute_opt(&self.vault_client_key)?,
             skip_verify: self.vault_skip_verify,
-            allow_http: typed_http(self.vault_addr.as_deref()),
+            allow_http: typed_http(self.vault_addr.as_deref().or(env_addr.as_deref())),
             timeout_secs: kmsfs::kms::default_timeout_secs(),
         })
     }

@@ -10,8 +10,10 @@
 //!   every command finds and opens a volume);
 //! - `transfer`: `cat`, `export` and `import`, over the library
 //!   (`kmsfs::Volume`), without a mount;
-//! - `mountinfo`: what is mounted where.
+//! - `mountinfo`: what is mounted where;
+//! - `completions`: shell completions and man pages.
 
+mod completions;
 mod daemon;
 mod helper;
 mod init;
@@ -116,6 +118,14 @@ enum Cmd {
     /// Encrypt plaintext directory SRC into a volume (at DIR, default /),
     /// without a mount, keeping what export keeps.
     Import(transfer::ImportArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...)
+    /// to stdout, e.g. `kmsfs completions bash > /etc/bash_completion.d/kmsfs`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the kmsfs(1) man page, or write one page per command to DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Upgrade a format 1 backing directory: move its KMS settings into the
     /// trusted configuration and authenticate its configuration.
     Upgrade {
@@ -156,6 +166,8 @@ pub fn run() -> i32 {
         Cmd::Cat(a) => transfer::cat(a),
         Cmd::Export(a) => transfer::export(a),
         Cmd::Import(a) => transfer::import(a),
+        Cmd::Completions { shell } => completions::completions(shell),
+        Cmd::Man { out } => completions::man(out.as_deref()),
     };
     match result {
         Ok(()) => EXIT_OK,

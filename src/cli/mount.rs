@@ -55,7 +55,8 @@ pub struct MountArgs {
     /// Kernel attribute/entry cache timeout, seconds [default: 1].
     #[arg(long)]
     attr_timeout: Option<f64>,
-    /// Serve Prometheus metrics on HOST:PORT (/metrics).
+    /// Serve Prometheus metrics (/metrics), liveness (/health) and
+    /// readiness (/ready) on HOST:PORT.
     #[arg(long)]
     metrics_addr: Option<String>,
     /// Log every key operation as a JSON line to FILE (default: the
@@ -162,11 +163,13 @@ pub fn mount(a: MountArgs) -> Result<()> {
         fs_name: format!("kmsfs:{}", backing.display()),
     };
     let core = Arc::new(core);
+    // Whether the FUSE session is up, for /ready.
+    let mounted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(addr) = &set.metrics_addr {
-        let c = core.clone();
-        let bound = kmsfs::metrics::serve(addr, Arc::new(move || c.render_metrics()))
+        let endpoints = kmsfs::metrics::Endpoints::for_mount(core.clone(), mounted.clone());
+        let bound = kmsfs::metrics::serve(addr, endpoints)
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!("metrics on http://{bound}/metrics");
+        tracing::info!("metrics on http://{bound}/metrics, health on /health and /ready");
     }
     let session = match fs::mount(core, &mountpoint, &opts) {
         Ok(s) => s,
@@ -178,15 +181,17 @@ pub fn mount(a: MountArgs) -> Result<()> {
     };
     tracing::info!("mounted {} at {}", backing.display(), mountpoint.display());
     daemon::unmount_on_termination_signal(mountpoint.clone());
+    mounted.store(true, std::sync::atomic::Ordering::Release);
     daemon::report_ready(Ok(()));
     daemon::notify_systemd(&format!(
         "READY=1\nSTATUS=mounted {} at {}",
         backing.display(),
         mountpoint.display()
     ));
-    let served = session.run().context("FUSE session failed");
+    let served = session.run();
+    mounted.store(false, std::sync::atomic::Ordering::Release);
     daemon::notify_systemd("STOPPING=1");
-    served?;
+    served.context("FUSE session failed")?;
     tracing::info!("unmounted {}", mountpoint.display());
     Ok(())
 }

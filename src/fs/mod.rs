@@ -46,11 +46,11 @@ use std::sync::{Arc, OnceLock, RwLock};
 use fuser::FileType;
 
 use crate::cache::DekCache;
-use crate::config::{ActivePolicy, VolumeConfig};
+use crate::config::{ActivePolicy, KeySpec, VolumeConfig};
 use crate::format::block::BlockLayout;
 use crate::format::names::sidecar_name;
 use crate::format::BlockGeometry;
-use crate::kms::KmsRuntime;
+use crate::kms::{KeyProvider, KmsRuntime};
 use crate::metrics::Metrics;
 use crate::policy::governing_by;
 use background::Worker;
@@ -250,6 +250,20 @@ impl Core {
     /// The policies as they are now.
     fn policies(&self) -> Arc<Policies> {
         self.policies.read().unwrap().clone()
+    }
+
+    /// Every key the policies name now, once each, with its connected
+    /// provider: what a readiness probe asks.
+    pub fn policy_keys(&self) -> Vec<(KeySpec, Arc<dyn KeyProvider>)> {
+        let mut keys: Vec<(KeySpec, Arc<dyn KeyProvider>)> = Vec::new();
+        for p in self.policies().iter() {
+            for (spec, provider) in p.policy.keys().zip(&p.keys) {
+                if !keys.iter().any(|(k, _)| k == spec) {
+                    keys.push((spec.clone(), provider.clone()));
+                }
+            }
+        }
+        keys
     }
 
     pub fn runtime(&self) -> &KmsRuntime {

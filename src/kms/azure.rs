@@ -44,7 +44,7 @@ use azure_core::error::ErrorKind;
 use azure_core::http::{RequestContent, StatusCode};
 use azure_identity::{
     ClientSecretCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
-    UserAssignedId,
+    UserAssignedId, WorkloadIdentityCredential,
 };
 use azure_security_keyvault_keys::models::{KeyClientWrapKeyOptions, KeyOperationParameters};
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions, ResourceId};
@@ -155,8 +155,10 @@ impl AzureConfig {
 
 impl AzureKms {
     /// Connects with the environment's credentials (service principal from
-    /// `AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`, else managed
-    /// identity). Makes no request: the first wrap or `check` does.
+    /// `AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`, workload
+    /// identity from `AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/
+    /// `AZURE_FEDERATED_TOKEN_FILE`, else managed identity). Makes no
+    /// request: the first wrap or `check` does.
     pub async fn connect(cfg: &AzureConfig) -> Result<Arc<dyn KeyProvider>, KmsError> {
         let credential = credential_from_env()?;
         Ok(Arc::new(Self::with_credential(cfg, credential, None)?))
@@ -443,16 +445,55 @@ fn env_nonempty(name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// Service principal from the environment when fully set, else managed identity.
+/// Which credential the environment asks for, in the order of the Azure
+/// SDKs' environment credential, then managed identity.
+#[derive(Debug, PartialEq, Eq)]
+enum EnvCredential {
+    /// AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET.
+    ServicePrincipal,
+    /// AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_FEDERATED_TOKEN_FILE (AKS
+    /// workload identity).
+    WorkloadIdentity,
+    /// User-assigned with AZURE_CLIENT_ID when only that is set, else
+    /// system-assigned.
+    ManagedIdentity { client_id: Option<String> },
+}
+
+/// The credential the variables `var` gives (blank ones count as unset)
+/// ask for; a partial service principal is refused rather than silently
+/// replaced by managed identity.
+fn env_credential(var: impl Fn(&str) -> Option<String>) -> Result<EnvCredential, KmsError> {
+    let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
+    let (tenant, client) = (set("AZURE_TENANT_ID"), set("AZURE_CLIENT_ID"));
+    let (secret, token_file) = (
+        set("AZURE_CLIENT_SECRET"),
+        set("AZURE_FEDERATED_TOKEN_FILE"),
+    );
+    match (tenant && client, secret, token_file) {
+        (true, true, _) => Ok(EnvCredential::ServicePrincipal),
+        (true, false, true) => Ok(EnvCredential::WorkloadIdentity),
+        (false, false, false) => Ok(EnvCredential::ManagedIdentity {
+            client_id: var("AZURE_CLIENT_ID")
+                .map(|c| c.trim().to_owned())
+                .filter(|c| !c.is_empty()),
+        }),
+        _ => Err(KmsError::Config(
+            "azure credentials in the environment are incomplete: a service principal needs \
+             AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET; workload identity needs \
+             AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_FEDERATED_TOKEN_FILE; unset them all \
+             (or keep only AZURE_CLIENT_ID, for a user-assigned identity) to use managed identity"
+                .into(),
+        )),
+    }
+}
+
+/// The credential the environment names (see [`EnvCredential`]).
 fn credential_from_env() -> Result<Arc<dyn TokenCredential>, KmsError> {
-    let tenant = env_nonempty("AZURE_TENANT_ID");
-    let client = env_nonempty("AZURE_CLIENT_ID");
-    let secret = std::env::var("AZURE_CLIENT_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .map(Zeroizing::new);
-    match (tenant, client, secret) {
-        (Some(tenant), Some(client), Some(secret)) => {
+    match env_credential(|name| std::env::var(name).ok())? {
+        EnvCredential::ServicePrincipal => {
+            let tenant = env_nonempty("AZURE_TENANT_ID").unwrap_or_default();
+            let client = env_nonempty("AZURE_CLIENT_ID").unwrap_or_default();
+            let secret = Zeroizing::new(std::env::var("AZURE_CLIENT_SECRET").unwrap_or_default());
             let cred = ClientSecretCredential::new(&tenant, client, Secret::new(secret.to_string()), None).map_err(|e| {
                 KmsError::Config(format!(
                     "azure service principal from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET: {}",
@@ -461,16 +502,24 @@ fn credential_from_env() -> Result<Arc<dyn TokenCredential>, KmsError> {
             })?;
             Ok(cred as Arc<dyn TokenCredential>)
         }
-        (t, c, s) if s.is_some() || (t.is_some() && c.is_some()) => Err(KmsError::Config(
-            "azure service principal needs all of AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET; unset them all to use managed identity".into(),
-        )),
-        (_, client, _) => {
+        EnvCredential::WorkloadIdentity => {
+            // The SDK reads the three variables itself.
+            let cred = WorkloadIdentityCredential::new(None).map_err(|e| {
+                KmsError::Config(format!(
+                    "azure workload identity from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_FEDERATED_TOKEN_FILE: {}",
+                    error_chain(&e)
+                ))
+            })?;
+            Ok(cred as Arc<dyn TokenCredential>)
+        }
+        EnvCredential::ManagedIdentity { client_id } => {
             let options = ManagedIdentityCredentialOptions {
-                user_assigned_id: client.map(UserAssignedId::ClientId),
+                user_assigned_id: client_id.map(UserAssignedId::ClientId),
                 ..Default::default()
             };
-            let cred = ManagedIdentityCredential::new(Some(options))
-                .map_err(|e| KmsError::Config(format!("azure managed identity: {}", error_chain(&e))))?;
+            let cred = ManagedIdentityCredential::new(Some(options)).map_err(|e| {
+                KmsError::Config(format!("azure managed identity: {}", error_chain(&e)))
+            })?;
             Ok(cred as Arc<dyn TokenCredential>)
         }
     }
@@ -701,5 +750,51 @@ impl KeyProvider for AzureKms {
             state.current_created = created;
         }
         Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[&str]) -> Result<EnvCredential, KmsError> {
+        let vars: Vec<String> = vars.iter().map(|v| v.to_string()).collect();
+        env_credential(move |name| {
+            vars.iter()
+                .any(|v| v == name)
+                .then(|| format!("{name}-value"))
+        })
+    }
+
+    #[test]
+    fn the_environment_chooses_the_credential() {
+        use EnvCredential::*;
+        let sp = ["AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"];
+        assert_eq!(with(&sp).unwrap(), ServicePrincipal);
+        let wi = [
+            "AZURE_TENANT_ID",
+            "AZURE_CLIENT_ID",
+            "AZURE_FEDERATED_TOKEN_FILE",
+        ];
+        assert_eq!(with(&wi).unwrap(), WorkloadIdentity);
+        assert_eq!(with(&[]).unwrap(), ManagedIdentity { client_id: None });
+        assert_eq!(
+            with(&["AZURE_CLIENT_ID", "AZURE_TENANT_ID"][..1]).unwrap(),
+            ManagedIdentity {
+                client_id: Some("AZURE_CLIENT_ID-value".into())
+            }
+        );
+        assert_eq!(
+            with(&["AZURE_TENANT_ID"]).unwrap(),
+            ManagedIdentity { client_id: None }
+        );
+        for partial in [
+            &["AZURE_CLIENT_SECRET"][..],
+            &["AZURE_TENANT_ID", "AZURE_CLIENT_ID"],
+            &["AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE"],
+        ] {
+            let e = with(partial).unwrap_err().to_string();
+            assert!(e.contains("incomplete"), "{partial:?}: {e}");
+        }
     }
 }

@@ -100,9 +100,23 @@ impl KmsConfig {
         ))
     }
 
+    /// These settings with what they leave out taken from the provider's
+    /// standard environment variables (Vault: see
+    /// [`VaultConfig::with_environment`](super::vault::VaultConfig::with_environment));
+    /// the other providers' SDKs read theirs themselves.
+    pub fn with_environment(&self) -> KmsConfig {
+        match self {
+            #[cfg(feature = "vault")]
+            KmsConfig::Vault(c) => KmsConfig::Vault(c.with_environment()),
+            other => other.clone(),
+        }
+    }
+
     /// The connected provider, its calls not yet bounded. Connecting is.
     async fn open(&self) -> Result<Arc<dyn KeyProvider>, ConnectError> {
-        self.check_transport()?;
+        // Before the transport check: VAULT_ADDR may be the address.
+        let this = self.with_environment();
+        this.check_transport()?;
         #[cfg_attr(
             not(any(feature = "vault", feature = "aws", feature = "azure", feature = "gcp")),
             allow(unused_variables)
@@ -120,7 +134,7 @@ impl KmsConfig {
                 .await?
             };
         }
-        Ok(match self {
+        Ok(match &this {
             KmsConfig::Local { key_file, key } => Arc::new(LocalKms::open(key_file, key)?),
             #[cfg(feature = "vault")]
             KmsConfig::Vault(c) => connect!(c, super::vault::VaultKms),

@@ -54,7 +54,9 @@ fn default_jwt_file() -> PathBuf {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
-    /// e.g. https://vault.example:8200
+    /// e.g. https://vault.example:8200; empty: VAULT_ADDR (see
+    /// [`with_environment`](Self::with_environment)).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
     /// Transit secrets engine mount path.
     #[serde(default = "default_mount")]
@@ -80,6 +82,44 @@ pub struct VaultConfig {
 }
 
 impl VaultConfig {
+    /// These settings with those they leave out taken from the standard
+    /// Vault environment variables, as the vault CLI reads them:
+    /// `address` from VAULT_ADDR, `namespace` from VAULT_NAMESPACE,
+    /// `ca_cert` from VAULT_CACERT, and `client_cert`/`client_key` from
+    /// VAULT_CLIENT_CERT/VAULT_CLIENT_KEY (both). A setting the trusted
+    /// configuration gives wins. VAULT_SKIP_VERIFY is deliberately not
+    /// read: turning TLS verification off must be written down
+    /// (`skip_verify`). The token (VAULT_TOKEN) and AppRole secret ID
+    /// (VAULT_SECRET_ID) are read at login, never kept here.
+    pub fn with_environment(&self) -> VaultConfig {
+        self.with_variables(|name| std::env::var(name).ok())
+    }
+
+    /// [`with_environment`](Self::with_environment) with `var` as the
+    /// environment; blank variables count as unset.
+    fn with_variables(&self, var: impl Fn(&str) -> Option<String>) -> VaultConfig {
+        let var = |name: &str| {
+            var(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut cfg = self.clone();
+        if cfg.address.trim().is_empty() {
+            cfg.address = var("VAULT_ADDR").unwrap_or_default();
+        }
+        if cfg.namespace.is_none() {
+            cfg.namespace = var("VAULT_NAMESPACE");
+        }
+        if cfg.ca_cert.is_none() {
+            cfg.ca_cert = var("VAULT_CACERT").map(PathBuf::from);
+        }
+        if cfg.client_cert.is_none() && cfg.client_key.is_none() {
+            cfg.client_cert = var("VAULT_CLIENT_CERT").map(PathBuf::from);
+            cfg.client_key = var("VAULT_CLIENT_KEY").map(PathBuf::from);
+        }
+        cfg
+    }
+
     /// The server, as messages name it.
     pub(crate) fn kms_name(&self) -> String {
         format!("Vault at {}", self.address.trim_end_matches('/'))
@@ -95,6 +135,13 @@ impl VaultConfig {
 
 pub(super) fn build_client(cfg: &VaultConfig) -> Result<VaultClient, KmsError> {
     let addr = cfg.address.trim_end_matches('/');
+    if addr.trim().is_empty() {
+        return Err(KmsError::Config(
+            "no Vault address: set `address` in the provider's trusted definition \
+             (--vault-addr), or VAULT_ADDR in kmsfs's environment"
+                .into(),
+        ));
+    }
     if !(addr.starts_with("http://") || addr.starts_with("https://"))
         || addr.len() <= "https://".len()
     {
@@ -204,5 +251,54 @@ mod tests {
         cfg.client_cert = Some("/nonexistent".into());
         let e = build_client(&cfg).err().unwrap().to_string();
         assert!(e.contains("together"), "{e}");
+        cfg.address = String::new();
+        cfg.client_cert = None;
+        let e = build_client(&cfg).err().unwrap().to_string();
+        assert!(e.contains("VAULT_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn the_environment_fills_only_what_the_configuration_leaves_out() {
+        let env = |name: &str| {
+            Some(
+                match name {
+                    "VAULT_ADDR" => "https://env.example:8200",
+                    "VAULT_NAMESPACE" => "env-ns",
+                    "VAULT_CACERT" => "/env/ca.pem",
+                    "VAULT_CLIENT_CERT" => "/env/client.pem",
+                    "VAULT_CLIENT_KEY" => "/env/client.key",
+                    "VAULT_SKIP_VERIFY" => "true",
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        };
+        let bare: VaultConfig = toml::from_str("key = \"k\"").unwrap();
+        let filled = bare.with_variables(env);
+        assert_eq!(filled.address, "https://env.example:8200");
+        assert_eq!(filled.namespace.as_deref(), Some("env-ns"));
+        assert_eq!(filled.ca_cert, Some(PathBuf::from("/env/ca.pem")));
+        assert_eq!(filled.client_cert, Some(PathBuf::from("/env/client.pem")));
+        assert_eq!(filled.client_key, Some(PathBuf::from("/env/client.key")));
+        assert!(
+            !filled.skip_verify,
+            "TLS verification is never turned off by the environment"
+        );
+        let explicit: VaultConfig = toml::from_str(
+            "key = \"k\"\naddress = \"https://conf.example:8200\"\nnamespace = \"conf-ns\"\n\
+             ca_cert = \"/conf/ca.pem\"\nclient_cert = \"/conf/c.pem\"\nclient_key = \"/conf/c.key\"",
+        )
+        .unwrap();
+        assert_eq!(
+            explicit.with_variables(env),
+            explicit,
+            "explicit settings win"
+        );
+        let blank = |_: &str| Some("  ".to_owned());
+        assert_eq!(
+            bare.with_variables(blank),
+            bare,
+            "blank variables count as unset"
+        );
     }
 }

@@ -99,7 +99,7 @@ impl VaultKms {
     async fn connect_inner(
         cfg: &VaultConfig, token: Option<Zeroizing<String>>,
     ) -> Result<Self, KmsError> {
-        let mut cfg = cfg.clone();
+        let mut cfg = cfg.with_environment();
         if token.is_some() {
             cfg.auth = VaultAuth::Token;
         }
