@@ -482,7 +482,20 @@ impl Volume {
         let at = self.resolve(path)?;
         let fh = self
             .block_on(self.core.open(at.last(), reading_only, self.caller))
-            .map_err(|e| VolumeError::fs(path, e))?;
+            .map_err(|e| {
+                // Core opens regular files only (a kernel opens a directory
+                // with opendir): say what open(2) of one says.
+                let is_dir = || {
+                    self.core
+                        .getattr(at.last())
+                        .is_ok_and(|a| a.kind == fuser::FileType::Directory)
+                };
+                if e.to_errno() == libc::EINVAL && is_dir() {
+                    VolumeError::fs(path, FsError::errno(libc::EISDIR))
+                } else {
+                    VolumeError::fs(path, e)
+                }
+            })?;
         let size = match self.core.getattr(at.last()) {
             Ok(attr) => attr.size,
             Err(e) => {
