@@ -2,6 +2,7 @@
 # The whole kmsfs test suite, as CI runs it:
 #   setup -> cargo fmt --check -> cargo clippy -D warnings -> cargo test --release
 #   -> the filesystem-core tests again as an unprivileged user without /dev/fuse
+#   -> the Python package, built from source, on a volume written through a mount
 #   -> pjdfstest on a real kmsfs mount.
 # Every step runs even if an earlier one failed (setup aside), so one run shows
 # every problem; the exit status is non-zero if any step failed.
@@ -65,6 +66,7 @@ run_step fmt cargo fmt --check
 run_step clippy cargo clippy --all-targets -- -D warnings
 run_step test cargo test --release
 run_step core-nofuse bash scripts/test-core-unprivileged.sh
+run_step python bash scripts/test-python.sh
 
 skip_pjdfstest=${KMSFS_SKIP_PJDFSTEST:-0}
 if [[ ${CI:-} == true && $skip_pjdfstest == 1 ]]; then
