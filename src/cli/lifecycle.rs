@@ -140,7 +140,7 @@ impl Progress for Lines {
     fn finish(&self) {}
 }
 
-fn progress(op: &'static str) -> Box<dyn Progress> {
+pub(super) fn progress(op: &'static str) -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::hidden();
         bar.set_style(
@@ -227,18 +227,7 @@ fn report(summary: &Summary, json: bool) -> Result<()> {
 fn make_scope<'a>(
     volume: &'a Volume, rt: &'a KmsRuntime, dir: String, audit: &'a AuditLog,
 ) -> Scope<'a> {
-    // By identity, not spelling: a symlinked path to the backing
-    // directory is the same directory.
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let ours = id(&volume.backing);
-    let mountpoint = super::mountinfo::mounts()
-        .into_iter()
-        .find(|m| {
-            m.kmsfs_backing()
-                .is_some_and(|b| ours.is_some() && id(b) == ours)
-        })
-        .map(|m| m.mountpoint);
+    let mountpoint = mountpoint_of(&volume.backing);
     Scope {
         volume,
         rt,
@@ -246,6 +235,19 @@ fn make_scope<'a>(
         audit,
         mountpoint,
     }
+}
+
+/// Where backing directory `backing` is mounted on this machine, if it is.
+pub(super) fn mountpoint_of(backing: &Path) -> Option<PathBuf> {
+    // By identity, not spelling: a symlinked path to the backing
+    // directory is the same directory.
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ours = id(backing)?;
+    super::mountinfo::mounts()
+        .into_iter()
+        .find(|m| m.kmsfs_backing().is_some_and(|b| id(b) == Some(ours)))
+        .map(|m| m.mountpoint)
 }
 
 /// Opens the volume and the audit log for a pass over `dir`.

@@ -7,6 +7,7 @@
 //! - `kms_args`: the flags naming a KMS key (`init`, `policy set`);
 //! - `trust`: the trusted configuration (`providers`, `upgrade`, and how
 //!   every command finds and opens a volume);
+//! - `migrate`: `migrate [--rollback]`, encrypting a directory in place;
 //! - `mountinfo`: what is mounted where.
 
 mod daemon;
@@ -16,6 +17,7 @@ mod keys;
 mod kms_args;
 mod kms_cmd;
 mod lifecycle;
+mod migrate;
 mod mount;
 mod mountinfo;
 mod policy;
@@ -98,6 +100,9 @@ enum Cmd {
     /// Rotate policy keys where they live (--due: those past their
     /// rotate_after), then rewrap.
     Rotate(lifecycle::RotateArgs),
+    /// Encrypt a plaintext directory in place, file by file, making it a
+    /// backing directory (resumable); --rollback decrypts it back.
+    Migrate(migrate::MigrateArgs),
     /// Upgrade a format 1 backing directory: move its KMS settings into the
     /// trusted configuration and authenticate its configuration.
     Upgrade {
@@ -130,6 +135,7 @@ pub fn run() -> i32 {
         Cmd::Rewrap(a) => lifecycle::rewrap_cmd(a),
         Cmd::Rekey(a) => lifecycle::rekey_cmd(a),
         Cmd::Rotate(a) => lifecycle::rotate_cmd(a),
+        Cmd::Migrate(a) => migrate::migrate_cmd(a),
     };
     match result {
         Ok(()) => EXIT_OK,
