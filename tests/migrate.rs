@@ -527,4 +527,39 @@ fn hard_links_mounted_dirs_and_reserved_names_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("rename it"));
     assert!(!other.path().join(".kmsfs-config.toml").exists());
+
+    // A first run that fails (a keyring that cannot be created) leaves
+    // only its locks, which the next run accepts as its own.
+    std::fs::remove_file(other.path().join(".kmsfs.x")).unwrap();
+    std::fs::write(other.path().join("x"), b"mine").unwrap();
+    let dir = other.path().to_str().unwrap();
+    let out = run(
+        &[
+            "migrate",
+            dir,
+            "--kms",
+            "local",
+            "--key-file",
+            "/proc/no-such-dir/keys",
+        ],
+        false,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(
+        &[
+            "migrate",
+            dir,
+            "--kms",
+            "local",
+            "--key-file",
+            s.keys.to_str().unwrap(),
+        ],
+        true,
+    );
+    assert!(other.path().join(".kmsfs.x").exists());
 }

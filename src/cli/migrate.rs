@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -323,7 +324,15 @@ fn open(root: &Path) -> Result<Volume> {
         config: Some(trust::path()),
         ..Options::default()
     };
-    Ok(Volume::open_with(root, &options)?)
+    Volume::open_with(root, &options).map_err(|e| {
+        // Its KMS cause is not a link of the chain (transparent): say
+        // "retry" here.
+        if e.is_retryable() {
+            RetryLater(e.to_string()).into()
+        } else {
+            e.into()
+        }
+    })
 }
 
 /// Sets `mandatory` on every policy whose directory `which` selects.
@@ -564,6 +573,7 @@ fn decrypt_copy(
             return Err(io::Error::last_os_error()).context("cannot copy an extended attribute");
         }
     }
+    let made = dst.metadata()?;
     let check = |r: i32, what: &str| -> Result<()> {
         if r != 0 {
             return Err(io::Error::last_os_error())
@@ -573,7 +583,9 @@ fn decrypt_copy(
     };
     // SAFETY: plain calls on an open descriptor.
     unsafe {
-        if (libc::geteuid(), libc::getegid()) != (before.uid, before.gid) {
+        // The created file's own owner: a set-group-ID directory gives it
+        // the directory's group.
+        if (made.uid(), made.gid()) != (before.uid, before.gid) {
             check(libc::fchown(fd, before.uid, before.gid), "owner")?;
         }
         check(libc::fchmod(fd, before.mode), "mode")?;
@@ -605,7 +617,12 @@ fn recover(volume: &Volume, root: &Path, intent: &Intent) -> Result<()> {
     let rel = intent.dir()?;
     let name = intent.name()?;
     let temp = OsString::from(&intent.temp);
-    if !intent.temp.starts_with(TEMP_PREFIX) || intent.temp.contains('/') {
+    let plain_name = |n: &[u8]| !n.is_empty() && n != b"." && n != b".." && !n.contains(&b'/');
+    if !intent.temp.starts_with(TEMP_PREFIX)
+        || !plain_name(intent.temp.as_bytes())
+        || !plain_name(name.as_bytes())
+        || is_reserved(name.as_bytes())
+    {
         bail!("the migrate journal in {} names no temporary file of migrate; look at it and remove it", root.display());
     }
     let dir = open_dir(root, &rel)?;
@@ -656,7 +673,15 @@ fn refuse_reserved_names(root: &Path) -> Result<()> {
         }
         match reserved_entries(dir) {
             Ok(names) => {
-                if let Some(n) = names.first() {
+                // The locks a first run that failed (a wrong KMS flag, say)
+                // may have left are ours.
+                let ours = |n: &OsString| {
+                    rel == "/"
+                        && [format!("{LOCK_BASE}.lock"), format!("{CONFIG_FILE}.lock")]
+                            .iter()
+                            .any(|l| n == l.as_str())
+                };
+                if let Some(n) = names.iter().find(|n| !ours(n)) {
                     found = Some(format!(
                         "{}/{}",
                         rel.trim_end_matches('/'),
