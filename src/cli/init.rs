@@ -1,7 +1,7 @@
 //! `kmsfs init`: makes a directory a backing directory (a volume), with its
 //! root policy; its KMS provider goes into the trusted configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -31,42 +31,44 @@ pub struct InitArgs {
 
 pub fn init(a: InitArgs) -> Result<()> {
     let backing = absolute(&a.backing)?;
-    BlockGeometry::from_size(a.block_size, BlockLayout::V2).map_err(|_| {
+    create_volume(&backing, a.cipher, a.block_size, &a.kms, true)
+}
+
+/// Makes `backing` (created if needed) a volume whose root policy is the
+/// key `kms` names; `mandatory: false` lets the plaintext files already
+/// there be read as they are (`kmsfs migrate`).
+pub(super) fn create_volume(
+    backing: &Path, cipher: CipherSuite, block_size: u64, kms: &KmsArgs, mandatory: bool,
+) -> Result<()> {
+    BlockGeometry::from_size(block_size, BlockLayout::V2).map_err(|_| {
         anyhow!(
             "--block-size {} is not a power of two from 4096 to 1048576",
-            a.block_size
+            block_size
         )
     })?;
     if backing.exists() && !backing.is_dir() {
         bail!("{} exists and is not a directory", backing.display());
     }
-    std::fs::create_dir_all(&backing)
+    std::fs::create_dir_all(backing)
         .with_context(|| format!("cannot create {}", backing.display()))?;
     // Held until the configuration is written: two inits (or an init and
     // an upgrade) on one directory never write over each other's volume.
-    let _lock = VolumeConfig::lock(&backing)?;
-    if std::fs::symlink_metadata(VolumeConfig::path(&backing)).is_ok() {
+    let _lock = VolumeConfig::lock(backing)?;
+    if std::fs::symlink_metadata(VolumeConfig::path(backing)).is_ok() {
         bail!(
             "{} is already a kmsfs backing directory; refusing to overwrite its configuration",
             backing.display()
         );
     }
-    let key = a.kms.to_key(&backing)?;
-    let root = Policy::new("/".into(), a.cipher, true, key);
+    let key = kms.to_key(backing)?;
+    let root = Policy::new("/".into(), cipher, mandatory, key);
     let rt = KmsRuntime::new()?;
-    Volume::create(
-        &backing,
-        &trust::load()?,
-        &rt,
-        a.block_size,
-        vec![root],
-        false,
-    )?;
+    Volume::create(backing, &trust::load()?, &rt, block_size, vec![root], false)?;
     eprintln!(
         "kmsfs: initialised {} ({}, {}-byte blocks)",
         backing.display(),
-        a.cipher.name(),
-        a.block_size
+        cipher.name(),
+        block_size
     );
     Ok(())
 }

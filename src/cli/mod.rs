@@ -10,6 +10,7 @@
 //!   every command finds and opens a volume);
 //! - `transfer`: `cat`, `export` and `import`, over the library
 //!   (`kmsfs::Volume`), without a mount;
+//! - `migrate`: `migrate [--rollback]`, encrypting a directory in place;
 //! - `mountinfo`: what is mounted where;
 //! - `completions`: shell completions and man pages.
 
@@ -22,6 +23,7 @@ mod keys;
 mod kms_args;
 mod kms_cmd;
 mod lifecycle;
+mod migrate;
 mod mount;
 mod mount_options;
 mod mountinfo;
@@ -126,6 +128,9 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Encrypt a plaintext directory in place, file by file, making it a
+    /// backing directory (resumable); --rollback decrypts it back.
+    Migrate(migrate::MigrateArgs),
     /// Upgrade a format 1 backing directory: move its KMS settings into the
     /// trusted configuration and authenticate its configuration.
     Upgrade {
@@ -168,6 +173,7 @@ pub fn run() -> i32 {
         Cmd::Import(a) => transfer::import(a),
         Cmd::Completions { shell } => completions::completions(shell),
         Cmd::Man { out } => completions::man(out.as_deref()),
+        Cmd::Migrate(a) => migrate::migrate_cmd(a),
     };
     match result {
         Ok(()) => EXIT_OK,
