@@ -370,6 +370,15 @@ fn migrate_killed_at_each_step_resumes_and_the_mount_serves_both_kinds() {
         String::from_utf8(hex::decode(journal["name_hex"].as_str().unwrap()).unwrap()).unwrap();
     let temp = journal["temp"].as_str().unwrap();
     std::fs::rename(dir.join(temp), dir.join(&name)).unwrap();
+    // A mount now would serve that file's ciphertext as plaintext bytes:
+    // it is refused until a run finishes the step.
+    let refused = run(
+        &["mount", s.backing(), s.places.mnt.to_str().unwrap()],
+        false,
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("stopped midway") && why.contains("kmsfs migrate"), "{why}");
 
     let resumed = ok(&s.migrate(&[], &["--json"]), "resumed migrate");
     assert_eq!(resumed["recovered"], true, "{resumed}");

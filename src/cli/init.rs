@@ -15,15 +15,23 @@ use kmsfs::policy::Policy;
 use super::kms_args::{self, KmsArgs};
 use super::{absolute, trust};
 
+/// How a new volume's files are encrypted (`init`, and `migrate` of a
+/// directory that is not a volume yet).
+#[derive(Args, Clone, Copy)]
+pub struct FormatArgs {
+    /// AEAD that encrypts the blocks of new files.
+    #[arg(long, default_value = kms_args::DEFAULT_CIPHER.name(), value_parser = kms_args::cipher_suite())]
+    pub cipher: CipherSuite,
+    /// Plaintext block size: a power of two from 4096 to 1048576.
+    #[arg(long, default_value_t = 4096)]
+    pub block_size: u64,
+}
+
 #[derive(Args)]
 pub struct InitArgs {
     backing: PathBuf,
-    /// AEAD that encrypts the blocks of new files.
-    #[arg(long, default_value = kms_args::DEFAULT_CIPHER.name(), value_parser = kms_args::cipher_suite())]
-    cipher: CipherSuite,
-    /// Plaintext block size: a power of two from 4096 to 1048576.
-    #[arg(long, default_value_t = 4096)]
-    block_size: u64,
+    #[command(flatten)]
+    format: FormatArgs,
     // Last (see KmsArgs).
     #[command(flatten)]
     kms: Box<KmsArgs>,
@@ -31,15 +39,16 @@ pub struct InitArgs {
 
 pub fn init(a: InitArgs) -> Result<()> {
     let backing = absolute(&a.backing)?;
-    create_volume(&backing, a.cipher, a.block_size, &a.kms, true)
+    create_volume(&backing, &a.format, &a.kms, true)
 }
 
 /// Makes `backing` (created if needed) a volume whose root policy is the
 /// key `kms` names; `mandatory: false` lets the plaintext files already
 /// there be read as they are (`kmsfs migrate`).
 pub(super) fn create_volume(
-    backing: &Path, cipher: CipherSuite, block_size: u64, kms: &KmsArgs, mandatory: bool,
+    backing: &Path, format: &FormatArgs, kms: &KmsArgs, mandatory: bool,
 ) -> Result<()> {
+    let FormatArgs { cipher, block_size } = *format;
     BlockGeometry::from_size(block_size, BlockLayout::V2).map_err(|_| {
         anyhow!(
             "--block-size {} is not a power of two from 4096 to 1048576",

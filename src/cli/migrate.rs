@@ -22,12 +22,11 @@ use serde::{Deserialize, Serialize};
 
 use kmsfs::config::{Calls, VolumeConfig};
 use kmsfs::format::names::{is_reserved, sidecar_name, CONFIG_FILE};
-use kmsfs::format::CipherSuite;
 use kmsfs::fs::{sidecar, walk};
 use kmsfs::safe_open::{lock_beside, write_atomically};
 use kmsfs::volume::{Metadata, Options, Volume, VolumeError};
 
-use super::kms_args::{self, KmsArgs};
+use super::kms_args::KmsArgs;
 use super::lifecycle::progress;
 use super::mountinfo::mountpoint_of;
 use super::{absolute, init, print_json, trust, RetryLater};
@@ -47,12 +46,9 @@ pub struct MigrateArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// AEAD of the files (when DIR is not a volume yet).
-    #[arg(long, default_value = kms_args::DEFAULT_CIPHER.name(), value_parser = kms_args::cipher_suite())]
-    cipher: CipherSuite,
-    /// Plaintext block size (when DIR is not a volume yet).
-    #[arg(long, default_value_t = 4096)]
-    block_size: u64,
+    /// The file format, when DIR is not a volume yet.
+    #[command(flatten)]
+    format: init::FormatArgs,
     // Last (see KmsArgs). Needed only when DIR is not a volume yet.
     #[command(flatten)]
     kms: Box<KmsArgs>,
@@ -61,6 +57,20 @@ pub struct MigrateArgs {
 /// The intent record: the one file step under way (files are done one at a
 /// time). A reserved name, so a mount never shows it.
 const JOURNAL: &str = ".kmsfs-migrate-journal";
+
+/// Why `backing` must not be mounted yet, if a migrate or rollback of it
+/// stopped midway: the file it was converting may be between its two
+/// renames (ciphertext without its sidecar, which a mount would serve as
+/// plaintext bytes) until the next run finishes it.
+pub(super) fn unfinished(backing: &Path) -> Option<String> {
+    std::fs::symlink_metadata(backing.join(JOURNAL)).ok()?;
+    Some(format!(
+        "a `kmsfs migrate` of {0} stopped midway (or is running): run `kmsfs migrate {0}` \
+         (or `kmsfs migrate --rollback {0}`, whichever was running) to finish its last step, \
+         then mount",
+        backing.display()
+    ))
+}
 /// `lock_beside` this name: one migrate or rollback per directory at once.
 const LOCK_BASE: &str = ".kmsfs-migrate";
 /// Temporary files: beside the file they replace, created through the
@@ -217,7 +227,7 @@ pub fn migrate_cmd(a: MigrateArgs) -> Result<()> {
         rollback(&root, &mut summary)?;
     } else {
         if std::fs::symlink_metadata(VolumeConfig::path(&root)).is_err() {
-            init::create_volume(&root, a.cipher, a.block_size, &a.kms, false)?;
+            init::create_volume(&root, &a.format, &a.kms, false)?;
             summary.initialised = true;
         }
         migrate(&root, a.mandatory, &mut summary)?;

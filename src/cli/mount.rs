@@ -118,6 +118,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // Everything that can be checked before forking is checked here, so the
     // user sees the reason directly.
     let metrics = Arc::new(Metrics::default());
+    if let Some(why) = super::migrate::unfinished(&backing) {
+        bail!(why);
+    }
     let (volume, runtime) = trust::open_volume(&backing, &Calls::Mount(metrics.clone()))?;
     let set = settings(&a)?;
     let audit = trust::audit_log(set.audit_log.as_deref())?;
