@@ -378,7 +378,10 @@ fn migrate_killed_at_each_step_resumes_and_the_mount_serves_both_kinds() {
     );
     assert_eq!(refused.status.code(), Some(1));
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("stopped midway") && why.contains("kmsfs migrate"), "{why}");
+    assert!(
+        why.contains("stopped midway") && why.contains("kmsfs migrate"),
+        "{why}"
+    );
 
     let resumed = ok(&s.migrate(&[], &["--json"]), "resumed migrate");
     assert_eq!(resumed["recovered"], true, "{resumed}");
