@@ -361,18 +361,7 @@ impl Volume {
 
     /// Looks up every component of `path`.
     fn resolve(&self, path: &Path) -> Result<Lookups> {
-        let mut lookups = Lookups {
-            core: self.core.clone(),
-            inos: Vec::new(),
-        };
-        for name in components(path)? {
-            let attr = self
-                .core
-                .lookup(lookups.last(), name)
-                .map_err(|e| VolumeError::fs(path, e))?;
-            lookups.inos.push(attr.ino.0);
-        }
-        Ok(lookups)
+        self.look_up(path, &components(path)?)
     }
 
     /// Looks up the directory part of `path`; returns it with the last name.
@@ -384,18 +373,23 @@ impl Volume {
                 reason: "the volume's root directory has no name to create, link or remove",
             });
         };
+        Ok((self.look_up(path, dirs)?, last))
+    }
+
+    /// Looks up `names` (of `path`) one after the other from the root.
+    fn look_up(&self, path: &Path, names: &[&OsStr]) -> Result<Lookups> {
         let mut lookups = Lookups {
             core: self.core.clone(),
-            inos: Vec::new(),
+            inos: Vec::with_capacity(names.len()),
         };
-        for name in dirs {
+        for name in names {
             let attr = self
                 .core
                 .lookup(lookups.last(), name)
                 .map_err(|e| VolumeError::fs(path, e))?;
             lookups.inos.push(attr.ino.0);
         }
-        Ok((lookups, last))
+        Ok(lookups)
     }
 
     /// The attributes of `path` (a symlink's own).
