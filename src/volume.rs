@@ -47,7 +47,7 @@ use fuser::{FileAttr, TimeOrNow};
 use crate::audit::AuditLog;
 use crate::cache::DekCache;
 use crate::config::{self, Calls, ConfigError, TrustedConfig, TrustedError};
-use crate::fs::error::FsError;
+use crate::fs::error::{FsError, FsResult};
 use crate::fs::{Caller, Core, SetAttr};
 use crate::metrics::Metrics;
 
@@ -359,6 +359,12 @@ impl Volume {
         self.core.runtime().block_on(f)
     }
 
+    /// Runs `op` on the inode `path` leads to, with errors naming `path`.
+    fn at<T>(&self, path: &Path, op: impl FnOnce(u64) -> FsResult<T>) -> Result<T> {
+        let at = self.resolve(path)?;
+        op(at.last()).map_err(|e| VolumeError::fs(path, e))
+    }
+
     /// Looks up every component of `path`.
     fn resolve(&self, path: &Path) -> Result<Lookups> {
         self.look_up(path, &components(path)?)
@@ -395,12 +401,9 @@ impl Volume {
     /// The attributes of `path` (a symlink's own).
     pub fn metadata(&self, path: impl AsRef<Path>) -> Result<Metadata> {
         let path = path.as_ref();
-        let at = self.resolve(path)?;
-        let attr = self
-            .core
-            .getattr(at.last())
-            .map_err(|e| VolumeError::fs(path, e))?;
-        Ok(Metadata::from(&attr))
+        self.at(path, |ino| {
+            self.core.getattr(ino).map(|a| Metadata::from(&a))
+        })
     }
 
     /// Whether `path` names an entry (errors other than "no such entry"
@@ -651,20 +654,16 @@ impl Volume {
     /// The target of symlink `path`.
     pub fn read_link(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
-        let at = self.resolve(path)?;
-        let target = self
-            .core
-            .readlink(at.last())
-            .map_err(|e| VolumeError::fs(path, e))?;
+        let target = self.at(path, |ino| self.core.readlink(ino))?;
         Ok(PathBuf::from(OsString::from_vec(target)))
     }
 
     /// Changes what `set` names of `path` (mode, owner, size, times).
     fn set_attr(&self, path: &Path, set: SetAttr) -> Result<()> {
-        let at = self.resolve(path)?;
-        self.block_on(self.core.setattr(at.last(), set, self.caller))
-            .map(drop)
-            .map_err(|e| VolumeError::fs(path, e))
+        self.at(path, |ino| {
+            self.block_on(self.core.setattr(ino, set, self.caller))
+                .map(drop)
+        })
     }
 
     /// Sets the permission bits of `path` (not of a symlink).
@@ -725,11 +724,7 @@ impl Volume {
     /// the backing files, as in a mount).
     pub fn list_xattr(&self, path: impl AsRef<Path>) -> Result<Vec<OsString>> {
         let path = path.as_ref();
-        let at = self.resolve(path)?;
-        let raw = self
-            .core
-            .listxattr(at.last())
-            .map_err(|e| VolumeError::fs(path, e))?;
+        let raw = self.at(path, |ino| self.core.listxattr(ino))?;
         Ok(raw
             .split(|&b| b == 0)
             .filter(|n| !n.is_empty())
@@ -740,10 +735,7 @@ impl Volume {
     /// The value of extended attribute `name` of `path`.
     pub fn get_xattr(&self, path: impl AsRef<Path>, name: impl AsRef<OsStr>) -> Result<Vec<u8>> {
         let path = path.as_ref();
-        let at = self.resolve(path)?;
-        self.core
-            .getxattr(at.last(), name.as_ref())
-            .map_err(|e| VolumeError::fs(path, e))
+        self.at(path, |ino| self.core.getxattr(ino, name.as_ref()))
     }
 
     /// Sets extended attribute `name` of `path` to `value`.
@@ -751,10 +743,7 @@ impl Volume {
         &self, path: impl AsRef<Path>, name: impl AsRef<OsStr>, value: &[u8],
     ) -> Result<()> {
         let path = path.as_ref();
-        let at = self.resolve(path)?;
-        self.core
-            .setxattr(at.last(), name.as_ref(), value, 0)
-            .map_err(|e| VolumeError::fs(path, e))
+        self.at(path, |ino| self.core.setxattr(ino, name.as_ref(), value, 0))
     }
 }
 

@@ -328,12 +328,7 @@ fn migrate_a_tree_mount_it_and_roll_it_back() {
 
     let back = ok(&s.rollback(&[]), "rollback");
     assert_eq!(back["changed"], 9, "{back}");
-    assert_same(
-        &snapshot(&s.places.backing, false),
-        &before,
-        "after rollback",
-    );
-    assert!(s.kmsfs_names().is_empty(), "left: {:?}", s.kmsfs_names());
+    assert_rolled_back(&s, &before);
 }
 
 #[test]
@@ -407,9 +402,15 @@ fn migrate_killed_at_each_step_resumes_and_the_mount_serves_both_kinds() {
     );
     let back = ok(&s.rollback(&[]), "resumed rollback");
     assert_eq!(back["recovered"], true, "{back}");
+    assert_rolled_back(&s, &before);
+}
+
+/// The backing directory is the original plaintext tree again, and no
+/// kmsfs file is left.
+fn assert_rolled_back(s: &Setup, before: &Snapshot) {
     assert_same(
         &snapshot(&s.places.backing, false),
-        &before,
+        before,
         "after rollback",
     );
     assert!(s.kmsfs_names().is_empty(), "left: {:?}", s.kmsfs_names());
@@ -467,12 +468,7 @@ fn migrate_and_rollback_survive_a_real_kill_9() {
             assert_same(&s.through_mount(), &before, "after kill -9 and resume");
         }
     }
-    assert_same(
-        &snapshot(&s.places.backing, false),
-        &before,
-        "after rollback",
-    );
-    assert!(s.kmsfs_names().is_empty(), "left: {:?}", s.kmsfs_names());
+    assert_rolled_back(&s, &before);
 }
 
 #[test]
