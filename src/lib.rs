@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod crypto;
 pub mod duration;
+pub mod failpoint;
 pub mod format;
 pub mod fs;
 pub mod kms;

@@ -207,6 +207,11 @@ impl BlockCipher {
         self.geometry
     }
 
+    /// The file ID every block is bound to.
+    pub fn file_id(&self) -> &[u8; 16] {
+        &self.file_id
+    }
+
     /// Seals block `index` in place. `sealed` is `n + overhead` bytes with
     /// the plaintext at `[plaintext_offset..plaintext_offset + n]` (see
     /// [`BlockGeometry`]); on return it holds the sealed block (V1: nonce ||

@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod header;
+pub mod intent;
 pub mod names;
 
 pub use block::{BlockGeometry, BlockLayout};

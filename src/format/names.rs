@@ -17,6 +17,16 @@ pub const CONFIG_FILE: &str = ".kmsfs-config.toml";
 pub const LIFECYCLE_TEMP_PREFIX: &[u8] = b".kmsfs-lifecycle-tmp.";
 /// Longest name component the backing filesystem accepts.
 pub const NAME_MAX: usize = 255;
+/// While a rename moves a header to `NAME`, the header that is to become
+/// NAME's waits here first: `.kmsfs+NAME` when that fits in NAME_MAX.
+/// An empty file here says NAME is to have no sidecar (a plaintext file
+/// renamed over an encrypted one). docs/ARCHITECTURE.md, "Crash safety".
+pub const SUCCESSOR_PREFIX: &[u8] = b".kmsfs+";
+/// Otherwise `.kmsfs%` + hex(SHA-256(NAME)).
+pub const LONG_SUCCESSOR_PREFIX: &[u8] = b".kmsfs%";
+/// Directory at the backing root holding redo records of operations in
+/// flight (`format::intent`), each named by the backing inode it changes.
+pub const INTENT_DIR: &str = ".kmsfs-intents";
 
 /// True for names the mount hides and refuses to create.
 pub fn is_reserved(name: &[u8]) -> bool {
@@ -25,17 +35,35 @@ pub fn is_reserved(name: &[u8]) -> bool {
 
 /// Backing name of the sidecar holding the header of file `name`.
 pub fn sidecar_name(name: &[u8]) -> Vec<u8> {
-    if SIDECAR_PREFIX.len() + name.len() <= NAME_MAX {
-        let mut out = Vec::with_capacity(SIDECAR_PREFIX.len() + name.len());
-        out.extend_from_slice(SIDECAR_PREFIX);
+    prefixed(SIDECAR_PREFIX, LONG_SIDECAR_PREFIX, name)
+}
+
+/// Backing name of the successor sidecar of file `name` (see
+/// [`SUCCESSOR_PREFIX`]).
+pub fn successor_name(name: &[u8]) -> Vec<u8> {
+    prefixed(SUCCESSOR_PREFIX, LONG_SUCCESSOR_PREFIX, name)
+}
+
+/// `prefix` + `name` when that fits in NAME_MAX, else `long_prefix` +
+/// hex(SHA-256(name)).
+fn prefixed(prefix: &[u8], long_prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    if prefix.len() + name.len() <= NAME_MAX {
+        let mut out = Vec::with_capacity(prefix.len() + name.len());
+        out.extend_from_slice(prefix);
         out.extend_from_slice(name);
         out
     } else {
         let digest = Sha256::digest(name);
-        let mut out = LONG_SIDECAR_PREFIX.to_vec();
+        let mut out = long_prefix.to_vec();
         out.extend_from_slice(hex::encode(digest).as_bytes());
         out
     }
+}
+
+/// Name, inside [`INTENT_DIR`], of the truncate redo record of the backing
+/// file with inode number `ino`.
+pub fn truncate_record_name(ino: u64) -> String {
+    format!("truncate-{ino}")
 }
 
 #[cfg(test)]
@@ -52,6 +80,16 @@ mod tests {
         assert!(is_reserved(&s));
         let edge = vec![b'y'; NAME_MAX - SIDECAR_PREFIX.len()];
         assert_eq!(sidecar_name(&edge).len(), NAME_MAX);
+    }
+
+    #[test]
+    fn successor_names_differ_from_sidecar_names() {
+        assert_eq!(successor_name(b"a.txt"), b".kmsfs+a.txt");
+        let long = vec![b'x'; 255];
+        let s = successor_name(&long);
+        assert!(s.len() <= NAME_MAX && is_reserved(&s));
+        assert_ne!(s, sidecar_name(&long));
+        assert!(is_reserved(INTENT_DIR.as_bytes()));
     }
 
     #[test]

@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use super::error::{FsError, FsResult};
 use crate::crypto::{BlockCipher, CryptoError};
+use crate::failpoint;
+use crate::format::intent::TruncateRecord;
 use crate::format::BlockGeometry;
 
 /// Below this many blocks a request is sealed/opened on the calling thread:
@@ -95,6 +98,22 @@ pub struct CryptFile {
     label: Mutex<String>,
     /// Set for files created by this mount until their first fsync.
     pending: Mutex<Option<PendingDurability>>,
+    /// Where truncates that rewrite a boundary block record their redo
+    /// record, and the backing inode number it is filed under. Unset (tools
+    /// making new files), such a truncate is not crash-safe.
+    journal: std::sync::OnceLock<(std::sync::Arc<super::intents::IntentDir>, u64)>,
+}
+
+/// What [`CryptFile::settle_truncate`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The truncate had finished; only its record was left.
+    AlreadyDone,
+    /// The truncate was interrupted, and has now been finished.
+    Finished,
+    /// The record is not this file's, or the file changed after the
+    /// truncate finished: the record was ignored.
+    Stale,
 }
 
 /// Copies `data`, written at plaintext `offset`, into the plaintext parts of
@@ -146,6 +165,7 @@ impl CryptFile {
             written_behind: AtomicU64::new(len),
             label: Mutex::new(label),
             pending: Mutex::new(pending),
+            journal: std::sync::OnceLock::new(),
         })
     }
 
@@ -161,6 +181,7 @@ impl CryptFile {
             written_behind: AtomicU64::new(0),
             label: Mutex::new(label),
             pending: Mutex::new(None),
+            journal: std::sync::OnceLock::new(),
         }
     }
 
@@ -172,6 +193,12 @@ impl CryptFile {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Has truncates of this file write their redo record to `dir`, under
+    /// backing inode number `ino`.
+    pub(crate) fn set_journal(&self, dir: std::sync::Arc<super::intents::IntentDir>, ino: u64) {
+        let _ = self.journal.set((dir, ino));
     }
 
     pub fn set_label(&self, label: String) {
@@ -485,7 +512,10 @@ impl CryptFile {
 
     /// Resizes from `old` to `new` plaintext bytes. The block holding the
     /// boundary is re-sealed at its new length (zero-padded when growing);
-    /// whole blocks beyond the old end become holes.
+    /// whole blocks beyond the old end become holes. Rewriting that block
+    /// and setting the size are two steps: a redo record, synced first,
+    /// lets the next open finish them after a crash in between
+    /// (`settle_truncate`).
     fn resize_locked(&self, old: u64, new: u64) -> FsResult<()> {
         let g = self.geometry;
         if old == new {
@@ -506,22 +536,101 @@ impl CryptFile {
             sealed.truncate(new_len + g.overhead());
             sealed[at + new_len..].fill(0);
             self.cipher().seal_in_place(index, &mut sealed);
-            edge = Some((g.sealed_block_start(index), sealed));
+            edge = Some((index, sealed));
         }
+        let ct_old = self.ct_size()?;
+        let ct_new = g.ciphertext_size(new);
         if new > old {
-            self.reserve(self.ct_size()?, g.ciphertext_size(new))?;
+            self.reserve(ct_old, ct_new)?;
+        }
+        let journal = match (&edge, self.journal.get()) {
+            (Some((index, sealed)), Some((dir, ino))) => {
+                let at = g.sealed_block_start(*index);
+                let mut old_block = vec![0u8; self.sealed_len_at(at, ct_old)];
+                self.file.read_exact_at(&mut old_block, at)?;
+                let record = TruncateRecord {
+                    file_id: *self.cipher().file_id(),
+                    ciphertext_size: ct_new,
+                    block_index: *index,
+                    old_block_digest: Sha256::digest(&old_block).into(),
+                    sealed_block: sealed.clone(),
+                };
+                dir.write_truncate(*ino, &record)?;
+                failpoint::hit("truncate:after-record");
+                Some((dir, *ino))
+            }
+            _ => None,
+        };
+        self.changing_length(|| {
+            if let Some((index, sealed)) = &edge {
+                self.file
+                    .write_all_at(sealed, g.sealed_block_start(*index))?;
+                failpoint::hit("truncate:after-block");
+            }
+            self.file.set_len(ct_new)?;
+            failpoint::hit("truncate:after-resize");
+            Ok(ct_new)
+        })?;
+        if let Some((dir, ino)) = journal {
+            dir.remove_truncate(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Sealed bytes of the block starting at ciphertext offset `at` in a
+    /// file of `ct_size` bytes.
+    fn sealed_len_at(&self, at: u64, ct_size: u64) -> usize {
+        ct_size
+            .saturating_sub(at)
+            .min(self.geometry.sealed_block_size() as u64) as usize
+    }
+
+    /// Finishes the truncate `record` describes if it was interrupted (see
+    /// `resize_locked`). The record is used only if its block authenticates
+    /// as this file's block at its position; it is applied if the file is
+    /// as it was before the rewrite, part-way through it, or as it left the
+    /// block but not the size; a file changed since is left alone.
+    pub fn settle_truncate(&self, record: &TruncateRecord) -> FsResult<Settled> {
+        let g = self.geometry;
+        let _excl = self.lock.write().unwrap();
+        let sealed = &record.sealed_block;
+        let index = record.block_index;
+        let at = g.sealed_block_start(index);
+        let fits = record.file_id == *self.cipher().file_id()
+            && sealed.len() > g.overhead()
+            && sealed.len() <= g.sealed_block_size()
+            && at.checked_add(sealed.len() as u64) == Some(record.ciphertext_size);
+        if !fits
+            || self
+                .cipher()
+                .open(index, sealed, &mut vec![0u8; sealed.len() - g.overhead()])
+                .is_err()
+        {
+            return Ok(Settled::Stale);
+        }
+        let ct = self.ct_size()?;
+        let mut current = vec![0u8; self.sealed_len_at(at, ct)];
+        self.file.read_exact_at(&mut current, at)?;
+        if ct == record.ciphertext_size && current == *sealed {
+            return Ok(Settled::AlreadyDone);
+        }
+        let untouched = <[u8; 32]>::from(Sha256::digest(&current)) == record.old_block_digest;
+        let rewritten = current.starts_with(sealed);
+        let damaged = || {
+            let mut out = vec![0u8; g.block_size()];
+            self.read_block_into(index, g.plaintext_size(ct), &mut out)
+                .is_err()
+        };
+        if !(untouched || rewritten || damaged()) {
+            return Ok(Settled::Stale);
         }
         self.changing_length(|| {
-            if let Some((at, sealed)) = &edge {
-                if new < old {
-                    self.file.set_len(*at)?;
-                }
-                self.file.write_all_at(sealed, *at)?;
-            }
-            let len = g.ciphertext_size(new);
-            self.file.set_len(len)?;
-            Ok(len)
-        })
+            self.file.write_all_at(sealed, at)?;
+            self.file.set_len(record.ciphertext_size)?;
+            self.file.sync_all()?;
+            Ok(record.ciphertext_size)
+        })?;
+        Ok(Settled::Finished)
     }
 
     /// fsync/fdatasync; the first one after creation also makes the sidecar

@@ -24,8 +24,10 @@ pub mod error;
 pub mod file_keys;
 mod handles;
 mod inode;
+pub(crate) mod intents;
 mod namespace;
 mod prefetch;
+mod recovery;
 pub mod sidecar;
 pub(crate) mod sys;
 pub mod walk;
@@ -180,6 +182,12 @@ pub struct Core {
     /// unset where `Core` is driven without a kernel (then nothing is filled).
     page_filler: OnceLock<PageFiller>,
     is_root_user: bool,
+    /// Held while a rename moves sidecars, and while an open settles a
+    /// successor sidecar left by an interrupted one (`recovery`): the two
+    /// must not interleave on one name.
+    sidecar_moves: std::sync::Mutex<()>,
+    /// Redo records of truncates in flight (`format::intent`).
+    intents: Arc<intents::IntentDir>,
 }
 
 impl Core {
@@ -189,6 +197,7 @@ impl Core {
     ) -> std::io::Result<Self> {
         let c = sys::cstr(backing.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let fd_for_intents = fd.try_clone()?;
         Ok(Core {
             inodes: InodeTable::new(fd)?,
             handles: HandleTable::default(),
@@ -205,6 +214,8 @@ impl Core {
             readahead: Worker::start("kmsfs-readahead", 64),
             page_filler: OnceLock::new(),
             is_root_user: unsafe { libc::geteuid() } == 0,
+            sidecar_moves: std::sync::Mutex::new(()),
+            intents: Arc::new(intents::IntentDir::new(fd_for_intents)?),
         })
     }
 
@@ -366,7 +377,9 @@ impl Core {
         {
             return Ok(false);
         }
-        Ok(!sidecar_exists(dir, name)?)
+        // A successor sidecar says an interrupted rename is to give the
+        // name a header: not plaintext until that is settled.
+        Ok(!sidecar_exists(dir, name)? && !sidecar::successor_exists(dir.raw_fd(), name)?)
     }
 
     /// Whether regular file `inode` (with stat `st`) is plaintext: as its
@@ -456,6 +469,7 @@ impl Core {
         if inode.kind != FileType::RegularFile {
             return Err(FsError::errno(libc::EINVAL));
         }
+        self.settle_successor(inode, who).await?;
         let (handle, plain) = self.data_handle(inode)?;
         // A plaintext file gets no writes, so its descriptor is not writable
         // either.
@@ -514,7 +528,12 @@ impl Core {
             return Ok(open);
         }
         let cf = Arc::new(match cipher {
-            Some(cipher) => CryptFile::new(File::from(fd), cipher, label, None)?,
+            Some(cipher) => {
+                let cf = CryptFile::new(File::from(fd), cipher, label.clone(), None)?;
+                cf.set_journal(self.intents.clone(), inode.backing_ino);
+                self.settle_truncate(&cf, inode.backing_ino, &label)?;
+                cf
+            }
             None => CryptFile::plaintext(File::from(fd), self.new_file_geometry(), label),
         });
         let open = OpenFile { cf, plain };

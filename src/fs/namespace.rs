@@ -17,6 +17,7 @@ use super::error::{FsError, FsResult};
 use super::handles::OpenFile;
 use super::inode::{kind_of, Inode, Reach};
 use super::{sidecar, sidecar_exists, sys, Caller, Core};
+use crate::failpoint;
 use crate::format::names::{is_reserved, NAME_MAX};
 use crate::policy::is_within;
 
@@ -118,6 +119,7 @@ impl Core {
             )
             .await?;
         let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
+        failpoint::hit("create:after-sidecar");
         // O_EXCL: a new regular file or nothing, whatever was planted under
         // the name meanwhile (a symlink there fails with EEXIST).
         let data = match sys::openat(
@@ -132,6 +134,7 @@ impl Core {
                 return Err(e.into());
             }
         };
+        failpoint::hit("create:after-data");
         self.chown_new(&dir, data.as_raw_fd(), caller)?;
         if mode & 0o7000 != 0 {
             // chown clears set-ID bits; put back what the caller asked for.
@@ -152,6 +155,7 @@ impl Core {
                 parent_dir: dir.clone(),
             }),
         )?);
+        cf.set_journal(self.intents.clone(), inode.backing_ino);
         let open = OpenFile { cf, plain: false };
         inode.open_file.lock().unwrap().set(&open);
         Ok((self.attr(&st, &inode, false), open))
@@ -270,6 +274,7 @@ impl Core {
         self.inodes.pin_if_last_name(&dir, &c, &st);
         sys::unlinkat(dfd, &c, 0)?;
         if kind_of(st.st_mode) == FileType::RegularFile {
+            failpoint::hit("unlink:after-data");
             self.remove_sidecar(dfd, name)?;
         }
         self.inodes.forget_name(parent, name, &st);
@@ -326,6 +331,10 @@ impl Core {
         if let Some(d) = dst.filter(|_| !exchange) {
             self.inodes.pin_if_last_name(&nd, &nc, &d);
         }
+        if (src.st_dev, src.st_ino) == dst.map_or((0, 0), |d| (d.st_dev, d.st_ino)) {
+            // Two links to one file: rename(2) leaves both in place.
+            return Ok(());
+        }
         // Which of the two have a sidecar: not directories and the like, and
         // not plaintext pass-through files either.
         let has_sidecar = |dir: &Inode, name: &OsStr, st: &libc::stat| -> FsResult<bool> {
@@ -336,23 +345,47 @@ impl Core {
             Some(d) => has_sidecar(&nd, newname, d)?,
             None => false,
         };
-        sys::renameat2(ofd, &oc, nfd, &nc, flags)?;
-        // Data moved; now its sidecar follows (see docs/ARCHITECTURE.md on the
-        // crash window between the two steps).
-        if exchange {
-            match (src_sc, dst_sc) {
-                (true, true) => sidecar::rename_at(ofd, name, nfd, newname, libc::RENAME_EXCHANGE)?,
-                (true, false) => sidecar::rename_at(ofd, name, nfd, newname, 0)?,
-                (false, true) => sidecar::rename_at(nfd, newname, ofd, name, 0)?,
-                (false, false) => {}
-            }
-        } else if src_sc {
-            sidecar::rename_at(ofd, name, nfd, newname, 0)?;
-        } else if dst.is_some() {
+        // What each name's sidecar becomes once the data has moved. Each is
+        // staged as that name's successor sidecar first, so that after a
+        // crash at any step the header a name's data needs is its sidecar
+        // or its successor (docs/ARCHITECTURE.md, "Crash safety").
+        use sidecar::Next;
+        let mut moves: Vec<(RawFd, &OsStr, Next<'_>)> = Vec::with_capacity(2);
+        if src_sc {
+            moves.push((nfd, newname, Next::SidecarOf(ofd, name)));
+        } else if dst_sc || (dst.is_some() && !exchange && sidecar_exists(&nd, newname)?) {
             // Whatever header the new name had (the replaced file's, or a
             // stray one) must not become this entry's.
-            self.remove_sidecar(nfd, newname)?;
+            moves.push((nfd, newname, Next::Nothing));
         }
+        if exchange {
+            if dst_sc {
+                moves.push((ofd, name, Next::SidecarOf(nfd, newname)));
+            } else if src_sc {
+                moves.push((ofd, name, Next::Nothing));
+            }
+        }
+        let _moving = self.sidecar_moves.lock().unwrap();
+        for (dir, n, next) in &moves {
+            sidecar::stage_successor(*dir, n, next)?;
+        }
+        failpoint::hit("rename:after-successor");
+        if let Err(e) = sys::renameat2(ofd, &oc, nfd, &nc, flags) {
+            for (dir, n, _) in &moves {
+                let _ = sidecar::remove_successor(*dir, n);
+            }
+            return Err(e.into());
+        }
+        failpoint::hit("rename:after-data");
+        for (dir, n, next) in &moves {
+            sidecar::promote_successor(*dir, n, next)?;
+        }
+        failpoint::hit("rename:after-sidecar");
+        if src_sc && !exchange {
+            // The source's name is gone; its sidecar is an orphan now.
+            self.remove_sidecar(ofd, name)?;
+        }
+        drop(_moving);
         // Update where the kernel's inodes now live.
         let src_inode = self.inodes.known(&src);
         let dst_inode = dst.and_then(|d| self.inodes.known(&d));
@@ -439,6 +472,7 @@ impl Core {
         } else {
             None
         };
+        failpoint::hit("link:after-sidecar");
         let linked = match reach {
             Reach::At(dir, name) => sys::linkat(dir.raw_fd(), &name, nfd, &nc, 0),
             // Open but unlinked: linkat of a file with no names fails anyway.
@@ -453,6 +487,7 @@ impl Core {
             }
             return Err(e.into());
         }
+        failpoint::hit("link:after-data");
         let st = sys::fstatat(nfd, &nc)?;
         let linked = self.inodes.remember(newparent, newname, None, &st);
         // Two links now: not plaintext.

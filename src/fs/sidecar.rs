@@ -19,7 +19,7 @@ use std::path::Path;
 use super::error::{FsError, FsResult};
 use super::sys;
 use crate::format::header::{self as hdr, ParsedHeader};
-use crate::format::names::sidecar_name;
+use crate::format::names::{sidecar_name, successor_name};
 use crate::format::FormatError;
 
 /// Sidecars are small; anything larger is not one of ours.
@@ -94,13 +94,19 @@ pub fn read_raw_at(dir: RawFd, name: &OsStr) -> Result<Vec<u8>, SidecarError> {
 
 /// The raw bytes of header file `sc` in `dir` (a sidecar or a temporary one).
 pub fn read_exact_at(dir: RawFd, sc: &std::ffi::CStr) -> Result<Vec<u8>, SidecarError> {
+    read_bounded_at(dir, sc, MAX_SIDECAR_LEN)
+}
+
+/// The bytes of small kmsfs file `sc` in `dir`, opened as a sidecar is and
+/// refused (`TooLarge`) beyond `max` bytes.
+pub fn read_bounded_at(dir: RawFd, sc: &std::ffi::CStr, max: u64) -> Result<Vec<u8>, SidecarError> {
     let f = open_exact(dir, sc)?;
     // Headers are a few hundred bytes: one read usually gets it all.
     let mut raw = Vec::with_capacity(1024);
-    f.take(MAX_SIDECAR_LEN + 1)
+    f.take(max + 1)
         .read_to_end(&mut raw)
         .map_err(SidecarError::Io)?;
-    if raw.len() as u64 > MAX_SIDECAR_LEN {
+    if raw.len() as u64 > max {
         return Err(SidecarError::TooLarge);
     }
     Ok(raw)
@@ -260,6 +266,117 @@ pub fn replace_at(dir: RawFd, name: &OsStr, expected: &[u8], raw: &[u8]) -> FsRe
 pub fn rename_at(odir: RawFd, old: &OsStr, ndir: RawFd, new: &OsStr, flags: u32) -> FsResult<()> {
     let (o, n) = (sidecar_cstr(old)?, sidecar_cstr(new)?);
     Ok(sys::renameat2(odir, &o, ndir, &n, flags)?)
+}
+
+fn successor_cstr(name: &OsStr) -> std::io::Result<std::ffi::CString> {
+    sys::cstr(OsStr::from_bytes(&successor_name(name.as_bytes())))
+}
+
+/// What the successor sidecar of a name says its header is to become
+/// (docs/ARCHITECTURE.md, "Crash safety").
+pub enum Successor {
+    /// This header (raw bytes, not yet parsed).
+    Header(Vec<u8>),
+    /// No header: the name is to hold a sidecar-less (plaintext) file.
+    NoHeader,
+}
+
+/// What is to replace the sidecar of a name, staged before a rename.
+pub enum Next<'a> {
+    /// The sidecar of `name` in `dir`.
+    SidecarOf(RawFd, &'a OsStr),
+    /// No sidecar at all.
+    Nothing,
+}
+
+/// Stages `next` as the successor sidecar of `name` in `dir`, replacing a
+/// stale one. A header is hard-linked, not copied: one metadata operation,
+/// which a journaling backing filesystem keeps in order with the rename
+/// that follows. Where links are refused, the bytes are copied and synced.
+pub fn stage_successor(dir: RawFd, name: &OsStr, next: &Next<'_>) -> FsResult<()> {
+    let p = successor_cstr(name)?;
+    remove_successor(dir, name)?;
+    let create = |raw: &[u8]| -> FsResult<()> {
+        let fd = sys::openat(
+            dir,
+            &p,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NOCTTY,
+            0o600,
+        )?;
+        let mut f = File::from(fd);
+        f.write_all(raw)?;
+        if !raw.is_empty() {
+            f.sync_all()?;
+        }
+        Ok(())
+    };
+    match next {
+        Next::Nothing => create(&[]),
+        Next::SidecarOf(from_dir, from) => {
+            let sc = sidecar_cstr(from)?;
+            match sys::linkat(*from_dir, &sc, dir, &p, 0) {
+                Ok(()) => Ok(()),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    let raw = read_raw_at(*from_dir, from).map_err(|e| e.for_file("sidecar"))?;
+                    create(&raw)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Puts the staged successor of `name` in `dir` in place: a header becomes
+/// the sidecar (one atomic rename over the old one); "no header" removes
+/// the sidecar, then the marker.
+pub fn promote_successor(dir: RawFd, name: &OsStr, next: &Next<'_>) -> FsResult<()> {
+    match next {
+        Next::SidecarOf(..) => Ok(sys::renameat2(
+            dir,
+            &successor_cstr(name)?,
+            dir,
+            &sidecar_cstr(name)?,
+            0,
+        )?),
+        Next::Nothing => {
+            remove_at(dir, name)?;
+            remove_successor(dir, name)
+        }
+    }
+}
+
+/// Removes the successor sidecar of `name` in `dir`, if any.
+pub fn remove_successor(dir: RawFd, name: &OsStr) -> FsResult<()> {
+    match sys::unlinkat(dir, &successor_cstr(name)?, 0) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `name` in `dir` has a successor sidecar (any file type; only
+/// ENOENT means none).
+pub fn successor_exists(dir: RawFd, name: &OsStr) -> FsResult<bool> {
+    match sys::fstatat(dir, &successor_cstr(name)?) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The successor sidecar of `name` in `dir`, read as a sidecar is (checked
+/// to be a small regular file), or None.
+pub fn read_successor(dir: RawFd, name: &OsStr) -> Result<Option<Successor>, SidecarError> {
+    match read_exact_at(dir, &successor_cstr(name).map_err(SidecarError::Io)?) {
+        Ok(raw) if raw.is_empty() => Ok(Some(Successor::NoHeader)),
+        Ok(raw) => Ok(Some(Successor::Header(raw))),
+        Err(SidecarError::Missing) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

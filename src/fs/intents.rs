@@ -1,0 +1,133 @@
+//! The directory of redo records at the backing root (`format::intent`,
+//! `names::INTENT_DIR`). It is made when the first record is written, so a
+//! volume that never needed one costs nothing at open.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+use super::error::{FsError, FsResult};
+use super::sidecar::{self, SidecarError};
+use super::sys;
+use crate::format::intent::{TruncateRecord, MAX_SEALED_BLOCK};
+use crate::format::names::{truncate_record_name, INTENT_DIR};
+
+pub struct IntentDir {
+    /// O_PATH handle on the backing root.
+    root: OwnedFd,
+    /// O_PATH handle on the intent directory, once it exists.
+    dir: OnceLock<OwnedFd>,
+}
+
+fn dir_name() -> CString {
+    CString::new(INTENT_DIR).expect("no NUL")
+}
+
+fn record_name(ino: u64) -> CString {
+    CString::new(truncate_record_name(ino)).expect("no NUL")
+}
+
+/// Opens `.kmsfs-intents` in `root` if it is a directory (never following a
+/// symlink planted there).
+fn open_dir(root: RawFd) -> std::io::Result<Option<OwnedFd>> {
+    match sys::openat(
+        root,
+        &dir_name(),
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl IntentDir {
+    pub fn new(root: OwnedFd) -> std::io::Result<Self> {
+        let dir = OnceLock::new();
+        if let Some(fd) = open_dir(root.as_raw_fd())? {
+            let _ = dir.set(fd);
+        }
+        Ok(Self { root, dir })
+    }
+
+    fn existing(&self) -> Option<RawFd> {
+        self.dir.get().map(|fd| fd.as_raw_fd())
+    }
+
+    /// The directory, made (and made durable, so records in it survive a
+    /// power loss) if it does not exist yet.
+    fn made(&self) -> FsResult<RawFd> {
+        if let Some(fd) = self.existing() {
+            return Ok(fd);
+        }
+        match sys::mkdirat(self.root.as_raw_fd(), &dir_name(), 0o700) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e.into()),
+            _ => {}
+        }
+        File::from(sys::reopen(
+            self.root.as_raw_fd(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?)
+        .sync_all()?;
+        let fd = open_dir(self.root.as_raw_fd())?.ok_or_else(|| FsError::errno(libc::ENOENT))?;
+        let _ = self.dir.set(fd);
+        Ok(self.existing().expect("just set"))
+    }
+
+    /// Writes and syncs the record of a truncate of backing inode `ino`,
+    /// replacing an older one.
+    pub fn write_truncate(&self, ino: u64, record: &TruncateRecord) -> FsResult<()> {
+        let dir = self.made()?;
+        let bytes = record
+            .encode()
+            .map_err(|e| FsError::header("truncate record", e))?;
+        let name = record_name(ino);
+        let fd = sys::openat(
+            dir,
+            &name,
+            libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NOCTTY,
+            0o600,
+        )?;
+        let mut f = File::from(fd);
+        if let Err(e) = f.write_all(&bytes).and_then(|_| f.sync_all()) {
+            let _ = sys::unlinkat(dir, &name, 0);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Whether a truncate record for backing inode `ino` exists: one
+    /// lookup, and none at all while the directory does not exist.
+    pub fn has_truncate(&self, ino: u64) -> bool {
+        self.existing()
+            .is_some_and(|dir| sys::fstatat(dir, &record_name(ino)).is_ok())
+    }
+
+    /// The truncate record of backing inode `ino`: None if there is none;
+    /// a record that cannot be read or parsed is an error.
+    pub fn read_truncate(&self, ino: u64) -> Result<Option<TruncateRecord>, SidecarError> {
+        let Some(dir) = self.existing() else {
+            return Ok(None);
+        };
+        let max = 2 * MAX_SEALED_BLOCK as u64;
+        match sidecar::read_bounded_at(dir, &record_name(ino), max) {
+            Ok(raw) => Ok(Some(TruncateRecord::parse(&raw)?)),
+            Err(SidecarError::Missing) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the truncate record of backing inode `ino`, if any.
+    pub fn remove_truncate(&self, ino: u64) -> FsResult<()> {
+        let Some(dir) = self.existing() else {
+            return Ok(());
+        };
+        match sys::unlinkat(dir, &record_name(ino), 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
