@@ -267,22 +267,41 @@ if wants fio && mount_alive; then
     log "fio: 2 jobs of ${FIO_SIZE} random writes, 4k-64k blocks, --verify=crc32c, in $MNT/fio"
     mkdir -p "$MNT/fio"
     part_start=$SECONDS
-    set +e
     # Every block is written once with a crc32c header, then read back and
-    # checked (do_verify); verify_fatal stops at the first bad block.
-    timeout --kill-after=20 600 fio --output="$LOGS/fio.log" \
-        --name=randwrite-verify --directory="$MNT/fio" --numjobs=2 \
-        --rw=randwrite --bsrange=4k-64k --size="$FIO_SIZE" --ioengine=psync \
-        --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 \
-        --end_fsync=1 --runtime=120 --group_reporting
+    # checked (do_verify); verify_fatal stops at the first bad block. The
+    # same job again with --verify_only after a remount reads every block
+    # through a fresh mount (nothing from the page cache): what was written
+    # was stored, encrypted, whole.
+    fio_job=(--name=randwrite-verify --directory="$MNT/fio" --numjobs=2
+        --rw=randwrite --bsrange=4k-64k --size="$FIO_SIZE" --ioengine=psync
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0
+        --end_fsync=1 --runtime=120 --group_reporting)
+    fio_failed() { # log exit
+        (($2 != 0)) || grep -qE 'verify: bad|fio: pid=.*err=' "$1" || ! mount_alive
+    }
+    set +e
+    timeout --kill-after=20 600 fio --output="$LOGS/fio.log" "${fio_job[@]}"
     rc=$?
     set -e
     summary=$(grep -m1 -E '^ +WRITE:' "$LOGS/fio.log" | sed 's/^ *//' || true)
-    if ((rc != 0)) || grep -qE 'verify: bad|fio: pid=.*err=' "$LOGS/fio.log" || ! mount_alive; then
+    if fio_failed "$LOGS/fio.log" "$rc"; then
         record fio $((SECONDS - part_start)) "FAILED (exit $rc; log $LOGS/fio.log)"
         grep -E 'verify|err=' "$LOGS/fio.log" | head -n 5 >&2 || true
     else
-        record fio $((SECONDS - part_start)) "ok (${summary:-no summary})"
+        "$KMSFS" umount "$MNT" >/dev/null
+        "$KMSFS" mount "$BACKING" "$MNT" --log-file "$DAEMON_LOG" >>"$LOGS/mount.out" 2>&1 ||
+            die "kmsfs mount (again, for fio --verify_only) failed"
+        set +e
+        timeout --kill-after=20 600 fio --output="$LOGS/fio-verify-only.log" "${fio_job[@]}" --verify_only
+        rc=$?
+        set -e
+        read_summary=$(grep -m1 -E '^ +READ:' "$LOGS/fio-verify-only.log" | sed 's/^ *//' || true)
+        if fio_failed "$LOGS/fio-verify-only.log" "$rc" || [[ -z $read_summary ]]; then
+            record fio $((SECONDS - part_start)) "FAILED after a remount (exit $rc; log $LOGS/fio-verify-only.log)"
+            grep -E 'verify|err=' "$LOGS/fio-verify-only.log" | head -n 5 >&2 || true
+        else
+            record fio $((SECONDS - part_start)) "ok (${summary:-no summary}; after a remount ${read_summary})"
+        fi
     fi
     rm -rf -- "$MNT/fio" 2>/dev/null || true
 fi
