@@ -6,7 +6,7 @@
 #   -> the Python package, built from source, on a volume written through a mount
 #   -> pjdfstest on a real kmsfs mount
 #   -> stress-ng (filesystem class), dbench and fio --verify on a real kmsfs
-#      mount (scripts/stress.sh, about 6 minutes).
+#      mount (scripts/stress.sh, about 5 minutes).
 # Every step runs even if an earlier one failed (setup aside), so one run shows
 # every problem; the exit status is non-zero if any step failed.
 #
