@@ -275,7 +275,7 @@ if wants fio && mount_alive; then
     fio_job=(--name=randwrite-verify --directory="$MNT/fio" --numjobs=2
         --rw=randwrite --bsrange=4k-64k --size="$FIO_SIZE" --ioengine=psync
         --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0
-        --end_fsync=1 --runtime=120 --group_reporting)
+        --end_fsync=1 --runtime=120 --group_reporting --verify_state_save=0)
     fio_failed() { # log exit
         (($2 != 0)) || grep -qE 'verify: bad|fio: pid=.*err=' "$1" || ! mount_alive
     }
