@@ -113,17 +113,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mount -t tmpfs -o "size=$BACKING_SIZE,mode=0755" kmsfs-stress-backing "$BACKING"
-export KMSFS_CONFIG=$WORK/kmsfs.toml
-if ! "$KMSFS" init "$BACKING" --kms local --key-file "$WORK/keyring" --key-name stress \
-    >"$LOGS/init.out" 2>&1; then
-    cat "$LOGS/init.out" >&2
-    die "kmsfs init failed"
-fi
-if ! "$KMSFS" mount "$BACKING" "$MNT" --log-file "$DAEMON_LOG" >"$LOGS/mount.out" 2>&1; then
-    cat "$LOGS/mount.out" >&2
-    [[ -f $DAEMON_LOG ]] && tail -n 30 "$DAEMON_LOG" >&2
-    die "kmsfs mount failed"
-fi
+kmsfs_init_and_mount "$BACKING" stress "$MNT" "$DAEMON_LOG" || die "could not make a kmsfs mount to test"
 is_mounted "$MNT" || die "kmsfs reported success but $MNT is not mounted"
 log "kmsfs $("$KMSFS" --version | awk '{print $2}') mounted at $MNT on a ${BACKING_SIZE} tmpfs backing"
 
@@ -289,8 +279,8 @@ if wants fio && mount_alive; then
         grep -E 'verify|err=' "$LOGS/fio.log" | head -n 5 >&2 || true
     else
         "$KMSFS" umount "$MNT" >/dev/null
-        "$KMSFS" mount "$BACKING" "$MNT" --log-file "$DAEMON_LOG" >>"$LOGS/mount.out" 2>&1 ||
-            die "kmsfs mount (again, for fio --verify_only) failed"
+        "$KMSFS" mount "$BACKING" "$MNT" --log-file "$DAEMON_LOG" >"$WORK/remount.out" 2>&1 ||
+            { cat "$WORK/remount.out" >&2; die "kmsfs mount (again, for fio --verify_only) failed"; }
         set +e
         timeout --kill-after=20 600 fio --output="$LOGS/fio-verify-only.log" "${fio_job[@]}" --verify_only
         rc=$?

@@ -71,27 +71,23 @@ run_step test cargo test --release
 run_step core-nofuse bash scripts/test-core-unprivileged.sh
 run_step python bash scripts/test-python.sh
 
-skip_pjdfstest=${KMSFS_SKIP_PJDFSTEST:-0}
-if [[ ${CI:-} == true && $skip_pjdfstest == 1 ]]; then
-    echo "test.sh: CI=true: ignoring KMSFS_SKIP_PJDFSTEST=1; pjdfstest always runs in CI" >&2
-    skip_pjdfstest=0
-fi
-if [[ $skip_pjdfstest == 1 ]]; then
-    skip_step pjdfstest "KMSFS_SKIP_PJDFSTEST=1 (local only)"
-else
-    run_step pjdfstest bash scripts/pjdfstest.sh
-fi
-
-skip_stress=${KMSFS_SKIP_STRESS:-0}
-if [[ ${CI:-} == true && $skip_stress == 1 ]]; then
-    echo "test.sh: CI=true: ignoring KMSFS_SKIP_STRESS=1; the stress suites always run in CI" >&2
-    skip_stress=0
-fi
-if [[ $skip_stress == 1 ]]; then
-    skip_step stress "KMSFS_SKIP_STRESS=1 (local only)"
-else
-    run_step stress bash scripts/stress.sh
-fi
+# A long step that $1 (an environment variable) set to 1 skips, except in CI.
+long_step() {
+    local skip_var=$1 name=$2 what=$3
+    shift 3
+    local skip=${!skip_var:-0}
+    if [[ ${CI:-} == true && $skip == 1 ]]; then
+        echo "test.sh: CI=true: ignoring $skip_var=1; $what always runs in CI" >&2
+        skip=0
+    fi
+    if [[ $skip == 1 ]]; then
+        skip_step "$name" "$skip_var=1 (local only)"
+    else
+        run_step "$name" "$@"
+    fi
+}
+long_step KMSFS_SKIP_PJDFSTEST pjdfstest pjdfstest bash scripts/pjdfstest.sh
+long_step KMSFS_SKIP_STRESS stress "the stress step" bash scripts/stress.sh
 
 banner "summary"
 for i in "${!names[@]}"; do
