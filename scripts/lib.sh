@@ -75,3 +75,27 @@ force_unmount() {
     fusermount3 -uz "$mnt" >/dev/null 2>&1 || umount -l "$mnt" >/dev/null 2>&1 || true
     ! is_mounted "$mnt"
 }
+
+# Inits a fresh volume at $1 (the backing directory) on a local keyring
+# under key name $2, with a trusted configuration of its own, and mounts it
+# at $3 logging to $4; any further arguments go to `kmsfs mount`. The
+# keyring, configuration and command output live beside the backing
+# directory. Needs $KMSFS (kmsfs_build). Prints what failed and returns 1.
+kmsfs_init_and_mount() {
+    local backing=$1 key_name=$2 mnt=$3 daemon_log=$4 work
+    shift 4
+    work=$(dirname -- "$backing")
+    export KMSFS_CONFIG=$work/kmsfs.toml
+    if ! "$KMSFS" init "$backing" --kms local --key-file "$work/keyring" \
+        --key-name "$key_name" >"$work/init.out" 2>&1; then
+        cat "$work/init.out" >&2
+        echo "kmsfs init failed" >&2
+        return 1
+    fi
+    if ! "$KMSFS" mount "$backing" "$mnt" "$@" --log-file "$daemon_log" >"$work/mount.out" 2>&1; then
+        cat "$work/mount.out" >&2
+        [[ -f $daemon_log ]] && tail -n 30 "$daemon_log" >&2
+        echo "kmsfs mount failed" >&2
+        return 1
+    fi
+}

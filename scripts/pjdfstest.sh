@@ -127,17 +127,8 @@ case $PEER in
     kmsfs)
         log "mounting a fresh kmsfs at $MNT (-o allow_other)"
         # A trusted configuration of this run's own, not /etc/kmsfs's.
-        export KMSFS_CONFIG=$WORK/kmsfs.toml
-        if ! "$KMSFS" init "$WORK/backing" --kms local --key-file "$WORK/keyring" \
-            --key-name pjdfstest >"$WORK/init.out" 2>&1; then
-            cat "$WORK/init.out" >&2
-            die "kmsfs init failed"
-        fi
-        if ! "$KMSFS" mount "$WORK/backing" "$MNT" -o allow_other --log-file "$DAEMON_LOG" >"$WORK/mount.out" 2>&1; then
-            cat "$WORK/mount.out" >&2
-            [[ -f $DAEMON_LOG ]] && tail -n 30 "$DAEMON_LOG" >&2
-            die "kmsfs mount failed"
-        fi
+        kmsfs_init_and_mount "$WORK/backing" pjdfstest "$MNT" "$DAEMON_LOG" -o allow_other ||
+            die "could not make a kmsfs mount to test"
         ;;
     gocryptfs)
         log "mounting a fresh gocryptfs $(gocryptfs -version | head -n1 | awk '{print $2}' | tr -d ';') at $MNT (-allow_other)"

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The whole kmsfs test suite, as CI runs it:
 #   setup -> cargo fmt --check -> cargo clippy -D warnings -> cargo test --release
+#   (including the randomized model test, tests/model.rs)
 #   -> the filesystem-core tests again as an unprivileged user without /dev/fuse
 #   -> the Python package, built from source, on a volume written through a mount
-#   -> pjdfstest on a real kmsfs mount.
+#   -> pjdfstest on a real kmsfs mount
+#   -> stress-ng (filesystem class), dbench and fio --verify on a real kmsfs
+#      mount (scripts/stress.sh, about 5 minutes).
 # Every step runs even if an earlier one failed (setup aside), so one run shows
 # every problem; the exit status is non-zero if any step failed.
 #
 # Needs root and /dev/fuse: the integration tests and pjdfstest mount real
 # FUSE file systems, and fail (not skip) when they cannot.
 #
-# KMSFS_SKIP_PJDFSTEST=1 skips the pjdfstest step for quick local iteration;
-# it is ignored when CI=true.
+# KMSFS_SKIP_PJDFSTEST=1 and KMSFS_SKIP_STRESS=1 skip the pjdfstest and stress
+# steps for quick local iteration; they are ignored when CI=true.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -68,16 +71,23 @@ run_step test cargo test --release
 run_step core-nofuse bash scripts/test-core-unprivileged.sh
 run_step python bash scripts/test-python.sh
 
-skip_pjdfstest=${KMSFS_SKIP_PJDFSTEST:-0}
-if [[ ${CI:-} == true && $skip_pjdfstest == 1 ]]; then
-    echo "test.sh: CI=true: ignoring KMSFS_SKIP_PJDFSTEST=1; pjdfstest always runs in CI" >&2
-    skip_pjdfstest=0
-fi
-if [[ $skip_pjdfstest == 1 ]]; then
-    skip_step pjdfstest "KMSFS_SKIP_PJDFSTEST=1 (local only)"
-else
-    run_step pjdfstest bash scripts/pjdfstest.sh
-fi
+# A long step that $1 (an environment variable) set to 1 skips, except in CI.
+long_step() {
+    local skip_var=$1 name=$2 what=$3
+    shift 3
+    local skip=${!skip_var:-0}
+    if [[ ${CI:-} == true && $skip == 1 ]]; then
+        echo "test.sh: CI=true: ignoring $skip_var=1; $what always runs in CI" >&2
+        skip=0
+    fi
+    if [[ $skip == 1 ]]; then
+        skip_step "$name" "$skip_var=1 (local only)"
+    else
+        run_step "$name" "$@"
+    fi
+}
+long_step KMSFS_SKIP_PJDFSTEST pjdfstest pjdfstest bash scripts/pjdfstest.sh
+long_step KMSFS_SKIP_STRESS stress "the stress step" bash scripts/stress.sh
 
 banner "summary"
 for i in "${!names[@]}"; do

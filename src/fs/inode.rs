@@ -187,6 +187,11 @@ pub enum Reach {
     Dir(Arc<Inode>),
     /// A file with open handles, through its open file (also after unlink).
     Open(Arc<CryptFile>),
+    /// A file whose last name went while the kernel still knows it, with no
+    /// handle open: through a copy of its pinned O_PATH handle. The kernel
+    /// writes back cached times (FUSE_SETATTR) and asks for attributes of
+    /// such an inode; a local filesystem answers those, so must we.
+    Unlinked(OwnedFd),
     /// Anything else by name in its directory (final symlink not followed).
     At(Arc<Inode>, CString),
 }
@@ -196,6 +201,7 @@ impl Reach {
         match self {
             Reach::Dir(d) => sys::fstat(d.raw_fd()),
             Reach::Open(cf) => sys::fstat(cf.file().as_raw_fd()),
+            Reach::Unlinked(fd) => sys::fstat(fd.as_raw_fd()),
             Reach::At(dir, name) => sys::fstatat(dir.raw_fd(), name),
         }
     }
@@ -204,6 +210,7 @@ impl Reach {
         match self {
             Reach::Dir(d) => sys::fchownat(d.raw_fd(), uid, gid),
             Reach::Open(cf) => sys::fchownat(cf.file().as_raw_fd(), uid, gid),
+            Reach::Unlinked(fd) => sys::fchownat(fd.as_raw_fd(), uid, gid),
             Reach::At(dir, name) => sys::lchownat(dir.raw_fd(), name, uid, gid),
         }
     }
@@ -213,6 +220,7 @@ impl Reach {
             // fchmod refuses O_PATH handles.
             Reach::Dir(d) => sys::chmod_path(&sys::proc_path(&d.raw_fd()), mode),
             Reach::Open(cf) => sys::fchmod(cf.file().as_raw_fd(), mode),
+            Reach::Unlinked(fd) => sys::chmod_path(&sys::proc_path(fd), mode),
             Reach::At(dir, name) => sys::chmod_nofollow(dir.raw_fd(), name, mode),
         }
     }
@@ -221,6 +229,7 @@ impl Reach {
         match self {
             Reach::Dir(d) => sys::utimensat(libc::AT_FDCWD, &sys::proc_path(&d.raw_fd()), times, 0),
             Reach::Open(cf) => sys::futimens(cf.file().as_raw_fd(), times),
+            Reach::Unlinked(fd) => sys::utimensat(libc::AT_FDCWD, &sys::proc_path(fd), times, 0),
             Reach::At(dir, name) => {
                 sys::utimensat(dir.raw_fd(), name, times, libc::AT_SYMLINK_NOFOLLOW)
             }
@@ -232,6 +241,7 @@ impl Reach {
         match self {
             Reach::Dir(d) => (sys::proc_path(&d.raw_fd()), true),
             Reach::Open(cf) => (sys::proc_path(&cf.file().as_raw_fd()), true),
+            Reach::Unlinked(fd) => (sys::proc_path(fd), true),
             Reach::At(dir, name) => {
                 let mut p = format!("/proc/self/fd/{}/", dir.raw_fd()).into_bytes();
                 p.extend_from_slice(name.as_bytes());
@@ -389,7 +399,8 @@ impl InodeTable {
 
     /// Where an inode's backing object can be reached: a directory through
     /// its own handle, a file through its open file (which also works after
-    /// unlink), anything else by its parent directory and name.
+    /// unlink) or, unlinked and closed, its pinned handle, anything else by
+    /// its parent directory and name.
     pub fn reach(&self, inode: &Arc<Inode>) -> FsResult<Reach> {
         if inode.fd.is_some() {
             return Ok(Reach::Dir(inode.clone()));
@@ -398,6 +409,9 @@ impl InodeTable {
             return Ok(Reach::Open(cf));
         }
         let Some((parent, name)) = inode.location() else {
+            if let Some(pinned) = inode.pinned.lock().unwrap().as_ref() {
+                return Ok(Reach::Unlinked(pinned.try_clone()?));
+            }
             return Err(FsError::errno(libc::ENOENT));
         };
         Ok(Reach::At(self.dir(parent)?, sys::cstr(&name)?))

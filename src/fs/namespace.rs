@@ -249,6 +249,8 @@ impl Core {
         let inode = self.inodes.get(ino)?;
         match self.inodes.reach(&inode)? {
             Reach::At(dir, name) => Ok(sys::readlinkat(dir.raw_fd(), &name)?),
+            // An O_PATH handle on a symlink reads it with an empty name.
+            Reach::Unlinked(fd) => Ok(sys::readlinkat(fd.as_raw_fd(), c"")?),
             Reach::Open(_) | Reach::Dir(_) => Err(errno(libc::EINVAL)),
         }
     }
@@ -480,6 +482,8 @@ impl Core {
                 sys::linkat(cf.file().as_raw_fd(), c"", nfd, &nc, libc::AT_EMPTY_PATH)
             }
             Reach::Dir(_) => return Err(errno(libc::EPERM)),
+            // What linkat answers for a file with no names left.
+            Reach::Unlinked(_) => return Err(errno(libc::ENOENT)),
         };
         if let Err(e) = linked {
             if sidecar.is_some() {
