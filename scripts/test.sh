@@ -3,6 +3,7 @@
 #   setup -> cargo fmt --check -> cargo clippy -D warnings -> cargo test --release
 #   -> the filesystem-core tests again as an unprivileged user without /dev/fuse
 #   -> the Python package, built from source, on a volume written through a mount
+#   -> the fuzz targets, 10 s each (scripts/fuzz.sh)
 #   -> pjdfstest on a real kmsfs mount.
 # Every step runs even if an earlier one failed (setup aside), so one run shows
 # every problem; the exit status is non-zero if any step failed.
@@ -67,6 +68,7 @@ run_step clippy cargo clippy --all-targets -- -D warnings
 run_step test cargo test --release
 run_step core-nofuse bash scripts/test-core-unprivileged.sh
 run_step python bash scripts/test-python.sh
+run_step fuzz bash scripts/fuzz.sh 10
 
 skip_pjdfstest=${KMSFS_SKIP_PJDFSTEST:-0}
 if [[ ${CI:-} == true && $skip_pjdfstest == 1 ]]; then

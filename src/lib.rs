@@ -13,6 +13,9 @@ pub mod crypto;
 pub mod duration;
 pub mod format;
 pub mod fs;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kms;
 pub mod lifecycle;
 pub mod metrics;
