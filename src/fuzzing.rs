@@ -6,7 +6,7 @@
 //! Each check takes arbitrary bytes and panics only when kmsfs breaks a
 //! promise: a parser that panics, a value that parses but does not encode
 //! back to itself, sizes that do not invert, a forged block that opens.
-//! Built only with the `fuzzing` feature (tests and the fuzz crate).
+//! Built only with the `fuzzing` feature: tests and the fuzz crate.
 
 use std::path::Path;
 

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use kmsfs::fuzzing::{seeds, TARGETS};
 
@@ -31,8 +32,38 @@ fn file_names(dir: &Path) -> Vec<String> {
     names
 }
 
+fn updating() -> bool {
+    std::env::var(UPDATE_ENV).as_deref() == Ok("1")
+}
+
+/// With [`UPDATE_ENV`] set, writes the generated seeds (once, before any
+/// test reads the corpus) and removes stale ones.
+fn update_seeds() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let seeds = seeds();
+        for (target, name, bytes) in &seeds {
+            let path = corpus_dir(target).join(format!("seed-{name}"));
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, bytes).unwrap();
+        }
+        for target in TARGETS {
+            for name in file_names(&corpus_dir(target.name)) {
+                if let Some(seed) = name.strip_prefix("seed-") {
+                    if !seeds.iter().any(|(t, n, _)| *t == target.name && n == seed) {
+                        fs::remove_file(corpus_dir(target.name).join(&name)).unwrap();
+                    }
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn every_corpus_input_passes_its_check() {
+    if updating() {
+        update_seeds();
+    }
     let mut failures = Vec::new();
     for target in TARGETS {
         let dir = corpus_dir(target.name);
@@ -92,38 +123,29 @@ fn every_target_has_a_corpus_and_a_fuzz_binary() {
 /// committed as `seed-NAME`, and no stale ones are left.
 #[test]
 fn generated_seeds_are_committed() {
-    let update = std::env::var(UPDATE_ENV).as_deref() == Ok("1");
+    if updating() {
+        update_seeds();
+    }
     let seeds = seeds();
     for (target, name, bytes) in &seeds {
         let path = corpus_dir(target).join(format!("seed-{name}"));
-        if update {
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            fs::write(&path, bytes).unwrap();
-        } else {
-            assert!(
-                fs::read(&path).ok().as_ref() == Some(bytes),
-                "{} is missing or differs from what kmsfs::fuzzing::seeds() makes; \
-                 run `{UPDATE_ENV}=1 cargo test --test fuzz_corpus` and commit it",
-                path.display()
-            );
-        }
+        assert!(
+            fs::read(&path).ok().as_ref() == Some(bytes),
+            "{} is missing or differs from what kmsfs::fuzzing::seeds() makes; \
+             run `{UPDATE_ENV}=1 cargo test --test fuzz_corpus` and commit it",
+            path.display()
+        );
     }
     for target in TARGETS {
         for name in file_names(&corpus_dir(target.name)) {
             let Some(seed) = name.strip_prefix("seed-") else {
                 continue;
             };
-            let known = seeds.iter().any(|(t, n, _)| *t == target.name && n == seed);
-            let path = corpus_dir(target.name).join(&name);
-            if !known && update {
-                fs::remove_file(&path).unwrap();
-            } else {
-                assert!(
-                    known,
-                    "{} is not a seed kmsfs::fuzzing::seeds() makes; run `{UPDATE_ENV}=1 cargo test --test fuzz_corpus`",
-                    path.display()
-                );
-            }
+            assert!(
+                seeds.iter().any(|(t, n, _)| *t == target.name && n == seed),
+                "{} is not a seed kmsfs::fuzzing::seeds() makes; run `{UPDATE_ENV}=1 cargo test --test fuzz_corpus`",
+                corpus_dir(target.name).join(&name).display()
+            );
         }
     }
 }
