@@ -4,6 +4,7 @@
 #   (including the randomized model test, tests/model.rs)
 #   -> the filesystem-core tests again as an unprivileged user without /dev/fuse
 #   -> the Python package, built from source, on a volume written through a mount
+#   -> the fuzz targets, 10 s each (scripts/fuzz.sh)
 #   -> pjdfstest on a real kmsfs mount
 #   -> stress-ng (filesystem class), dbench and fio --verify on a real kmsfs
 #      mount (scripts/stress.sh, about 5 minutes).
@@ -70,6 +71,7 @@ run_step clippy cargo clippy --all-targets -- -D warnings
 run_step test cargo test --release
 run_step core-nofuse bash scripts/test-core-unprivileged.sh
 run_step python bash scripts/test-python.sh
+run_step fuzz bash scripts/fuzz.sh 10
 
 # A long step that $1 (an environment variable) set to 1 skips, except in CI.
 long_step() {

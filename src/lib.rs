@@ -14,6 +14,9 @@ pub mod duration;
 pub mod failpoint;
 pub mod format;
 pub mod fs;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kms;
 pub mod lifecycle;
 pub mod metrics;

@@ -114,7 +114,9 @@ impl Policy {
 pub enum PolicyError {
     #[error("policy directory {0:?} must be an absolute path inside the mount, like /pii")]
     NotAbsolute(String),
-    #[error("policy directory {0:?} must not contain '.', '..' or kmsfs-reserved names")]
+    #[error(
+        "policy directory {0:?} must not contain '.', '..', kmsfs-reserved names or NUL bytes"
+    )]
     BadComponent(String),
 }
 
@@ -125,7 +127,8 @@ pub fn normalize_dir(dir: &str) -> Result<String, PolicyError> {
     }
     let mut out = String::new();
     for c in dir.split('/').filter(|c| !c.is_empty()) {
-        if c == "." || c == ".." || is_reserved(c.as_bytes()) {
+        // No directory can be named with a NUL byte (a TOML string can hold one).
+        if c == "." || c == ".." || is_reserved(c.as_bytes()) || c.contains('\0') {
             return Err(PolicyError::BadComponent(dir.to_owned()));
         }
         out.push('/');
@@ -173,6 +176,7 @@ mod tests {
         assert!(normalize_dir("pii").is_err());
         assert!(normalize_dir("/a/../b").is_err());
         assert!(normalize_dir("/.kmsfs.x").is_err());
+        assert!(normalize_dir("/a\0b").is_err());
     }
 
     #[test]

@@ -172,7 +172,9 @@ impl TrustedConfig {
         Ok(Some(text))
     }
 
-    fn parse(path: &Path, text: &str) -> Result<Self, TrustedError> {
+    /// Parses the text of the trusted configuration found at `path` (no
+    /// ownership checks: [`load`](Self::load) makes them).
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, TrustedError> {
         let invalid = |detail: String| TrustedError::Invalid {
             path: path.to_owned(),
             detail,
