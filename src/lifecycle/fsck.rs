@@ -34,8 +34,8 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
+use super::BATCH;
 use super::{file_path, run_batches, LifecycleError, Progress, Scope, SharedDir, Summary, Tally};
-use super::{BATCH, FAILURES_LISTED};
 use crate::config::{ConfigError, VolumeConfig};
 use crate::crypto::BlockCipher;
 use crate::format::block::{is_hole, BlockGeometry, BlockLayout};
@@ -472,10 +472,6 @@ impl Run<'_> {
 
     fn push(&self, p: Problem) -> usize {
         let mut problems = self.problems.lock().unwrap();
-        if p.kind.is_problem() && problems.len() < FAILURES_LISTED {
-            self.progress
-                .note(&format!("kmsfs fsck: {}: {}: {}", p.path, p.kind.label(), p.detail));
-        }
         problems.push(p);
         problems.len() - 1
     }
@@ -504,7 +500,9 @@ impl Run<'_> {
         i
     }
 
-    fn record(&self, rel: &str, dir: &SharedDir) -> std::sync::MutexGuard<'_, HashMap<String, DirRecord>> {
+    fn record(
+        &self, rel: &str, dir: &SharedDir,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, DirRecord>> {
         let mut dirs = self.dirs.lock().unwrap();
         dirs.entry(rel.to_owned()).or_insert_with(|| DirRecord {
             dir: dir.clone(),
@@ -656,7 +654,11 @@ impl Run<'_> {
         let header = if kind == Kind::RegularFile {
             sidecar::read_exact_at(fd, &cstring(name))
                 .ok()
-                .and_then(|raw| hdr::parse(&raw).ok().map(|parsed| FileHeader { parsed, raw }))
+                .and_then(|raw| {
+                    hdr::parse(&raw)
+                        .ok()
+                        .map(|parsed| FileHeader { parsed, raw })
+                })
         } else {
             None
         };
@@ -742,7 +744,11 @@ impl Run<'_> {
                 return;
             }
             Err(e) => {
-                self.add(ProblemKind::BadSidecar, &sidecar_path, format!("{e}: the file reads as EIO"));
+                self.add(
+                    ProblemKind::BadSidecar,
+                    &sidecar_path,
+                    format!("{e}: the file reads as EIO"),
+                );
                 return;
             }
         };
@@ -831,8 +837,10 @@ impl Run<'_> {
         let results = self.scope.rt.block_on(self.keys.verify(&files));
         self.counts.lock().unwrap().kms_batches += 1;
         for (it, result) in batch.iter().zip(results) {
-            let sidecar_path =
-                file_path(&it.rel, OsStr::from_bytes(&sidecar_name(it.name.as_bytes())));
+            let sidecar_path = file_path(
+                &it.rel,
+                OsStr::from_bytes(&sidecar_name(it.name.as_bytes())),
+            );
             let cipher = match result {
                 Ok(c) => c,
                 Err(e) => {
@@ -850,11 +858,14 @@ impl Run<'_> {
                     let problem = self.add(kind, &sidecar_path, why);
                     if unusable {
                         let mut dirs = self.record(&it.rel, &it.dir);
-                        dirs.get_mut(&it.rel).expect("just made").unpaired.push(Unpaired {
-                            name: it.name.clone(),
-                            header: None,
-                            problem: Some(problem),
-                        });
+                        dirs.get_mut(&it.rel)
+                            .expect("just made")
+                            .unpaired
+                            .push(Unpaired {
+                                name: it.name.clone(),
+                                header: None,
+                                problem: Some(problem),
+                            });
                     }
                     continue;
                 }
@@ -868,14 +879,17 @@ impl Run<'_> {
                         "its first data block does not authenticate under its header (EIO on read): the header belongs to another file".into(),
                     );
                     let mut dirs = self.record(&it.rel, &it.dir);
-                    dirs.get_mut(&it.rel).expect("just made").unpaired.push(Unpaired {
-                        name: it.name.clone(),
-                        header: Some(FileHeader {
-                            parsed: it.header.parsed.clone(),
-                            raw: it.header.raw.clone(),
-                        }),
-                        problem: Some(problem),
-                    });
+                    dirs.get_mut(&it.rel)
+                        .expect("just made")
+                        .unpaired
+                        .push(Unpaired {
+                            name: it.name.clone(),
+                            header: Some(FileHeader {
+                                parsed: it.header.parsed.clone(),
+                                raw: it.header.raw.clone(),
+                            }),
+                            problem: Some(problem),
+                        });
                 }
                 Err(e) => {
                     self.add(ProblemKind::Unreadable, &it.path, e.to_string());
@@ -944,7 +958,9 @@ impl Run<'_> {
             return false;
         }
         // Every file of a directory is under one policy.
-        let policy = self.scope.policy_index(&file_path(rel, &record.unpaired[0].name));
+        let policy = self
+            .scope
+            .policy_index(&file_path(rel, &record.unpaired[0].name));
         let active = &self.scope.volume.policies[policy];
         let labels: Vec<String> = candidates
             .iter()
@@ -968,7 +984,8 @@ impl Run<'_> {
             }
             fitting[u] = candidates.iter().zip(&ciphers).position(|((owner, _), c)| {
                 !matches!(owner, Owner::File(i) if *i == u)
-                    && c.as_ref().is_ok_and(|c| fits(fd, &file.name, c).unwrap_or(false))
+                    && c.as_ref()
+                        .is_ok_and(|c| fits(fd, &file.name, c).unwrap_or(false))
             });
         }
         let sidecar_of = |name: &OsStr| OsString::from_vec_bytes(sidecar_name(name.as_bytes()));
