@@ -258,6 +258,16 @@ struct Unpaired {
     problem: Option<usize>,
 }
 
+/// What pairing did in one directory.
+struct Paired {
+    /// Per orphan: it fits a file, so it stays (or was moved).
+    used: Vec<bool>,
+    renamed: bool,
+    /// Files left without a fitting header, relative to the backing
+    /// directory.
+    unfitted: Vec<String>,
+}
+
 /// What the last phase looks at in one directory.
 struct DirRecord {
     dir: SharedDir,
@@ -318,8 +328,17 @@ pub fn fsck(
     let dirs = std::mem::take(&mut *run.dirs.lock().unwrap());
     let mut dirs: Vec<(String, DirRecord)> = dirs.into_iter().collect();
     dirs.sort_by(|a, b| a.0.cmp(&b.0));
-    for (rel, record) in dirs {
-        run.pair_and_clean(&rel, record);
+    // Pairs first, everywhere: whether an orphan may be removed depends on
+    // what is left without a header in other directories.
+    let mut paired = Vec::with_capacity(dirs.len());
+    let mut unfitted: Vec<String> = Vec::new();
+    for (rel, record) in &dirs {
+        let outcome = run.pair_dir(rel, record);
+        unfitted.extend(outcome.unfitted.iter().cloned());
+        paired.push(outcome);
+    }
+    for ((rel, record), outcome) in dirs.iter().zip(paired) {
+        run.clean_dir(rel, record, outcome, &unfitted);
     }
     progress.finish();
     let counts = run.counts.into_inner().unwrap();
@@ -597,12 +616,18 @@ impl Run<'_> {
         }
         self.progress.advance(checked - queued);
         if !items.is_empty() {
-            let full = {
+            // Full batches only; the rest waits for other directories.
+            let full: Vec<Vec<VerifyItem>> = {
                 let mut pending = self.to_verify.lock().unwrap();
                 pending.extend(items);
-                (pending.len() >= BATCH).then(|| std::mem::take(&mut *pending))
+                let mut full = Vec::new();
+                while pending.len() >= BATCH {
+                    let rest = pending.split_off(BATCH);
+                    full.push(std::mem::replace(&mut *pending, rest));
+                }
+                full
             };
-            if let Some(batch) = full {
+            for batch in full {
                 self.verify_batch(batch);
             }
         }
@@ -899,30 +924,62 @@ impl Run<'_> {
         self.progress.advance(batch.len() as u64);
     }
 
-    /// The last phase in one directory: with `verify`, finds for each file
-    /// without a fitting header the sidecar that fits it (and with
-    /// `--repair` moves it over); with `--repair`, removes the orphans no
-    /// file needs.
-    fn pair_and_clean(&self, rel: &str, record: DirRecord) {
-        let fd = record.dir.as_raw_fd();
+    /// With `verify`, finds for each file of `record` without a fitting
+    /// header the sidecar that fits it, and with `--repair` moves it over.
+    fn pair_dir(&self, rel: &str, record: &DirRecord) -> Paired {
         let mut used = vec![false; record.orphans.len()];
-        let mut changed = false;
+        let mut renamed = false;
+        let mut fitting = Vec::new();
         if self.opts.verify && !record.unpaired.is_empty() {
-            changed |= self.pair(rel, &record, &mut used);
+            (renamed, fitting) = self.pair(rel, record, &mut used);
         }
-        if self.opts.repair {
-            for (o, used) in record.orphans.iter().zip(&used) {
-                if *used {
-                    continue;
-                }
-                let outcome = if o.kind == Kind::Directory {
-                    Err("a directory: look at it and remove it by hand".into())
-                } else {
-                    changed = true;
-                    unlink(fd, &o.name).map(|_| "removed".into())
-                };
-                self.repaired(o.problem, outcome);
+        let unfitted = record
+            .unpaired
+            .iter()
+            .enumerate()
+            .filter(|(u, f)| f.problem.is_some() && fitting.get(*u).copied().flatten().is_none())
+            .map(|(_, f)| file_path(rel, &f.name).trim_start_matches('/').to_owned())
+            .collect();
+        Paired {
+            used,
+            renamed,
+            unfitted,
+        }
+    }
+
+    /// With `--repair`, removes the orphans of `record` that are no file's
+    /// header: those that are no header at all, and, once `verify` has
+    /// tried them against every file of their directory without a fitting
+    /// header, those no such file is left for anywhere in the volume (a
+    /// rename across directories leaves the header in the old one).
+    /// `unfitted` lists the files left without a fitting header.
+    fn clean_dir(&self, rel: &str, record: &DirRecord, paired: Paired, unfitted: &[String]) {
+        let fd = record.dir.as_raw_fd();
+        let mut changed = paired.renamed;
+        let here = |p: &&String| {
+            let dir = p.rsplit_once('/').map_or("", |(d, _)| d);
+            dir == rel.trim_start_matches('/')
+        };
+        let elsewhere = unfitted.iter().find(|p| !here(p));
+        for (o, used) in record.orphans.iter().zip(&paired.used) {
+            if !self.opts.repair || *used {
+                continue;
             }
+            let outcome = if o.kind == Kind::Directory {
+                Err("a directory: look at it and remove it by hand".into())
+            } else if o.header.is_some() && !self.opts.verify {
+                Err("kept: it may be the header of a file renamed when kmsfs stopped, which only --verify can tell; run `kmsfs fsck --repair --verify`".into())
+            } else if o.header.is_some() && self.scope.dir != "/" {
+                Err("kept: it may be the header of a file outside the directory checked; check the whole volume".into())
+            } else if let (true, Some(file)) = (o.header.is_some(), elsewhere) {
+                Err(format!(
+                    "kept: {file} has no header that fits it, and this may be its (a rename across directories cut short)"
+                ))
+            } else {
+                changed = true;
+                unlink(fd, &o.name).map(|_| "removed".into())
+            };
+            self.repaired(o.problem, outcome);
         }
         if changed {
             if let Err(e) = sys::fsync(fd) {
@@ -932,9 +989,10 @@ impl Run<'_> {
     }
 
     /// Pairs the unpaired files of `record` with the headers that fit them
-    /// (see `pair_and_clean`); marks the orphans moved in `used`. Returns
-    /// whether anything was renamed.
-    fn pair(&self, rel: &str, record: &DirRecord, used: &mut [bool]) -> bool {
+    /// (see `pair_dir`); marks in `used` the orphans that fit a file (moved
+    /// or not, they are kept). Returns whether anything was renamed, and
+    /// for each unpaired file the candidate that fits it.
+    fn pair(&self, rel: &str, record: &DirRecord, used: &mut [bool]) -> (bool, Vec<Option<usize>>) {
         let fd = record.dir.as_raw_fd();
         // Candidates: parsed orphans, and the headers of files that do not
         // fit them (two sidecars swapped).
@@ -955,7 +1013,7 @@ impl Run<'_> {
         }
         if candidates.is_empty() {
             self.leave_unpaired(record, &[]);
-            return false;
+            return (false, Vec::new());
         }
         // Every file of a directory is under one policy.
         let policy = self
@@ -988,7 +1046,24 @@ impl Run<'_> {
                         .is_ok_and(|c| fits(fd, &file.name, c).unwrap_or(false))
             });
         }
-        let sidecar_of = |name: &OsStr| OsString::from_vec_bytes(sidecar_name(name.as_bytes()));
+        for c in fitting.iter().flatten() {
+            if let Owner::Orphan(o) = candidates[*c].0 {
+                used[o] = true;
+            }
+        }
+        // An orphan the KMS could not be asked about was not tried: kept.
+        for ((owner, _), cipher) in candidates.iter().zip(&ciphers) {
+            if let (Owner::Orphan(o), Err(e)) = (owner, cipher) {
+                if e.is_retryable() && !used[*o] {
+                    used[*o] = true;
+                    self.update(record.orphans[*o].problem, |p| {
+                        p.left_because = Some(
+                            "kept: the KMS could not be asked whether it is the header of a file here; run it again".into(),
+                        )
+                    });
+                }
+            }
+        }
         let mut renamed = false;
         let mut done = vec![false; record.unpaired.len()];
         for u in 0..record.unpaired.len() {
@@ -1073,7 +1148,26 @@ impl Run<'_> {
             self.repaired(problem, outcome);
         }
         self.leave_unpaired(record, &fitting);
-        renamed
+        if self.opts.repair {
+            let fit = fitting
+                .iter()
+                .flatten()
+                .filter_map(|c| match candidates[*c].0 {
+                    Owner::Orphan(o) => Some(o),
+                    Owner::File(_) => None,
+                });
+            for o in fit {
+                self.update(record.orphans[o].problem, |p| {
+                    if p.repaired.is_none() {
+                        p.left_because = Some(
+                            "kept: it is the right header of a file it could not be moved to"
+                                .into(),
+                        );
+                    }
+                });
+            }
+        }
+        (renamed, fitting)
     }
 
     /// Files for which no header fits: a mismatched pair becomes damaged
@@ -1098,15 +1192,10 @@ impl Run<'_> {
     }
 }
 
-trait FromVecBytes {
-    fn from_vec_bytes(v: Vec<u8>) -> OsString;
-}
-
-impl FromVecBytes for OsString {
-    fn from_vec_bytes(v: Vec<u8>) -> OsString {
-        use std::os::unix::ffi::OsStringExt;
-        OsString::from_vec(v)
-    }
+/// The sidecar name of file `name`.
+fn sidecar_of(name: &OsStr) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    OsString::from_vec(sidecar_name(name.as_bytes()))
 }
 
 fn kind_name(kind: Kind) -> &'static str {
