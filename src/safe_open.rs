@@ -34,6 +34,26 @@ pub fn open_no_follow(path: &Path) -> io::Result<Option<File>> {
 /// is refused, so a planted FIFO cannot hang the caller and a device node
 /// is never written.
 pub fn lock_beside(path: &Path) -> io::Result<File> {
+    let file = open_lock_file(path)?;
+    flock_retrying(&file, libc::LOCK_EX)?;
+    Ok(file)
+}
+
+/// As [`lock_beside`] without waiting, shared or exclusive: `None` when
+/// someone else holds the lock in a way that excludes this one.
+pub fn try_lock_beside(path: &Path, shared: bool) -> io::Result<Option<File>> {
+    let file = open_lock_file(path)?;
+    let how = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+    match flock_retrying(&file, how | libc::LOCK_NB) {
+        Ok(()) => Ok(Some(file)),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `PATH.lock`, opened (created 0600 if missing) and checked to be a
+/// regular file.
+fn open_lock_file(path: &Path) -> io::Result<File> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock = PathBuf::from(name);
@@ -51,10 +71,14 @@ pub fn lock_beside(path: &Path) -> io::Result<File> {
             format!("{} is not a regular file; remove it", lock.display()),
         ));
     }
+    Ok(file)
+}
+
+fn flock_retrying(file: &File, how: i32) -> io::Result<()> {
     loop {
         // SAFETY: flock on a descriptor `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(file);
+        if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
+            return Ok(());
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

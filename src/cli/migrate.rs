@@ -56,7 +56,7 @@ pub struct MigrateArgs {
 
 /// The intent record: the one file step under way (files are done one at a
 /// time). A reserved name, so a mount never shows it.
-const JOURNAL: &str = ".kmsfs-migrate-journal";
+const JOURNAL: &str = kmsfs::format::names::MIGRATE_JOURNAL;
 
 /// Why `backing` must not be mounted yet, if a migrate or rollback of it
 /// stopped midway: the file it was converting may be between its two
@@ -72,11 +72,11 @@ pub(super) fn unfinished(backing: &Path) -> Option<String> {
     ))
 }
 /// `lock_beside` this name: one migrate or rollback per directory at once.
-const LOCK_BASE: &str = ".kmsfs-migrate";
+const LOCK_BASE: &str = kmsfs::format::names::MIGRATE_LOCK_BASE;
 /// Temporary files: beside the file they replace, created through the
 /// volume (whose reserved names cannot be created), so not reserved; 128
 /// random bits make them unguessable.
-const TEMP_PREFIX: &str = ".~kmsfs-migrate.";
+const TEMP_PREFIX: &str = kmsfs::format::names::MIGRATE_TEMP_PREFIX;
 /// Copy buffer.
 const CHUNK: usize = 1 << 20;
 

@@ -11,11 +11,13 @@
 //! - `transfer`: `cat`, `export` and `import`, over the library
 //!   (`kmsfs::Volume`), without a mount;
 //! - `migrate`: `migrate [--rollback]`, encrypting a directory in place;
+//! - `fsck`: `fsck [--repair] [--verify]`, over `kmsfs::lifecycle::fsck`;
 //! - `mountinfo`: what is mounted where;
 //! - `completions`: shell completions and man pages.
 
 mod completions;
 mod daemon;
+mod fsck;
 mod helper;
 mod init;
 mod inspect;
@@ -128,6 +130,12 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Check a backing directory for orphan sidecars, files without a
+    /// header, bad sidecars, torn tails and leftover temporary files
+    /// (--verify: also headers and data through the KMS); --repair fixes
+    /// what is safe. Exit 0 clean, 1 problems found, 4 problems left after
+    /// --repair, 75 a KMS unreachable.
+    Fsck(fsck::FsckArgs),
     /// Encrypt a plaintext directory in place, file by file, making it a
     /// backing directory (resumable); --rollback decrypts it back.
     Migrate(migrate::MigrateArgs),
@@ -174,12 +182,15 @@ pub fn run() -> i32 {
         Cmd::Completions { shell } => completions::completions(shell),
         Cmd::Man { out } => completions::man(out.as_deref()),
         Cmd::Migrate(a) => migrate::migrate_cmd(a),
+        Cmd::Fsck(a) => fsck::fsck_cmd(a),
     };
     match result {
         Ok(()) => EXIT_OK,
         Err(e) => {
             eprintln!("kmsfs: error: {e:#}");
-            if is_retryable(&e) {
+            if let Some(exit) = e.downcast_ref::<ExitWith>() {
+                exit.code
+            } else if is_retryable(&e) {
                 EXIT_TEMPFAIL
             } else {
                 EXIT_FAILURE
@@ -194,6 +205,15 @@ pub fn run() -> i32 {
 #[error("{0}")]
 struct RetryLater(String);
 
+/// A failure already described in full by its message, that ends the
+/// process with an exit code of its own (`fsck`'s 4).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ExitWith {
+    code: i32,
+    message: String,
+}
+
 /// Whether trying the command again later may succeed: some cause in the
 /// chain is a retryable KMS failure, or a [`RetryLater`]. `ConfigError` and
 /// `ConnectError` wrap a `KmsError` transparently (it is no link of the
@@ -207,6 +227,8 @@ fn is_retryable(e: &anyhow::Error) -> bool {
         } else if let Some(e) = cause.downcast_ref::<ConnectError>() {
             e.is_retryable()
         } else if let Some(e) = cause.downcast_ref::<kmsfs::lifecycle::LifecycleError>() {
+            e.is_retryable()
+        } else if let Some(e) = cause.downcast_ref::<kmsfs::lifecycle::fsck::FsckError>() {
             e.is_retryable()
         } else if let Some(e) = cause.downcast_ref::<kmsfs::volume::VolumeError>() {
             e.is_retryable()

@@ -135,7 +135,10 @@ pub fn mount(a: MountArgs) -> Result<()> {
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or install fuse3");
     }
+    // Checked here for a message on the terminal; the daemon holds it.
+    let volume_lock = share_volume_lock(&backing)?;
     if !a.foreground {
+        drop(volume_lock);
         return daemon::spawn(set.log_file.as_deref(), &mountpoint);
     }
     daemon::init_logging("info");
@@ -197,6 +200,26 @@ pub fn mount(a: MountArgs) -> Result<()> {
     served.context("FUSE session failed")?;
     tracing::info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// The volume lock, shared, held for as long as the mount is up: `kmsfs
+/// fsck --repair` takes it exclusively, so a repair and a mount exclude each
+/// other. A backing directory that cannot hold the lock file (read-only)
+/// cannot be repaired either, and mounts without it.
+fn share_volume_lock(backing: &Path) -> Result<Option<std::fs::File>> {
+    match kmsfs::config::VolumeConfig::try_lock_volume(backing, true) {
+        Ok(Some(lock)) => Ok(Some(lock)),
+        Ok(None) => bail!(
+            "`kmsfs fsck --repair` is repairing {}; mount it when the repair has ended",
+            backing.display()
+        ),
+        Err(kmsfs::config::ConfigError::Io { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES)) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Checks that `mnt` can take the mount. True when it already has this

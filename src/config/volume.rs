@@ -122,6 +122,19 @@ impl VolumeConfig {
         lock_beside(&path).map_err(|source| ConfigError::Io { path, source })
     }
 
+    /// The volume lock of `backing` (`names::VOLUME_LOCK_BASE`), without
+    /// waiting: shared for a mount, exclusive for `kmsfs fsck --repair`.
+    /// `None` when it is held in a way that excludes this one.
+    pub fn try_lock_volume(
+        backing: &Path, shared: bool,
+    ) -> Result<Option<std::fs::File>, ConfigError> {
+        let base = backing.join(crate::format::names::VOLUME_LOCK_BASE);
+        crate::safe_open::try_lock_beside(&base, shared).map_err(|source| ConfigError::Io {
+            path: backing.join(format!("{}.lock", crate::format::names::VOLUME_LOCK_BASE)),
+            source,
+        })
+    }
+
     pub fn id(&self) -> VolumeId {
         let mut id = [0u8; 16];
         hex::decode_to_slice(&self.volume_id, &mut id).expect("validated on load");

@@ -15,6 +15,20 @@ pub const CONFIG_FILE: &str = ".kmsfs-config.toml";
 /// before it replaces the old one): left behind only by a killed run, and
 /// removed by the next.
 pub const LIFECYCLE_TEMP_PREFIX: &[u8] = b".kmsfs-lifecycle-tmp.";
+/// One `rewrap` or `rekey` at a time (in the backing root).
+pub const LIFECYCLE_LOCK: &str = ".kmsfs-lifecycle.lock";
+/// This name with `.lock` appended, in the backing root, is held shared by
+/// every mount and exclusively by `kmsfs fsck --repair`, so that a repair
+/// never runs under a mount.
+pub const VOLUME_LOCK_BASE: &str = ".kmsfs-volume";
+/// `kmsfs migrate`'s intent record (in the backing root).
+pub const MIGRATE_JOURNAL: &str = ".kmsfs-migrate-journal";
+/// `kmsfs migrate`'s lock is this name with `.lock` appended (in the
+/// backing root).
+pub const MIGRATE_LOCK_BASE: &str = ".kmsfs-migrate";
+/// `kmsfs migrate`'s temporary files, beside the file they replace. Made
+/// through the volume, so not reserved.
+pub const MIGRATE_TEMP_PREFIX: &str = ".~kmsfs-migrate.";
 /// Longest name component the backing filesystem accepts.
 pub const NAME_MAX: usize = 255;
 /// While a rename moves a header to `NAME`, the header that is to become

@@ -512,6 +512,27 @@ impl FileKeys {
             .collect()
     }
 
+    /// Whether `policy` allows any of `h`'s wraps (reads no key): a header
+    /// it does not is refused at open whatever its DEK.
+    pub fn allows(&self, h: &Header, policy: &ActivePolicy) -> bool {
+        self.allowed_wrap(h, policy).is_some()
+    }
+
+    /// The block ciphers of `files` as an open would build them (DEK
+    /// unwrapped under a key the policy allows, header MAC checked), in KMS
+    /// batches as for `rewrap` (`kmsfs fsck --verify`). One answer per
+    /// file, in order.
+    pub async fn verify(&self, files: &[LifecycleFile<'_>]) -> Vec<FsResult<BlockCipher>> {
+        self.unwrap_checked(files)
+            .await
+            .into_iter()
+            .zip(files)
+            .map(|(dek, (header, _, label))| {
+                crypto::open_header(&header.parsed, &dek?).map_err(|e| FsError::header(label, e))
+            })
+            .collect()
+    }
+
     /// Whether the DEK of `h` is cached (without touching the LRU order).
     pub fn is_cached(&self, h: &Header) -> bool {
         let ctx = self.context(h);

@@ -38,12 +38,16 @@ pub fn walk(root: &Path, mut visit: impl FnMut(BorrowedFd<'_>, &str, &[OsString]
 }
 
 /// What one directory holds, as `walk_scoped` reports it.
+#[derive(Clone, Default)]
 pub struct Listing {
     /// Regular files, reserved names left out.
     pub files: Vec<OsString>,
     /// Leftover temporary files of a killed `rewrap` or `rekey` (regular
     /// files named with `LIFECYCLE_TEMP_PREFIX`).
     pub temps: Vec<OsString>,
+    /// Every reserved name (temporaries included), with its kind: what
+    /// `kmsfs fsck` checks.
+    pub reserved: Vec<(OsString, Kind)>,
 }
 
 /// [`walk`], entering only the directories whose `rel` satisfies `enter`
@@ -63,15 +67,13 @@ pub fn walk_scoped(
     let mut pending: Vec<(Rc<DirHandle>, OsString, String)> = Vec::new();
     let mut list_and_visit = |dir: DirHandle, rel: String, pending: &mut Vec<_>| -> Result<()> {
         let dir = Rc::new(dir);
-        let mut listing = Listing {
-            files: Vec::new(),
-            temps: Vec::new(),
-        };
+        let mut listing = Listing::default();
         for (name, kind) in dir.entries().map_err(|e| cannot_read(&rel, e))? {
             if is_reserved(name.as_bytes()) {
                 if kind == Kind::RegularFile && name.as_bytes().starts_with(LIFECYCLE_TEMP_PREFIX) {
-                    listing.temps.push(name);
+                    listing.temps.push(name.clone());
                 }
+                listing.reserved.push((name, kind));
                 continue;
             }
             match kind {
@@ -116,8 +118,9 @@ fn path_cstr(p: &OsStr) -> std::io::Result<CString> {
     CString::new(p.as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+/// What a directory entry is (from the listing, never following a symlink).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
     Directory,
     RegularFile,
     /// Symlinks, FIFOs, sockets, devices: never opened.

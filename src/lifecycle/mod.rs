@@ -12,6 +12,7 @@
 //! run leaves are removed by the next. One pass runs at a time per backing
 //! directory (`.kmsfs-lifecycle.lock`).
 
+pub mod fsck;
 pub mod rekey;
 pub mod rewrap;
 pub mod status;
@@ -274,7 +275,7 @@ type SharedDir = Arc<OwnedFd>;
 /// One pass at a time per backing directory: an exclusive lock on
 /// `.kmsfs-lifecycle.lock`, held until the returned file drops.
 fn lock(backing: &Path) -> Result<File, LifecycleError> {
-    let path = backing.join(".kmsfs-lifecycle.lock");
+    let path = backing.join(crate::format::names::LIFECYCLE_LOCK);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
