@@ -260,9 +260,11 @@ fn a_full_backing_disk_gives_clean_errors_and_damages_nothing() {
         .expect_err("an append of 200 kB to a full disk");
     assert_eq!(errno(&err), libc::ENOSPC, "{err}");
     // Renames on a full disk succeed or fail cleanly.
-    for i in 0..20 {
-        if let Err(e) = fs::rename(v.path(&format!("small{i}")), v.path(&format!("moved{i}"))) {
-            assert_eq!(errno(&e), libc::ENOSPC, "rename small{i}: {e}");
+    for (name, _) in kept.iter_mut() {
+        let moved = format!("{name}.moved");
+        match fs::rename(v.path(name), v.path(&moved)) {
+            Ok(()) => *name = moved,
+            Err(e) => assert_eq!(errno(&e), libc::ENOSPC, "rename {name}: {e}"),
         }
     }
     // Sizes: as ext4 answers (its files end at 16 TiB).
@@ -294,7 +296,7 @@ fn a_full_backing_disk_gives_clean_errors_and_damages_nothing() {
     // failures over a few seconds. This is what used to end the mount.
     let f = OpenOptions::new()
         .write(true)
-        .open(v.path("kept0"))
+        .open(v.path(&kept[0].0))
         .unwrap();
     for _ in 0..4 {
         assert_eq!(fallocate(&f, 1 << 30, 1 << 30), Err(libc::ENOSPC));
@@ -315,7 +317,7 @@ fn a_full_backing_disk_gives_clean_errors_and_damages_nothing() {
         String::from_utf8_lossy(&stress.stderr),
         v.log_text()
     );
-    fs::metadata(v.path("kept0")).expect("the mount is still up");
+    fs::metadata(v.path(&kept[0].0)).expect("the mount is still up");
 
     for (name, data) in &kept {
         assert_eq!(&fs::read(v.path(name)).unwrap(), data, "{name}");
@@ -445,27 +447,25 @@ mod kms_flaps {
         }
     }
 
-    /// Sets `timeout_secs` of the trusted configuration's provider that
-    /// uses Vault key `key`.
-    fn set_vault_timeout(key: &str, secs: i64) {
+    /// Sets `timeout_secs` of the trusted configuration's Vault providers.
+    fn set_vault_timeout(secs: i64) {
         let path = common::trusted_config();
         let text = fs::read_to_string(&path).unwrap();
         let mut config: toml::Table = text.parse().unwrap();
         let mut found = false;
-        for (_, table) in config.iter_mut() {
-            let Some(providers) = table.as_table_mut() else {
-                continue;
-            };
-            for (_, p) in providers.iter_mut() {
-                if let Some(p) = p.as_table_mut() {
-                    if p.get("key").and_then(|k| k.as_str()) == Some(key) {
-                        p.insert("timeout_secs".into(), toml::Value::Integer(secs));
-                        found = true;
-                    }
+        let providers = config.get_mut("providers").and_then(|p| p.as_table_mut());
+        for p in providers
+            .into_iter()
+            .flat_map(|p| p.iter_mut().map(|(_, v)| v))
+        {
+            if let Some(p) = p.as_table_mut() {
+                if p.get("type").and_then(|k| k.as_str()) == Some("vault") {
+                    p.insert("timeout_secs".into(), toml::Value::Integer(secs));
+                    found = true;
                 }
             }
         }
-        assert!(found, "no provider for Vault key {key} in:\n{text}");
+        assert!(found, "no Vault provider in:\n{text}");
         fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     }
 
@@ -486,7 +486,7 @@ mod kms_flaps {
         };
         let backing = places.backing.to_str().unwrap();
         kmsfs(&["init", backing, "--kms", "vault", "--vault-key", bao.key()]);
-        set_vault_timeout(bao.key(), 2);
+        set_vault_timeout(2);
         kmsfs(&[
             "mount",
             backing,
