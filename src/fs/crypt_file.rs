@@ -414,15 +414,12 @@ impl CryptFile {
             }
             let _excl = self.lock.write().unwrap();
             let mut pt_size = g.plaintext_size(self.ct_size()?);
-            let new_size = pt_size.max(end);
-            let total = (last - first) as usize * sbs + g.block_len(last, new_size) + g.overhead();
-            let at = g.sealed_block_start(first);
-            // The blocks written, not a gap before them (it stays a hole).
-            self.reserve(self.ct_size()?.max(at), at + total as u64)?;
             if offset > pt_size {
                 self.resize_locked(pt_size, offset)?;
                 pt_size = offset;
             }
+            let new_size = pt_size.max(end);
+            let total = (last - first) as usize * sbs + g.block_len(last, new_size) + g.overhead();
             let sealed = &mut sealed[..total];
             let edges: &[u64] = if first == last {
                 &[first]
@@ -434,8 +431,10 @@ impl CryptFile {
                 let slot = &mut sealed[at..(at + sbs).min(total)];
                 self.complete_edge(index, offset, data, pt_size, new_size, slot)?;
             }
+            let at = g.sealed_block_start(first);
             let old_ct = self.ct_size()?; // after the resize above
             let new_ct = old_ct.max(at + total as u64);
+            self.reserve(old_ct, new_ct)?;
             self.changing_length(|| {
                 self.file.write_all_at(sealed, at)?;
                 Ok(new_ct)
@@ -529,8 +528,8 @@ impl CryptFile {
 
     /// Resizes from `old` to `new` plaintext bytes. The block holding the
     /// boundary is re-sealed at its new length (zero-padded when growing);
-    /// whole blocks beyond the old end become holes, which take no space,
-    /// as after a truncate-up on a local filesystem.
+    /// whole blocks beyond the old end become holes, whose backing space is
+    /// reserved.
     fn resize_locked(&self, old: u64, new: u64) -> FsResult<()> {
         let g = self.geometry;
         if old == new {
@@ -554,9 +553,10 @@ impl CryptFile {
             self.cipher().seal_in_place(index, &mut sealed);
             edge = Some((g.sealed_block_start(index), sealed));
         }
-        if let Some((at, sealed)) = &edge {
-            // Only the re-sealed block is written: reserve its space.
-            self.reserve(self.ct_size()?, at + sealed.len() as u64)?;
+        if new > old {
+            // The holes too: a later write into one (the kernel's writeback
+            // sends writes out of order) must not fail halfway through.
+            self.reserve(self.ct_size()?, len)?;
         }
         self.changing_length(|| {
             if let Some((at, sealed)) = &edge {
