@@ -200,17 +200,33 @@ pub fn notify_systemd(state: &str) {
     }
 }
 
+/// Stderr for log lines, where a line that cannot be written (the disk
+/// under the log is full) is dropped and counts as written, so that no
+/// layer above reacts to the failure.
+struct DroppingStderr;
+
+impl Write for DroppingStderr {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(line);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Logs to stderr (the log file, for the daemon) at `level_default` unless
 /// KMSFS_LOG says otherwise. A log line that cannot be written (its disk
-/// is full) is dropped: reporting that on stderr too would fail the same
-/// way, and `eprintln!` panics on a failed write, which would take the
-/// mount down.
+/// is full) is dropped: tracing would report the failure with `eprintln!`
+/// on that same stderr, and a failed `eprintln!` panics, which took the
+/// mount down (ECONNABORTED, then ENOTCONN, for every program using it).
 pub fn init_logging(level_default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMSFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level_default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| DroppingStderr)
         .with_ansi(false)
         .log_internal_errors(false)
         .try_init();

@@ -149,6 +149,35 @@ fn torn(label: &str, block: u64) -> FsError {
     }
 }
 
+/// What a failed read of the backing file around `block` gives: a short
+/// file is a torn block; EIO from the disk under the backing directory is
+/// a block error, so the log names the file; anything else passes as is.
+fn backing_read_error(label: &str, block: u64, e: std::io::Error) -> FsError {
+    match (e.kind(), e.raw_os_error()) {
+        // Shorter than this handle knows: cut behind our back.
+        (std::io::ErrorKind::UnexpectedEof, _) => torn(label, block),
+        (_, Some(libc::EIO)) => FsError::Block {
+            file: label.to_owned(),
+            block,
+            reason: "the backing filesystem cannot read it (EIO): check the disk under the \
+                     backing directory (dmesg) and restore this file from a backup"
+                .into(),
+        },
+        _ => FsError::Io(e),
+    }
+}
+
+/// The ciphertext length for `pt_size` plaintext bytes, or EFBIG when no
+/// backing file can be that long (past `off_t`), as a local filesystem
+/// answers a size beyond its limit.
+fn ciphertext_len(g: BlockGeometry, pt_size: u64) -> FsResult<u64> {
+    let len = g.ciphertext_size(pt_size);
+    if len > i64::MAX as u64 {
+        return Err(FsError::errno(libc::EFBIG));
+    }
+    Ok(len)
+}
+
 impl CryptFile {
     /// An encrypted file, laid out as `cipher`'s geometry says.
     pub(crate) fn new(
@@ -342,11 +371,7 @@ impl CryptFile {
             grow(&mut sealed, ct_len);
             self.file
                 .read_exact_at(&mut sealed[..ct_len], ct_start)
-                .map_err(|e| match e.kind() {
-                    // Shorter than this handle knows: cut behind our back.
-                    std::io::ErrorKind::UnexpectedEof => torn(&self.label(), last),
-                    _ => FsError::Io(e),
-                })?;
+                .map_err(|e| backing_read_error(&self.label(), last, e))?;
             grow(out, pt_len);
             self.open_blocks(first, &sealed[..ct_len], &mut out[..pt_len])
         })?;
@@ -371,10 +396,7 @@ impl CryptFile {
         let mut sealed = vec![0u8; len + g.overhead()];
         self.file
             .read_exact_at(&mut sealed, g.sealed_block_start(index))
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => torn(&self.label(), index),
-                _ => FsError::Io(e),
-            })?;
+            .map_err(|e| backing_read_error(&self.label(), index, e))?;
         self.cipher()
             .open(index, &sealed, &mut dst[..len])
             .map_err(|e| FsError::block(&self.label(), index, e))?;
@@ -397,6 +419,7 @@ impl CryptFile {
         }
         let g = self.geometry;
         let end = offset + data.len() as u64;
+        ciphertext_len(g, end)?;
         let first = g.block_of(offset);
         let last = g.block_of(end - 1);
         let sbs = g.sealed_block_size();
@@ -510,17 +533,38 @@ impl CryptFile {
         self.resize_locked(old, new_size)
     }
 
+    /// fallocate (mode 0) of plaintext `offset..end`: reserves the backing
+    /// space of that range's blocks, so later writes into it do not fail
+    /// for lack of space, and grows the file to `end` if it is shorter.
+    /// On a full disk it fails with ENOSPC and changes nothing.
+    pub fn allocate(&self, offset: u64, end: u64) -> FsResult<()> {
+        if self.cipher.is_none() {
+            super::sys::allocate_keep_size(self.file.as_raw_fd(), offset, end - offset)?;
+            return Ok(self.file.set_len(self.file.metadata()?.len().max(end))?);
+        }
+        let g = self.geometry;
+        let ct_end = ciphertext_len(g, end)?;
+        let _excl = self.lock.write().unwrap();
+        self.reserve(g.sealed_block_start(g.block_of(offset)), ct_end)?;
+        let old = g.plaintext_size(self.ct_size()?);
+        if end > old {
+            self.resize_locked(old, end)?;
+        }
+        Ok(())
+    }
+
     /// Resizes from `old` to `new` plaintext bytes. The block holding the
     /// boundary is re-sealed at its new length (zero-padded when growing);
-    /// whole blocks beyond the old end become holes. Rewriting that block
-    /// and setting the size are two steps: a redo record, synced first,
-    /// lets the next open finish them after a crash in between
-    /// (`settle_truncate`).
+    /// whole blocks beyond the old end become holes, whose backing space is
+    /// reserved. Rewriting that block and setting the size are two steps: a
+    /// redo record, synced first, lets the next open finish them after a
+    /// crash in between (`settle_truncate`).
     fn resize_locked(&self, old: u64, new: u64) -> FsResult<()> {
         let g = self.geometry;
         if old == new {
             return Ok(());
         }
+        let len = ciphertext_len(g, new)?;
         let bs = g.block_size();
         // The one block whose length changes: the old tail when growing, the
         // new tail when shrinking; none when that boundary is block-aligned.
@@ -539,8 +583,10 @@ impl CryptFile {
             edge = Some((index, sealed));
         }
         let ct_old = self.ct_size()?;
-        let ct_new = g.ciphertext_size(new);
+        let ct_new = len;
         if new > old {
+            // The holes too: a later write into one (the kernel's writeback
+            // sends writes out of order) must not fail halfway through.
             self.reserve(ct_old, ct_new)?;
         }
         let journal = match (&edge, self.journal.get()) {
