@@ -59,7 +59,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 banner "setup: scripts/setup.sh"
-if ! bash scripts/setup.sh; then
+# The loop-disk tests (tests/faults.rs, tests/crash.rs) make ext4 and btrfs
+# images and run stress-ng; they install these themselves when run alone.
+if ! KMSFS_SETUP_EXTRA_APT="${KMSFS_SETUP_EXTRA_APT:-} e2fsprogs btrfs-progs stress-ng" bash scripts/setup.sh; then
     echo "test.sh: setup failed; nothing else can run" >&2
     echo "steps: 0 passed, 1 failed"
     exit 1

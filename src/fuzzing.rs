@@ -57,7 +57,25 @@ pub const TARGETS: &[Target] = &[
         name: "block_codec",
         check: block_codec,
     },
+    Target {
+        name: "intent",
+        check: intent,
+    },
 ];
+
+/// `TruncateRecord::parse` never panics; whatever it accepts encodes back
+/// to the same bytes, and no cut or extension of it parses.
+pub fn intent(data: &[u8]) {
+    use crate::format::intent::TruncateRecord;
+    let Ok(record) = TruncateRecord::parse(data) else {
+        return;
+    };
+    assert_eq!(record.encode().expect("a parsed record encodes"), data);
+    assert!(TruncateRecord::parse(&data[..data.len() - 1]).is_err());
+    let mut longer = data.to_vec();
+    longer.push(0);
+    assert!(TruncateRecord::parse(&longer).is_err());
+}
 
 /// Reads fixed-size fields off the front of a fuzz input; past its end
 /// every field reads as zeros, so every input means something.
@@ -636,6 +654,16 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                 add("block_codec", format!("{suite}-{layout}-{shift}"), codec);
             }
         }
+    }
+    for (name, len) in [("small-block", 4096 + 40), ("empty-block", 0)] {
+        let record = crate::format::intent::TruncateRecord {
+            file_id: [0x22; FILE_ID_LEN],
+            ciphertext_size: 3 * 4124 + len as u64,
+            block_index: 3,
+            old_block_digest: [0x33; 32],
+            sealed_block: vec![0x44; len],
+        };
+        add("intent", name.into(), record.encode().expect("encodes"));
     }
     seeds
 }

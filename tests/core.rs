@@ -450,3 +450,34 @@ fn tampering_and_kms_failures_give_the_right_errors() {
     assert!(e.to_string().contains("no DEK could be generated"), "{e}");
     assert!(!fx2.path("n").exists() && !fx2.path(".kmsfs.n").exists());
 }
+
+/// A power loss can leave a new, never-synced file as an empty data file
+/// beside an empty sidecar: it opens as the empty file it was and is given
+/// a header. An empty sidecar beside ciphertext stays EIO (that is damage
+/// or tampering, not an unwritten create).
+#[test]
+fn an_empty_file_whose_header_was_never_written_gets_one_on_open() {
+    let fx = Fixture::new(&[]);
+    std::fs::write(fx.path("new"), b"").unwrap();
+    std::fs::write(fx.path(".kmsfs.new"), b"").unwrap();
+    let ino = fx.lookup(ROOT, "new").unwrap();
+    let fh = fx.block_on(fx.core.open(ino, false, caller())).unwrap();
+    assert_eq!(fx.read_all(fh).unwrap(), b"");
+    fx.core.write(fh, 0, b"written after", false).unwrap();
+    fx.core.fsync(fh, false).unwrap();
+    fx.core.release(fh);
+    let header = sidecar::read_beside(&fx.path("new")).unwrap();
+    assert_eq!(header.parsed.header.primary().key_ref, fx.key_ref(0));
+    fx.core.forget(ino, 1);
+    let ino = fx.lookup(ROOT, "new").unwrap();
+    assert_eq!(fx.reread(ino).unwrap(), b"written after");
+
+    let (ino, fh) = fx.create(ROOT, "full", b"some bytes");
+    fx.core.fsync(fh, false).unwrap();
+    fx.core.release(fh);
+    fx.core.forget(ino, 1);
+    std::fs::write(fx.path(".kmsfs.full"), b"").unwrap();
+    let ino = fx.lookup(ROOT, "full").unwrap();
+    assert_eq!(err(fx.open(ino)), libc::EIO);
+    assert_eq!(std::fs::read(fx.path(".kmsfs.full")).unwrap(), b"");
+}

@@ -15,82 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::loop_disk::{ensure_tool, LoopDisk};
 use common::{pattern, run, Places};
-
-/// Installs Debian package `package` when `tool` is not on PATH.
-fn ensure_tool(tool: &str, package: &str) {
-    let found = |t: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if found(tool) {
-        return;
-    }
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-q", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok && found(tool),
-        "{tool} is missing and `apt-get install {package}` did not provide it"
-    );
-}
-
-/// A small filesystem of `kind` ("ext4", "btrfs") in a sparse image on a
-/// loop device, mounted on a fresh directory; unmounted when dropped. The
-/// machine's own disk is never filled: only the image's size can be.
-struct LoopDisk {
-    dir: tempfile::TempDir,
-    image: PathBuf,
-}
-
-impl LoopDisk {
-    fn new(kind: &str, size_mib: u64) -> LoopDisk {
-        common::require_fuse();
-        let dir = common::tempdir("kmsfs-faults-disk");
-        let image = dir.path().join("image");
-        File::create(&image)
-            .unwrap()
-            .set_len(size_mib << 20)
-            .unwrap();
-        let mkfs = Command::new(format!("mkfs.{kind}"))
-            .args(if kind == "btrfs" {
-                &["-q", "-f"][..]
-            } else {
-                &["-q", "-F"][..]
-            })
-            .arg(&image)
-            .output()
-            .unwrap_or_else(|e| panic!("run mkfs.{kind}: {e}"));
-        assert!(mkfs.status.success(), "mkfs.{kind}: {mkfs:?}");
-        let top = dir.path().join("fs");
-        fs::create_dir(&top).unwrap();
-        let mount = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&top)
-            .output()
-            .unwrap();
-        assert!(
-            mount.status.success(),
-            "cannot loop-mount a {kind} image (these tests run as root with loop devices): {mount:?}"
-        );
-        LoopDisk { dir, image }
-    }
-
-    fn top(&self) -> PathBuf {
-        self.dir.path().join("fs")
-    }
-}
-
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.top()).status();
-    }
-}
 
 /// A kmsfs volume (local KMS) whose backing directory and daemon log both
 /// live on `disk`; the keyring lives elsewhere.

@@ -168,6 +168,11 @@ pub fn mount(a: MountArgs) -> Result<()> {
         extra: set.kernel_flags(),
         fs_name: format!("kmsfs:{}", backing.display()),
     };
+    match core.runtime().block_on(core.settle_interrupted_truncates()) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("settled {n} truncate(s) interrupted by a crash"),
+        Err(e) => tracing::warn!("cannot look for truncates interrupted by a crash: {e}"),
+    }
     let core = Arc::new(core);
     // Whether the FUSE session is up, for /ready.
     let mounted = Arc::new(std::sync::atomic::AtomicBool::new(false));

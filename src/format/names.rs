@@ -77,12 +77,43 @@ fn prefixed(prefix: &[u8], long_prefix: &[u8], name: &[u8]) -> Vec<u8> {
 /// Name, inside [`INTENT_DIR`], of the truncate redo record of the backing
 /// file with inode number `ino`.
 pub fn truncate_record_name(ino: u64) -> String {
-    format!("truncate-{ino}")
+    format!("{TRUNCATE_RECORD_PREFIX}{ino}")
 }
+
+/// The backing inode a name in [`INTENT_DIR`] is the truncate record of;
+/// None for any other name.
+pub fn truncate_record_ino(name: &[u8]) -> Option<u64> {
+    let digits = name.strip_prefix(TRUNCATE_RECORD_PREFIX.as_bytes())?;
+    // Only the canonical spelling, so one inode has one record name.
+    if digits.is_empty() || (digits[0] == b'0' && digits.len() > 1) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+const TRUNCATE_RECORD_PREFIX: &str = "truncate-";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncate_record_names_round_trip() {
+        for ino in [0, 1, 42, u64::MAX] {
+            let name = truncate_record_name(ino);
+            assert_eq!(truncate_record_ino(name.as_bytes()), Some(ino));
+        }
+        for bad in [
+            "truncate-",
+            "truncate-01",
+            "truncate-+1",
+            "truncate-x",
+            "trunc-1",
+            "truncate-18446744073709551616",
+        ] {
+            assert_eq!(truncate_record_ino(bad.as_bytes()), None, "{bad}");
+        }
+    }
 
     #[test]
     fn short_and_long_names() {

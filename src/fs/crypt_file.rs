@@ -642,10 +642,14 @@ impl CryptFile {
         let sealed = &record.sealed_block;
         let index = record.block_index;
         let at = g.sealed_block_start(index);
+        // The block ends the file, or is whole (a grow's old tail block).
+        let end = at.checked_add(sealed.len() as u64);
         let fits = record.file_id == *self.cipher().file_id()
             && sealed.len() > g.overhead()
             && sealed.len() <= g.sealed_block_size()
-            && at.checked_add(sealed.len() as u64) == Some(record.ciphertext_size);
+            && (end == Some(record.ciphertext_size)
+                || (sealed.len() == g.sealed_block_size()
+                    && end.is_some_and(|e| e < record.ciphertext_size)));
         if !fits
             || self
                 .cipher()
@@ -674,6 +678,7 @@ impl CryptFile {
             self.file.write_all_at(sealed, at)?;
             self.file.set_len(record.ciphertext_size)?;
             self.file.sync_all()?;
+            failpoint::synced();
             Ok(record.ciphertext_size)
         })?;
         Ok(Settled::Finished)
@@ -682,19 +687,26 @@ impl CryptFile {
     /// fsync/fdatasync; the first one after creation also makes the sidecar
     /// and the directory entries durable.
     pub fn sync(&self, datasync: bool) -> FsResult<()> {
+        // A new file's header first: were its data durable and its header
+        // not, a power loss would leave ciphertext no key can read.
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(p) = pending.as_ref() {
+            p.sidecar.sync_all()?;
+            failpoint::synced();
+        }
         if datasync {
             self.file.sync_data()?;
         } else {
             self.file.sync_all()?;
         }
-        let mut pending = self.pending.lock().unwrap();
+        failpoint::synced();
         if let Some(p) = pending.as_ref() {
-            p.sidecar.sync_all()?;
             File::from(super::sys::reopen(
                 p.parent_dir.raw_fd(),
                 libc::O_RDONLY | libc::O_DIRECTORY,
             )?)
             .sync_all()?;
+            failpoint::synced();
             *pending = None;
         }
         Ok(())

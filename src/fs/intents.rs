@@ -6,13 +6,14 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::OnceLock;
 
 use super::error::{FsError, FsResult};
 use super::sidecar::{self, SidecarError};
 use super::sys;
 use crate::format::intent::{TruncateRecord, MAX_SEALED_BLOCK};
-use crate::format::names::{truncate_record_name, INTENT_DIR};
+use crate::format::names::{truncate_record_ino, truncate_record_name, INTENT_DIR};
 
 pub struct IntentDir {
     /// O_PATH handle on the backing root.
@@ -53,6 +54,11 @@ impl IntentDir {
         Ok(Self { root, dir })
     }
 
+    /// O_PATH handle on the backing root.
+    pub fn root(&self) -> RawFd {
+        self.root.as_raw_fd()
+    }
+
     fn existing(&self) -> Option<RawFd> {
         self.dir.get().map(|fd| fd.as_raw_fd())
     }
@@ -72,6 +78,7 @@ impl IntentDir {
             libc::O_RDONLY | libc::O_DIRECTORY,
         )?)
         .sync_all()?;
+        crate::failpoint::synced();
         let fd = open_dir(self.root.as_raw_fd())?.ok_or_else(|| FsError::errno(libc::ENOENT))?;
         let _ = self.dir.set(fd);
         Ok(self.existing().expect("just set"))
@@ -96,6 +103,7 @@ impl IntentDir {
             let _ = sys::unlinkat(dir, &name, 0);
             return Err(e.into());
         }
+        crate::failpoint::synced();
         Ok(())
     }
 
@@ -104,6 +112,22 @@ impl IntentDir {
     pub fn has_truncate(&self, ino: u64) -> bool {
         self.existing()
             .is_some_and(|dir| sys::fstatat(dir, &record_name(ino)).is_ok())
+    }
+
+    /// The backing inodes that have a truncate record.
+    pub fn truncate_records(&self) -> FsResult<Vec<u64>> {
+        let Some(dir) = self.existing() else {
+            return Ok(Vec::new());
+        };
+        let path = format!("/proc/self/fd/{dir}");
+        let mut inos = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            let name = entry?.file_name();
+            if let Some(ino) = truncate_record_ino(name.as_bytes()) {
+                inos.push(ino);
+            }
+        }
+        Ok(inos)
     }
 
     /// The truncate record of backing inode `ino`: None if there is none;

@@ -39,7 +39,7 @@ pub use inode::escape_name;
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -49,6 +49,8 @@ use fuser::FileType;
 
 use crate::cache::DekCache;
 use crate::config::{ActivePolicy, KeySpec, VolumeConfig};
+use crate::crypto::BlockCipher;
+use crate::failpoint;
 use crate::format::block::BlockLayout;
 use crate::format::names::sidecar_name;
 use crate::format::BlockGeometry;
@@ -363,6 +365,64 @@ impl Core {
         Ok(header)
     }
 
+    /// Whether the header of `inode` was never written: its sidecar is
+    /// empty and so is its data (`data_fd`). A power loss leaves this when a
+    /// new file's names were made durable (by any later journal commit of
+    /// the backing filesystem) before the sidecar's bytes were: the file
+    /// had been created and not yet synced. With no ciphertext there is
+    /// nothing to protect, so it is an empty file to be given a header;
+    /// any other unreadable header stays an error.
+    fn header_never_written(&self, inode: &Inode, data_fd: RawFd) -> FsResult<bool> {
+        let Some((parent, name)) = inode.location() else {
+            return Ok(false);
+        };
+        let dir = self.inodes.dir(parent)?;
+        let sidecar_empty =
+            matches!(sidecar::read_raw_at(dir.raw_fd(), &name), Ok(raw) if raw.is_empty());
+        Ok(sidecar_empty && sys::fstat(data_fd)?.st_size == 0)
+    }
+
+    /// Gives empty file `inode` (see `header_never_written`), reached by
+    /// `path`, a fresh header under its directory's policy, as `create`
+    /// would have; returns its cipher.
+    async fn give_header(
+        &self, inode: &Inode, path: &str, label: &str, who: file_keys::Requester,
+    ) -> FsResult<BlockCipher> {
+        if self.read_only {
+            return Err(FsError::header(
+                label,
+                "its header was never written (created just before a crash, never synced) \
+                 and the file is empty: mount read-write to give it one, or remove it",
+            ));
+        }
+        let Some((parent, name)) = inode.location() else {
+            return Err(FsError::errno(libc::ESTALE));
+        };
+        let dir = self.inodes.dir(parent)?;
+        let new = self
+            .keys
+            .create(&self.policy_at(path), self.block_shift, label, who)
+            .await?;
+        match sidecar::replace_at(dir.raw_fd(), &name, b"", &new.header.raw)? {
+            sidecar::Replaced::Done => {}
+            // Renamed, removed or given a header meanwhile: the kernel
+            // looks the name up again.
+            _ => return Err(FsError::errno(libc::ESTALE)),
+        }
+        File::from(sys::reopen(
+            dir.raw_fd(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?)
+        .sync_all()?;
+        failpoint::synced();
+        tracing::warn!(
+            "{label}: its header was never written (the file was created just before a crash \
+             and never synced); it is empty, so it was given a new one"
+        );
+        *inode.header.write().unwrap() = Some(Arc::new(new.header));
+        Ok(new.cipher)
+    }
+
     /// Whether regular file `name` in `dir`, with stat `st`, is a plaintext
     /// pass-through file: one link only, under a policy that is not
     /// mandatory, and no sidecar (ENOENT; any other failure to look for the
@@ -493,13 +553,22 @@ impl Core {
             // the sidecar read and the unwrap.
             let head = self.new_file_geometry().ciphertext_size(OPEN_FILL);
             sys::readahead(fd.as_raw_fd(), head as usize);
-            let header = self.header_of(inode)?;
             // The policy of the name the file is reached by now decides
             // which keys it may be under.
             let path = self
                 .inodes
                 .rel_path(inode)
                 .ok_or_else(|| FsError::errno(libc::ENOENT))?;
+            let header = match self.header_of(inode) {
+                Ok(header) => header,
+                Err(e) => {
+                    if !self.header_never_written(inode, fd.as_raw_fd())? {
+                        return Err(e);
+                    }
+                    let cipher = self.give_header(inode, &path, &label, who).await?;
+                    return self.finish_open(inode, fd, Some(cipher), plain, label, fill);
+                }
+            };
             match self
                 .keys
                 .cipher_for(&header, &self.policy_at(&path), &label, who)
@@ -523,6 +592,15 @@ impl Core {
                 }
             }
         };
+        self.finish_open(inode, fd, cipher, plain, label, fill)
+    }
+
+    /// Makes the open state of `inode` from its data `fd` and `cipher` (none
+    /// for a plaintext file), unless another open made one meanwhile.
+    fn finish_open(
+        &self, inode: &Arc<Inode>, fd: OwnedFd, cipher: Option<BlockCipher>, plain: bool,
+        label: String, fill: Option<u64>,
+    ) -> FsResult<OpenFile> {
         let mut slot = inode.open_file.lock().unwrap();
         if let Some(open) = slot.get() {
             return Ok(open);
@@ -668,6 +746,7 @@ impl Core {
             libc::O_RDONLY | libc::O_DIRECTORY,
         )?)
         .sync_all()?;
+        failpoint::synced();
         Ok(())
     }
 

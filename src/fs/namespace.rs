@@ -470,7 +470,17 @@ impl Core {
                 ));
             }
             let header = self.header_of(&inode)?;
-            Some(sidecar::create_at(nfd, newname, &header.raw)?)
+            let sidecar = sidecar::create_at(nfd, newname, &header.raw)?;
+            // Durable before the link can be: the new name leads to data
+            // already written, which a power loss must not leave without
+            // its header (a new file's header waits for its first fsync,
+            // as its data does).
+            if let Err(e) = sidecar.sync_data() {
+                let _ = self.remove_sidecar(nfd, newname);
+                return Err(e.into());
+            }
+            failpoint::synced();
+            Some(sidecar)
         } else {
             None
         };

@@ -1,21 +1,27 @@
-//! Settling, at a regular file's first open, what an interrupted
-//! multi-step operation left (docs/ARCHITECTURE.md, "Crash safety"):
-//! a successor sidecar staged by a rename, and a truncate redo record.
-//! Both checks cost one lookup each when there is nothing to settle.
+//! Settling what an interrupted multi-step operation left
+//! (docs/ARCHITECTURE.md, "Crash safety"): a successor sidecar staged by a
+//! rename, at the first open of its name (one lookup when there is none),
+//! and a truncate redo record, before the mount serves (a file's size must
+//! be right before the kernel first asks for it) and again at first open.
 
-use std::ffi::OsStr;
+use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::crypt_file::{CryptFile, Settled};
 use super::error::FsResult;
 use super::inode::Inode;
+use super::inode::ROOT_INO;
 use super::sidecar::{self, FileHeader, Next, SidecarError, Successor};
 use super::{file_keys, sys, Core};
 use crate::format::block::is_hole;
-use crate::format::header;
+use crate::format::{header, names};
 
 fn successor_raw(s: &Successor) -> &[u8] {
     match s {
@@ -63,7 +69,102 @@ fn first_data_block(
     }
 }
 
+/// Where, below the backing root `root`, the regular files with inode
+/// numbers in `wanted` are: their name components from the root. Walks the
+/// whole tree (only done after a crash left records), never following a
+/// symlink or leaving the root's filesystem, and skipping kmsfs's own files.
+fn find_backing_files(
+    root: RawFd, wanted: &BTreeSet<u64>,
+) -> std::io::Result<Vec<(u64, Vec<OsString>)>> {
+    let base = PathBuf::from(format!("/proc/self/fd/{root}"));
+    let dev = std::fs::metadata(&base)?.dev();
+    let mut found = Vec::new();
+    let mut dirs: Vec<Vec<OsString>> = vec![Vec::new()];
+    while let Some(components) = dirs.pop() {
+        if found.len() == wanted.len() {
+            break;
+        }
+        let path: PathBuf = std::iter::once(base.clone().into_os_string())
+            .chain(components.iter().cloned())
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if names::is_reserved(name.as_bytes()) {
+                continue;
+            }
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let mut at = components.clone();
+            at.push(name);
+            if kind.is_dir() {
+                if entry.metadata().is_ok_and(|m| m.dev() == dev) {
+                    dirs.push(at);
+                }
+            } else if kind.is_file() && wanted.contains(&entry.ino()) {
+                found.push((entry.ino(), at));
+            }
+        }
+    }
+    Ok(found)
+}
+
 impl Core {
+    /// Finishes every truncate a crash interrupted, before the mount
+    /// serves: a file's size follows from its ciphertext size, and the
+    /// kernel keeps the first size it is told. A record whose file is gone
+    /// is removed; one that cannot be settled now (the KMS is down) stays,
+    /// and the file's first open settles it. Returns how many it settled.
+    pub async fn settle_interrupted_truncates(&self) -> FsResult<usize> {
+        let pending: BTreeSet<u64> = self.intents.truncate_records()?.into_iter().collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        if self.read_only {
+            tracing::warn!(
+                "{} truncate(s) interrupted by a crash are not finished on a read-only mount: \
+                 those files may read as EIO until the volume is mounted read-write once",
+                pending.len()
+            );
+            return Ok(0);
+        }
+        let found = find_backing_files(self.intents.root(), &pending)?;
+        let mut settled = 0;
+        for (_, components) in &found {
+            let mut looked_up = Vec::new();
+            let outcome = async {
+                let mut at = ROOT_INO;
+                for name in components {
+                    at = self.lookup(at, name)?.ino.0;
+                    looked_up.push(at);
+                }
+                let inode = self.inodes.get(at)?;
+                self.crypt_file(&inode, None, None).await.map(drop)
+            }
+            .await;
+            for at in looked_up {
+                self.forget(at, 1);
+            }
+            let path: PathBuf = components.iter().collect();
+            match outcome {
+                Ok(()) => settled += 1,
+                Err(e) => tracing::warn!(
+                    "{}: a truncate interrupted by a crash is not finished yet ({e}); its first \
+                     open will try again",
+                    path.display()
+                ),
+            }
+        }
+        let located: BTreeSet<u64> = found.iter().map(|(ino, _)| *ino).collect();
+        for gone in pending.difference(&located) {
+            self.intents.remove_truncate(*gone)?;
+        }
+        Ok(settled)
+    }
+
     /// Whether header `raw` is the one the data in `file` was written
     /// under: its first non-hole block authenticates with it. A KMS that
     /// cannot be reached is an error (nothing is decided without it).

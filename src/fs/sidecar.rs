@@ -18,6 +18,7 @@ use std::path::Path;
 
 use super::error::{FsError, FsResult};
 use super::sys;
+use crate::failpoint;
 use crate::format::header::{self as hdr, ParsedHeader};
 use crate::format::names::{sidecar_name, successor_name};
 use crate::format::FormatError;
@@ -242,6 +243,7 @@ pub fn replace_at(dir: RawFd, name: &OsStr, expected: &[u8], raw: &[u8]) -> FsRe
         .and_then(|_| sys::fchownat(f.as_raw_fd(), old.st_uid, old.st_gid))
         .and_then(|_| sys::fchmod(f.as_raw_fd(), old.st_mode & 0o7777))
         .and_then(|_| f.sync_all());
+    failpoint::synced();
     drop(f);
     let result = written.map_err(FsError::from).and_then(|_| {
         match sys::renameat2(dir, &tmp, dir, &sc, libc::RENAME_EXCHANGE) {
@@ -307,6 +309,7 @@ pub fn stage_successor(dir: RawFd, name: &OsStr, next: &Next<'_>) -> FsResult<()
         f.write_all(raw)?;
         if !raw.is_empty() {
             f.sync_all()?;
+            failpoint::synced();
         }
         Ok(())
     };

@@ -777,6 +777,16 @@ impl Run<'_> {
                 return;
             }
         };
+        if raw.is_empty() && st.st_size == 0 {
+            // What a power loss leaves of a new file never synced: nothing
+            // to decrypt, and a mount gives it a header (`Core::give_header`).
+            self.add(
+                ProblemKind::PendingRecovery,
+                &path,
+                "an empty file whose header was never written (created just before a crash); a read-write mount gives it one when it is opened".into(),
+            );
+            return;
+        }
         if raw.is_empty() {
             let problem = self.add(
                 ProblemKind::MissingHeader,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kms;
+pub mod loop_disk;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
