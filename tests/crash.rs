@@ -20,6 +20,11 @@ const C: usize = 9_000;
 const SHRUNK: usize = 5_000;
 const GROWN: usize = 30_000;
 
+/// Runs `kmsfs mount BACKING MNT --log-file LOG` with `env` set.
+fn mount_with(env: &[(&str, &str)], backing: &str, mnt: &str, log: &str) {
+    run_with(env, &["mount", backing, mnt, "--log-file", log], true);
+}
+
 fn versions() -> BTreeMap<&'static str, Vec<u8>> {
     let t = pattern(T, 3);
     let mut grown = t[..SHRUNK].to_vec();
@@ -187,16 +192,11 @@ fn a_crash_at_any_step_leaves_every_file_whole() {
             std::fs::write(fs.path("t"), &v["T"]).unwrap();
             fs.umount();
             let armed = format!("{failpoint}@{nth}");
-            run_with(
+            mount_with(
                 &[("KMSFS_FAILPOINT", armed.as_str())],
-                &[
-                    "mount",
-                    fs.backing.to_str().unwrap(),
-                    fs.mnt.to_str().unwrap(),
-                    "--log-file",
-                    fs.log.to_str().unwrap(),
-                ],
-                true,
+                fs.backing.to_str().unwrap(),
+                fs.mnt.to_str().unwrap(),
+                fs.log.to_str().unwrap(),
             );
             operate(&fs, group);
             let died = (0..100).any(|_| {
@@ -226,16 +226,11 @@ fn a_crash_at_any_step_leaves_every_file_whole() {
 fn an_unknown_failpoint_changes_nothing() {
     let mut fs = TestFs::new(&[]);
     fs.umount();
-    run_with(
+    mount_with(
         &[("KMSFS_FAILPOINT", "no-such-step")],
-        &[
-            "mount",
-            fs.backing.to_str().unwrap(),
-            fs.mnt.to_str().unwrap(),
-            "--log-file",
-            fs.log.to_str().unwrap(),
-        ],
-        true,
+        fs.backing.to_str().unwrap(),
+        fs.mnt.to_str().unwrap(),
+        fs.log.to_str().unwrap(),
     );
     fs.set_mounted(true);
     std::fs::write(fs.path("x"), b"whole").unwrap();
@@ -400,16 +395,11 @@ fn a_power_loss_after_any_fsync_keeps_every_synced_file_whole() {
         .custom_flags(libc::O_NONBLOCK)
         .open(fifos.join(failpoint::SYNCED_FIFO))
         .unwrap();
-    run_with(
+    mount_with(
         &[(failpoint::STOP_AFTER_SYNC_ENV, fifos.to_str().unwrap())],
-        &[
-            "mount",
-            backing.to_str().unwrap(),
-            places.mnt.to_str().unwrap(),
-            "--log-file",
-            places.log.to_str().unwrap(),
-        ],
-        true,
+        backing.to_str().unwrap(),
+        places.mnt.to_str().unwrap(),
+        places.log.to_str().unwrap(),
     );
     // Every state the names pass through: states[k] is after step k.
     let mut states = vec![BTreeMap::new()];
@@ -489,15 +479,11 @@ fn a_power_loss_after_any_fsync_keeps_every_synced_file_whole() {
         let _copy_mounted = LazyUnmount(top.clone());
         let log = copies.path().join(format!("kmsfs-{i}.log"));
         let backing = top.join("backing");
-        run(
-            &[
-                "mount",
-                backing.to_str().unwrap(),
-                places.mnt.to_str().unwrap(),
-                "--log-file",
-                log.to_str().unwrap(),
-            ],
-            true,
+        mount_with(
+            &[],
+            backing.to_str().unwrap(),
+            places.mnt.to_str().unwrap(),
+            log.to_str().unwrap(),
         );
         let mut allowed = states[*steps_done..].to_vec();
         // The step under way when the disk was copied: a file it was

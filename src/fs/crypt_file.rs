@@ -701,12 +701,7 @@ impl CryptFile {
         }
         failpoint::synced();
         if let Some(p) = pending.as_ref() {
-            File::from(super::sys::reopen(
-                p.parent_dir.raw_fd(),
-                libc::O_RDONLY | libc::O_DIRECTORY,
-            )?)
-            .sync_all()?;
-            failpoint::synced();
+            super::sys::sync_dir(p.parent_dir.raw_fd())?;
             *pending = None;
         }
         Ok(())

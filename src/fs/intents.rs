@@ -73,12 +73,7 @@ impl IntentDir {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e.into()),
             _ => {}
         }
-        File::from(sys::reopen(
-            self.root.as_raw_fd(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-        )?)
-        .sync_all()?;
-        crate::failpoint::synced();
+        sys::sync_dir(self.root.as_raw_fd())?;
         let fd = open_dir(self.root.as_raw_fd())?.ok_or_else(|| FsError::errno(libc::ENOENT))?;
         let _ = self.dir.set(fd);
         Ok(self.existing().expect("just set"))

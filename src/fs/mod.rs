@@ -50,7 +50,6 @@ use fuser::FileType;
 use crate::cache::DekCache;
 use crate::config::{ActivePolicy, KeySpec, VolumeConfig};
 use crate::crypto::BlockCipher;
-use crate::failpoint;
 use crate::format::block::BlockLayout;
 use crate::format::names::sidecar_name;
 use crate::format::BlockGeometry;
@@ -409,12 +408,7 @@ impl Core {
             // looks the name up again.
             _ => return Err(FsError::errno(libc::ESTALE)),
         }
-        File::from(sys::reopen(
-            dir.raw_fd(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-        )?)
-        .sync_all()?;
-        failpoint::synced();
+        sys::sync_dir(dir.raw_fd())?;
         tracing::warn!(
             "{label}: its header was never written (the file was created just before a crash \
              and never synced); it is empty, so it was given a new one"
@@ -740,14 +734,7 @@ impl Core {
     }
 
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
-        let inode = self.inodes.dir(ino)?;
-        File::from(sys::reopen(
-            inode.raw_fd(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-        )?)
-        .sync_all()?;
-        failpoint::synced();
-        Ok(())
+        Ok(sys::sync_dir(self.inodes.dir(ino)?.raw_fd())?)
     }
 
     pub fn statfs(&self) -> FsResult<libc::statvfs> {

@@ -37,6 +37,14 @@ pub fn reopen(fd: RawFd, flags: i32) -> io::Result<OwnedFd> {
     openat(libc::AT_FDCWD, &path, flags & !libc::O_CREAT, 0)
 }
 
+/// Makes directory `dir`'s entries durable (fsync of a readable reopen of
+/// its O_PATH handle), and marks the point for the power-loss model.
+pub fn sync_dir(dir: RawFd) -> io::Result<()> {
+    std::fs::File::from(reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?).sync_all()?;
+    crate::failpoint::synced();
+    Ok(())
+}
+
 pub fn proc_path(fd: &impl AsRawFd) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
 }

@@ -531,6 +531,23 @@ impl Run<'_> {
         dirs
     }
 
+    /// Notes file `name` of directory `rel` as lacking a header that fits
+    /// it (`header`: the one it has), for pairing with the directory's
+    /// orphan sidecars.
+    fn add_unpaired(
+        &self, rel: &str, dir: &SharedDir, name: &OsStr, header: Option<FileHeader>, problem: usize,
+    ) {
+        let mut dirs = self.record(rel, dir);
+        dirs.get_mut(rel)
+            .expect("just made")
+            .unpaired
+            .push(Unpaired {
+                name: name.to_owned(),
+                header,
+                problem: Some(problem),
+            });
+    }
+
     /// The block geometry of a file with `header` (the volume's block size;
     /// the header's layout only where format 1 files may be, as a mount
     /// sizes them).
@@ -892,15 +909,7 @@ impl Run<'_> {
                     };
                     let problem = self.add(kind, &sidecar_path, why);
                     if unusable {
-                        let mut dirs = self.record(&it.rel, &it.dir);
-                        dirs.get_mut(&it.rel)
-                            .expect("just made")
-                            .unpaired
-                            .push(Unpaired {
-                                name: it.name.clone(),
-                                header: None,
-                                problem: Some(problem),
-                            });
+                        self.add_unpaired(&it.rel, &it.dir, &it.name, None, problem);
                     }
                     continue;
                 }
@@ -913,18 +922,11 @@ impl Run<'_> {
                         &it.path,
                         "its first data block does not authenticate under its header (EIO on read): the header belongs to another file".into(),
                     );
-                    let mut dirs = self.record(&it.rel, &it.dir);
-                    dirs.get_mut(&it.rel)
-                        .expect("just made")
-                        .unpaired
-                        .push(Unpaired {
-                            name: it.name.clone(),
-                            header: Some(FileHeader {
-                                parsed: it.header.parsed.clone(),
-                                raw: it.header.raw.clone(),
-                            }),
-                            problem: Some(problem),
-                        });
+                    let header = FileHeader {
+                        parsed: it.header.parsed.clone(),
+                        raw: it.header.raw.clone(),
+                    };
+                    self.add_unpaired(&it.rel, &it.dir, &it.name, Some(header), problem);
                 }
                 Err(e) => {
                     self.add(ProblemKind::Unreadable, &it.path, e.to_string());
