@@ -85,7 +85,10 @@ pub fn truncate_record_name(ino: u64) -> String {
 pub fn truncate_record_ino(name: &[u8]) -> Option<u64> {
     let digits = name.strip_prefix(TRUNCATE_RECORD_PREFIX.as_bytes())?;
     // Only the canonical spelling, so one inode has one record name.
-    if digits.is_empty() || (digits[0] == b'0' && digits.len() > 1) {
+    if digits.is_empty()
+        || !digits.iter().all(u8::is_ascii_digit)
+        || (digits[0] == b'0' && digits.len() > 1)
+    {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
