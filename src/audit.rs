@@ -533,7 +533,7 @@ impl<'a> From<&'a KeyRef> for KeyJson<'a> {
 }
 
 /// This machine's name ("" if it has none that can be read).
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at
     // most that many bytes.

@@ -705,6 +705,21 @@ fn cli_errors_are_clear_and_nonzero() {
     // Busy mountpoint.
     run(&["mount", &d("b"), &d("mnt")], true);
     expect_err(&["mount", &d("b"), &d("mnt")], "busy");
+    // A second mount of the same backing directory elsewhere: refused,
+    // naming the first, read-only or not.
+    fs::create_dir(dir.path().join("mnt2")).unwrap();
+    let first = format!("already mounted read-write on this machine at {}", d("mnt"));
+    expect_err(&["mount", &d("b"), &d("mnt2")], &first);
+    expect_err(&["mount", &d("b"), &d("mnt2"), "-o", "ro"], &first);
+    run(&["umount", &d("mnt")], true);
+    common::wait_for_daemon_exit(&dir.path().join("mnt"));
+    // Read-only mounts share it; a read-write one beside them is refused.
+    run(&["mount", &d("b"), &d("mnt"), "-o", "ro"], true);
+    run(&["mount", &d("b"), &d("mnt2"), "-o", "ro"], true);
+    fs::create_dir(dir.path().join("mnt3")).unwrap();
+    expect_err(&["mount", &d("b"), &d("mnt3")], "is mounted read-only");
+    run(&["umount", &d("mnt2")], true);
+    common::wait_for_daemon_exit(&dir.path().join("mnt2"));
     run(&["umount", &d("mnt")], true);
     common::wait_for_daemon_exit(&dir.path().join("mnt"));
     expect_err(&["umount", &d("mnt")], "not a FUSE mount");

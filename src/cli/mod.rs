@@ -27,6 +27,7 @@ mod kms_cmd;
 mod lifecycle;
 mod migrate;
 mod mount;
+mod mount_claim;
 mod mount_options;
 mod mountinfo;
 mod policy;

@@ -15,7 +15,7 @@ use kmsfs::fs::{self, MountOptions};
 use kmsfs::metrics::Metrics;
 
 use super::mount_options::{self, MountOpt, Resolved, Setting};
-use super::{absolute, daemon, helper, mountinfo, trust};
+use super::{absolute, daemon, helper, mount_claim, mountinfo, trust};
 
 #[derive(Args)]
 #[command(
@@ -137,8 +137,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
     }
     // Checked here for a message on the terminal; the daemon holds it.
     let volume_lock = share_volume_lock(&backing)?;
+    let claim = mount_claim::claim(&backing, &mountpoint, set.read_only)?;
     if !a.foreground {
-        drop(volume_lock);
+        drop((volume_lock, claim));
         return daemon::spawn(set.log_file.as_deref(), &mountpoint);
     }
     daemon::init_logging("info");

@@ -106,6 +106,18 @@ pub struct VolumeConfig {
     pub mac: String,
 }
 
+/// Lock `BASE.lock` in the backing root, without waiting.
+fn try_lock_root(
+    backing: &Path, base: &str, shared: bool,
+) -> Result<Option<std::fs::File>, ConfigError> {
+    crate::safe_open::try_lock_beside(&backing.join(base), shared).map_err(|source| {
+        ConfigError::Io {
+            path: backing.join(format!("{base}.lock")),
+            source,
+        }
+    })
+}
+
 /// A volume's random ID.
 pub type VolumeId = [u8; 16];
 
@@ -128,11 +140,16 @@ impl VolumeConfig {
     pub fn try_lock_volume(
         backing: &Path, shared: bool,
     ) -> Result<Option<std::fs::File>, ConfigError> {
-        let base = backing.join(crate::format::names::VOLUME_LOCK_BASE);
-        crate::safe_open::try_lock_beside(&base, shared).map_err(|source| ConfigError::Io {
-            path: backing.join(format!("{}.lock", crate::format::names::VOLUME_LOCK_BASE)),
-            source,
-        })
+        try_lock_root(backing, crate::format::names::VOLUME_LOCK_BASE, shared)
+    }
+
+    /// The mount lock of `backing` (`names::MOUNT_LOCK_BASE`), without
+    /// waiting: exclusive for a read-write mount, shared for a read-only
+    /// one. `None` when it is held in a way that excludes this one.
+    pub fn try_lock_mounts(
+        backing: &Path, shared: bool,
+    ) -> Result<Option<std::fs::File>, ConfigError> {
+        try_lock_root(backing, crate::format::names::MOUNT_LOCK_BASE, shared)
     }
 
     pub fn id(&self) -> VolumeId {

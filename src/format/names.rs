@@ -21,6 +21,12 @@ pub const LIFECYCLE_LOCK: &str = ".kmsfs-lifecycle.lock";
 /// every mount and exclusively by `kmsfs fsck --repair`, so that a repair
 /// never runs under a mount.
 pub const VOLUME_LOCK_BASE: &str = ".kmsfs-volume";
+/// This name with `.lock` appended, in the backing root, is held
+/// exclusively by a read-write mount and shared by read-only ones, so that
+/// a backing directory has at most one read-write mount. The read-write
+/// holder writes who it is into it (host, pid, mount point), for the
+/// message that refuses a second mount.
+pub const MOUNT_LOCK_BASE: &str = ".kmsfs-mount";
 /// `kmsfs migrate`'s intent record (in the backing root).
 pub const MIGRATE_JOURNAL: &str = ".kmsfs-migrate-journal";
 /// `kmsfs migrate`'s lock is this name with `.lock` appended (in the
