@@ -81,7 +81,11 @@ impl Holder {
             .filter(|m| m.kmsfs_backing() == Some(backing))
             .map(|m| m.mountpoint.display().to_string())
             .collect();
-        let record = if read_only { None } else { read_record(backing) };
+        let record = if read_only {
+            None
+        } else {
+            read_record(backing)
+        };
         Holder {
             read_only,
             local,
