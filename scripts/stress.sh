@@ -233,11 +233,24 @@ if wants dbench && mount_alive; then
     log "dbench: 4 clients for ${DBENCH_SECONDS}s in $MNT/dbench"
     mkdir -p "$MNT/dbench"
     part_start=$SECONDS
-    set +e
-    timeout --kill-after=20 $((DBENCH_SECONDS + 300)) \
-        dbench -c "$DBENCH_LOADFILE" -D "$MNT/dbench" -t "$DBENCH_SECONDS" 4 >"$LOGS/dbench.log" 2>&1
-    rc=$?
-    set -e
+    run_dbench() {
+        set +e
+        timeout --kill-after=20 $((DBENCH_SECONDS + 300)) \
+            dbench -c "$DBENCH_LOADFILE" -D "$MNT/dbench" -t "$DBENCH_SECONDS" 4 >"$LOGS/dbench.log" 2>&1
+        rc=$?
+        set -e
+    }
+    run_dbench
+    # dbench's start barrier is a SysV semaphore, nothing to do with the
+    # filesystem; once in CI semget failed right after stress-ng (the clients
+    # then start unsynchronised and the log says "failed"). That run tells
+    # nothing about kmsfs either way: run it once more, and say so.
+    if grep -q 'failed to create barrier semaphore' "$LOGS/dbench.log"; then
+        log "dbench: could not create its barrier semaphore ($(ipcs -s 2>/dev/null | grep -c '^0x') SysV semaphore arrays exist); running it again"
+        cp -f -- "$LOGS/dbench.log" "$LOGS/dbench-first-try.log"
+        rm -rf -- "$MNT/dbench" && mkdir -p "$MNT/dbench"
+        run_dbench
+    fi
     throughput=$(grep -m1 -E '^Throughput' "$LOGS/dbench.log" || true)
     # dbench prints an operation that failed or returned the wrong status
     # with "ERROR" or "failed", and may still exit 0.
