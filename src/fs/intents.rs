@@ -114,9 +114,8 @@ impl IntentDir {
         let Some(dir) = self.existing() else {
             return Ok(Vec::new());
         };
-        let path = format!("/proc/self/fd/{dir}");
         let mut inos = Vec::new();
-        for entry in std::fs::read_dir(path)? {
+        for entry in std::fs::read_dir(sys::fd_path(dir))? {
             let name = entry?.file_name();
             if let Some(ino) = truncate_record_ino(name.as_bytes()) {
                 inos.push(ino);

@@ -8,9 +8,7 @@ use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,9 +17,9 @@ use super::error::FsResult;
 use super::inode::Inode;
 use super::inode::ROOT_INO;
 use super::sidecar::{self, FileHeader, Next, SidecarError, Successor};
-use super::{file_keys, sys, Core};
+use super::{file_keys, sys, walk, Core};
 use crate::format::block::is_hole;
-use crate::format::{header, names};
+use crate::format::header;
 
 fn successor_raw(s: &Successor) -> &[u8] {
     match s {
@@ -71,44 +69,36 @@ fn first_data_block(
 
 /// Where, below the backing root `root`, the regular files with inode
 /// numbers in `wanted` are: their name components from the root. Walks the
-/// whole tree (only done after a crash left records), never following a
-/// symlink or leaving the root's filesystem, and skipping kmsfs's own files.
+/// whole tree with `walk::walk` (only done after a crash left records); a
+/// file's components come from its directory handle's path, so names that
+/// are not UTF-8 are kept exactly.
 fn find_backing_files(
     root: RawFd, wanted: &BTreeSet<u64>,
 ) -> std::io::Result<Vec<(u64, Vec<OsString>)>> {
-    let base = PathBuf::from(format!("/proc/self/fd/{root}"));
-    let dev = std::fs::metadata(&base)?.dev();
+    let root_path = std::fs::read_link(sys::fd_path(root))?;
     let mut found = Vec::new();
-    let mut dirs: Vec<Vec<OsString>> = vec![Vec::new()];
-    while let Some(components) = dirs.pop() {
-        if found.len() == wanted.len() {
-            break;
-        }
-        let path: PathBuf = std::iter::once(base.clone().into_os_string())
-            .chain(components.iter().cloned())
-            .collect();
-        let Ok(entries) = std::fs::read_dir(&path) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if names::is_reserved(name.as_bytes()) {
-                continue;
-            }
-            let Ok(kind) = entry.file_type() else {
+    walk::walk(&sys::fd_path(root), |dir, _, files| {
+        for name in files {
+            let Ok(st) = sys::cstr(name).and_then(|c| sys::fstatat(dir.as_raw_fd(), &c)) else {
                 continue;
             };
-            let mut at = components.clone();
-            at.push(name);
-            if kind.is_dir() {
-                if entry.metadata().is_ok_and(|m| m.dev() == dev) {
-                    dirs.push(at);
-                }
-            } else if kind.is_file() && wanted.contains(&entry.ino()) {
-                found.push((entry.ino(), at));
+            if !wanted.contains(&st.st_ino) {
+                continue;
             }
+            // Where the directory is now; one moved meanwhile is left to
+            // its files' first open.
+            let Ok(dir_path) = std::fs::read_link(sys::fd_path(dir.as_raw_fd())) else {
+                continue;
+            };
+            let Ok(below) = dir_path.strip_prefix(&root_path) else {
+                continue;
+            };
+            let mut components: Vec<OsString> = below.iter().map(|c| c.to_owned()).collect();
+            components.push(name.clone());
+            found.push((st.st_ino, components));
         }
-    }
+    })
+    .map_err(|e| e.source)?;
     Ok(found)
 }
 

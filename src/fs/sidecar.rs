@@ -242,8 +242,8 @@ pub fn replace_at(dir: RawFd, name: &OsStr, expected: &[u8], raw: &[u8]) -> FsRe
         .write_all(raw)
         .and_then(|_| sys::fchownat(f.as_raw_fd(), old.st_uid, old.st_gid))
         .and_then(|_| sys::fchmod(f.as_raw_fd(), old.st_mode & 0o7777))
-        .and_then(|_| f.sync_all());
-    failpoint::synced();
+        .and_then(|_| f.sync_all())
+        .map(|_| failpoint::synced());
     drop(f);
     let result = written.map_err(FsError::from).and_then(|_| {
         match sys::renameat2(dir, &tmp, dir, &sc, libc::RENAME_EXCHANGE) {

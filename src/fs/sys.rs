@@ -3,7 +3,7 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 pub fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -45,8 +45,13 @@ pub fn sync_dir(dir: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `/proc/self/fd/FD`: a path that reaches what `fd` refers to.
+pub fn fd_path(fd: RawFd) -> std::path::PathBuf {
+    format!("/proc/self/fd/{fd}").into()
+}
+
 pub fn proc_path(fd: &impl AsRawFd) -> CString {
-    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+    CString::new(fd_path(fd.as_raw_fd()).into_os_string().into_vec()).expect("no NUL")
 }
 
 pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
