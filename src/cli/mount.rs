@@ -137,7 +137,11 @@ pub fn mount(a: MountArgs) -> Result<()> {
     }
     // Checked here for a message on the terminal; the daemon holds it.
     let volume_lock = share_volume_lock(&backing)?;
-    let claim = mount_claim::claim(&backing, &mountpoint, set.read_only)?;
+    let claim = mount_claim::claim(
+        &backing,
+        &mountpoint,
+        mount_claim::MountKind::of(set.read_only, set.shared),
+    )?;
     if !a.foreground {
         drop((volume_lock, claim));
         return daemon::spawn(set.log_file.as_deref(), &mountpoint);
@@ -158,11 +162,13 @@ pub fn mount(a: MountArgs) -> Result<()> {
         metrics.clone(),
         ro,
     )
-    .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
+    .with_context(|| format!("cannot open backing directory {}", backing.display()))?
+    .with_shared(set.shared);
     core.set_audit_log(Arc::new(audit));
     core.set_reloader(reloader(volume, metrics));
     let opts = MountOptions {
         read_only: ro,
+        shared: set.shared,
         allow_other: set.allow_other,
         threads: set.threads,
         attr_ttl: set.attr_timeout,

@@ -1,11 +1,23 @@
-//! One read-write mount per backing directory. Two mounts of one backing
-//! directory each cache sizes, headers and pages that the other's writes
-//! make stale, so a second mount is refused unless both are read-only.
-//! The claim is an flock on `.kmsfs-mount.lock` in the backing root
-//! (`names::MOUNT_LOCK_BASE`): exclusive for a read-write mount, shared for
-//! a read-only one. It is released when the daemon exits, however it
-//! exits. Backing filesystems that carry flock between their clients (NFS
-//! v4, GlusterFS, CephFS) extend the refusal to mounts on other machines.
+//! Who may mount a backing directory beside whom. A mount caches sizes,
+//! headers and pages that another mount's writes make stale, unless it is
+//! mounted `-o shared` (close-to-open consistency, docs/MOUNTING.md). So:
+//! - a read-write mount without `shared` is alone;
+//! - read-write `-o shared` mounts share with one another and with
+//!   read-only `-o ro,shared` mounts (the fleet mode: these keep caching
+//!   file contents, for datasets whose files are not rewritten in place);
+//! - read-only mounts without `shared` share with read-only mounts only.
+//!
+//! The claim is three flocks in the backing root: `.kmsfs-mount.lock`
+//! (`names::MOUNT_LOCK_BASE`), exclusive for a lone read-write mount and
+//! shared for every other; `.kmsfs-mount-writers.lock`, shared by `-o
+//! shared` writers; `.kmsfs-mount-readers.lock`, shared by read-only
+//! mounts without `shared`. A writer or a caching reader checks that the
+//! other kind's lock is free before it takes its own. They are released
+//! when the daemon exits, however it exits. Backing filesystems that carry
+//! flock between their clients (NFS v4, GlusterFS, CephFS) extend this to
+//! mounts on other machines. It guards against mistakes, not attackers
+//! (who can delete the files), and two mounts starting in the same instant
+//! may both pass the cross-check.
 
 use std::fs::File;
 use std::io::Read;
@@ -15,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use kmsfs::config::{ConfigError, VolumeConfig};
+use kmsfs::format::names::{MOUNT_LOCK_BASE, MOUNT_READERS_LOCK_BASE, MOUNT_WRITERS_LOCK_BASE};
 
 use super::mountinfo;
 
@@ -26,75 +39,168 @@ const EXITING_DAEMON_WAIT: Duration = Duration::from_secs(10);
 /// backing directory, so it is untrusted and only ever displayed.
 const RECORD_MAX: u64 = 512;
 
-/// Held for as long as the mount is up; `None` where the backing directory
-/// cannot hold the lock file (read-only), which no other mount can then
-/// change either.
-pub struct Claim {
-    _lock: Option<File>,
+/// The kind of mount, as the claim sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountKind {
+    /// Read-write, without `shared`: the only mount.
+    Alone,
+    /// Read-write `-o shared`.
+    SharedWriter,
+    /// `-o ro` without `shared`: caches contents, so no writer beside it.
+    CachingReader,
+    /// `-o ro,shared`: the fleet mode.
+    FleetReader,
 }
 
-/// Claims `backing` for a mount at `mountpoint`, or says which mount holds
-/// it and what to do.
-pub fn claim(backing: &Path, mountpoint: &Path, read_only: bool) -> Result<Claim> {
+impl MountKind {
+    pub fn of(read_only: bool, shared: bool) -> Self {
+        match (read_only, shared) {
+            (false, false) => MountKind::Alone,
+            (false, true) => MountKind::SharedWriter,
+            (true, false) => MountKind::CachingReader,
+            (true, true) => MountKind::FleetReader,
+        }
+    }
+}
+
+/// Held for as long as the mount is up; empty where the backing directory
+/// cannot hold the lock files (read-only), which no other mount can then
+/// change either.
+pub struct Claim {
+    _locks: Vec<File>,
+}
+
+/// What kept a claim from being granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Conflict {
+    /// A read-write mount without `shared`.
+    Alone,
+    /// Other mounts, none of them alone: read-only or `-o shared` ones.
+    Sharing,
+    /// `-o shared` writers (seen by a caching reader).
+    SharedWriters,
+    /// Caching read-only mounts (seen by a `-o shared` writer).
+    CachingReaders,
+}
+
+/// Claims `backing` for a mount of `kind` at `mountpoint`, or says which
+/// mount holds it and what to do.
+pub fn claim(backing: &Path, mountpoint: &Path, kind: MountKind) -> Result<Claim> {
     let started = Instant::now();
     loop {
-        match VolumeConfig::try_lock_mounts(backing, read_only) {
-            Ok(Some(lock)) => {
-                if !read_only {
-                    write_record(&lock, mountpoint);
+        let conflict = match try_claim(backing, kind) {
+            Ok(Ok(locks)) => {
+                if kind == MountKind::Alone {
+                    write_record(&locks[0], mountpoint);
                 }
-                return Ok(Claim { _lock: Some(lock) });
+                if kind == MountKind::SharedWriter {
+                    if let Err(e) = kmsfs::fs::check_byte_range_locks(&locks[0]) {
+                        bail!(
+                            "{} cannot be mounted with -o shared: its filesystem does not grant \
+                             byte-range locks ({e}), which shared writers need to keep each \
+                             other's blocks whole; mount it without -o shared on one node only",
+                            backing.display()
+                        );
+                    }
+                }
+                return Ok(Claim { _locks: locks });
             }
-            Ok(None) => {}
+            Ok(Err(conflict)) => conflict,
             Err(ConfigError::Io { source, .. })
                 if matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES)) =>
             {
-                return Ok(Claim { _lock: None });
+                return Ok(Claim { _locks: Vec::new() });
             }
             Err(e) => return Err(e.into()),
-        }
-        let holder = Holder::find(backing);
+        };
+        let holder = Holder::find(backing, conflict);
         if holder.exiting_here() && started.elapsed() < EXITING_DAEMON_WAIT {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        bail!(refusal(backing, read_only, &holder));
+        bail!(refusal(backing, &holder));
+    }
+}
+
+/// The locks of a claim of `kind`, or what holds them.
+fn try_claim(
+    backing: &Path, kind: MountKind,
+) -> Result<std::result::Result<Vec<File>, Conflict>, ConfigError> {
+    let lock = |base, shared| VolumeConfig::try_lock_mounts(backing, base, shared);
+    let Some(main) = lock(MOUNT_LOCK_BASE, kind != MountKind::Alone)? else {
+        return Ok(Err(if kind == MountKind::Alone {
+            Conflict::Sharing
+        } else {
+            Conflict::Alone
+        }));
+    };
+    // A writer and a caching reader each check that the other kind is
+    // absent (its lock can be taken exclusively), then join their own.
+    let (other, own, conflict) = match kind {
+        MountKind::SharedWriter => (
+            MOUNT_READERS_LOCK_BASE,
+            MOUNT_WRITERS_LOCK_BASE,
+            Conflict::CachingReaders,
+        ),
+        MountKind::CachingReader => (
+            MOUNT_WRITERS_LOCK_BASE,
+            MOUNT_READERS_LOCK_BASE,
+            Conflict::SharedWriters,
+        ),
+        MountKind::Alone | MountKind::FleetReader => return Ok(Ok(vec![main])),
+    };
+    if lock(other, false)?.is_none() {
+        return Ok(Err(conflict));
+    }
+    match lock(own, true)? {
+        Some(own) => Ok(Ok(vec![main, own])),
+        // Only an exclusive probe holds it, for an instant: the other
+        // kind is joining.
+        None => Ok(Err(conflict)),
     }
 }
 
 /// Who holds the claim, as far as this machine can tell.
 struct Holder {
-    /// Whether the holders are read-only mounts (the lock is held shared).
-    read_only: bool,
+    conflict: Conflict,
     /// kmsfs mounts of the same backing directory on this machine.
     local: Vec<String>,
-    /// What the read-write holder wrote (sanitized), if anything.
+    /// What a read-write mount without `shared` wrote (sanitized).
     record: Option<String>,
 }
 
 impl Holder {
-    fn find(backing: &Path) -> Holder {
-        // A shared lock is granted only beside other shared ones.
-        let read_only = matches!(VolumeConfig::try_lock_mounts(backing, true), Ok(Some(_)));
+    fn find(backing: &Path, conflict: Conflict) -> Holder {
         let local = mountinfo::mounts()
             .iter()
             .filter(|m| m.kmsfs_backing() == Some(backing))
             .map(|m| m.mountpoint.display().to_string())
             .collect();
-        let record = if read_only {
-            None
-        } else {
-            read_record(backing)
+        // A refused lone mount learns whether the holder is alone too: a
+        // shared lock is granted beside shared ones only.
+        let conflict = match conflict {
+            Conflict::Sharing
+                if !matches!(
+                    VolumeConfig::try_lock_mounts(backing, MOUNT_LOCK_BASE, true),
+                    Ok(Some(_))
+                ) =>
+            {
+                Conflict::Alone
+            }
+            c => c,
         };
+        let record = (conflict == Conflict::Alone)
+            .then(|| read_record(backing))
+            .flatten();
         Holder {
-            read_only,
+            conflict,
             local,
             record,
         }
     }
 
-    /// Whether the read-write holder is a daemon on this machine whose
-    /// mount is already gone: it is exiting, and will let go.
+    /// Whether the holder is a lone read-write daemon on this machine
+    /// whose mount is already gone: it is exiting, and will let go.
     fn exiting_here(&self) -> bool {
         let Some(record) = &self.record else {
             return false;
@@ -106,7 +212,7 @@ impl Holder {
         };
         let here = field("host") == Some(kmsfs::audit::hostname().as_str());
         let pid = field("pid").and_then(|p| p.parse::<u32>().ok());
-        !self.read_only
+        self.conflict == Conflict::Alone
             && self.local.is_empty()
             && here
             && pid.is_some_and(|p| {
@@ -129,19 +235,28 @@ impl Holder {
     }
 }
 
-fn refusal(backing: &Path, read_only: bool, holder: &Holder) -> String {
+fn refusal(backing: &Path, holder: &Holder) -> String {
     let b = backing.display();
     let held = holder.describe();
-    match (read_only, holder.read_only) {
-        (false, true) => format!(
-            "{b} is mounted read-only {held}; a read-write mount beside it would leave it \
-             serving stale data: unmount it first (kmsfs umount MOUNTPOINT), or mount this one \
-             read-only too (-o ro)"
+    let unmount = "unmount it first (kmsfs umount MOUNTPOINT)";
+    match holder.conflict {
+        Conflict::Alone => format!(
+            "{b} is already mounted read-write without -o shared {held}; that mount assumes it \
+             is the only one and caches what others would change: {unmount}, or mount every \
+             mount of it with -o shared (read-only nodes: -o ro,shared)"
         ),
-        _ => format!(
-            "{b} is already mounted read-write {held}; kmsfs serves a backing directory through \
-             one read-write mount at a time (read-only mounts may share one): unmount it first \
-             (kmsfs umount MOUNTPOINT)"
+        Conflict::Sharing => format!(
+            "{b} is already mounted {held}; a read-write mount without -o shared must be the \
+             only one: mount this one with -o shared (or -o ro,shared), or {unmount}"
+        ),
+        Conflict::SharedWriters => format!(
+            "{b} is mounted read-write with -o shared {held}; a read-only mount without \
+             -o shared caches file contents that their writes would make stale: mount this one \
+             with -o ro,shared (fleet mode, for files not rewritten in place) or -o shared"
+        ),
+        Conflict::CachingReaders => format!(
+            "{b} is mounted read-only without -o shared {held}; it caches file contents that \
+             writes here would make stale: remount it with -o ro,shared, or {unmount}"
         ),
     }
 }
@@ -182,26 +297,55 @@ mod tests {
     #[test]
     fn a_second_read_write_claim_is_refused_and_read_only_ones_share() {
         let dir = tempfile::tempdir().unwrap();
-        let first = claim(dir.path(), Path::new("/mnt/one"), false).unwrap();
-        let e = claim(dir.path(), Path::new("/mnt/two"), false)
+        let c = |mnt: &str, kind| claim(dir.path(), Path::new(mnt), kind);
+        let first = c("/mnt/one", MountKind::Alone).unwrap();
+        let msg = c("/mnt/two", MountKind::Alone)
             .err()
-            .expect("a second read-write mount is refused");
-        let msg = e.to_string();
-        assert!(msg.contains("mountpoint=/mnt/one"), "{msg}");
-        assert!(msg.contains("already mounted read-write"), "{msg}");
-        assert!(
-            claim(dir.path(), Path::new("/mnt/two"), true).is_err(),
-            "no read-only mount beside a read-write one"
-        );
-        drop(first);
-        let a = claim(dir.path(), Path::new("/mnt/a"), true).unwrap();
-        let _b = claim(dir.path(), Path::new("/mnt/b"), true).unwrap();
-        let msg = claim(dir.path(), Path::new("/mnt/c"), false)
-            .err()
-            .expect("no read-write mount beside read-only ones")
+            .expect("a second read-write mount is refused")
             .to_string();
-        assert!(msg.contains("mounted read-only"), "{msg}");
+        assert!(msg.contains("mountpoint=/mnt/one"), "{msg}");
+        assert!(msg.contains("without -o shared"), "{msg}");
+        assert!(msg.contains("-o shared"), "{msg}");
+        for kind in [
+            MountKind::SharedWriter,
+            MountKind::CachingReader,
+            MountKind::FleetReader,
+        ] {
+            assert!(
+                c("/mnt/two", kind).is_err(),
+                "{kind:?} beside a lone writer"
+            );
+        }
+        drop(first);
+        let a = c("/mnt/a", MountKind::CachingReader).unwrap();
+        let _b = c("/mnt/b", MountKind::CachingReader).unwrap();
+        let _fleet = c("/mnt/f", MountKind::FleetReader).unwrap();
+        let msg = c("/mnt/c", MountKind::Alone)
+            .err()
+            .expect("no lone read-write mount beside read-only ones")
+            .to_string();
+        assert!(msg.contains("-o shared"), "{msg}");
+        let msg = c("/mnt/c", MountKind::SharedWriter)
+            .err()
+            .expect("no shared writer beside a caching reader")
+            .to_string();
+        assert!(msg.contains("-o ro,shared"), "{msg}");
         drop(a);
+    }
+
+    #[test]
+    fn shared_writers_share_with_each_other_and_fleet_readers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = |mnt: &str, kind| claim(dir.path(), Path::new(mnt), kind);
+        let _w1 = c("/mnt/w1", MountKind::SharedWriter).unwrap();
+        let _w2 = c("/mnt/w2", MountKind::SharedWriter).unwrap();
+        let _f = c("/mnt/f", MountKind::FleetReader).unwrap();
+        let msg = c("/mnt/r", MountKind::CachingReader)
+            .err()
+            .expect("a caching reader beside shared writers is refused")
+            .to_string();
+        assert!(msg.contains("-o ro,shared"), "{msg}");
+        assert!(c("/mnt/a", MountKind::Alone).is_err());
     }
 
     #[test]

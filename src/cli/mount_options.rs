@@ -57,6 +57,9 @@ pub enum Setting {
 #[derive(Clone, Debug)]
 pub enum MountOpt {
     ReadOnly(bool),
+    /// `shared`: other mounts (here or on other machines) may serve the
+    /// same backing directory at once (docs/MOUNTING.md, "Shared mounts").
+    Shared(bool),
     AllowOther,
     NoExec(bool),
     Sync(bool),
@@ -115,6 +118,8 @@ pub fn parse_option(item: &str) -> Result<MountOpt, OptionError> {
         "" => MountOpt::NoEffect,
         "ro" => MountOpt::ReadOnly(true),
         "rw" => MountOpt::ReadOnly(false),
+        "shared" => MountOpt::Shared(true),
+        "noshared" => MountOpt::Shared(false),
         "allow_other" => MountOpt::AllowOther,
         "noexec" => MountOpt::NoExec(true),
         "exec" => MountOpt::NoExec(false),
@@ -201,6 +206,8 @@ fn parse_setting(name: &str, value: &str) -> Result<Setting, String> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
     pub read_only: bool,
+    /// `-o shared`: see `MountOpt::Shared`.
+    pub shared: bool,
     pub allow_other: bool,
     pub noexec: bool,
     pub sync: bool,
@@ -219,6 +226,7 @@ impl Default for Resolved {
     fn default() -> Self {
         Resolved {
             read_only: false,
+            shared: false,
             allow_other: false,
             noexec: false,
             sync: false,
@@ -239,6 +247,7 @@ impl Resolved {
     fn apply(&mut self, o: &MountOpt) {
         match o {
             MountOpt::ReadOnly(ro) => self.read_only = *ro,
+            MountOpt::Shared(s) => self.shared = *s,
             MountOpt::AllowOther => self.allow_other = true,
             MountOpt::NoExec(n) => self.noexec = *n,
             MountOpt::Sync(s) => self.sync = *s,

@@ -143,13 +143,13 @@ impl VolumeConfig {
         try_lock_root(backing, crate::format::names::VOLUME_LOCK_BASE, shared)
     }
 
-    /// The mount lock of `backing` (`names::MOUNT_LOCK_BASE`), without
-    /// waiting: exclusive for a read-write mount, shared for a read-only
-    /// one. `None` when it is held in a way that excludes this one.
+    /// Mount lock `base` of `backing` (`names::MOUNT_LOCK_BASE` and its
+    /// two companions; see `cli::mount_claim`), without waiting. `None`
+    /// when it is held in a way that excludes this one.
     pub fn try_lock_mounts(
-        backing: &Path, shared: bool,
+        backing: &Path, base: &str, shared: bool,
     ) -> Result<Option<std::fs::File>, ConfigError> {
-        try_lock_root(backing, crate::format::names::MOUNT_LOCK_BASE, shared)
+        try_lock_root(backing, base, shared)
     }
 
     pub fn id(&self) -> VolumeId {

@@ -27,6 +27,14 @@ pub const VOLUME_LOCK_BASE: &str = ".kmsfs-volume";
 /// holder writes who it is into it (host, pid, mount point), for the
 /// message that refuses a second mount.
 pub const MOUNT_LOCK_BASE: &str = ".kmsfs-mount";
+/// With `.lock` appended, in the backing root: held shared by every
+/// read-write `-o shared` mount, so that a read-only mount that caches
+/// file contents (`-o ro` without `shared`) can see it is not alone.
+pub const MOUNT_WRITERS_LOCK_BASE: &str = ".kmsfs-mount-writers";
+/// With `.lock` appended, in the backing root: held shared by every
+/// read-only mount without `shared`, so that a `-o shared` writer can see
+/// one.
+pub const MOUNT_READERS_LOCK_BASE: &str = ".kmsfs-mount-readers";
 /// `kmsfs migrate`'s intent record (in the backing root).
 pub const MIGRATE_JOURNAL: &str = ".kmsfs-migrate-journal";
 /// `kmsfs migrate`'s lock is this name with `.lock` appended (in the

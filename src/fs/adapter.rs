@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -17,6 +17,7 @@ use fuser::{
 };
 
 use super::error::FsResult;
+use super::shared::AppLock;
 use super::{Caller, Core, SetAttr};
 
 /// Largest read/write request we ask the kernel for (it allows 256 pages).
@@ -25,6 +26,9 @@ const MAX_REQUEST: u32 = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct MountOptions {
     pub read_only: bool,
+    /// `-o shared`: other mounts may change the backing directory
+    /// (docs/MOUNTING.md, "Shared mounts").
+    pub shared: bool,
     pub allow_other: bool,
     /// FUSE worker threads.
     pub threads: usize,
@@ -43,6 +47,15 @@ pub struct KmsFs {
     writeback_cache: bool,
     /// Answer FLUSH with ENOSYS (see `flush`).
     refuse_flush: bool,
+    /// Let the kernel keep a file's cached pages across opens. Off for a
+    /// read-write shared mount: an open must see what others wrote
+    /// (close-to-open consistency, as NFS).
+    keep_cache: bool,
+    /// Forward applications' locks to the backing files (shared mounts).
+    forward_locks: bool,
+    /// Set once mounted, for a read-write shared mount: drops the kernel's
+    /// cached attributes of a file at its open (see `open`).
+    attr_invalidator: Arc<OnceLock<fuser::Notifier>>,
 }
 
 fn caller(req: &Request) -> Caller {
@@ -98,6 +111,15 @@ fn answer_empty(op: &'static str, reply: ReplyEmpty, r: FsResult<()>) {
 }
 
 impl KmsFs {
+    /// How opened files may use the kernel's page cache.
+    fn open_flags(&self) -> FopenFlags {
+        if self.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
     fn entry(&self, op: &'static str, reply: ReplyEntry, r: FsResult<fuser::FileAttr>) {
         let ttl = self.ttl;
         answer(op, reply, r, |reply, attr| {
@@ -107,11 +129,12 @@ impl KmsFs {
 
     /// Runs `work`, which may wait for the KMS, without holding this FUSE
     /// thread when it has to wait (`KmsRuntime::run_or_spawn`), then replies.
-    fn answer_later<R, T, F>(&self, op: &'static str, reply: R, work: F, ok: fn(R, T, Duration))
+    fn answer_later<R, T, F, K>(&self, op: &'static str, reply: R, work: F, ok: K)
     where
         R: ErrorReply + Send + 'static,
         T: Send + 'static,
         F: Future<Output = FsResult<T>> + Send + 'static,
+        K: FnOnce(R, T, Duration) + Send + 'static,
     {
         let ttl = self.ttl;
         self.core.runtime().run_or_spawn(async move {
@@ -141,6 +164,15 @@ impl Filesystem for KmsFs {
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.writeback_cache {
             let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        if self.forward_locks {
+            let _ =
+                config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS);
+        }
+        if !self.keep_cache {
+            // Cached pages also go when a getattr shows another size or
+            // mtime, not only at the next open.
+            let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
         }
         // We clear set-ID bits and capabilities on write, truncate and chown
         // (the backing chown does it), so the kernel need not ask for
@@ -248,8 +280,18 @@ impl Filesystem for KmsFs {
         let core = self.core.clone();
         let who = caller(req);
         let work = async move { core.open(ino.0, reading_only, who).await };
-        self.answer_later("open", reply, work, |reply, fh, _| {
-            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        if let Some(notifier) = self.attr_invalidator.get() {
+            // Close-to-open: the size another mount left at its close must
+            // be what this open reads up to, not the kernel's cached one
+            // (up to attr_timeout old). A negative offset drops only the
+            // attributes (pages go anyway: no FOPEN_KEEP_CACHE).
+            if let Err(e) = notifier.inval_inode(ino, -1, 0) {
+                tracing::debug!("cannot drop cached attributes of inode {}: {e}", ino.0);
+            }
+        }
+        let flags = self.open_flags();
+        self.answer_later("open", reply, work, move |reply, fh, _| {
+            reply.opened(FileHandle(fh), flags)
         });
     }
 
@@ -276,9 +318,16 @@ impl Filesystem for KmsFs {
     }
 
     fn flush(
-        &self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner,
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.forward_locks {
+            // A close drops the closer's POSIX locks; the kernel leaves
+            // that to FLUSH when the filesystem holds the locks.
+            self.core.release_locks(fh.0, lock_owner.0);
+            reply.ok();
+            return;
+        }
         // Writes go straight to the backing file; nothing is buffered here.
         // ENOSYS tells the kernel so once: it stops sending FLUSH on every
         // close (one round trip per file saved). Linux 6.1 and later (read
@@ -294,8 +343,12 @@ impl Filesystem for KmsFs {
 
     fn release(
         &self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty,
+        lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty,
     ) {
+        if let Some(owner) = lock_owner.filter(|_| self.forward_locks) {
+            // flock locks go with the open file that took them.
+            self.core.release_locks(fh.0, owner.0);
+        }
         self.core.release(fh.0);
         reply.ok();
     }
@@ -394,15 +447,56 @@ impl Filesystem for KmsFs {
     ) {
         let (core, who, name) = (self.core.clone(), caller(req), name.to_owned());
         let work = async move { core.create_open(parent.0, &name, mode & !umask, who).await };
-        self.answer_later("create", reply, work, |reply, (attr, fh), ttl| {
-            reply.created(
-                &ttl,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            )
+        let flags = self.open_flags();
+        self.answer_later("create", reply, work, move |reply, (attr, fh), ttl| {
+            reply.created(&ttl, &attr, Generation(0), FileHandle(fh), flags)
         });
+    }
+
+    fn getlk(
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, start: u64,
+        end: u64, typ: i32, pid: u32, reply: fuser::ReplyLock,
+    ) {
+        let lock = AppLock {
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+        };
+        match self.core.getlk(fh.0, &lock) {
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, pid),
+            // The holder may be on another machine: no pid to give.
+            Ok(Some((typ, start, end))) => reply.locked(start, end, typ, 0),
+            Err(e) => {
+                e.log("getlk");
+                reply.error(Errno::from_i32(e.to_errno()));
+            }
+        }
+    }
+
+    fn setlk(
+        &self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, start: u64,
+        end: u64, typ: i32, _pid: u32, sleep: bool, reply: ReplyEmpty,
+    ) {
+        let lock = AppLock {
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+        };
+        if !sleep || typ == libc::F_UNLCK {
+            answer_empty("setlk", reply, self.core.setlk(fh.0, &lock, false));
+            return;
+        }
+        // F_SETLKW waits for as long as another holder keeps its lock: on
+        // its own thread, never a FUSE worker's.
+        let core = self.core.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kmsfs-lockwait".into())
+            .spawn(move || answer_empty("setlk", reply, core.setlk(fh.0, &lock, true)));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a thread to wait for a lock: {e}");
+        }
     }
 
     fn ioctl(
@@ -452,17 +546,30 @@ pub fn mount(
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     let filler_core = core.clone();
+    // A read-only shared mount is the fleet mode: files there are not
+    // rewritten in place, so it caches as a lone mount does.
+    let changing_elsewhere = opts.shared && !opts.read_only;
+    let attr_invalidator = Arc::new(OnceLock::new());
     let fs = KmsFs {
         core,
         ttl: opts.attr_ttl,
-        writeback_cache: !opts.read_only,
-        refuse_flush: super::sys::kernel_version().is_some_and(|v| v >= (6, 1)),
+        writeback_cache: !opts.read_only && !opts.shared,
+        refuse_flush: !opts.shared && super::sys::kernel_version().is_some_and(|v| v >= (6, 1)),
+        keep_cache: !changing_elsewhere,
+        forward_locks: opts.shared,
+        attr_invalidator: attr_invalidator.clone(),
     };
     let session = Session::new(fs, mountpoint, &config)?;
     let notifier = session.notifier();
-    filler_core.set_page_filler(Box::new(move |ino, data| {
-        notifier.store(INodeNo(ino), 0, data)
-    }));
+    if changing_elsewhere {
+        let _ = attr_invalidator.set(session.notifier());
+    }
+    if !changing_elsewhere {
+        // Pages stored at an open would be dropped by that very open.
+        filler_core.set_page_filler(Box::new(move |ino, data| {
+            notifier.store(INodeNo(ino), 0, data)
+        }));
+    }
     raise_readahead(mountpoint);
     Ok(session)
 }

@@ -5,13 +5,14 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::error::{FsError, FsResult};
+use super::shared::{AppLocks, RemoteGuard};
 use crate::crypto::{BlockCipher, CryptoError};
 use crate::failpoint;
 use crate::format::intent::TruncateRecord;
@@ -102,6 +103,15 @@ pub struct CryptFile {
     /// record, and the backing inode number it is filed under. Unset (tools
     /// making new files), such a truncate is not crash-safe.
     journal: std::sync::OnceLock<(std::sync::Arc<super::intents::IntentDir>, u64)>,
+    /// Other mounts may change the backing file (`-o shared`): its length
+    /// is read from it each time, and changes take byte-range locks on it
+    /// (`super::shared`).
+    shared: AtomicBool,
+    /// Serializes reads done again under locks (`read`): they share this
+    /// open file's locks, which one reader's release would drop for all.
+    reread: Mutex<()>,
+    /// Applications' locks on this file, forwarded (`-o shared`).
+    pub app_locks: AppLocks,
 }
 
 /// What [`CryptFile::settle_truncate`] found.
@@ -195,6 +205,9 @@ impl CryptFile {
             label: Mutex::new(label),
             pending: Mutex::new(pending),
             journal: std::sync::OnceLock::new(),
+            shared: AtomicBool::new(false),
+            reread: Mutex::new(()),
+            app_locks: AppLocks::default(),
         })
     }
 
@@ -211,6 +224,9 @@ impl CryptFile {
             label: Mutex::new(label),
             pending: Mutex::new(None),
             journal: std::sync::OnceLock::new(),
+            shared: AtomicBool::new(false),
+            reread: Mutex::new(()),
+            app_locks: AppLocks::default(),
         }
     }
 
@@ -230,6 +246,39 @@ impl CryptFile {
         let _ = self.journal.set((dir, ino));
     }
 
+    /// Has this open file expect changes by other mounts (`-o shared`).
+    pub(crate) fn set_shared(&self) {
+        self.shared.store(true, Ordering::Relaxed);
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
+    }
+
+    /// For a change of blocks `first..=last` ending at plaintext `end`:
+    /// none unless shared; else the locks that keep other mounts' writers
+    /// out (see `super::shared`).
+    fn remote_write_guard(&self, first: u64, last: u64, end: u64) -> FsResult<Option<RemoteGuard>> {
+        if !self.is_shared() {
+            return Ok(None);
+        }
+        let fd = self.file.as_raw_fd();
+        let guard = RemoteGuard::in_place(fd, first, last)?;
+        if end <= self.geometry.plaintext_size(self.ct_size()?) {
+            return Ok(Some(guard));
+        }
+        drop(guard);
+        Ok(Some(RemoteGuard::resizing(fd)?))
+    }
+
+    /// For a change of the length: none unless shared (see `super::shared`).
+    fn remote_resize_guard(&self) -> FsResult<Option<RemoteGuard>> {
+        if !self.is_shared() {
+            return Ok(None);
+        }
+        Ok(Some(RemoteGuard::resizing(self.file.as_raw_fd())?))
+    }
+
     pub fn set_label(&self, label: String) {
         *self.label.lock().unwrap() = label;
     }
@@ -240,8 +289,9 @@ impl CryptFile {
 
     fn ct_size(&self) -> FsResult<u64> {
         match self.cipher {
-            Some(_) => Ok(self.ct_len.load(Ordering::Relaxed)),
-            None => Ok(self.file.metadata()?.len()),
+            // Another mount may have changed it.
+            Some(_) if !self.is_shared() => Ok(self.ct_len.load(Ordering::Relaxed)),
+            _ => Ok(self.file.metadata()?.len()),
         }
     }
 
@@ -345,7 +395,24 @@ impl CryptFile {
             out.truncate(done);
             return Ok(());
         }
-        let _shared = self.lock.read().unwrap();
+        let _local = self.lock.read().unwrap();
+        match self.read_sealed(offset, size, out) {
+            Err(FsError::Block { .. }) if self.is_shared() => {
+                // Perhaps a block another mount was rewriting at that
+                // instant: read once more with its writers held off.
+                let _one = self.reread.lock().unwrap();
+                let g = self.geometry;
+                let end = offset + size.max(1) as u64;
+                let (first, last) = (g.block_of(offset), g.block_of(end - 1));
+                let _remote = RemoteGuard::reading(self.file.as_raw_fd(), first, last)?;
+                self.read_sealed(offset, size, out)
+            }
+            r => r,
+        }
+    }
+
+    /// `read` of an encrypted file, under `lock` held shared.
+    fn read_sealed(&self, offset: u64, size: usize, out: &mut Vec<u8>) -> FsResult<()> {
         let ct_size = self.ct_size()?;
         let g = self.geometry;
         let pt_size = g.plaintext_size(ct_size);
@@ -440,6 +507,7 @@ impl CryptFile {
                 self.seal_blocks(whole.start, &mut sealed[slots]);
             }
             let _excl = self.lock.write().unwrap();
+            let _remote = self.remote_write_guard(first, last, end)?;
             let mut pt_size = g.plaintext_size(self.ct_size()?);
             if offset > pt_size {
                 self.resize_locked(pt_size, offset)?;
@@ -529,6 +597,7 @@ impl CryptFile {
             return Ok(self.file.set_len(new_size)?);
         }
         let _excl = self.lock.write().unwrap();
+        let _remote = self.remote_resize_guard()?;
         let old = self.geometry.plaintext_size(self.ct_size()?);
         self.resize_locked(old, new_size)
     }
@@ -545,6 +614,7 @@ impl CryptFile {
         let g = self.geometry;
         let ct_end = ciphertext_len(g, end)?;
         let _excl = self.lock.write().unwrap();
+        let _remote = self.remote_resize_guard()?;
         self.reserve(g.sealed_block_start(g.block_of(offset)), ct_end)?;
         let old = g.plaintext_size(self.ct_size()?);
         if end > old {
@@ -745,6 +815,73 @@ mod tests {
         let dek = Dek::from_slice(&[7; 32]).unwrap();
         let cipher = BlockCipher::with_epoch_seals(&dek, &header, TEST_EPOCH_SEALS);
         CryptFile::new(f, cipher, "f".into(), None).unwrap()
+    }
+
+    /// Two "mounts" of one backing file, as `-o shared` opens them.
+    fn shared_pair(dir: &tempfile::TempDir) -> (CryptFile, CryptFile) {
+        let path = dir.path().join("f");
+        let a = crypt_file_at(&path, BlockLayout::V2, true);
+        let b = crypt_file_at(&path, BlockLayout::V2, false);
+        a.set_shared();
+        b.set_shared();
+        (a, b)
+    }
+
+    #[test]
+    fn shared_files_see_each_others_lengths_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = shared_pair(&dir);
+        a.write(0, &[1; 5000]).unwrap();
+        assert_eq!(
+            b.size().unwrap(),
+            5000,
+            "no stale length on the other mount"
+        );
+        b.write(5000, &[2; 3000]).unwrap();
+        let mut want = vec![1u8; 5000];
+        want.extend([2u8; 3000]);
+        assert_eq!(read_all(&a), want, "an append elsewhere is seen");
+        a.write(100, &[3; 10]).unwrap();
+        want[100..110].fill(3);
+        assert_eq!(read_all(&b), want, "an overwrite elsewhere is seen");
+        b.truncate(4000).unwrap();
+        assert_eq!(read_all(&a), want[..4000]);
+    }
+
+    #[test]
+    fn shared_writers_of_one_block_keep_each_others_bytes() {
+        // Each write rewrites a whole sealed block around its bytes: two
+        // mounts writing other bytes of one block would lose one another's
+        // without the block locks.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = shared_pair(&dir);
+        let bs = 4096u64;
+        let blocks = 16u64;
+        a.write(0, &vec![0u8; (bs * blocks) as usize]).unwrap();
+        let rounds = 30u64;
+        std::thread::scope(|s| {
+            for (cf, at) in [(&a, 0u64), (&b, 2048u64)] {
+                s.spawn(move || {
+                    for round in 0..rounds {
+                        for i in 0..blocks {
+                            let byte = (i + round + 1) as u8;
+                            cf.write(i * bs + at, &[byte; 100]).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let data = read_all(&a);
+        for i in 0..blocks {
+            let want = (i + rounds) as u8;
+            for at in [0usize, 2048] {
+                let from = (i * bs) as usize + at;
+                assert!(
+                    data[from..from + 100].iter().all(|&x| x == want),
+                    "block {i} at {at}: a write was lost"
+                );
+            }
+        }
     }
 
     fn open_file(dir: &tempfile::TempDir, layout: BlockLayout) -> (CryptFile, std::path::PathBuf) {

@@ -318,14 +318,24 @@ impl InodeTable {
     ) -> Arc<Inode> {
         let ino = self.fuse_ino(st.st_ino);
         let mut map = self.map.write().unwrap();
+        let mut lookups = 1;
         if let Some(existing) = map.get(&ino) {
-            existing.lookups.fetch_add(1, Ordering::Relaxed);
-            if ino != ROOT_INO {
-                existing.note_name(parent, name);
+            if existing.kind == kind_of(st.st_mode) || ino == ROOT_INO {
+                existing.lookups.fetch_add(1, Ordering::Relaxed);
+                if ino != ROOT_INO {
+                    existing.note_name(parent, name);
+                }
+                return existing.clone();
             }
-            return existing.clone();
+            // Another mount sharing the backing directory removed the old
+            // object and its inode number now names one of another kind.
+            // The kernel drops its inode of the old kind when it sees the
+            // new kind; the lookups it holds carry over, so its forgets
+            // still balance.
+            lookups += existing.lookups.load(Ordering::Relaxed);
         }
         let inode = Arc::new(Inode::new(st, fd, Some((parent, name.to_owned()))));
+        inode.lookups.store(lookups, Ordering::Relaxed);
         map.insert(ino, inode.clone());
         inode
     }

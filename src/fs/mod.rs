@@ -28,6 +28,7 @@ pub(crate) mod intents;
 mod namespace;
 mod prefetch;
 mod recovery;
+pub(crate) mod shared;
 pub mod sidecar;
 pub(crate) mod sys;
 pub mod walk;
@@ -36,6 +37,7 @@ mod xattr;
 pub use adapter::{mount, MountOptions};
 pub use attr::SetAttr;
 pub use inode::escape_name;
+pub use shared::check_byte_range_locks;
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -173,6 +175,11 @@ pub struct Core {
     runtime: KmsRuntime,
     metrics: Arc<Metrics>,
     read_only: bool,
+    /// `-o shared`: other mounts may change the backing directory at any
+    /// time (see `shared`): headers are read again at every open, open
+    /// files read their length from the backing file and lock it around
+    /// changes.
+    shared: bool,
     prefetched: PrefetchedDirs,
     /// Closes descriptors of unlinked backing files off the request path.
     reaper: Worker,
@@ -210,6 +217,7 @@ impl Core {
             runtime,
             metrics,
             read_only,
+            shared: false,
             prefetched: PrefetchedDirs::default(),
             reaper: Worker::start("kmsfs-reaper", 1024),
             readahead: Worker::start("kmsfs-readahead", 64),
@@ -218,6 +226,18 @@ impl Core {
             sidecar_moves: std::sync::Mutex::new(()),
             intents: Arc::new(intents::IntentDir::new(fd_for_intents)?),
         })
+    }
+
+    /// Serves the backing directory beside other mounts of it (`-o
+    /// shared`, see the field).
+    pub fn with_shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Whether this is a `-o shared` mount.
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Installs how file heads reach the kernel's page cache (see
@@ -553,7 +573,12 @@ impl Core {
                 .inodes
                 .rel_path(inode)
                 .ok_or_else(|| FsError::errno(libc::ENOENT))?;
-            let header = match self.header_of(inode) {
+            // Shared: read afresh, as another mount may have replaced the
+            // file under a reused inode number, or its header.
+            let header = match match self.shared {
+                true => self.read_header(inode),
+                false => self.header_of(inode),
+            } {
                 Ok(header) => header,
                 Err(e) => {
                     if !self.header_never_written(inode, fd.as_raw_fd())? {
@@ -602,6 +627,9 @@ impl Core {
         let cf = Arc::new(match cipher {
             Some(cipher) => {
                 let cf = CryptFile::new(File::from(fd), cipher, label.clone(), None)?;
+                if self.shared {
+                    cf.set_shared();
+                }
                 cf.set_journal(self.intents.clone(), inode.backing_ino);
                 self.settle_truncate(&cf, inode.backing_ino, &label)?;
                 cf

@@ -134,6 +134,9 @@ impl Core {
                 return Err(e.into());
             }
         };
+        // The pair exists: no other create may take the sidecar for a
+        // leftover any more.
+        sidecar::release_claim(&sidecar);
         failpoint::hit("create:after-data");
         self.chown_new(&dir, data.as_raw_fd(), caller)?;
         if mode & 0o7000 != 0 {
@@ -155,6 +158,9 @@ impl Core {
                 parent_dir: dir.clone(),
             }),
         )?);
+        if self.shared {
+            cf.set_shared();
+        }
         cf.set_journal(self.intents.clone(), inode.backing_ino);
         let open = OpenFile { cf, plain: false };
         inode.open_file.lock().unwrap().set(&open);
@@ -274,6 +280,13 @@ impl Core {
         let (dir, c, st) = self.entry_to_remove(parent, name)?;
         let dfd = dir.raw_fd();
         self.inodes.pin_if_last_name(&dir, &c, &st);
+        // Between the two removals the sidecar looks left over: held, no
+        // create (here or on another mount) takes it for one and makes a
+        // new file whose sidecar this unlink would then remove.
+        let _held = match kind_of(st.st_mode) {
+            FileType::RegularFile => sidecar::hold_for_removal(dfd, name)?,
+            _ => None,
+        };
         sys::unlinkat(dfd, &c, 0)?;
         if kind_of(st.st_mode) == FileType::RegularFile {
             failpoint::hit("unlink:after-data");

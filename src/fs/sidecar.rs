@@ -9,7 +9,7 @@
 //! becoming a controlling terminal, must be regular files, and are read up
 //! to `MAX_SIDECAR_LEN` bytes only.
 
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -149,12 +149,23 @@ pub fn read_ahead_at(dir: RawFd, names: &[std::ffi::OsString]) {
 }
 
 /// Writes a new sidecar holding `raw` for `name` in `dir` (O_EXCL, mode
-/// 0600). A leftover sidecar whose data file is gone (a crash between the
-/// two unlinks) is replaced. Returns the open sidecar, for a later fsync.
+/// 0600). Returns the open sidecar, for a later fsync, under an exclusive
+/// flock that says "a create of `name` is in flight" until the caller
+/// releases it ([`release_claim`], or closing it) once the data file
+/// exists.
+///
+/// A sidecar already there whose data file is gone is either left over
+/// (a crash between an unlink's two steps) or another create's, on this
+/// mount or another one sharing the backing directory, that has not made
+/// its data file yet. Only one nobody holds is taken for a leftover and
+/// replaced; a held one makes this create fail with EEXIST, as the
+/// other create wins the name. Without this, two mounts creating one name
+/// at once could each remove the other's sidecar, and leave a file without
+/// its header.
 pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
     let sc = sidecar_cstr(name)?;
     let c = sys::cstr(name)?;
-    for _ in 0..2 {
+    for _ in 0..4 {
         match sys::openat(
             dir,
             &sc,
@@ -163,20 +174,88 @@ pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
         ) {
             Ok(fd) => {
                 let mut f = File::from(fd);
+                // Another create may have taken it for a leftover in the
+                // instant before this lock, and removed it: then start over.
+                if !hold(&f, false)? || !still_named(dir, &sc, &f)? {
+                    continue;
+                }
                 if let Err(e) = f.write_all(raw) {
                     let _ = sys::unlinkat(dir, &sc, 0);
                     return Err(e.into());
                 }
                 return Ok(f);
             }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => match sys::fstatat(dir, &c) {
-                Ok(_) => return Err(FsError::errno(libc::EEXIST)),
-                Err(_) => sys::unlinkat(dir, &sc, 0)?,
-            },
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                if sys::fstatat(dir, &c).is_ok() {
+                    return Err(FsError::errno(libc::EEXIST));
+                }
+                let Ok(fd) = sys::openat(dir, &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
+                    // Gone meanwhile: try again.
+                    continue;
+                };
+                let old = File::from(fd);
+                // Held: a create (or unlink) of the name is in flight.
+                if !hold(&old, true)? {
+                    return Err(FsError::errno(libc::EEXIST));
+                }
+                if sys::fstatat(dir, &c).is_ok() {
+                    return Err(FsError::errno(libc::EEXIST));
+                }
+                if still_named(dir, &sc, &old)? {
+                    sys::unlinkat(dir, &sc, 0)?;
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     }
     Err(FsError::errno(libc::EEXIST))
+}
+
+/// An exclusive flock on sidecar `f`; `try_only`: false if another holds
+/// it. A backing filesystem without flock grants every lock (as before
+/// locks were used here, a lone mount needs none).
+fn hold(f: &File, try_only: bool) -> FsResult<bool> {
+    let how = libc::LOCK_EX | if try_only { libc::LOCK_NB } else { 0 };
+    match sys::flock(f.as_raw_fd(), how) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
+            ) =>
+        {
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether sidecar name `sc` in `dir` still leads to open file `f`.
+fn still_named(dir: RawFd, sc: &CStr, f: &File) -> FsResult<bool> {
+    let open = sys::fstat(f.as_raw_fd())?;
+    Ok(
+        matches!(sys::fstatat(dir, sc), Ok(st) if (st.st_dev, st.st_ino) == (open.st_dev, open.st_ino)),
+    )
+}
+
+/// Ends the "create in flight" claim of a sidecar made by [`create_at`].
+pub fn release_claim(sidecar: &File) {
+    let _ = sys::flock(sidecar.as_raw_fd(), libc::LOCK_UN);
+}
+
+/// Waits for any create of `name` in `dir` in flight (see [`create_at`])
+/// and keeps others from taking its sidecar for a leftover: held by an
+/// unlink from before it removes the data until the sidecar is gone.
+/// None when there is no sidecar.
+pub fn hold_for_removal(dir: RawFd, name: &OsStr) -> FsResult<Option<File>> {
+    let sc = sidecar_cstr(name)?;
+    let Ok(fd) = sys::openat(dir, &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
+        return Ok(None);
+    };
+    let f = File::from(fd);
+    hold(&f, false)?;
+    Ok(Some(f))
 }
 
 /// Removes the sidecar of `name` in `dir` if there is one. Returns an O_PATH

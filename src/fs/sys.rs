@@ -383,3 +383,63 @@ pub fn share_lock(fd: RawFd) -> io::Result<()> {
         other => other,
     }
 }
+
+/// An open-file-description byte-range lock (`F_OFD_SETLK`, or
+/// `F_OFD_SETLKW` with `wait`) of `typ` (`F_RDLCK`, `F_WRLCK`, `F_UNLCK`)
+/// over `start..=end` of `fd`'s file. Returns false when `wait` is unset
+/// and a conflicting lock is held. Such locks belong to the open file, not
+/// the process, so two descriptors of one daemon exclude each other, and
+/// NFS v4, GlusterFS and CephFS carry them to their other clients.
+pub fn ofd_lock(fd: RawFd, typ: i32, start: u64, end: u64, wait: bool) -> io::Result<bool> {
+    let mut fl = range_lock(typ, start, end);
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
+    loop {
+        // SAFETY: fcntl on a descriptor the caller owns, with a valid flock.
+        match check(unsafe { libc::fcntl(fd, cmd, &mut fl) }) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if !wait && matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The first lock that would conflict with an OFD lock of `typ` over
+/// `start..=end` on `fd` (`F_OFD_GETLK`), as (type, start, end), or None.
+pub fn ofd_conflict(
+    fd: RawFd, typ: i32, start: u64, end: u64,
+) -> io::Result<Option<(i32, u64, u64)>> {
+    let mut fl = range_lock(typ, start, end);
+    // SAFETY: fcntl on a descriptor the caller owns, with a valid flock.
+    check(unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) })?;
+    if fl.l_type as i32 == libc::F_UNLCK {
+        return Ok(None);
+    }
+    let from = fl.l_start as u64;
+    let to = if fl.l_len == 0 {
+        i64::MAX as u64
+    } else {
+        from + fl.l_len as u64 - 1
+    };
+    Ok(Some((fl.l_type as i32, from, to)))
+}
+
+fn range_lock(typ: i32, start: u64, end: u64) -> libc::flock {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start.min(i64::MAX as u64) as libc::off_t;
+    // 0: to the end of every possible file.
+    fl.l_len = if end >= i64::MAX as u64 {
+        0
+    } else {
+        (end - start + 1) as libc::off_t
+    };
+    fl
+}

@@ -42,8 +42,8 @@ use crate::format::block::{is_hole, BlockGeometry, BlockLayout};
 use crate::format::header::{self as hdr, VERSION_1};
 use crate::format::names::{
     sidecar_name, CONFIG_FILE, LIFECYCLE_LOCK, LIFECYCLE_TEMP_PREFIX, LONG_SIDECAR_PREFIX,
-    MIGRATE_JOURNAL, MIGRATE_LOCK_BASE, MIGRATE_TEMP_PREFIX, MOUNT_LOCK_BASE, SIDECAR_PREFIX,
-    VOLUME_LOCK_BASE,
+    MIGRATE_JOURNAL, MIGRATE_LOCK_BASE, MIGRATE_TEMP_PREFIX, MOUNT_LOCK_BASE,
+    MOUNT_READERS_LOCK_BASE, MOUNT_WRITERS_LOCK_BASE, SIDECAR_PREFIX, VOLUME_LOCK_BASE,
 };
 use crate::fs::error::FsError;
 use crate::fs::sidecar::{self, FileHeader, SidecarError};
@@ -430,6 +430,8 @@ fn root_name(name: &[u8]) -> Option<RootName> {
         || lock_of(MIGRATE_LOCK_BASE)
         || lock_of(VOLUME_LOCK_BASE)
         || lock_of(MOUNT_LOCK_BASE)
+        || lock_of(MOUNT_WRITERS_LOCK_BASE)
+        || lock_of(MOUNT_READERS_LOCK_BASE)
     {
         Some(RootName::Known)
     } else if is(MIGRATE_JOURNAL) {
