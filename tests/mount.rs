@@ -708,16 +708,29 @@ fn cli_errors_are_clear_and_nonzero() {
     // A second mount of the same backing directory elsewhere: refused,
     // naming the first, read-only or not.
     fs::create_dir(dir.path().join("mnt2")).unwrap();
-    let first = format!("already mounted read-write on this machine at {}", d("mnt"));
+    let first = format!(
+        "already mounted read-write without -o shared on this machine at {}",
+        d("mnt")
+    );
     expect_err(&["mount", &d("b"), &d("mnt2")], &first);
     expect_err(&["mount", &d("b"), &d("mnt2"), "-o", "ro"], &first);
+    expect_err(&["mount", &d("b"), &d("mnt2"), "-o", "shared"], &first);
     run(&["umount", &d("mnt")], true);
     common::wait_for_daemon_exit(&dir.path().join("mnt"));
     // Read-only mounts share it; a read-write one beside them is refused.
     run(&["mount", &d("b"), &d("mnt"), "-o", "ro"], true);
     run(&["mount", &d("b"), &d("mnt2"), "-o", "ro"], true);
     fs::create_dir(dir.path().join("mnt3")).unwrap();
-    expect_err(&["mount", &d("b"), &d("mnt3")], "is mounted read-only");
+    expect_err(
+        &["mount", &d("b"), &d("mnt3")],
+        "must be the only one: mount this one with -o shared",
+    );
+    // A shared writer beside caching read-only mounts would leave them
+    // serving stale pages.
+    expect_err(
+        &["mount", &d("b"), &d("mnt3"), "-o", "shared"],
+        "-o ro,shared",
+    );
     run(&["umount", &d("mnt2")], true);
     common::wait_for_daemon_exit(&dir.path().join("mnt2"));
     run(&["umount", &d("mnt")], true);

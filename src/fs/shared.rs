@@ -226,6 +226,44 @@ impl AppLocks {
     }
 }
 
+impl super::Core {
+    /// The open file behind handle `fh`, its backing descriptor and whether
+    /// write locks may be taken through it.
+    fn locking(&self, fh: u64) -> super::error::FsResult<(super::handles::OpenFile, RawFd, bool)> {
+        let (open, _) = self.handles.open_file(fh)?;
+        let fd = open.cf.file().as_raw_fd();
+        let writable = !self.read_only && !open.plain;
+        Ok((open, fd, writable))
+    }
+
+    /// F_GETLK through handle `fh`: the lock that would conflict with
+    /// `lock` (type, start, end), or None.
+    pub fn getlk(
+        &self, fh: u64, lock: &AppLock,
+    ) -> super::error::FsResult<Option<(i32, u64, u64)>> {
+        let (open, fd, writable) = self.locking(fh)?;
+        Ok(open.cf.app_locks.conflict(fd, writable, lock)?)
+    }
+
+    /// F_SETLK through handle `fh`; `wait`: F_SETLKW (blocks the thread).
+    pub fn setlk(&self, fh: u64, lock: &AppLock, wait: bool) -> super::error::FsResult<()> {
+        let (open, fd, writable) = self.locking(fh)?;
+        let locks = &open.cf.app_locks;
+        match wait {
+            true => locks.set_waiting(fd, writable, lock)?,
+            false => locks.set(fd, writable, lock)?,
+        }
+        Ok(())
+    }
+
+    /// Releases every lock `owner` took through handle `fh` (its close).
+    pub fn release_locks(&self, fh: u64, owner: u64) {
+        if let Ok((open, _)) = self.handles.open_file(fh) {
+            open.cf.app_locks.release_owner(owner);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,42 +331,5 @@ mod tests {
         locks
             .set(data.as_raw_fd(), true, &whole(2, libc::F_RDLCK))
             .unwrap();
-    }
-}
-
-impl super::Core {
-    /// The open file behind handle `fh`, its backing descriptor and whether
-    /// write locks may be taken through it.
-    fn locking(&self, fh: u64) -> super::error::FsResult<(super::handles::OpenFile, RawFd, bool)> {
-        let (open, _) = self.handles.open_file(fh)?;
-        let fd = open.cf.file().as_raw_fd();
-        let writable = !self.read_only && !open.plain;
-        Ok((open, fd, writable))
-    }
-
-    /// F_GETLK through handle `fh`: the lock that would conflict with
-    /// `lock` (type, start, end), or None.
-    pub fn getlk(
-        &self, fh: u64, lock: &AppLock,
-    ) -> super::error::FsResult<Option<(i32, u64, u64)>> {
-        let (open, fd, writable) = self.locking(fh)?;
-        Ok(open.cf.app_locks.conflict(fd, writable, lock)?)
-    }
-
-    /// F_SETLK through handle `fh`; `wait`: F_SETLKW (blocks the thread).
-    pub fn setlk(&self, fh: u64, lock: &AppLock, wait: bool) -> super::error::FsResult<()> {
-        let (open, fd, writable) = self.locking(fh)?;
-        let locks = &open.cf.app_locks;
-        Ok(match wait {
-            true => locks.set_waiting(fd, writable, lock)?,
-            false => locks.set(fd, writable, lock)?,
-        })
-    }
-
-    /// Releases every lock `owner` took through handle `fh` (its close).
-    pub fn release_locks(&self, fh: u64, owner: u64) {
-        if let Ok((open, _)) = self.handles.open_file(fh) {
-            open.cf.app_locks.release_owner(owner);
-        }
     }
 }
