@@ -14,7 +14,7 @@ import statistics
 import sys
 
 PEERS = ["gocryptfs", "securefs"]
-FSES = ["plain", "gocryptfs", "securefs", "kmsfs"]
+FSES = ["plain", "gocryptfs", "securefs", "kmsfs", "kmsfs-shared"]
 
 # key, label, unit, better, target, error keys that void the figure
 ROWS = [

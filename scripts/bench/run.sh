@@ -8,8 +8,9 @@
 #                of the kernel tree, 1 repetition); marked QUICK everywhere
 #   --only       workloads: seqwrite,seqread,randread,kernel,ml,vault
 #                (default: all)
-#   --fs         filesystems: plain,gocryptfs,securefs,kmsfs (default: all;
-#                the vault workload needs kmsfs)
+#   --fs         filesystems: plain,gocryptfs,securefs,kmsfs,kmsfs-shared
+#                (default: all but kmsfs-shared, which is kmsfs mounted
+#                -o shared; the vault workload needs kmsfs)
 #   --reps N     repetitions of every figure (default 2, quick 1); the
 #                report shows the median
 #   --workdir    scratch space, on the same disk as the repo
@@ -64,7 +65,7 @@ for w in ${ONLY//,/ }; do
     case $w in seqwrite | seqread | randread | kernel | ml | vault) ;; *) die "unknown workload $w (seqwrite,seqread,randread,kernel,ml,vault)" ;; esac
 done
 for f in ${FSLIST//,/ }; do
-    case $f in plain | gocryptfs | securefs | kmsfs) ;; *) die "unknown filesystem $f (plain,gocryptfs,securefs,kmsfs)" ;; esac
+    case $f in plain | gocryptfs | securefs | kmsfs | kmsfs-shared) ;; *) die "unknown filesystem $f (plain,gocryptfs,securefs,kmsfs,kmsfs-shared)" ;; esac
 done
 want() { [[ ,$ONLY, == *,$1,* ]]; }
 want_fs() { [[ ,$FSLIST, == *,$1,* ]]; }
@@ -222,7 +223,7 @@ fs_init() {
     plain) ;;
     gocryptfs) gocryptfs -init -q -extpass 'echo benchpw' "$g/backing" >"$g/init.log" 2>&1 ;;
     securefs) securefs create --pass benchpw "$g/backing" >"$g/init.log" 2>&1 ;;
-    kmsfs) "$KMSFS" init "$g/backing" --kms local --key-file "$g/keyring" --key-name bench >"$g/init.log" 2>&1 ;;
+    kmsfs | kmsfs-shared) "$KMSFS" init "$g/backing" --kms local --key-file "$g/keyring" --key-name bench >"$g/init.log" 2>&1 ;;
     kmsfs-vault)
         # shellcheck disable=SC1091
         (source "$VAULT_STATE/env" && "$KMSFS" init "$g/backing" --kms vault \
@@ -237,7 +238,7 @@ fs_mount() {
     case $fs in
     gocryptfs) gocryptfs -q -extpass 'echo benchpw' "$g/backing" "$g/mnt" >>"$g/mount.log" 2>&1 ;;
     securefs) securefs mount -b --pass benchpw --log "$g/securefs.log" "$g/backing" "$g/mnt" >>"$g/mount.log" 2>&1 ;;
-    kmsfs | kmsfs-vault)
+    kmsfs | kmsfs-vault | kmsfs-shared)
         port=$(free_port)
         METRICS_PORT[$g]=$port
         if [[ $fs == kmsfs-vault ]]; then
@@ -245,8 +246,10 @@ fs_mount() {
             (source "$VAULT_STATE/env" && "$KMSFS" mount "$g/backing" "$g/mnt" --log-file "$g/kmsfs.log" \
                 --metrics-addr "127.0.0.1:$port") >>"$g/mount.log" 2>&1
         else
+            local shared=()
+            [[ $fs == kmsfs-shared ]] && shared=(-o shared)
             "$KMSFS" mount "$g/backing" "$g/mnt" --log-file "$g/kmsfs.log" \
-                --metrics-addr "127.0.0.1:$port" >>"$g/mount.log" 2>&1
+                --metrics-addr "127.0.0.1:$port" "${shared[@]}" >>"$g/mount.log" 2>&1
         fi ;;
     esac || { tail -n 20 "$g/mount.log" >&2; return 1; }
     # securefs -b returns before the mount is visible
