@@ -561,7 +561,10 @@ impl Core {
             // exclusive lock on its data file: the header is read under a
             // shared one, held while the file is open (so a rekey skips a
             // file in use), and the name must still lead to this data.
-            sys::share_lock(fd.as_raw_fd())?;
+            match self.shared {
+                true => shared::mark_open(fd.as_raw_fd())?,
+                false => sys::share_lock(fd.as_raw_fd())?,
+            }
             self.still_named(inode)?;
             // Start reading the data's head from disk, so that read overlaps
             // the sidecar read and the unwrap.

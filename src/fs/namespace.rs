@@ -145,7 +145,10 @@ impl Core {
         }
         // Held while the file is open, as for every open file (see
         // `Core::crypt_file`): a rekey leaves it alone.
-        sys::share_lock(data.as_raw_fd())?;
+        match self.shared {
+            true => super::shared::mark_open(data.as_raw_fd())?,
+            false => sys::share_lock(data.as_raw_fd())?,
+        }
         let st = sys::fstat(data.as_raw_fd())?;
         let inode = self.inodes.remember(parent, name, None, &st);
         *inode.header.write().unwrap() = Some(Arc::new(new.header));

@@ -30,12 +30,38 @@ pub const INTERNAL_BASE: u64 = 1 << 62;
 /// Applications' locks are forwarded clipped to end here (inclusive), so a
 /// lock "to the end of the file" never covers the mount's own range.
 pub const APP_LOCK_END: u64 = INTERNAL_BASE - 1;
+/// Held shared by every shared mount that has the file open, and
+/// exclusively by `kmsfs rekey` while it swaps the file (see `mark_open`).
+const OPEN_BYTE: u64 = INTERNAL_BASE;
 /// The byte writers that change a file's length hold exclusively.
-const SIZE_BYTE: u64 = INTERNAL_BASE;
+const SIZE_BYTE: u64 = INTERNAL_BASE + 1;
 
 /// The lock byte of block `index`.
 fn block_byte(index: u64) -> u64 {
-    (INTERNAL_BASE + 1).saturating_add(index)
+    (INTERNAL_BASE + 2).saturating_add(index)
+}
+
+/// Marks data file `fd` open on this mount, for `kmsfs rekey` (which
+/// skips a file in use and swaps one under an exclusive lock): what
+/// `sys::share_lock` does on a lone mount, but as an OFD lock on
+/// [`OPEN_BYTE`]. A whole-file `flock` cannot be used here: GlusterFS and
+/// NFS turn it into a byte-range lock over the whole file, which would
+/// hold off every other mount's block locks and applications' locks.
+/// Waits while a rekey swaps the file.
+pub fn mark_open(fd: RawFd) -> io::Result<()> {
+    sys::ofd_lock(fd, libc::F_RDLCK, OPEN_BYTE, OPEN_BYTE, true).map(drop)
+}
+
+/// For `kmsfs rekey`: takes [`OPEN_BYTE`] of `fd`'s file exclusively if no
+/// shared mount has the file open (false otherwise); released when `fd`
+/// closes or by [`unmark_swap`].
+pub fn try_mark_swap(fd: RawFd) -> io::Result<bool> {
+    sys::ofd_lock(fd, libc::F_WRLCK, OPEN_BYTE, OPEN_BYTE, false)
+}
+
+/// Ends a [`try_mark_swap`].
+pub fn unmark_swap(fd: RawFd) {
+    let _ = sys::ofd_lock(fd, libc::F_UNLCK, OPEN_BYTE, OPEN_BYTE, false);
 }
 
 /// Whether the filesystem holding `probe` (a file in the backing root)

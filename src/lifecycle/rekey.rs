@@ -130,6 +130,11 @@ fn cstr_of(name: &[u8]) -> std::io::Result<CString> {
 fn try_lock(fd: RawFd, how: i32) -> std::io::Result<bool> {
     // SAFETY: flock on a descriptor the caller holds open.
     if unsafe { libc::flock(fd, how | libc::LOCK_NB) } == 0 {
+        // Shared mounts mark their opens with a byte-range lock instead.
+        if how == libc::LOCK_EX && !crate::fs::shared::try_mark_swap(fd).unwrap_or(true) {
+            unlock(fd);
+            return Ok(false);
+        }
         return Ok(true);
     }
     let e = std::io::Error::last_os_error();
@@ -141,6 +146,7 @@ fn try_lock(fd: RawFd, how: i32) -> std::io::Result<bool> {
 }
 
 fn unlock(fd: RawFd) {
+    crate::fs::shared::unmark_swap(fd);
     // SAFETY: as above.
     unsafe { libc::flock(fd, libc::LOCK_UN) };
 }
