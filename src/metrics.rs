@@ -1,6 +1,6 @@
 //! A mount's HTTP endpoint: Prometheus text metrics on `/metrics` (KMS
-//! requests by provider/operation/outcome with latency, DEK cache counters,
-//! bytes read/written through the mount), liveness on `/health`, and
+//! requests by provider/operation/outcome with latency, DEK cache and DEK
+//! pool counters, bytes read/written through the mount), liveness on `/health`, and
 //! readiness on `/ready` (the FUSE session is up and every KMS key answers;
 //! see [`Readiness`]).
 
@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::fs::Core;
+use crate::kms::pool::PoolStats;
 use crate::kms::probe::{probe_all, KeyHealth, ProbeTarget};
 
 /// Upper bounds (seconds) of the KMS latency histogram buckets.
@@ -75,7 +76,7 @@ impl Metrics {
             .sum()
     }
 
-    pub fn render(&self, cache: &CacheStats) -> String {
+    pub fn render(&self, cache: &CacheStats, pool: &PoolStats) -> String {
         let mut out = String::new();
         out.push_str(
             "# HELP kmsfs_kms_requests_total KMS requests by provider, operation and outcome.\n",
@@ -129,6 +130,26 @@ impl Metrics {
                 &cache.evictions,
             ),
             (
+                "kmsfs_dek_pool_hits_total",
+                "Files created with a pre-wrapped DEK from a DEK pool (no KMS call).",
+                &pool.hits,
+            ),
+            (
+                "kmsfs_dek_pool_misses_total",
+                "Files created under a pooled key whose pool was empty (one KMS call each).",
+                &pool.misses,
+            ),
+            (
+                "kmsfs_dek_pool_refills_total",
+                "DEK pool refills run (their requests are counted as wrap_batch).",
+                &pool.refills,
+            ),
+            (
+                "kmsfs_dek_pool_refill_errors_total",
+                "DEK pool refill batches that failed.",
+                &pool.refill_errors,
+            ),
+            (
                 "kmsfs_read_bytes_total",
                 "Plaintext bytes served to read requests.",
                 &self.bytes_read,
@@ -150,6 +171,12 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP kmsfs_dek_pool_available Pre-wrapped DEKs held in memory by the DEK pools.\n\
+             # TYPE kmsfs_dek_pool_available gauge\nkmsfs_dek_pool_available {}",
+            pool.available.load(Ordering::Relaxed)
+        );
         out
     }
 }

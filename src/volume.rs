@@ -66,6 +66,11 @@ pub struct Options {
     /// Log every key operation as a JSON line here (default: the trusted
     /// configuration's `audit_log`, if set).
     pub audit_log: Option<PathBuf>,
+    /// Pre-wrapped DEKs kept per remote KMS key, so that creates make no
+    /// KMS call (as the mount's `dek_pool`). Default 0: a short-lived
+    /// volume would wrap DEKs it never uses; a long-lived one that creates
+    /// many files can set e.g. 512.
+    pub dek_pool: usize,
 }
 
 impl Default for Options {
@@ -76,6 +81,7 @@ impl Default for Options {
             cache_capacity: 100_000,
             cache_ttl: Duration::from_secs(3600),
             audit_log: None,
+            dek_pool: 0,
         }
     }
 }
@@ -334,6 +340,7 @@ impl Volume {
         if let Some(path) = audit {
             core.set_audit_log(Arc::new(AuditLog::open(&path)?));
         }
+        core.set_dek_pool(options.dek_pool);
         // SAFETY: these calls have no preconditions.
         let caller = unsafe {
             Caller {

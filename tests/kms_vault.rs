@@ -220,6 +220,50 @@ fn batch_wrap_of_500_deks_uses_three_requests() {
 }
 
 #[test]
+fn dek_pool_fill_of_256_uses_two_batch_requests() {
+    use kmsfs::kms::instrumented::{Instrumented, RetryPolicy};
+    use kmsfs::kms::pool::{DekPool, PoolSettings, PoolStats};
+    use kmsfs::metrics::Metrics;
+    use std::sync::Arc;
+
+    let bao = Bao::start();
+    let rt = rt();
+    let metrics = Arc::new(Metrics::default());
+    let key = Instrumented::wrap(
+        Arc::new(connect(&rt, &bao, &bao.config())),
+        metrics.clone(),
+        RetryPolicy::default(),
+        Duration::from_secs(10),
+    );
+    let volume_id = [3u8; 16];
+    let pool = DekPool::new(
+        &key,
+        volume_id,
+        PoolSettings::new(256),
+        Arc::new(PoolStats::default()),
+        None,
+    );
+    let before = bao.audit_requests("transit/encrypt/");
+    // A cold pool gets one batch of 128, then fills up to 256.
+    while pool.len() < 256 {
+        rt.block_on(pool.fill());
+    }
+    assert_eq!(metrics.kms_requests("wrap_batch"), 2, "two batches of 128");
+    assert_eq!(
+        metrics.kms_requests("wrap") + metrics.kms_requests("generate"),
+        0
+    );
+    assert_eq!(bao.audit_requests("transit/encrypt/") - before, 2);
+    // Each entry is bound to its own file ID and the volume.
+    let entries: Vec<_> = rt.block_on(async { (0..3).filter_map(|_| pool.take()).collect() });
+    assert_eq!(entries.len(), 3);
+    for e in &entries {
+        let ctx = WrapContext::file(e.file_id, volume_id);
+        rt.block_on(assert_unwraps(key.as_ref(), &e.wrapped, &ctx, &e.dek));
+    }
+}
+
+#[test]
 fn batch_wrap_without_encrypt_policy_is_permission_denied() {
     let bao = Bao::start();
     let rt = rt();

@@ -20,7 +20,7 @@ use super::{absolute, daemon, helper, mount_claim, mountinfo, trust};
 #[derive(Args)]
 #[command(
     after_help = "Every setting can also come from the environment (KMSFS_THREADS, \
-KMSFS_CACHE_SIZE, KMSFS_CACHE_TTL, KMSFS_ATTR_TIMEOUT, KMSFS_METRICS_ADDR, KMSFS_AUDIT_LOG, \
+KMSFS_CACHE_SIZE, KMSFS_CACHE_TTL, KMSFS_DEK_POOL, KMSFS_ATTR_TIMEOUT, KMSFS_METRICS_ADDR, KMSFS_AUDIT_LOG, \
 KMSFS_LOG_FILE; KMSFS_OPTIONS for -o items) or the [mount] table of the trusted \
 configuration (threads = 8, options = [\"allow_other\"], ...). The command line wins over \
 the environment, which wins over the file. See docs/MOUNTING.md."
@@ -52,6 +52,10 @@ pub struct MountArgs {
     /// DEK cache time-to-live, seconds [default: 3600].
     #[arg(long)]
     cache_ttl: Option<u64>,
+    /// Pre-wrapped DEKs kept per remote KMS key, so that creating a file
+    /// waits on no KMS call; 0 turns the pool off [default: 512].
+    #[arg(long)]
+    dek_pool: Option<usize>,
     /// Kernel attribute/entry cache timeout, seconds [default: 1].
     #[arg(long)]
     attr_timeout: Option<f64>,
@@ -81,6 +85,7 @@ impl MountArgs {
             self.threads.map(Setting::Threads),
             self.cache_size.map(Setting::CacheSize),
             self.cache_ttl.map(Setting::CacheTtl),
+            self.dek_pool.map(Setting::DekPool),
             self.attr_timeout.map(Setting::AttrTimeout),
             self.metrics_addr.clone().map(Setting::MetricsAddr),
             self.audit_log.clone().map(Setting::AuditLog),
@@ -165,6 +170,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     .with_context(|| format!("cannot open backing directory {}", backing.display()))?
     .with_shared(set.shared);
     core.set_audit_log(Arc::new(audit));
+    core.set_dek_pool(set.dek_pool);
     core.set_reloader(reloader(volume, metrics));
     let opts = MountOptions {
         read_only: ro,

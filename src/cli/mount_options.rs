@@ -25,13 +25,15 @@ pub const DEFAULT_THREADS: usize = 8;
 pub const DEFAULT_CACHE_SIZE: usize = 100_000;
 pub const DEFAULT_CACHE_TTL_SECS: u64 = 3600;
 pub const DEFAULT_ATTR_TIMEOUT_SECS: f64 = 1.0;
+pub const DEFAULT_DEK_POOL: usize = kmsfs::kms::pool::DEFAULT_CAPACITY;
 
 /// The settings, by the one name each has as `-o NAME=VALUE`, as
 /// `KMSFS_<NAME>` and as a key of `[mount]`.
-const SETTING_NAMES: [&str; 7] = [
+const SETTING_NAMES: [&str; 8] = [
     "threads",
     "cache_size",
     "cache_ttl",
+    "dek_pool",
     "attr_timeout",
     "metrics_addr",
     "audit_log",
@@ -47,6 +49,7 @@ pub enum Setting {
     Threads(usize),
     CacheSize(usize),
     CacheTtl(u64),
+    DekPool(usize),
     AttrTimeout(f64),
     MetricsAddr(String),
     AuditLog(PathBuf),
@@ -193,6 +196,7 @@ fn parse_setting(name: &str, value: &str) -> Result<Setting, String> {
         "threads" => Setting::Threads(whole(1)?),
         "cache_size" => Setting::CacheSize(whole(0)?),
         "cache_ttl" => Setting::CacheTtl(whole(0)? as u64),
+        "dek_pool" => Setting::DekPool(whole(0)?),
         "attr_timeout" => Setting::AttrTimeout(seconds()?),
         "metrics_addr" if value.is_empty() => return Err("metrics_addr needs HOST:PORT".into()),
         "metrics_addr" => Setting::MetricsAddr(value.to_owned()),
@@ -215,6 +219,8 @@ pub struct Resolved {
     pub threads: usize,
     pub cache_size: usize,
     pub cache_ttl: Duration,
+    /// Pre-wrapped DEKs kept per remote key (0: none).
+    pub dek_pool: usize,
     pub attr_timeout: Duration,
     pub metrics_addr: Option<String>,
     /// None: the trusted configuration's top-level `audit_log`, if any.
@@ -234,6 +240,7 @@ impl Default for Resolved {
             threads: DEFAULT_THREADS,
             cache_size: DEFAULT_CACHE_SIZE,
             cache_ttl: Duration::from_secs(DEFAULT_CACHE_TTL_SECS),
+            dek_pool: DEFAULT_DEK_POOL,
             attr_timeout: Duration::from_secs_f64(DEFAULT_ATTR_TIMEOUT_SECS),
             metrics_addr: None,
             audit_log: None,
@@ -257,6 +264,7 @@ impl Resolved {
                 Setting::Threads(n) => self.threads = *n,
                 Setting::CacheSize(n) => self.cache_size = *n,
                 Setting::CacheTtl(s) => self.cache_ttl = Duration::from_secs(*s),
+                Setting::DekPool(n) => self.dek_pool = *n,
                 Setting::AttrTimeout(s) => {
                     // The flag is not range-checked by its parser.
                     self.attr_timeout = Duration::try_from_secs_f64(s.max(0.0))
@@ -414,15 +422,20 @@ mod tests {
 
     #[test]
     fn command_line_beats_environment_beats_config_beats_default() {
-        let config =
-            table("threads = 3\ncache_size = 10\ncache_ttl = 7\noptions = [\"ro\", \"noexec\"]");
+        let config = table(
+            "threads = 3\ncache_size = 10\ncache_ttl = 7\ndek_pool = 64\noptions = [\"ro\", \"noexec\"]",
+        );
         let env = |name: &str| match name {
             "KMSFS_CACHE_SIZE" => Some("20".to_owned()),
+            "KMSFS_DEK_POOL" => Some("128".to_owned()),
             "KMSFS_CACHE_TTL" => Some("9".to_owned()),
             "KMSFS_OPTIONS" => Some("rw,allow_other".to_owned()),
             _ => None,
         };
-        let cli = [parse_option("cache_ttl=11").unwrap()];
+        let cli = [
+            parse_option("cache_ttl=11").unwrap(),
+            parse_option("dek_pool=0").unwrap(),
+        ];
         let r = resolve(&config, "/c".as_ref(), env, &cli).unwrap();
         assert_eq!(r.threads, 3, "config over default");
         assert_eq!(r.cache_size, 20, "environment over config");
@@ -431,10 +444,25 @@ mod tests {
             Duration::from_secs(11),
             "command line over environment"
         );
+        assert_eq!(
+            r.dek_pool, 0,
+            "dek_pool=0 on the command line turns the pool off"
+        );
         assert_eq!(r.attr_timeout, Duration::from_secs(1), "default");
         assert!(!r.read_only, "a later rw wins over ro");
         assert!(r.allow_other && r.noexec);
         assert_eq!(r.kernel_flags(), ["noexec"]);
+
+        // Each source alone, and the default.
+        let only = |config: &str, env: Option<&str>| {
+            let env = |name: &str| (name == "KMSFS_DEK_POOL").then(|| env.map(str::to_owned))?;
+            resolve(&table(config), "/c".as_ref(), env, &[])
+                .unwrap()
+                .dek_pool
+        };
+        assert_eq!(only("", None), DEFAULT_DEK_POOL);
+        assert_eq!(only("dek_pool = 64", None), 64);
+        assert_eq!(only("dek_pool = 64", Some("32")), 32);
     }
 
     #[test]
@@ -445,6 +473,7 @@ mod tests {
             ("atime", "noatime"),
             ("bogus", "unknown mount option \"bogus\""),
             ("threads=0", "threads must be a whole number >= 1"),
+            ("dek_pool=-1", "dek_pool must be a whole number >= 0"),
             ("cache_size", "give a value"),
         ] {
             let e = parse_option(item).unwrap_err().to_string();

@@ -9,10 +9,12 @@
 //! cipher built (`crypto::open_header` does the last two steps and is the
 //! only way to a cipher). A new file is the reverse, `FileKeys::create`: a
 //! fresh file ID and DEK from the policy's current key, bound to the file
-//! and the volume, the header sealed. Callers get a `BlockCipher` and
+//! and the volume (pre-wrapped by a `kms::pool::DekPool` when the mount
+//! keeps one), the header sealed. Callers get a `BlockCipher` and
 //! header bytes, never a `Dek`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::error::{FsError, FsResult};
 use super::sidecar::FileHeader;
@@ -23,6 +25,7 @@ use crate::config::ActivePolicy;
 use crate::crypto::{self, BlockCipher, Dek};
 use crate::format::block::{BlockGeometry, BlockLayout};
 use crate::format::header::{self as hdr, Header, VERSION_1};
+use crate::kms::pool::{DekPool, PoolSettings, PoolStats, PooledDek};
 use crate::kms::{KeyProvider, KmsRuntime, WrapContext, WrappedDek};
 use crate::metrics::CacheStats;
 
@@ -74,6 +77,12 @@ pub struct FileKeys {
     volume_id: VolumeId,
     /// Format 1 headers may be present (an upgraded volume).
     legacy_v1_files: bool,
+    /// Pre-wrapped DEKs per pool of a remote key (`dek_pool`); 0: none.
+    pool_capacity: AtomicUsize,
+    /// One pool per current key that created a file, by provider object;
+    /// a pool whose key a policy reload dropped is pruned.
+    pools: Mutex<Vec<Arc<DekPool>>>,
+    pool_stats: Arc<PoolStats>,
 }
 
 impl FileKeys {
@@ -83,7 +92,48 @@ impl FileKeys {
             audit: OnceLock::new(),
             volume_id,
             legacy_v1_files,
+            pool_capacity: AtomicUsize::new(0),
+            pools: Mutex::new(Vec::new()),
+            pool_stats: Arc::new(PoolStats::default()),
         }
+    }
+
+    /// Keeps up to `entries` pre-wrapped DEKs per remote key from now on,
+    /// so that creates need no KMS call (0: none, the default).
+    pub fn set_dek_pool(&self, entries: usize) {
+        self.pool_capacity.store(entries, Ordering::Relaxed);
+        if entries == 0 {
+            self.pools.lock().unwrap().clear();
+        }
+    }
+
+    pub fn pool_stats(&self) -> &PoolStats {
+        &self.pool_stats
+    }
+
+    /// The DEK pool of `key`, made (and its first fill started) at its
+    /// first create; none when pooling is off or `key` is a local keyring
+    /// (its wraps cost no round trip).
+    fn pool_for(&self, key: &Arc<dyn KeyProvider>) -> Option<Arc<DekPool>> {
+        let capacity = self.pool_capacity.load(Ordering::Relaxed);
+        if capacity == 0 || key.kind() == "local" {
+            return None;
+        }
+        let mut pools = self.pools.lock().unwrap();
+        // Dropping a pool zeroizes its entries.
+        pools.retain(|p| !p.is_orphaned());
+        if let Some(p) = pools.iter().find(|p| p.is_for(key)) {
+            return Some(p.clone());
+        }
+        let pool = Arc::new(DekPool::new(
+            key,
+            self.volume_id,
+            PoolSettings::new(capacity),
+            self.pool_stats.clone(),
+            self.audit.get().cloned(),
+        ));
+        pools.push(pool.clone());
+        Some(pool)
     }
 
     /// Logs key operations to `audit` from now on (the first one set stays).
@@ -220,35 +270,35 @@ impl FileKeys {
 
     /// Keys for a new file under `policy`: a random file ID, a DEK generated
     /// (and wrapped) by the policy's current key, bound to the file and the
-    /// volume, and a format 2 header sealed under it with `block_shift`. The
+    /// volume (taken ready-made from that key's DEK pool when it has one),
+    /// and a format 2 header sealed under it with `block_shift`. The
     /// DEK goes into the cache, so the file's next open makes no KMS call.
     pub async fn create(
         &self, policy: &ActivePolicy, block_shift: u8, label: &str, who: Requester,
     ) -> FsResult<NewFile> {
-        let file_id = crypto::random_file_id();
-        let ctx = WrapContext::file(file_id, self.volume_id);
-        let (dek, wrapped) = match policy.current.generate_dek(&ctx).await {
-            Ok(generated) => generated,
-            Err(e) => {
-                let why = e.to_string();
-                self.audit(
-                    AuditEvent::new(AuditOp::Wrap, AuditOutcome::Failed(&why))
-                        .file(file_id)
-                        .path(label),
-                    who,
-                );
-                return Err(FsError::kms(
-                    label,
-                    "no DEK could be generated for the new file",
-                    e,
-                ));
-            }
+        let pooled = self.take_pooled(&policy.current);
+        let from_pool = pooled.is_some();
+        let PooledDek {
+            file_id,
+            dek,
+            wrapped,
+        } = match pooled {
+            Some(p) => p,
+            None => self.generate(policy, label, who).await?,
         };
+        let ctx = WrapContext::file(file_id, self.volume_id);
+        // A pooled DEK's KMS wrap was logged when the pool was filled; this
+        // line says which file it went to.
+        let event = AuditEvent::new(AuditOp::Wrap, AuditOutcome::Ok)
+            .key(&wrapped.key_ref)
+            .file(file_id)
+            .path(label);
         self.audit(
-            AuditEvent::new(AuditOp::Wrap, AuditOutcome::Ok)
-                .key(&wrapped.key_ref)
-                .file(file_id)
-                .path(label),
+            if from_pool {
+                event.detail("pre-wrapped DEK from the DEK pool")
+            } else {
+                event
+            },
             who,
         );
         let mut wraps = vec![wrapped];
@@ -271,6 +321,48 @@ impl FileKeys {
             header: FileHeader { parsed, raw },
             cipher,
         })
+    }
+
+    /// A pre-wrapped DEK from the pool of `key`, if it has one ready
+    /// (counted as a pool hit or miss).
+    fn take_pooled(&self, key: &Arc<dyn KeyProvider>) -> Option<PooledDek> {
+        let pooled = self.pool_for(key)?.take();
+        let counter = match pooled {
+            Some(_) => &self.pool_stats.hits,
+            None => &self.pool_stats.misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        pooled
+    }
+
+    /// A fresh file ID and a DEK generated for it by the policy's current
+    /// key (one KMS call); a failure is audited.
+    async fn generate(
+        &self, policy: &ActivePolicy, label: &str, who: Requester,
+    ) -> FsResult<PooledDek> {
+        let file_id = crypto::random_file_id();
+        let ctx = WrapContext::file(file_id, self.volume_id);
+        match policy.current.generate_dek(&ctx).await {
+            Ok((dek, wrapped)) => Ok(PooledDek {
+                file_id,
+                dek,
+                wrapped,
+            }),
+            Err(e) => {
+                let why = e.to_string();
+                self.audit(
+                    AuditEvent::new(AuditOp::Wrap, AuditOutcome::Failed(&why))
+                        .file(file_id)
+                        .path(label),
+                    who,
+                );
+                Err(FsError::kms(
+                    label,
+                    "no DEK could be generated for the new file",
+                    e,
+                ))
+            }
+        }
     }
 
     /// Whether `h` is wrapped exactly as a new header under `policy` would

@@ -303,7 +303,14 @@ impl Core {
     }
 
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(self.keys.cache_stats())
+        self.metrics
+            .render(self.keys.cache_stats(), self.keys.pool_stats())
+    }
+
+    /// Keeps up to `entries` pre-wrapped DEKs per remote key, so that
+    /// creates make no KMS call (`dek_pool`; 0, the default, turns it off).
+    pub fn set_dek_pool(&self, entries: usize) {
+        self.keys.set_dek_pool(entries);
     }
 
     /// The policy governing mount-relative `path`.

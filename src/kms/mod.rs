@@ -17,6 +17,7 @@ pub mod gcp;
 pub mod instrumented;
 pub mod local;
 pub mod named;
+pub mod pool;
 pub mod probe;
 mod support;
 #[cfg(any(test, feature = "test-support"))]
