@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole kmsfs test suite, as CI runs it:
 #   setup -> cargo fmt --check -> cargo clippy -D warnings -> cargo test --release
-#   (including the randomized model test, tests/model.rs)
+#   (including the randomized model test, tests/model.rs, and the multi-node
+#   tests, tests/shared.rs, which bring GlusterFS up with scripts/dev-gluster.sh)
 #   -> the filesystem-core tests again as an unprivileged user without /dev/fuse
 #   -> the Python package, built from source, on a volume written through a mount
 #   -> the fuzz targets, 10 s each (scripts/fuzz.sh)
@@ -60,8 +61,10 @@ fi
 
 banner "setup: scripts/setup.sh"
 # The loop-disk tests (tests/faults.rs, tests/crash.rs) make ext4 and btrfs
-# images and run stress-ng; they install these themselves when run alone.
-if ! KMSFS_SETUP_EXTRA_APT="${KMSFS_SETUP_EXTRA_APT:-} e2fsprogs btrfs-progs stress-ng" bash scripts/setup.sh; then
+# images and run stress-ng; the multi-node tests (tests/shared.rs) run two
+# nodes over a GlusterFS volume (scripts/dev-gluster.sh). They install these
+# themselves when run alone.
+if ! KMSFS_SETUP_EXTRA_APT="${KMSFS_SETUP_EXTRA_APT:-} e2fsprogs btrfs-progs stress-ng glusterfs-server glusterfs-client" bash scripts/setup.sh; then
     echo "test.sh: setup failed; nothing else can run" >&2
     echo "steps: 0 passed, 1 failed"
     exit 1

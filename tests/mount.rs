@@ -715,6 +715,9 @@ fn cli_errors_are_clear_and_nonzero() {
     expect_err(&["mount", &d("b"), &d("mnt2")], &first);
     expect_err(&["mount", &d("b"), &d("mnt2"), "-o", "ro"], &first);
     expect_err(&["mount", &d("b"), &d("mnt2"), "-o", "shared"], &first);
+    // ... and says how to serve it from several mounts (docs/MOUNTING.md,
+    // "Shared mounts").
+    expect_err(&["mount", &d("b"), &d("mnt2")], "-o shared");
     run(&["umount", &d("mnt")], true);
     common::wait_for_daemon_exit(&dir.path().join("mnt"));
     // Read-only mounts share it; a read-write one beside them is refused.

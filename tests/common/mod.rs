@@ -4,6 +4,7 @@
 
 pub mod kms;
 pub mod loop_disk;
+pub mod nodes;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
