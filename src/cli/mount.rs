@@ -159,7 +159,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
         ro,
     )
     .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
-    core.set_audit_log(Arc::new(audit));
+    let audit = Arc::new(audit);
+    volume.set_audit_log(audit.clone());
+    core.set_audit_log(audit);
     core.set_reloader(reloader(volume, metrics));
     let opts = MountOptions {
         read_only: ro,

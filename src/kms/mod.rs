@@ -15,6 +15,7 @@ pub mod config;
 #[cfg(feature = "gcp")]
 pub mod gcp;
 pub mod instrumented;
+pub mod intermediate;
 pub mod local;
 pub mod named;
 pub mod probe;
@@ -57,6 +58,12 @@ pub enum WrapContext {
     },
     /// A volume configuration's key.
     VolumeKey { volume_id: [u8; 16] },
+    /// An intermediate key of directory key mode (`kms::intermediate`),
+    /// bound to its ID (which holds its creation time) and its volume.
+    IntermediateKey {
+        volume_id: [u8; 16],
+        ik_id: [u8; 16],
+    },
 }
 
 impl WrapContext {
@@ -72,6 +79,10 @@ impl WrapContext {
         WrapContext::VolumeKey { volume_id }
     }
 
+    pub fn intermediate_key(volume_id: [u8; 16], ik_id: [u8; 16]) -> Self {
+        WrapContext::IntermediateKey { volume_id, ik_id }
+    }
+
     /// Key/value pairs for KMSs that take a map (AWS EncryptionContext).
     pub fn pairs(&self) -> Vec<(&'static str, String)> {
         match self {
@@ -83,6 +94,10 @@ impl WrapContext {
             WrapContext::VolumeKey { volume_id } => {
                 vec![("kmsfs-volume-key", hex::encode(volume_id))]
             }
+            WrapContext::IntermediateKey { volume_id, ik_id } => vec![
+                ("kmsfs-intermediate-key", hex::encode(ik_id)),
+                ("kmsfs-volume-id", hex::encode(volume_id)),
+            ],
         }
     }
 

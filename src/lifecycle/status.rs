@@ -131,7 +131,9 @@ pub fn status(scope: &Scope) -> Result<Vec<PolicyKeyStatus>, LifecycleError> {
             *row.by_version
                 .entry(format!(
                     "{}/{}@{}",
-                    p.key_ref.provider, p.key_ref.key_id, p.key_ref.key_version
+                    p.key_ref.provider,
+                    p.key_ref.key_id,
+                    crate::format::ik::base_version(&p.key_ref.key_version)
                 ))
                 .or_default() += 1;
             let readable = h.wraps().iter().any(|w| {
@@ -140,10 +142,10 @@ pub fn status(scope: &Scope) -> Result<Vec<PolicyKeyStatus>, LifecycleError> {
                 };
                 match versions_of(key) {
                     // Versions named: this one must be listed and usable.
-                    Some(v) if v.current.is_some() => v
-                        .versions
-                        .iter()
-                        .any(|kv| kv.version == w.key_ref.key_version && kv.can_unwrap),
+                    Some(v) if v.current.is_some() => v.versions.iter().any(|kv| {
+                        kv.version == crate::format::ik::base_version(&w.key_ref.key_version)
+                            && kv.can_unwrap
+                    }),
                     _ => true,
                 }
             });
