@@ -339,7 +339,12 @@ fn print_status(r: &PolicyKeyStatus) {
         .current_age_secs
         .map(age)
         .unwrap_or_else(|| "unknown".into());
-    println!("{}: key {} version {version}, {age} old", r.dir, r.key);
+    println!(
+        "{}: key {} version {version}, {age} old, {} key mode",
+        r.dir,
+        r.key,
+        r.key_mode.name()
+    );
     if !r.recipients.is_empty() {
         println!("  recipients: {}", r.recipients.join(", "));
     }

@@ -301,8 +301,9 @@ impl IntermediateKeys {
     /// or the current one is due for rotation.
     async fn current(&self, rotation: Rotation, n: u64) -> Result<(IkId, Arc<Ik>), IkError> {
         let mut current = self.state.current.lock().await;
+        // A batch larger than `max_files` gets an IK of its own.
         let due = current.as_ref().is_none_or(|c| {
-            c.files >= rotation.max_files
+            (c.files > 0 && c.files.saturating_add(n) > rotation.max_files)
                 || now_secs().saturating_sub(c.created) >= rotation.max_age.as_secs()
         });
         if due {
@@ -594,7 +595,7 @@ impl KeyProvider for IntermediateKeys {
             }
             return out;
         }
-        // One IK for the whole batch (a batch may run past `max_files`).
+        // One IK for the whole batch.
         match self.current(rotation, items.len() as u64).await {
             Ok((id, ik)) => items
                 .iter()
@@ -676,5 +677,284 @@ impl KeyProvider for IntermediateKeys {
 
     async fn check(&self) -> Result<(), KmsError> {
         self.inner.check().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::testing::FakeKms;
+
+    /// IK objects in memory.
+    #[derive(Default)]
+    struct MemoryStore(Mutex<HashMap<IkId, Vec<u8>>>);
+
+    impl IntermediateKeyStore for MemoryStore {
+        fn load(&self, id: &IkId) -> std::io::Result<Option<Vec<u8>>> {
+            Ok(self.0.lock().unwrap().get(id).cloned())
+        }
+        fn save(&self, id: &IkId, bytes: &[u8]) -> std::io::Result<()> {
+            self.0.lock().unwrap().insert(*id, bytes.to_vec());
+            Ok(())
+        }
+        fn location(&self, id: &IkId) -> String {
+            format!("memory/{}", hex::encode(id))
+        }
+    }
+
+    impl MemoryStore {
+        fn ids(&self) -> Vec<IkId> {
+            self.0.lock().unwrap().keys().copied().collect()
+        }
+    }
+
+    const VOLUME: [u8; 16] = [5; 16];
+
+    fn spec() -> KeySpec {
+        KeySpec {
+            provider: "fake".into(),
+            id: "k".into(),
+            version: None,
+        }
+    }
+
+    /// A provider over `kms` and `store` as a fresh process would have it.
+    fn provider(
+        kms: &Arc<FakeKms>, store: &Arc<MemoryStore>, rotation: Option<Rotation>,
+    ) -> Arc<dyn KeyProvider> {
+        IntermediateKeyRegistry::new(VOLUME, store.clone()).provider(&spec(), kms.clone(), rotation)
+    }
+
+    fn ctx(i: u32) -> WrapContext {
+        let mut file_id = [0u8; 16];
+        file_id[..4].copy_from_slice(&i.to_be_bytes());
+        WrapContext::file(file_id, VOLUME)
+    }
+
+    fn directory() -> Option<Rotation> {
+        Some(Rotation::default())
+    }
+
+    #[tokio::test]
+    async fn round_trip_names_the_ik_in_the_key_version() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let p = provider(&kms, &store, directory());
+        let (dek, wrapped) = p.generate_dek(&ctx(1)).await.unwrap();
+        let (base, id) = ik::split_version(&wrapped.key_ref.key_version).unwrap();
+        assert_eq!(base, "1");
+        assert_eq!(store.ids(), vec![id.unwrap()]);
+        assert_eq!(wrapped.blob.len(), crypto::WRAPPED_KEY_LEN);
+        assert!(p.handles(&wrapped.key_ref));
+        let back = p.unwrap(&wrapped, &ctx(1)).await.unwrap();
+        assert_eq!(back.as_bytes(), dek.as_bytes());
+        // Bound to the file's context.
+        assert!(p.unwrap(&wrapped, &ctx(2)).await.is_err());
+        // The volume key is never under an IK.
+        let vk = p
+            .wrap(&dek, &WrapContext::volume_key(VOLUME))
+            .await
+            .unwrap();
+        assert_eq!(ik::split_version(&vk.key_ref.key_version).unwrap().1, None);
+    }
+
+    #[tokio::test]
+    async fn creates_and_cold_reads_make_one_kms_call_per_ik() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let p = provider(&kms, &store, directory());
+        let mut files = Vec::new();
+        for i in 0..1000 {
+            files.push(p.generate_dek(&ctx(i)).await.unwrap());
+        }
+        assert_eq!(kms.requests(), 1, "one KMS call for 1000 creates");
+        // A fresh process: nothing cached.
+        let cold = provider(&kms, &store, None);
+        for (i, (dek, wrapped)) in files.iter().enumerate() {
+            let back = cold.unwrap(wrapped, &ctx(i as u32)).await.unwrap();
+            assert_eq!(back.as_bytes(), dek.as_bytes());
+        }
+        assert_eq!(kms.unwraps(), 1, "one KMS unwrap for 1000 cold reads");
+        let batch = provider(&kms, &store, None);
+        let items: Vec<_> = files
+            .iter()
+            .enumerate()
+            .map(|(i, (_, w))| (w.clone(), ctx(i as u32)))
+            .collect();
+        let deks = batch.unwrap_many(&items).await;
+        assert!(deks.iter().all(Result::is_ok));
+        assert_eq!(kms.unwraps(), 2, "one more for a batch in another process");
+    }
+
+    #[tokio::test]
+    async fn per_file_mode_uses_the_kms_and_still_reads_iks() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let dir = provider(&kms, &store, directory());
+        let (_, under_ik) = dir.generate_dek(&ctx(1)).await.unwrap();
+        let per_file = provider(&kms, &store, None);
+        let (_, plain) = per_file.generate_dek(&ctx(2)).await.unwrap();
+        assert_eq!(plain.key_ref, kms.key_ref());
+        assert_eq!(kms.wraps(), 2);
+        assert!(per_file.unwrap(&under_ik, &ctx(1)).await.is_ok());
+        assert!(dir.unwrap(&plain, &ctx(2)).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_creates_make_one_ik() {
+        let kms = Arc::new(FakeKms::new("k").with_delay(Duration::from_millis(50)));
+        let store = Arc::new(MemoryStore::default());
+        let p = provider(&kms, &store, directory());
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move { p.generate_dek(&ctx(i)).await.map(|_| ()) })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(kms.wraps(), 1);
+        assert_eq!(store.ids().len(), 1);
+        // And concurrent cold reads of it make one unwrap.
+        let (_, w) = p.generate_dek(&ctx(99)).await.unwrap();
+        let cold = provider(&kms, &store, None);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (cold, w) = (cold.clone(), w.clone());
+                tokio::spawn(async move { cold.unwrap(&w, &ctx(99)).await.map(|_| ()) })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(kms.unwraps(), 1);
+    }
+
+    #[tokio::test]
+    async fn rotation_by_count_and_by_wrap_many() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let rotation = Rotation {
+            max_files: 10,
+            max_age: DEFAULT_ROTATE_AFTER,
+        };
+        let p = provider(&kms, &store, Some(rotation));
+        for i in 0..25 {
+            p.generate_dek(&ctx(i)).await.unwrap();
+        }
+        assert_eq!(store.ids().len(), 3);
+        assert_eq!(kms.wraps(), 3);
+        // A KMS key rotation reaches new files with the next IK.
+        kms.rotate().await.unwrap();
+        let deks: Vec<Dek> = (0..10).map(|_| Dek::generate()).collect();
+        let items: Vec<_> = deks.iter().zip(0..).map(|(d, i)| (d, ctx(i))).collect();
+        let wrapped = p.wrap_many(&items).await;
+        assert_eq!(kms.wraps(), 4, "a full IK, then one new for the batch");
+        for w in wrapped {
+            assert_eq!(ik::base_version(&w.unwrap().key_ref.key_version), "2");
+        }
+    }
+
+    #[tokio::test]
+    async fn tampering_fails_and_never_gives_wrong_bytes() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let p = provider(&kms, &store, directory());
+        let (_, a) = p.generate_dek(&ctx(1)).await.unwrap();
+        let id_a = ik::split_version(&a.key_ref.key_version)
+            .unwrap()
+            .1
+            .unwrap();
+        // Another IK (another process), whose DEK the test moves around.
+        let q = provider(&kms, &store, directory());
+        let (_, b) = q.generate_dek(&ctx(1)).await.unwrap();
+        let id_b = ik::split_version(&b.key_ref.key_version)
+            .unwrap()
+            .1
+            .unwrap();
+        let fresh = || provider(&kms, &store, None);
+
+        // Ciphertext tampered.
+        let mut t = a.clone();
+        t.blob[20] ^= 1;
+        assert!(fresh().unwrap(&t, &ctx(1)).await.is_err());
+        // The reference names another IK than the DEK was wrapped under.
+        let mut t = a.clone();
+        t.key_ref.key_version = ik::ik_version("1", &id_b);
+        assert!(fresh().unwrap(&t, &ctx(1)).await.is_err());
+        // An ID that is not 32 lowercase hex digits.
+        let mut t = a.clone();
+        t.key_ref.key_version = "1+ik.../../x".into();
+        assert!(!fresh().handles(&t.key_ref));
+        assert!(fresh().unwrap(&t, &ctx(1)).await.is_err());
+        // A different base version than the IK object's.
+        let mut t = a.clone();
+        t.key_ref.key_version = ik::ik_version("2", &id_a);
+        assert!(fresh().unwrap(&t, &ctx(1)).await.is_err());
+
+        let object_a = store.load(&id_a).unwrap().unwrap();
+        let object_b = store.load(&id_b).unwrap().unwrap();
+        // IK B's wrap planted as IK A's object: the KMS context (IK ID)
+        // does not match, so it does not unwrap.
+        let wrapped_b = ik::parse_object(&object_b, &id_b).unwrap();
+        store
+            .save(&id_a, &ik::encode_object(&id_a, &wrapped_b).unwrap())
+            .unwrap();
+        let e = fresh().unwrap(&a, &ctx(1)).await.err().expect("refused");
+        assert!(e.to_string().contains(&hex::encode(id_a)), "{e}");
+        // The object's bytes tampered.
+        let mut bad = object_a.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        store.save(&id_a, &bad).unwrap();
+        assert!(fresh().unwrap(&a, &ctx(1)).await.is_err());
+        // Wrapped under another key of the same KMS kind: refused without
+        // asking that key.
+        let other = Arc::new(FakeKms::new("other"));
+        let (_, foreign) = other
+            .generate_dek(&WrapContext::intermediate_key(VOLUME, id_a))
+            .await
+            .unwrap();
+        store
+            .save(&id_a, &ik::encode_object(&id_a, &foreign).unwrap())
+            .unwrap();
+        let e = fresh().unwrap(&a, &ctx(1)).await.err().expect("refused");
+        assert!(e.to_string().contains("not under the header's key"), "{e}");
+        // Missing.
+        store.0.lock().unwrap().remove(&id_a);
+        let e = fresh().unwrap(&a, &ctx(1)).await.err().expect("refused");
+        assert!(e.to_string().contains("missing"), "{e}");
+        // The genuine object again: it opens.
+        store.save(&id_a, &object_a).unwrap();
+        assert!(fresh().unwrap(&a, &ctx(1)).await.is_ok());
+        // Another volume's provider over the same objects does not.
+        let elsewhere = IntermediateKeyRegistry::new([6; 16], store.clone()).provider(
+            &spec(),
+            kms.clone(),
+            None,
+        );
+        assert!(elsewhere.unwrap(&a, &ctx(1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let (_, w) = provider(&kms, &store, directory())
+            .generate_dek(&ctx(1))
+            .await
+            .unwrap();
+        let cold = provider(&kms, &store, None);
+        kms.fail_next(
+            1,
+            KmsError::Unreachable {
+                kms: "fake".into(),
+                detail: "down".into(),
+            },
+        );
+        let e = cold.unwrap(&w, &ctx(1)).await.err().expect("refused");
+        assert!(e.is_retryable(), "keeps its kind: {e}");
+        assert!(cold.unwrap(&w, &ctx(1)).await.is_ok());
     }
 }

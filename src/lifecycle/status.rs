@@ -21,6 +21,9 @@ pub struct PolicyKeyStatus {
     /// The key new files are wrapped under, as `provider/key`.
     pub key: String,
     pub recipients: Vec<String>,
+    /// How new files' DEKs are wrapped: per file, or under intermediate
+    /// keys (`by_version` counts those by their KMS key version).
+    pub key_mode: crate::policy::KeyMode,
     /// Its current version (`None`: the KMS does not name versions).
     pub current_version: Option<String>,
     /// When that version was made, seconds since the Unix epoch.
@@ -92,6 +95,7 @@ pub fn status(scope: &Scope) -> Result<Vec<PolicyKeyStatus>, LifecycleError> {
             dir: p.policy.dir.clone(),
             key: format!("{}/{}", p.policy.key.provider, p.policy.key.id),
             recipients: p.policy.recipients.iter().map(|k| k.to_string()).collect(),
+            key_mode: p.policy.key_mode,
             current_version: versions[i][0].clone(),
             current_created: created,
             current_age_secs: age,
