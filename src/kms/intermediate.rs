@@ -93,7 +93,7 @@ pub enum IkError {
     Kms {
         ik: String,
         location: String,
-        source: KmsError,
+        source: Box<KmsError>,
     },
     #[error("intermediate key {ik}: the DEK wrapped under it failed authentication ({source}): a tampered header, or one moved from another file")]
     Dek {
@@ -115,7 +115,7 @@ impl IkError {
     /// retry and metrics treat them as they do any KMS call.
     fn into_kms(self, kms: String) -> KmsError {
         match self {
-            IkError::Kms { source, .. } if source.is_retryable() => source,
+            IkError::Kms { source, .. } if source.is_retryable() => *source,
             other => KmsError::UnwrapFailed {
                 kms,
                 detail: other.to_string(),
@@ -333,7 +333,7 @@ impl IntermediateKeys {
                     .map_err(|source| IkError::Kms {
                         ik: hex_id.clone(),
                         location: location.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             let version = &wrapped.key_ref.key_version;
             if version.len() + ik::SUFFIX_LEN > MAX_KEY_VERSION {
@@ -452,7 +452,7 @@ impl IntermediateKeys {
         let plain = plain.map_err(|source| IkError::Kms {
             ik: hex_id,
             location,
-            source,
+            source: Box::new(source),
         })?;
         Ok(Arc::new(Ik::new(&plain, wrapped.key_ref)))
     }
