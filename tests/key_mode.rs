@@ -3,13 +3,13 @@
 //! wraps once, `kmsfs rewrap` moving files between the modes, and key
 //! objects planted in the backing directory refused.
 //!
-//! Tests named `nofuse_*` need no /dev/fuse and no root.
+//! Tests named `nofuse_*` need no /dev/fuse and no root; the others mount.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::run;
+use common::{free_port, run, TestFs};
 use kmsfs::format::ik;
 use kmsfs::volume::{Options, Volume};
 
@@ -223,4 +223,67 @@ fn nofuse_planted_key_object_does_not_open() {
     // The genuine object restored: it opens again.
     std::fs::write(object(&a, &ik_a), genuine).unwrap();
     assert_eq!(a.open().read("/secret").unwrap(), b"the real contents");
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// KMS requests of `operation` so far, from the mount's metrics.
+fn kms_requests(port: u16, operation: &str) -> u64 {
+    let filter = format!("operation=\"{operation}\"");
+    scrape(port)
+        .lines()
+        .filter(|l| l.starts_with("kmsfs_kms_requests_total") && l.contains(&filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Through a mount: creates make one KMS call, a cold read of the tree
+/// one unwrap (both counted in the KMS metrics), and renames between
+/// policies of one key but different modes stay allowed.
+#[test]
+fn mount_creates_and_cold_reads_cost_one_kms_call_per_intermediate_key() {
+    let mut fs = TestFs::new(&["--key-mode", "directory"]);
+    fs.umount();
+    let port = free_port();
+    fs.mount(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    std::fs::create_dir(fs.path("d")).unwrap();
+    for i in 0..30 {
+        std::fs::write(fs.path(&format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    assert_eq!(
+        kms_requests(port, "generate") + kms_requests(port, "wrap"),
+        1,
+        "one intermediate key for 30 creates"
+    );
+    fs.umount();
+    let port = free_port();
+    fs.mount(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let at_mount = kms_requests(port, "unwrap");
+    assert_eq!(at_mount, 1, "the volume key");
+    for i in 0..30 {
+        assert_eq!(
+            std::fs::read_to_string(fs.path(&format!("d/f{i}"))).unwrap(),
+            format!("file {i}")
+        );
+    }
+    assert_eq!(kms_requests(port, "unwrap") - at_mount, 1, "cold reads");
+
+    // A per-file policy under the same key: renames across stay allowed,
+    // and each side opens the other's files.
+    fs.set_policy("/plain", "default", &["--key-mode", "per-file"]);
+    fs.remount();
+    std::fs::create_dir(fs.path("plain")).unwrap();
+    std::fs::write(fs.path("plain/p"), b"per file").unwrap();
+    std::fs::rename(fs.path("d/f0"), fs.path("plain/f0")).unwrap();
+    std::fs::rename(fs.path("plain/p"), fs.path("d/p")).unwrap();
+    fs.remount();
+    assert_eq!(std::fs::read(fs.path("plain/f0")).unwrap(), b"file 0");
+    assert_eq!(std::fs::read(fs.path("d/p")).unwrap(), b"per file");
 }
