@@ -161,10 +161,14 @@ impl Ik {
 struct Current {
     id: IkId,
     ik: Arc<Ik>,
+    /// The IK as the KMS wrapped it (its object's content).
+    wrapped: WrappedDek,
     /// Creation time from the ID, Unix seconds.
     created: u64,
     /// DEKs wrapped under it so far.
     files: u64,
+    /// When the KMS last unwrapped (or made) it.
+    checked: Instant,
 }
 
 /// A cached (or being unwrapped) IK.
@@ -216,8 +220,16 @@ impl IntermediateKeyRegistry {
     pub fn provider(
         &self, spec: &KeySpec, inner: Arc<dyn KeyProvider>, rotation: Option<Rotation>,
     ) -> Arc<dyn KeyProvider> {
-        let state = self
-            .keys
+        Arc::new(IntermediateKeys {
+            inner,
+            state: self.state(spec),
+            rotation,
+        })
+    }
+
+    /// The IK state of key `spec`, made on first use.
+    fn state(&self, spec: &KeySpec) -> Arc<KeyState> {
+        self.keys
             .lock()
             .unwrap()
             .entry(spec.clone())
@@ -230,12 +242,7 @@ impl IntermediateKeyRegistry {
                     cache: Mutex::new(HashMap::new()),
                 })
             })
-            .clone();
-        Arc::new(IntermediateKeys {
-            inner,
-            state,
-            rotation,
-        })
+            .clone()
     }
 }
 
@@ -306,12 +313,47 @@ impl IntermediateKeys {
             (c.files > 0 && c.files.saturating_add(n) > rotation.max_files)
                 || now_secs().saturating_sub(c.created) >= rotation.max_age.as_secs()
         });
+        // New files must stay readable after a restart: once per
+        // CACHE_TTL the KMS confirms it still unwraps the current IK (a key
+        // version destroyed or disabled since), else a new IK is made.
+        let stale = current
+            .as_ref()
+            .is_some_and(|c| c.checked.elapsed() >= CACHE_TTL);
+        let due = due || (stale && !self.still_unwraps(current.as_mut().expect("stale")).await);
         if due {
             *current = Some(self.generate().await?);
         }
         let c = current.as_mut().expect("set above");
         c.files += n;
         Ok((c.id, c.ik.clone()))
+    }
+
+    /// Whether the KMS still unwraps the current IK `c` (noted in `c`). A
+    /// KMS that cannot be asked right now revoked nothing: the IK stays,
+    /// and is checked again a CACHE_TTL later.
+    async fn still_unwraps(&self, c: &mut Current) -> bool {
+        let ctx = WrapContext::intermediate_key(self.state.volume_id, c.id);
+        match self.inner.unwrap(&c.wrapped, &ctx).await {
+            Ok(_) => {
+                c.checked = Instant::now();
+                true
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(
+                    "intermediate key {} could not be checked ({e}); still in use",
+                    hex::encode(c.id)
+                );
+                c.checked = Instant::now();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "intermediate key {} no longer unwraps ({e}); new files go under a new one",
+                    hex::encode(c.id)
+                );
+                false
+            }
+        }
     }
 
     /// A new IK: generated and wrapped by the KMS, its object written
@@ -369,8 +411,10 @@ impl IntermediateKeys {
                 Ok(Current {
                     id,
                     ik,
+                    wrapped,
                     created,
                     files: 0,
+                    checked: Instant::now(),
                 })
             }
             Err(e) => {
@@ -854,6 +898,41 @@ mod tests {
         for w in wrapped {
             assert_eq!(ik::base_version(&w.unwrap().key_ref.key_version), "2");
         }
+    }
+
+    /// A KMS key version destroyed under a mount's current IK: within
+    /// CACHE_TTL new files go under a new IK, so they stay readable.
+    #[tokio::test]
+    async fn a_current_ik_the_kms_no_longer_unwraps_is_replaced() {
+        let kms = Arc::new(FakeKms::new("k"));
+        let store = Arc::new(MemoryStore::default());
+        let registry = IntermediateKeyRegistry::new(VOLUME, store.clone());
+        let p = IntermediateKeys {
+            inner: kms.clone(),
+            state: registry.state(&spec()),
+            rotation: directory(),
+        };
+        p.generate_dek(&ctx(1)).await.unwrap();
+        kms.rotate().await.unwrap();
+        assert!(kms.destroy_version(1));
+        let (_, w) = p.generate_dek(&ctx(2)).await.unwrap();
+        assert_eq!(
+            ik::base_version(&w.key_ref.key_version),
+            "1",
+            "not checked yet"
+        );
+        let Some(past) = Instant::now().checked_sub(CACHE_TTL) else {
+            return; // the host booted less than CACHE_TTL ago
+        };
+        p.state.current.lock().await.as_mut().unwrap().checked = past;
+        let (dek, w) = p.generate_dek(&ctx(3)).await.unwrap();
+        assert_eq!(ik::base_version(&w.key_ref.key_version), "2");
+        assert_eq!(store.ids().len(), 2);
+        let cold = provider(&kms, &store, None);
+        assert_eq!(
+            cold.unwrap(&w, &ctx(3)).await.ok().unwrap().as_bytes(),
+            dek.as_bytes()
+        );
     }
 
     #[tokio::test]
