@@ -59,7 +59,7 @@ pub enum PolicyCmd {
         intermediate_rotate_after: Option<Duration>,
         /// Directory mode: a new intermediate key once the current one
         /// wrapped this many DEKs (default 1000000).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=kmsfs::kms::intermediate::MAX_FILES_CAP))]
         intermediate_max_files: Option<u64>,
         // Last (see KmsArgs).
         #[command(flatten)]

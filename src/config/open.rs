@@ -15,7 +15,7 @@ use crate::crypto::Dek;
 use crate::fs::ik_store::BackingKeyStore;
 use crate::kms::config::{ConnectError, KeySpec};
 use crate::kms::instrumented::RetryPolicy;
-use crate::kms::intermediate::{IntermediateKeyRegistry, Rotation};
+use crate::kms::intermediate::{IntermediateKeyRegistry, Rotation, MAX_FILES_CAP};
 use crate::kms::named::NamedKey;
 use crate::kms::{KeyProvider, KmsError, KmsRuntime};
 use crate::metrics::Metrics;
@@ -471,7 +471,10 @@ fn active_policies(
                     let rotation = (i == 0 && p.key_mode == KeyMode::Directory).then(|| {
                         let default = Rotation::default();
                         Rotation {
-                            max_files: p.intermediate_max_files.unwrap_or(default.max_files),
+                            max_files: p
+                                .intermediate_max_files
+                                .unwrap_or(default.max_files)
+                                .clamp(1, MAX_FILES_CAP),
                             max_age: p.intermediate_rotate_after.unwrap_or(default.max_age),
                         }
                     });

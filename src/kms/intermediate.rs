@@ -38,6 +38,9 @@ use crate::format::FormatError;
 
 /// A new IK after this many DEKs wrapped under the current one, by default.
 pub const DEFAULT_MAX_FILES: u64 = 1_000_000;
+/// Most DEKs ever wrapped under one IK, whatever the policy says: the
+/// random-nonce AES-GCM budget of one key (NIST SP 800-38D).
+pub const MAX_FILES_CAP: u64 = 1 << 32;
 /// A new IK once the current one is this old, by default.
 pub const DEFAULT_ROTATE_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Most IK plaintexts cached per KMS key.
