@@ -126,6 +126,7 @@ fn fixed_dek(byte: u8) -> Dek {
 /// header [`Header::new`] accepts, is not a prefix of another header, and
 /// seals and opens under a DEK (and only under that DEK).
 pub fn header(data: &[u8]) {
+    intermediate_key_object(data);
     let Ok(parsed) = header::parse(data) else {
         return;
     };
@@ -160,6 +161,32 @@ pub fn header(data: &[u8]) {
             "a header whose MAC differs does not open"
         );
     }
+}
+
+/// `format::ik::parse_object` (an intermediate key's object, named by the
+/// ID its bytes hold): whatever parses encodes back to the same bytes and
+/// is no prefix of another object. Also `split_version` on the input.
+fn intermediate_key_object(data: &[u8]) {
+    use crate::format::ik;
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok((base, Some(id))) = ik::split_version(text) {
+            assert_eq!(
+                ik::ik_version(base, &id),
+                text,
+                "an IK version is canonical"
+            );
+        }
+    }
+    let Some(id) = data.get(10..26) else {
+        return;
+    };
+    let id: [u8; 16] = id.try_into().expect("16 bytes");
+    let Ok(wrapped) = ik::parse_object(data, &id) else {
+        return;
+    };
+    assert_eq!(ik::encode_object(&id, &wrapped).as_deref(), Ok(data));
+    assert!(ik::parse_object(&data[..data.len() - 1], &id).is_err());
+    assert!(ik::parse_object(&[data, &[0]].concat(), &id).is_err());
 }
 
 /// `VolumeConfig::parse` (the backing directory's `.kmsfs-config.toml`):

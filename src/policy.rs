@@ -13,6 +13,45 @@ fn yes() -> bool {
     true
 }
 
+/// How new files' DEKs are wrapped under a policy's key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyMode {
+    /// The KMS wraps every new file's DEK (one KMS call per create).
+    #[default]
+    PerFile,
+    /// The KMS wraps an intermediate key now and then; each new file's DEK
+    /// is wrapped under it locally (no KMS call per create; a cold read
+    /// makes one KMS call per intermediate key). docs/KEY_LIFECYCLE.md.
+    Directory,
+}
+
+impl KeyMode {
+    pub fn is_per_file(&self) -> bool {
+        *self == KeyMode::PerFile
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyMode::PerFile => "per-file",
+            KeyMode::Directory => "directory",
+        }
+    }
+}
+
+impl std::str::FromStr for KeyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "per-file" | "per_file" => Ok(KeyMode::PerFile),
+            "directory" => Ok(KeyMode::Directory),
+            other => Err(format!(
+                "unknown key mode {other:?}: use per-file or directory"
+            )),
+        }
+    }
+}
+
 /// One policy: the directory it governs, the key for new files there, and
 /// the keys files there may be under besides it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +91,22 @@ pub struct Policy {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_key_age: Option<std::time::Duration>,
+    /// How new files' DEKs are wrapped (absent: per file, so configurations
+    /// from before key modes read, and seal, as they were).
+    #[serde(default, skip_serializing_if = "KeyMode::is_per_file")]
+    pub key_mode: KeyMode,
+    /// Directory mode: a new intermediate key once the current one is this
+    /// old (default 24 h).
+    #[serde(
+        default,
+        with = "crate::duration::serde_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub intermediate_rotate_after: Option<std::time::Duration>,
+    /// Directory mode: a new intermediate key once the current one wrapped
+    /// this many DEKs (default 1,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_max_files: Option<u64>,
 }
 
 impl Policy {
@@ -66,13 +121,19 @@ impl Policy {
             recipients: Vec::new(),
             rotate_after: None,
             max_key_age: None,
+            key_mode: KeyMode::PerFile,
+            intermediate_rotate_after: None,
+            intermediate_max_files: None,
         }
     }
 
     /// Whether files may move between the subtrees of `self` and `other`
     /// without changing how they are checked: the same key, cipher and
     /// retired keys and recipients (rename and link stay within one
-    /// protection).
+    /// protection). The key mode does not count: a DEK wrapped under an
+    /// intermediate key is still under the same KMS key (only that key
+    /// unwraps the intermediate one), and every policy with that key opens
+    /// it, whatever its mode.
     pub fn same_protection(&self, other: &Policy) -> bool {
         let sorted = |keys: &[KeySpec]| {
             let mut r = keys.to_vec();

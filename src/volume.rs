@@ -338,7 +338,9 @@ impl Volume {
         )
         .map_err(|e| VolumeError::fs(&backing, e.into()))?;
         if let Some(path) = audit {
-            core.set_audit_log(Arc::new(AuditLog::open(&path)?));
+            let audit = Arc::new(AuditLog::open(&path)?);
+            volume.set_audit_log(audit.clone());
+            core.set_audit_log(audit);
         }
         core.set_dek_pool(options.dek_pool);
         // SAFETY: these calls have no preconditions.

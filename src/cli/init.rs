@@ -10,7 +10,7 @@ use kmsfs::config::{Volume, VolumeConfig};
 use kmsfs::format::block::BlockLayout;
 use kmsfs::format::{BlockGeometry, CipherSuite};
 use kmsfs::kms::KmsRuntime;
-use kmsfs::policy::Policy;
+use kmsfs::policy::{KeyMode, Policy};
 
 use super::kms_args::{self, KmsArgs};
 use super::{absolute, trust};
@@ -25,6 +25,11 @@ pub struct FormatArgs {
     /// Plaintext block size: a power of two from 4096 to 1048576.
     #[arg(long, default_value_t = 4096)]
     pub block_size: u64,
+    /// per-file: the KMS wraps each new file's DEK. directory: the KMS
+    /// wraps an intermediate key now and then, and new files' DEKs are
+    /// wrapped under it (no KMS call per create; docs/KEY_LIFECYCLE.md).
+    #[arg(long, default_value = "per-file")]
+    pub key_mode: KeyMode,
 }
 
 #[derive(Args)]
@@ -48,7 +53,11 @@ pub fn init(a: InitArgs) -> Result<()> {
 pub(super) fn create_volume(
     backing: &Path, format: &FormatArgs, kms: &KmsArgs, mandatory: bool,
 ) -> Result<()> {
-    let FormatArgs { cipher, block_size } = *format;
+    let FormatArgs {
+        cipher,
+        block_size,
+        key_mode,
+    } = *format;
     BlockGeometry::from_size(block_size, BlockLayout::V2).map_err(|_| {
         anyhow!(
             "--block-size {} is not a power of two from 4096 to 1048576",
@@ -70,7 +79,8 @@ pub(super) fn create_volume(
         );
     }
     let key = kms.to_key(backing)?;
-    let root = Policy::new("/".into(), cipher, mandatory, key);
+    let mut root = Policy::new("/".into(), cipher, mandatory, key);
+    root.key_mode = key_mode;
     let rt = KmsRuntime::new()?;
     Volume::create(backing, &trust::load()?, &rt, block_size, vec![root], false)?;
     eprintln!(

@@ -238,9 +238,12 @@ fn make_scope<'a>(
 }
 
 /// Opens the volume and the audit log for a pass over `dir`.
-fn open(backing: &Path, audit_log: Option<&Path>) -> Result<(Volume, KmsRuntime, AuditLog)> {
+fn open(
+    backing: &Path, audit_log: Option<&Path>,
+) -> Result<(Volume, KmsRuntime, std::sync::Arc<AuditLog>)> {
     let (volume, rt) = trust::open_volume(backing, &Calls::Once)?;
-    let audit = trust::audit_log(audit_log)?;
+    let audit = std::sync::Arc::new(trust::audit_log(audit_log)?);
+    volume.set_audit_log(audit.clone());
     Ok((volume, rt, audit))
 }
 
@@ -336,7 +339,12 @@ fn print_status(r: &PolicyKeyStatus) {
         .current_age_secs
         .map(age)
         .unwrap_or_else(|| "unknown".into());
-    println!("{}: key {} version {version}, {age} old", r.dir, r.key);
+    println!(
+        "{}: key {} version {version}, {age} old, {} key mode",
+        r.dir,
+        r.key,
+        r.key_mode.name()
+    );
     if !r.recipients.is_empty() {
         println!("  recipients: {}", r.recipients.join(", "));
     }

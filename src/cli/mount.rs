@@ -169,7 +169,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
     )
     .with_context(|| format!("cannot open backing directory {}", backing.display()))?
     .with_shared(set.shared);
-    core.set_audit_log(Arc::new(audit));
+    let audit = Arc::new(audit);
+    volume.set_audit_log(audit.clone());
+    core.set_audit_log(audit);
     core.set_dek_pool(set.dek_pool);
     core.set_reloader(reloader(volume, metrics));
     let opts = MountOptions {

@@ -11,7 +11,7 @@ use kmsfs::audit::{AuditEvent, AuditOp, AuditOutcome};
 use kmsfs::config::{Calls, VolumeConfig};
 use kmsfs::format::CipherSuite;
 use kmsfs::kms::config::KeySpec;
-use kmsfs::policy::{normalize_dir, Policy};
+use kmsfs::policy::{normalize_dir, KeyMode, Policy};
 
 use super::kms_args::{self, KmsArgs};
 use super::{absolute, inspect, print_json, trust};
@@ -48,6 +48,19 @@ pub enum PolicyCmd {
         /// older than this (e.g. 365d).
         #[arg(long, value_parser = kmsfs::duration::parse)]
         max_key_age: Option<Duration>,
+        /// per-file: the KMS wraps each new file's DEK. directory: the KMS
+        /// wraps an intermediate key now and then, and new files' DEKs are
+        /// wrapped under it (no KMS call per create).
+        #[arg(long, default_value = "per-file")]
+        key_mode: KeyMode,
+        /// Directory mode: a new intermediate key once the current one is
+        /// this old (default 24h).
+        #[arg(long, value_parser = kmsfs::duration::parse)]
+        intermediate_rotate_after: Option<Duration>,
+        /// Directory mode: a new intermediate key once the current one
+        /// wrapped this many DEKs (default 1000000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=kmsfs::kms::intermediate::MAX_FILES_CAP))]
+        intermediate_max_files: Option<u64>,
         // Last (see KmsArgs).
         #[command(flatten)]
         kms: Box<KmsArgs>,
@@ -74,8 +87,16 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             recipients,
             rotate_after,
             max_key_age,
+            key_mode,
+            intermediate_rotate_after,
+            intermediate_max_files,
             kms,
         } => {
+            if key_mode != KeyMode::Directory
+                && (intermediate_rotate_after.is_some() || intermediate_max_files.is_some())
+            {
+                bail!("--intermediate-rotate-after and --intermediate-max-files apply to --key-mode directory only");
+            }
             let backing = absolute(&backing)?;
             let dir = normalize_dir(&dir)?;
             let most = kmsfs::format::header::MAX_WRAPS - 1;
@@ -92,6 +113,9 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             policy.recipients = recipients;
             policy.rotate_after = rotate_after;
             policy.max_key_age = max_key_age;
+            policy.key_mode = key_mode;
+            policy.intermediate_rotate_after = intermediate_rotate_after;
+            policy.intermediate_max_files = intermediate_max_files;
             let audit = trust::audit_log(None)?;
             let detail = format!("policy {dir}: key {}", policy.key);
             volume.set_policy(policy, &trust::load()?, &rt, !no_check)?;
@@ -119,11 +143,14 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
             &trust::open_volume(&backing, &Calls::Once)?
                 .0
                 .config
-                .policies,
+                .policies
+                .iter()
+                .map(shown)
+                .collect::<Vec<_>>(),
         ),
         PolicyCmd::Show { backing, dir } => {
             let volume = trust::open_volume(&backing, &Calls::Once)?.0;
-            print_json(volume.config.policy_for(&normalize_dir(&dir)?))
+            print_json(&shown(volume.config.policy_for(&normalize_dir(&dir)?)))
         }
         PolicyCmd::Unset { backing, dir } => {
             let backing = absolute(&backing)?;
@@ -146,6 +173,19 @@ pub fn policy(action: PolicyCmd) -> Result<()> {
         }
         PolicyCmd::Status { backing } => inspect::policy_status(&backing),
     }
+}
+
+/// A policy as `policy list` and `show` print it: as configured, with its
+/// key mode always named (the configuration leaves out the default).
+fn shown(p: &Policy) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).expect("a policy serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "key_mode".into(),
+            serde_json::to_value(p.key_mode).expect("serializes"),
+        );
+    }
+    v
 }
 
 /// `PROVIDER:KEY` as a key of a trusted provider (the key ID may itself

@@ -12,12 +12,14 @@ use super::trusted::TrustedConfig;
 use super::volume::{VolumeConfig, VolumeId, CONFIG_FORMAT};
 use super::ConfigError;
 use crate::crypto::Dek;
+use crate::fs::ik_store::BackingKeyStore;
 use crate::kms::config::{ConnectError, KeySpec};
 use crate::kms::instrumented::RetryPolicy;
+use crate::kms::intermediate::{IntermediateKeyRegistry, Rotation, MAX_FILES_CAP};
 use crate::kms::named::NamedKey;
 use crate::kms::{KeyProvider, KmsError, KmsRuntime};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{KeyMode, Policy};
 
 /// How the KMS calls of an opened volume are made.
 pub enum Calls {
@@ -74,6 +76,9 @@ pub struct Volume {
     volume_key: Dek,
     /// Connected keys by spec, so that each is connected once.
     connected: HashMap<KeySpec, Arc<dyn KeyProvider>>,
+    /// The intermediate keys of the policies in directory key mode (and
+    /// what unwraps DEKs under them), kept across reloads.
+    intermediate: Arc<IntermediateKeyRegistry>,
 }
 
 /// Connects `spec` through the trusted configuration, named as its
@@ -244,7 +249,7 @@ impl Volume {
         config.verify(&volume_key, &path)?;
         let mut connected = HashMap::from([(root_spec.clone(), root_key)]);
         connect_all(&config, trusted, rt, calls, &mut connected)?;
-        Ok(Self::assemble(backing, config, volume_key, connected))
+        Self::assemble(backing, config, volume_key, connected)
     }
 
     /// Makes `backing` a new volume with `policies` (one for "/"): a random
@@ -274,20 +279,32 @@ impl Volume {
         config.set_wrapped_volume_key(&wrapped);
         config.seal(&volume_key);
         config.save(backing, true)?;
-        Ok(Self::assemble(backing, config, volume_key, connected))
+        Self::assemble(backing, config, volume_key, connected)
     }
 
     fn assemble(
         backing: &Path, config: VolumeConfig, volume_key: Dek,
         connected: HashMap<KeySpec, Arc<dyn KeyProvider>>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ConfigError> {
+        let store = BackingKeyStore::open(backing).map_err(|source| ConfigError::Io {
+            path: backing.to_owned(),
+            source,
+        })?;
+        let intermediate = Arc::new(IntermediateKeyRegistry::new(config.id(), Arc::new(store)));
+        Ok(Self {
             backing: backing.to_owned(),
-            policies: active_policies(&config, &connected),
+            policies: active_policies(&config, &connected, &intermediate),
             config,
             volume_key,
             connected,
-        }
+            intermediate,
+        })
+    }
+
+    /// Logs the intermediate keys' generations and KMS unwraps to `audit`
+    /// (file operations are logged by `FileKeys`).
+    pub fn set_audit_log(&self, audit: Arc<crate::audit::AuditLog>) {
+        self.intermediate.set_audit_log(audit);
     }
 
     pub fn id(&self) -> VolumeId {
@@ -370,7 +387,7 @@ impl Volume {
             .iter()
             .all(|p| p.keys().all(|k| self.connected.contains_key(k)));
         if all_connected {
-            self.policies = active_policies(&self.config, &self.connected);
+            self.policies = active_policies(&self.config, &self.connected, &self.intermediate);
         }
         Ok(())
     }
@@ -422,7 +439,7 @@ impl Volume {
         }
         config.verify(&self.volume_key, &path)?;
         connect_all(&config, trusted, rt, calls, &mut self.connected)?;
-        self.policies = active_policies(&config, &self.connected);
+        self.policies = active_policies(&config, &self.connected, &self.intermediate);
         self.config = config;
         Ok(true)
     }
@@ -434,16 +451,41 @@ impl Volume {
     }
 }
 
+/// The connected policies of `config`: each key through `intermediate`, so
+/// that DEKs under intermediate keys unwrap with every key, and a policy in
+/// directory mode wraps new files under one. Only the current key does:
+/// recipients (break-glass) stay per file, so recovery through them never
+/// depends on the backing directory's key objects.
 fn active_policies(
     config: &VolumeConfig, connected: &HashMap<KeySpec, Arc<dyn KeyProvider>>,
+    intermediate: &IntermediateKeyRegistry,
 ) -> Vec<ActivePolicy> {
     config
         .policies
         .iter()
-        .map(|p| ActivePolicy {
-            policy: p.clone(),
-            current: connected[&p.key].clone(),
-            keys: p.keys().map(|k| connected[k].clone()).collect(),
+        .map(|p| {
+            let keys: Vec<_> = p
+                .keys()
+                .enumerate()
+                .map(|(i, k)| {
+                    let rotation = (i == 0 && p.key_mode == KeyMode::Directory).then(|| {
+                        let default = Rotation::default();
+                        Rotation {
+                            max_files: p
+                                .intermediate_max_files
+                                .unwrap_or(default.max_files)
+                                .clamp(1, MAX_FILES_CAP),
+                            max_age: p.intermediate_rotate_after.unwrap_or(default.max_age),
+                        }
+                    });
+                    intermediate.provider(k, connected[k].clone(), rotation)
+                })
+                .collect();
+            ActivePolicy {
+                policy: p.clone(),
+                current: keys[0].clone(),
+                keys,
+            }
         })
         .collect()
 }

@@ -33,6 +33,12 @@ pub enum CryptoError {
     HeaderAuth,
     #[error("key material has length {0}, expected {1}")]
     BadKeyLength(usize, usize),
+    #[error("wrapped key has {0} bytes, expected {WRAPPED_KEY_LEN}")]
+    WrappedKeyLength(usize),
+    #[error(
+        "wrapped key failed authentication (tampered, or wrapped under another key or context)"
+    )]
+    WrappedKeyAuth,
 }
 
 /// A file's 256-bit data encryption key. Zeroized on drop; no Debug/Display.
@@ -58,6 +64,52 @@ impl Dek {
     pub fn as_bytes(&self) -> &[u8; DEK_LEN] {
         &self.0
     }
+}
+
+/// Length of a key wrapped by [`wrap_key`]: nonce (12) || ciphertext (32)
+/// || tag (16).
+pub const WRAPPED_KEY_LEN: usize = 12 + DEK_LEN + 16;
+
+/// An AES-256-GCM context keyed by `key`, for [`wrap_key`]/[`unwrap_key`]
+/// (aws-lc cleanses it when dropped).
+pub fn key_wrapping_key(key: &[u8; DEK_LEN]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte key"))
+}
+
+/// `dek` sealed under `kek` with AES-256-GCM, a random nonce and `aad`:
+/// nonce || ciphertext || tag ([`WRAPPED_KEY_LEN`] bytes). The one local
+/// key wrap (keyring KEKs, intermediate keys).
+pub fn wrap_key(kek: &LessSafeKey, dek: &Dek, aad: &[u8]) -> Vec<u8> {
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let mut out = vec![0u8; WRAPPED_KEY_LEN];
+    out[..12].copy_from_slice(&nonce);
+    let (body, tag_out) = out[12..].split_at_mut(DEK_LEN);
+    body.copy_from_slice(dek.as_bytes());
+    let tag = kek
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
+        .expect("a key fits the AEAD limits");
+    tag_out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Opens what [`wrap_key`] sealed under `kek` with `aad`.
+pub fn unwrap_key(kek: &LessSafeKey, blob: &[u8], aad: &[u8]) -> Result<Dek, CryptoError> {
+    if blob.len() != WRAPPED_KEY_LEN {
+        return Err(CryptoError::WrappedKeyLength(blob.len()));
+    }
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&blob[..12]);
+    let mut body = Zeroizing::new([0u8; DEK_LEN]);
+    kek.open_separate_gather(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &blob[12..12 + DEK_LEN],
+        &blob[12 + DEK_LEN..],
+        &mut body[..],
+    )
+    .map_err(|_| CryptoError::WrappedKeyAuth)?;
+    Ok(Dek(body))
 }
 
 /// Random file ID (also the HKDF salt and part of every block's AAD).

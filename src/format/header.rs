@@ -217,13 +217,26 @@ impl Header {
             out.push(self.wraps.len() as u8); // at most MAX_WRAPS, checked above
         }
         for w in &self.wraps {
-            put_u8_field(&mut out, "provider", w.key_ref.provider.as_bytes())?;
-            put_u16_field(&mut out, "key id", w.key_ref.key_id.as_bytes())?;
-            put_u8_field(&mut out, "key version", w.key_ref.key_version.as_bytes())?;
-            put_u16_field(&mut out, "wrapped DEK", &w.blob)?;
+            put_wrap(&mut out, w)?;
         }
         Ok(out)
     }
+}
+
+/// Appends the wrap encoding of `w` (see the module documentation): the
+/// one encoding of a wrapped key, in headers and intermediate key objects.
+pub(super) fn put_wrap(out: &mut Vec<u8>, w: &WrappedDek) -> Result<(), FormatError> {
+    put_u8_field(out, "provider", w.key_ref.provider.as_bytes())?;
+    put_u16_field(out, "key id", w.key_ref.key_id.as_bytes())?;
+    put_u8_field(out, "key version", w.key_ref.key_version.as_bytes())?;
+    put_u16_field(out, "wrapped DEK", &w.blob)
+}
+
+/// The wrap encoded at the start of `bytes`, and the bytes after it.
+pub(super) fn take_wrap(bytes: &[u8]) -> Result<(WrappedDek, &[u8]), FormatError> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    let w = read_wrap(&mut r)?;
+    Ok((w, &bytes[r.pos..]))
 }
 
 fn put_u8_field(out: &mut Vec<u8>, what: &'static str, v: &[u8]) -> Result<(), FormatError> {

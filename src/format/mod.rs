@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod header;
+pub mod ik;
 pub mod intent;
 pub mod names;
 
@@ -41,4 +42,6 @@ pub enum FormatError {
         max = header::MAX_WRAPS
     )]
     BadWrapCount { version: u16, count: usize },
+    #[error("intermediate key object: {0}")]
+    IkObject(&'static str),
 }

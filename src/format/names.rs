@@ -56,6 +56,25 @@ pub const LONG_SUCCESSOR_PREFIX: &[u8] = b".kmsfs%";
 /// flight (`format::intent`), each named by the backing inode it changes.
 pub const INTENT_DIR: &str = ".kmsfs-intents";
 
+/// Directory at the backing root holding the wrapped intermediate keys of
+/// policies in directory key mode (`format::ik`), one object each.
+pub const IK_DIR: &str = ".kmsfs-keys";
+/// Name, inside [`IK_DIR`], of an intermediate key's object: this prefix
+/// and the key's ID as 32 lowercase hex digits.
+pub const IK_OBJECT_PREFIX: &str = "ik-";
+
+/// Name, inside [`IK_DIR`], of the object of intermediate key `ik_id`.
+pub fn ik_object_name(ik_id: &[u8; 16]) -> String {
+    format!("{IK_OBJECT_PREFIX}{}", hex::encode(ik_id))
+}
+
+/// The intermediate key ID a name in [`IK_DIR`] is the object of; None for
+/// any other name (only the canonical, lowercase spelling).
+pub fn ik_object_id(name: &[u8]) -> Option<[u8; 16]> {
+    let digits = name.strip_prefix(IK_OBJECT_PREFIX.as_bytes())?;
+    crate::format::ik::parse_id(std::str::from_utf8(digits).ok()?)
+}
+
 /// True for names the mount hides and refuses to create.
 pub fn is_reserved(name: &[u8]) -> bool {
     name.starts_with(RESERVED_PREFIX)
@@ -157,8 +176,20 @@ mod tests {
     #[test]
     fn reserved_names() {
         assert!(is_reserved(CONFIG_FILE.as_bytes()));
+        assert!(is_reserved(IK_DIR.as_bytes()));
         assert!(is_reserved(b".kmsfs.x"));
         assert!(!is_reserved(b".kmsf"));
         assert!(!is_reserved(b"kmsfs"));
+    }
+
+    #[test]
+    fn ik_object_names() {
+        let id = [0xab; 16];
+        let name = ik_object_name(&id);
+        assert_eq!(name, format!("ik-{}", "ab".repeat(16)));
+        assert_eq!(ik_object_id(name.as_bytes()), Some(id));
+        assert_eq!(ik_object_id(name.to_uppercase().as_bytes()), None);
+        assert_eq!(ik_object_id(b"ik-ab"), None);
+        assert_eq!(ik_object_id(format!("{name}.tmp-1").as_bytes()), None);
     }
 }

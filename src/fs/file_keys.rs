@@ -25,9 +25,11 @@ use crate::config::ActivePolicy;
 use crate::crypto::{self, BlockCipher, Dek};
 use crate::format::block::{BlockGeometry, BlockLayout};
 use crate::format::header::{self as hdr, Header, VERSION_1};
+use crate::format::ik;
 use crate::kms::pool::{DekPool, PoolSettings, PoolStats, PooledDek};
 use crate::kms::{KeyProvider, KmsRuntime, WrapContext, WrappedDek};
 use crate::metrics::CacheStats;
+use crate::policy::KeyMode;
 
 /// Most DEKs per batch unwrap request of a prefetch.
 const PREFETCH_BATCH: usize = 240;
@@ -112,11 +114,11 @@ impl FileKeys {
     }
 
     /// The DEK pool of `key`, made (and its first fill started) at its
-    /// first create; none when pooling is off or `key` is a local keyring
-    /// (its wraps cost no round trip).
+    /// first create; none when pooling is off or `key` wraps without a KMS
+    /// round trip (a local keyring, directory mode).
     fn pool_for(&self, key: &Arc<dyn KeyProvider>) -> Option<Arc<DekPool>> {
         let capacity = self.pool_capacity.load(Ordering::Relaxed);
-        if capacity == 0 || key.kind() == "local" {
+        if capacity == 0 || key.wraps_locally() {
             return None;
         }
         let mut pools = self.pools.lock().unwrap();
@@ -367,13 +369,16 @@ impl FileKeys {
 
     /// Whether `h` is wrapped exactly as a new header under `policy` would
     /// be: under each of its wrapping keys (current, then recipients) in
-    /// order, each at the version `current_version` names for that key
-    /// (index into `policy.wrapping()`; `None`: any version, as when the
-    /// KMS never names versions). Reads no key.
+    /// order, each at the KMS key version `current_version` names for that
+    /// key (index into `policy.wrapping()`; `None`: any version, as when
+    /// the KMS never names versions), and under an intermediate key exactly
+    /// where the policy's key mode puts one (its current key of a format 2
+    /// header in directory mode). Reads no key.
     pub fn is_wrapped_as(
         &self, h: &Header, policy: &ActivePolicy, current_version: &dyn Fn(usize) -> Option<String>,
     ) -> bool {
         let specs: Vec<_> = policy.policy.wrapping_keys().collect();
+        let directory = policy.policy.key_mode == KeyMode::Directory && h.version() != VERSION_1;
         h.wraps().len() == specs.len()
             && h.wraps()
                 .iter()
@@ -382,9 +387,13 @@ impl FileKeys {
                 .all(|(i, (w, spec))| {
                     let key = &policy.wrapping()[i];
                     let by_name = h.version() == VERSION_1 || w.key_ref.provider == spec.provider;
+                    let Ok((base, ik)) = ik::split_version(&w.key_ref.key_version) else {
+                        return false;
+                    };
                     by_name
                         && key.handles(&w.key_ref)
-                        && current_version(i).is_none_or(|v| v == w.key_ref.key_version)
+                        && ik.is_some() == (directory && i == 0)
+                        && current_version(i).is_none_or(|v| v == base)
                 })
     }
 

@@ -5,78 +5,42 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::OnceLock;
 
 use super::error::{FsError, FsResult};
 use super::sidecar::{self, SidecarError};
+use super::subdir::RootSubdir;
 use super::sys;
 use crate::format::intent::{TruncateRecord, MAX_SEALED_BLOCK};
 use crate::format::names::{truncate_record_ino, truncate_record_name, INTENT_DIR};
 
 pub struct IntentDir {
-    /// O_PATH handle on the backing root.
-    root: OwnedFd,
-    /// O_PATH handle on the intent directory, once it exists.
-    dir: OnceLock<OwnedFd>,
-}
-
-fn dir_name() -> CString {
-    CString::new(INTENT_DIR).expect("no NUL")
+    dir: RootSubdir,
 }
 
 fn record_name(ino: u64) -> CString {
     CString::new(truncate_record_name(ino)).expect("no NUL")
 }
 
-/// Opens `.kmsfs-intents` in `root` if it is a directory (never following a
-/// symlink planted there).
-fn open_dir(root: RawFd) -> std::io::Result<Option<OwnedFd>> {
-    match sys::openat(
-        root,
-        &dir_name(),
-        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
-    ) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 impl IntentDir {
     pub fn new(root: OwnedFd) -> std::io::Result<Self> {
-        let dir = OnceLock::new();
-        if let Some(fd) = open_dir(root.as_raw_fd())? {
-            let _ = dir.set(fd);
-        }
-        Ok(Self { root, dir })
+        Ok(Self {
+            dir: RootSubdir::new(root, INTENT_DIR)?,
+        })
     }
 
     /// O_PATH handle on the backing root.
     pub fn root(&self) -> RawFd {
-        self.root.as_raw_fd()
+        self.dir.root()
     }
 
     fn existing(&self) -> Option<RawFd> {
-        self.dir.get().map(|fd| fd.as_raw_fd())
+        self.dir.existing()
     }
 
-    /// The directory, made (and made durable, so records in it survive a
-    /// power loss) if it does not exist yet.
     fn made(&self) -> FsResult<RawFd> {
-        if let Some(fd) = self.existing() {
-            return Ok(fd);
-        }
-        match sys::mkdirat(self.root.as_raw_fd(), &dir_name(), 0o700) {
-            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e.into()),
-            _ => {}
-        }
-        sys::sync_dir(self.root.as_raw_fd())?;
-        let fd = open_dir(self.root.as_raw_fd())?.ok_or_else(|| FsError::errno(libc::ENOENT))?;
-        let _ = self.dir.set(fd);
-        Ok(self.existing().expect("just set"))
+        Ok(self.dir.made()?)
     }
 
     /// Writes and syncs the record of a truncate of backing inode `ino`,

@@ -28,14 +28,14 @@ use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::aead::LessSafeKey;
 use base64::Engine;
 use rand::RngCore;
 use zeroize::Zeroizing;
 
 use super::support::ensure_handles;
 use super::{KeyProvider, KeyRef, KeyVersion, KeyVersions, KmsError, WrapContext, WrappedDek};
-use crate::crypto::{Dek, DEK_LEN};
+use crate::crypto::{self, CryptoError, Dek};
 
 const HEADER_LINE: &str = "kmsfs-keyring v1";
 const PROVIDER: &str = "local";
@@ -92,8 +92,7 @@ struct Kek {
 
 impl Kek {
     fn new(raw: Zeroizing<[u8; 32]>, created: Option<i64>) -> Self {
-        let cipher =
-            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw[..]).expect("32-byte KEK"));
+        let cipher = crypto::key_wrapping_key(&raw);
         Self {
             raw,
             cipher,
@@ -771,18 +770,7 @@ impl LocalKms {
     }
 
     fn seal(kek: &Kek, dek: &Dek, aad: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let mut out = vec![0u8; 12 + DEK_LEN + 16];
-        out[..12].copy_from_slice(&nonce);
-        let (body, tag_out) = out[12..].split_at_mut(DEK_LEN);
-        body.copy_from_slice(dek.as_bytes());
-        let tag = kek
-            .cipher
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
-            .expect("DEK fits the AEAD limits");
-        tag_out.copy_from_slice(tag.as_ref());
-        out
+        crypto::wrap_key(&kek.cipher, dek, aad)
     }
 }
 
@@ -873,31 +861,17 @@ impl KeyProvider for LocalKms {
                 detail,
             });
         };
-        let blob = &wrapped.blob;
-        if blob.len() != 12 + DEK_LEN + 16 {
-            return Err(KmsError::UnwrapFailed {
-                kms: self.kms_name(),
-                detail: format!("wrapped DEK has {} bytes, expected 60", blob.len()),
-            });
-        }
-        let mut body = Zeroizing::new([0u8; DEK_LEN]);
-        let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&blob[..12]);
-        kek.cipher
-            .open_separate_gather(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(wrap_aad(&kr_ref.key_id, version, ctx)),
-                &blob[12..12 + DEK_LEN],
-                &blob[12 + DEK_LEN..],
-                &mut body[..],
-            )
-            .map_err(|_| KmsError::UnwrapFailed {
-                kms: self.kms_name(),
-                detail: "authentication of the wrapped DEK failed".into(),
-            })?;
-        Dek::from_slice(&body[..]).map_err(|e| KmsError::UnwrapFailed {
+        crypto::unwrap_key(
+            &kek.cipher,
+            &wrapped.blob,
+            &wrap_aad(&kr_ref.key_id, version, ctx),
+        )
+        .map_err(|e| KmsError::UnwrapFailed {
             kms: self.kms_name(),
-            detail: e.to_string(),
+            detail: match e {
+                CryptoError::WrappedKeyAuth => "authentication of the wrapped DEK failed".into(),
+                other => other.to_string(),
+            },
         })
     }
 

@@ -15,6 +15,7 @@ pub mod config;
 #[cfg(feature = "gcp")]
 pub mod gcp;
 pub mod instrumented;
+pub mod intermediate;
 pub mod local;
 pub mod named;
 pub mod pool;
@@ -58,6 +59,12 @@ pub enum WrapContext {
     },
     /// A volume configuration's key.
     VolumeKey { volume_id: [u8; 16] },
+    /// An intermediate key of directory key mode (`kms::intermediate`),
+    /// bound to its ID (which holds its creation time) and its volume.
+    IntermediateKey {
+        volume_id: [u8; 16],
+        ik_id: [u8; 16],
+    },
 }
 
 impl WrapContext {
@@ -73,6 +80,10 @@ impl WrapContext {
         WrapContext::VolumeKey { volume_id }
     }
 
+    pub fn intermediate_key(volume_id: [u8; 16], ik_id: [u8; 16]) -> Self {
+        WrapContext::IntermediateKey { volume_id, ik_id }
+    }
+
     /// Key/value pairs for KMSs that take a map (AWS EncryptionContext).
     pub fn pairs(&self) -> Vec<(&'static str, String)> {
         match self {
@@ -84,6 +95,10 @@ impl WrapContext {
             WrapContext::VolumeKey { volume_id } => {
                 vec![("kmsfs-volume-key", hex::encode(volume_id))]
             }
+            WrapContext::IntermediateKey { volume_id, ik_id } => vec![
+                ("kmsfs-intermediate-key", hex::encode(ik_id)),
+                ("kmsfs-volume-id", hex::encode(volume_id)),
+            ],
         }
     }
 
@@ -215,6 +230,13 @@ pub trait KeyProvider: Send + Sync {
 
     /// Whether this provider can unwrap DEKs wrapped under `key_ref`.
     fn handles(&self, key_ref: &KeyRef) -> bool;
+
+    /// Whether a new DEK is wrapped without a KMS round trip (a local
+    /// keyring; an intermediate key in directory mode): then nothing is
+    /// gained by pre-wrapping DEKs for it (`kms::pool`).
+    fn wraps_locally(&self) -> bool {
+        self.kind() == "local"
+    }
 
     /// Whether `key_ref` names the key this provider wraps new DEKs with
     /// (any version). A provider that can unwrap several keys narrows this.

@@ -41,7 +41,7 @@ use crate::crypto::BlockCipher;
 use crate::format::block::{is_hole, BlockGeometry, BlockLayout};
 use crate::format::header::{self as hdr, VERSION_1};
 use crate::format::names::{
-    sidecar_name, CONFIG_FILE, LIFECYCLE_LOCK, LIFECYCLE_TEMP_PREFIX, LONG_SIDECAR_PREFIX,
+    sidecar_name, CONFIG_FILE, IK_DIR, LIFECYCLE_LOCK, LIFECYCLE_TEMP_PREFIX, LONG_SIDECAR_PREFIX,
     MIGRATE_JOURNAL, MIGRATE_LOCK_BASE, MIGRATE_TEMP_PREFIX, MOUNT_LOCK_BASE,
     MOUNT_READERS_LOCK_BASE, MOUNT_WRITERS_LOCK_BASE, SIDECAR_PREFIX, VOLUME_LOCK_BASE,
 };
@@ -593,6 +593,9 @@ impl Run<'_> {
             }
             match (rel, root_name(b)) {
                 ("/", Some(RootName::Known)) => {}
+                // The intermediate keys of directory key mode: kmsfs's own,
+                // and files under them cannot be read without them.
+                ("/", None) if b == IK_DIR.as_bytes() && *kind == Kind::Directory => {}
                 ("/", Some(RootName::Journal)) => {
                     self.add(
                         ProblemKind::UnfinishedMigrate,

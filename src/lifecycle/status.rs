@@ -21,6 +21,9 @@ pub struct PolicyKeyStatus {
     /// The key new files are wrapped under, as `provider/key`.
     pub key: String,
     pub recipients: Vec<String>,
+    /// How new files' DEKs are wrapped: per file, or under intermediate
+    /// keys (`by_version` counts those by their KMS key version).
+    pub key_mode: crate::policy::KeyMode,
     /// Its current version (`None`: the KMS does not name versions).
     pub current_version: Option<String>,
     /// When that version was made, seconds since the Unix epoch.
@@ -92,6 +95,7 @@ pub fn status(scope: &Scope) -> Result<Vec<PolicyKeyStatus>, LifecycleError> {
             dir: p.policy.dir.clone(),
             key: format!("{}/{}", p.policy.key.provider, p.policy.key.id),
             recipients: p.policy.recipients.iter().map(|k| k.to_string()).collect(),
+            key_mode: p.policy.key_mode,
             current_version: versions[i][0].clone(),
             current_created: created,
             current_age_secs: age,
@@ -131,7 +135,9 @@ pub fn status(scope: &Scope) -> Result<Vec<PolicyKeyStatus>, LifecycleError> {
             *row.by_version
                 .entry(format!(
                     "{}/{}@{}",
-                    p.key_ref.provider, p.key_ref.key_id, p.key_ref.key_version
+                    p.key_ref.provider,
+                    p.key_ref.key_id,
+                    crate::format::ik::base_version(&p.key_ref.key_version)
                 ))
                 .or_default() += 1;
             let readable = h.wraps().iter().any(|w| {
@@ -140,10 +146,10 @@ pub fn status(scope: &Scope) -> Result<Vec<PolicyKeyStatus>, LifecycleError> {
                 };
                 match versions_of(key) {
                     // Versions named: this one must be listed and usable.
-                    Some(v) if v.current.is_some() => v
-                        .versions
-                        .iter()
-                        .any(|kv| kv.version == w.key_ref.key_version && kv.can_unwrap),
+                    Some(v) if v.current.is_some() => v.versions.iter().any(|kv| {
+                        kv.version == crate::format::ik::base_version(&w.key_ref.key_version)
+                            && kv.can_unwrap
+                    }),
                     _ => true,
                 }
             });
