@@ -11,13 +11,12 @@
 //! (`names::MOUNT_LOCK_BASE`), exclusive for a lone read-write mount and
 //! shared for every other; `.kmsfs-mount-writers.lock`, shared by `-o
 //! shared` writers; `.kmsfs-mount-readers.lock`, shared by read-only
-//! mounts without `shared`. A writer or a caching reader checks that the
-//! other kind's lock is free before it takes its own. They are released
+//! mounts without `shared`. A writer or a caching reader takes its own
+//! kind's lock, then checks that the other kind's is free. They are released
 //! when the daemon exits, however it exits. Backing filesystems that carry
 //! flock between their clients (NFS v4, GlusterFS, CephFS) extend this to
 //! mounts on other machines. It guards against mistakes, not attackers
-//! (who can delete the files), and two mounts starting in the same instant
-//! may both pass the cross-check.
+//! (who can delete the files).
 
 use std::fs::File;
 use std::io::Read;
@@ -93,12 +92,18 @@ pub fn claim(backing: &Path, mountpoint: &Path, kind: MountKind) -> Result<Claim
                 if kind == MountKind::Alone {
                     write_record(&locks[0], mountpoint);
                 }
-                if kind == MountKind::SharedWriter {
-                    if let Err(e) = kmsfs::fs::check_byte_range_locks(&locks[0]) {
+                if matches!(kind, MountKind::SharedWriter | MountKind::FleetReader) {
+                    // On a descriptor of its own: where flock is a byte-range
+                    // lock (NFS, GlusterFS), the probe's release on the
+                    // claim's descriptor would cut a hole in the claim.
+                    let probe = File::open(backing.join(format!("{MOUNT_LOCK_BASE}.lock")))
+                        .and_then(|f| kmsfs::fs::check_byte_range_locks(&f));
+                    if let Err(e) = probe {
                         bail!(
                             "{} cannot be mounted with -o shared: its filesystem does not grant \
-                             byte-range locks ({e}), which shared writers need to keep each \
-                             other's blocks whole; mount it without -o shared on one node only",
+                             byte-range locks ({e}), which shared mounts use to mark open files \
+                             and keep each other's blocks whole; mount it without -o shared on \
+                             one node only",
                             backing.display()
                         );
                     }
@@ -134,8 +139,10 @@ fn try_claim(
             Conflict::Alone
         }));
     };
-    // A writer and a caching reader each check that the other kind is
-    // absent (its lock can be taken exclusively), then join their own.
+    // A writer and a caching reader each join their own kind, then check
+    // that the other kind is absent (its lock can be taken exclusively):
+    // two of opposite kinds starting at once may both be refused, never
+    // both let in.
     let (other, own, conflict) = match kind {
         MountKind::SharedWriter => (
             MOUNT_READERS_LOCK_BASE,
@@ -149,15 +156,14 @@ fn try_claim(
         ),
         MountKind::Alone | MountKind::FleetReader => return Ok(Ok(vec![main])),
     };
+    // Only another kind's exclusive probe holds it so, for an instant.
+    let Some(own) = lock(own, true)? else {
+        return Ok(Err(conflict));
+    };
     if lock(other, false)?.is_none() {
         return Ok(Err(conflict));
     }
-    match lock(own, true)? {
-        Some(own) => Ok(Ok(vec![main, own])),
-        // Only an exclusive probe holds it, for an instant: the other
-        // kind is joining.
-        None => Ok(Err(conflict)),
-    }
+    Ok(Ok(vec![main, own]))
 }
 
 /// Who holds the claim, as far as this machine can tell.

@@ -272,7 +272,7 @@ impl CryptFile {
     }
 
     /// For a change of the length: none unless shared (see `super::shared`).
-    fn remote_resize_guard(&self) -> FsResult<Option<RemoteGuard>> {
+    pub(crate) fn remote_resize_guard(&self) -> FsResult<Option<RemoteGuard>> {
         if !self.is_shared() {
             return Ok(None);
         }

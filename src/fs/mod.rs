@@ -362,6 +362,26 @@ impl Core {
         self.handles.release(fh);
     }
 
+    /// Marks data file `fd` open on this mount, for `kmsfs rekey` (which
+    /// skips files in use): a shared flock, or on a shared mount an OFD lock
+    /// (`shared::mark_open` says why).
+    fn mark_open(&self, fd: RawFd) -> FsResult<()> {
+        match self.shared {
+            true => shared::mark_open(fd)?,
+            false => sys::share_lock(fd)?,
+        }
+        Ok(())
+    }
+
+    /// Sets up a new open state of backing inode `ino`: its truncates'
+    /// redo records, and on a shared mount its cross-mount locking.
+    fn adopt(&self, cf: &CryptFile, ino: u64) {
+        if self.shared {
+            cf.set_shared();
+        }
+        cf.set_journal(self.intents.clone(), ino);
+    }
+
     /// The sidecar header of a regular file, read once per inode.
     fn header_of(&self, inode: &Inode) -> FsResult<Arc<FileHeader>> {
         if let Some(h) = inode.header.read().unwrap().as_ref() {
@@ -407,6 +427,11 @@ impl Core {
         let dir = self.inodes.dir(parent)?;
         let sidecar_empty =
             matches!(sidecar::read_raw_at(dir.raw_fd(), &name), Ok(raw) if raw.is_empty());
+        // Shared: an empty sidecar may be another mount's create in flight,
+        // whose header is about to be there.
+        if sidecar_empty && self.shared && sidecar::create_in_flight(dir.raw_fd(), &name)? {
+            return Ok(false);
+        }
         Ok(sidecar_empty && sys::fstat(data_fd)?.st_size == 0)
     }
 
@@ -570,10 +595,7 @@ impl Core {
             // exclusive lock on its data file: the header is read under a
             // shared one, held while the file is open (so a rekey skips a
             // file in use), and the name must still lead to this data.
-            match self.shared {
-                true => shared::mark_open(fd.as_raw_fd())?,
-                false => sys::share_lock(fd.as_raw_fd())?,
-            }
+            self.mark_open(fd.as_raw_fd())?;
             self.still_named(inode)?;
             // Start reading the data's head from disk, so that read overlaps
             // the sidecar read and the unwrap.
@@ -639,10 +661,7 @@ impl Core {
         let cf = Arc::new(match cipher {
             Some(cipher) => {
                 let cf = CryptFile::new(File::from(fd), cipher, label.clone(), None)?;
-                if self.shared {
-                    cf.set_shared();
-                }
-                cf.set_journal(self.intents.clone(), inode.backing_ino);
+                self.adopt(&cf, inode.backing_ino);
                 self.settle_truncate(&cf, inode.backing_ino, &label)?;
                 cf
             }

@@ -118,7 +118,7 @@ impl Core {
                 Some((caller.uid, caller.pid)),
             )
             .await?;
-        let sidecar = sidecar::create_at(dfd, name, &new.header.raw)?;
+        let sidecar = sidecar::create_at(dfd, name, &new.header.raw, self.shared)?;
         failpoint::hit("create:after-sidecar");
         // O_EXCL: a new regular file or nothing, whatever was planted under
         // the name meanwhile (a symlink there fails with EEXIST).
@@ -130,7 +130,9 @@ impl Core {
         ) {
             Ok(fd) => fd,
             Err(e) => {
-                let _ = self.remove_sidecar(dfd, name);
+                // Only our own: another mount may have renamed its file
+                // over the name meanwhile.
+                let _ = sidecar::remove_own(dfd, name, &sidecar);
                 return Err(e.into());
             }
         };
@@ -145,10 +147,7 @@ impl Core {
         }
         // Held while the file is open, as for every open file (see
         // `Core::crypt_file`): a rekey leaves it alone.
-        match self.shared {
-            true => super::shared::mark_open(data.as_raw_fd())?,
-            false => sys::share_lock(data.as_raw_fd())?,
-        }
+        self.mark_open(data.as_raw_fd())?;
         let st = sys::fstat(data.as_raw_fd())?;
         let inode = self.inodes.remember(parent, name, None, &st);
         *inode.header.write().unwrap() = Some(Arc::new(new.header));
@@ -161,10 +160,7 @@ impl Core {
                 parent_dir: dir.clone(),
             }),
         )?);
-        if self.shared {
-            cf.set_shared();
-        }
-        cf.set_journal(self.intents.clone(), inode.backing_ino);
+        self.adopt(&cf, inode.backing_ino);
         let open = OpenFile { cf, plain: false };
         inode.open_file.lock().unwrap().set(&open);
         Ok((self.attr(&st, &inode, false), open))
@@ -283,11 +279,11 @@ impl Core {
         let (dir, c, st) = self.entry_to_remove(parent, name)?;
         let dfd = dir.raw_fd();
         self.inodes.pin_if_last_name(&dir, &c, &st);
-        // Between the two removals the sidecar looks left over: held, no
-        // create (here or on another mount) takes it for one and makes a
+        // Shared: between the two removals the sidecar looks left over;
+        // held, no create on another mount takes it for one and makes a
         // new file whose sidecar this unlink would then remove.
         let _held = match kind_of(st.st_mode) {
-            FileType::RegularFile => sidecar::hold_for_removal(dfd, name)?,
+            FileType::RegularFile if self.shared => sidecar::hold_for_removal(dfd, name)?,
             _ => None,
         };
         sys::unlinkat(dfd, &c, 0)?;
@@ -485,14 +481,18 @@ impl Core {
                      new name to encrypt it",
                 ));
             }
-            let header = self.header_of(&inode)?;
-            let sidecar = sidecar::create_at(nfd, newname, &header.raw)?;
+            // Shared: as another mount last left it (a rekey there).
+            let header = match self.shared {
+                true => self.read_header(&inode)?,
+                false => self.header_of(&inode)?,
+            };
+            let sidecar = sidecar::create_at(nfd, newname, &header.raw, self.shared)?;
             // Durable before the link can be: the new name leads to data
             // already written, which a power loss must not leave without
             // its header (a new file's header waits for its first fsync,
             // as its data does).
             if let Err(e) = sidecar.sync_data() {
-                let _ = self.remove_sidecar(nfd, newname);
+                let _ = sidecar::remove_own(nfd, newname, &sidecar);
                 return Err(e.into());
             }
             failpoint::synced();
@@ -512,8 +512,8 @@ impl Core {
             Reach::Unlinked(_) => return Err(errno(libc::ENOENT)),
         };
         if let Err(e) = linked {
-            if sidecar.is_some() {
-                let _ = self.remove_sidecar(nfd, newname);
+            if let Some(sidecar) = &sidecar {
+                let _ = sidecar::remove_own(nfd, newname, sidecar);
             }
             return Err(e.into());
         }

@@ -300,10 +300,7 @@ impl Core {
         // Another mount's truncate in flight holds the size lock from
         // before its record is written until after it is removed: wait
         // for it, so its record is read whole and only once it is done.
-        let _remote = match self.shared {
-            true => Some(super::shared::RemoteGuard::resizing(cf.file().as_raw_fd())?),
-            false => None,
-        };
+        let _remote = cf.remote_resize_guard()?;
         match self.intents.read_truncate(ino) {
             Ok(Some(record)) => match cf.settle_truncate(&record)? {
                 Settled::Finished => {

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::sys;
 
@@ -160,7 +160,10 @@ impl AppLock {
 /// Dropped with the open file: closing the descriptors releases every lock.
 #[derive(Default)]
 pub struct AppLocks {
-    owners: Mutex<HashMap<u64, OwnedFd>>,
+    /// Shared out for each call, so a close (`release_owner`) on another
+    /// thread cannot free the descriptor, nor its number be reused, while
+    /// a lock call uses it.
+    owners: Mutex<HashMap<u64, Arc<OwnedFd>>>,
 }
 
 /// The errno a lock request that lies past what can be forwarded gets.
@@ -171,20 +174,19 @@ fn out_of_range() -> io::Error {
 impl AppLocks {
     /// `owner`'s descriptor of the file `data` is open on, made at its
     /// first lock.
-    fn fd_of(&self, data: RawFd, owner: u64, writable: bool) -> io::Result<RawFd> {
+    fn fd_of(&self, data: RawFd, owner: u64, writable: bool) -> io::Result<Arc<OwnedFd>> {
         let mut owners = self.owners.lock().unwrap();
         if let Some(fd) = owners.get(&owner) {
-            return Ok(fd.as_raw_fd());
+            return Ok(fd.clone());
         }
         let flags = if writable {
             libc::O_RDWR
         } else {
             libc::O_RDONLY
         };
-        let fd = sys::reopen(data, flags | libc::O_CLOEXEC)?;
-        let raw = fd.as_raw_fd();
-        owners.insert(owner, fd);
-        Ok(raw)
+        let fd = Arc::new(sys::reopen(data, flags | libc::O_CLOEXEC)?);
+        owners.insert(owner, fd.clone());
+        Ok(fd)
     }
 
     /// The lock that would keep `lock` from being granted, as (type,
@@ -195,7 +197,7 @@ impl AppLocks {
         let (start, end) = lock.range().ok_or_else(out_of_range)?;
         let fd = self.fd_of(data, lock.owner, writable)?;
         Ok(
-            sys::ofd_conflict(fd, lock.typ, start, end)?.map(|(t, s, e)| {
+            sys::ofd_conflict(fd.as_raw_fd(), lock.typ, start, end)?.map(|(t, s, e)| {
                 // A lock reaching our clip point reached the end of the file.
                 (
                     t,
@@ -229,17 +231,17 @@ impl AppLocks {
                 return Ok(());
             }
             let fd = match self.owners.lock().unwrap().get(&lock.owner) {
-                Some(fd) => fd.as_raw_fd(),
+                Some(fd) => fd.clone(),
                 None => return Ok(()),
             };
             let Some((start, end)) = lock.range() else {
                 return Ok(());
             };
-            return sys::ofd_lock(fd, libc::F_UNLCK, start, end, false).map(drop);
+            return sys::ofd_lock(fd.as_raw_fd(), libc::F_UNLCK, start, end, false).map(drop);
         }
         let (start, end) = lock.range().ok_or_else(out_of_range)?;
         let fd = self.fd_of(data, lock.owner, writable)?;
-        if sys::ofd_lock(fd, lock.typ, start, end, wait)? {
+        if sys::ofd_lock(fd.as_raw_fd(), lock.typ, start, end, wait)? {
             Ok(())
         } else {
             Err(io::Error::from_raw_os_error(libc::EAGAIN))

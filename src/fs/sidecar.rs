@@ -149,20 +149,24 @@ pub fn read_ahead_at(dir: RawFd, names: &[std::ffi::OsString]) {
 }
 
 /// Writes a new sidecar holding `raw` for `name` in `dir` (O_EXCL, mode
-/// 0600). Returns the open sidecar, for a later fsync, under an exclusive
-/// flock that says "a create of `name` is in flight" until the caller
-/// releases it ([`release_claim`], or closing it) once the data file
-/// exists.
+/// 0600). Returns the open sidecar, for a later fsync. A sidecar already
+/// there whose data file is gone is left over from a crash between an
+/// unlink's two steps, and is replaced.
 ///
-/// A sidecar already there whose data file is gone is either left over
-/// (a crash between an unlink's two steps) or another create's, on this
-/// mount or another one sharing the backing directory, that has not made
-/// its data file yet. Only one nobody holds is taken for a leftover and
-/// replaced; a held one makes this create fail with EEXIST, as the
-/// other create wins the name. Without this, two mounts creating one name
-/// at once could each remove the other's sidecar, and leave a file without
-/// its header.
-pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
+/// `shared` (other mounts may create the same name at the same time): such
+/// a sidecar may also be another mount's create that has not made its data
+/// file yet. So the new sidecar is returned under an exclusive flock that
+/// says "a create of `name` is in flight" until the caller releases it
+/// ([`release_claim`], or closing it) once the data file exists, and its
+/// bytes are made durable first (a client of NFS or GlusterFS may keep
+/// them until then, and another node must never find it empty). Only an
+/// existing sidecar nobody holds is taken for a leftover; a held one makes
+/// this create fail with EEXIST, as the other create wins the name.
+/// Without this, two mounts creating one name at once could each remove
+/// the other's sidecar, and leave a file without its header. A lone mount
+/// needs none of it: the kernel serializes creates and unlinks of a
+/// directory's names.
+pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8], shared: bool) -> FsResult<File> {
     let sc = sidecar_cstr(name)?;
     let c = sys::cstr(name)?;
     for _ in 0..4 {
@@ -176,11 +180,15 @@ pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
                 let mut f = File::from(fd);
                 // Another create may have taken it for a leftover in the
                 // instant before this lock, and removed it: then start over.
-                if !hold(&f, false)? || !still_named(dir, &sc, &f)? {
+                if shared && (!hold(&f, false)? || !still_named(dir, &sc, &f)?) {
                     continue;
                 }
-                if let Err(e) = f.write_all(raw) {
-                    let _ = sys::unlinkat(dir, &sc, 0);
+                let written = f.write_all(raw).and_then(|()| match shared {
+                    true => f.sync_data(),
+                    false => Ok(()),
+                });
+                if let Err(e) = written {
+                    let _ = remove_own(dir, name, &f);
                     return Err(e.into());
                 }
                 return Ok(f);
@@ -189,21 +197,22 @@ pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
                 if sys::fstatat(dir, &c).is_ok() {
                     return Err(FsError::errno(libc::EEXIST));
                 }
-                let Ok(fd) = sys::openat(dir, &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
+                let old = match open_exact(dir, &sc) {
+                    Ok(f) => f,
                     // Gone meanwhile: try again.
-                    continue;
+                    Err(SidecarError::Missing) => continue,
+                    // A FIFO, device or directory planted under the name
+                    // is not ours to remove (nor to open for I/O).
+                    Err(_) => return Err(FsError::errno(libc::EEXIST)),
                 };
-                let old = File::from(fd);
                 // Held: a create (or unlink) of the name is in flight.
-                if !hold(&old, true)? {
+                if shared && !hold(&old, true)? {
                     return Err(FsError::errno(libc::EEXIST));
                 }
                 if sys::fstatat(dir, &c).is_ok() {
                     return Err(FsError::errno(libc::EEXIST));
                 }
-                if still_named(dir, &sc, &old)? {
-                    sys::unlinkat(dir, &sc, 0)?;
-                }
+                remove_own(dir, name, &old)?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -212,21 +221,12 @@ pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8]) -> FsResult<File> {
 }
 
 /// An exclusive flock on sidecar `f`; `try_only`: false if another holds
-/// it. A backing filesystem without flock grants every lock (as before
-/// locks were used here, a lone mount needs none).
+/// it. A backing filesystem without flock grants every lock
+/// (`sys::flock_or_granted`).
 fn hold(f: &File, try_only: bool) -> FsResult<bool> {
     let how = libc::LOCK_EX | if try_only { libc::LOCK_NB } else { 0 };
-    match sys::flock(f.as_raw_fd(), how) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
-            ) =>
-        {
-            Ok(true)
-        }
+    match sys::flock_or_granted(f.as_raw_fd(), how) {
+        Ok(granted) => Ok(granted),
         Err(e) => Err(e.into()),
     }
 }
@@ -239,21 +239,42 @@ fn still_named(dir: RawFd, sc: &CStr, f: &File) -> FsResult<bool> {
     )
 }
 
+/// Removes the sidecar of `name` in `dir` only if it is still `f` (another
+/// mount may have put its own there since `f` was opened).
+pub fn remove_own(dir: RawFd, name: &OsStr, f: &File) -> FsResult<()> {
+    let sc = sidecar_cstr(name)?;
+    if still_named(dir, &sc, f)? {
+        match sys::unlinkat(dir, &sc, 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Ends the "create in flight" claim of a sidecar made by [`create_at`].
 pub fn release_claim(sidecar: &File) {
     let _ = sys::flock(sidecar.as_raw_fd(), libc::LOCK_UN);
 }
 
+/// Whether a create of `name` in `dir` is in flight on some mount (its
+/// sidecar is held, see [`create_at`]).
+pub fn create_in_flight(dir: RawFd, name: &OsStr) -> FsResult<bool> {
+    match open_exact(dir, &sidecar_cstr(name)?) {
+        Ok(f) => Ok(!hold(&f, true)?),
+        Err(_) => Ok(false),
+    }
+}
+
 /// Waits for any create of `name` in `dir` in flight (see [`create_at`])
 /// and keeps others from taking its sidecar for a leftover: held by an
-/// unlink from before it removes the data until the sidecar is gone.
-/// None when there is no sidecar.
+/// unlink of a shared mount from before it removes the data until the
+/// sidecar is gone. None when there is no sidecar (or something other than
+/// a regular file is in its place, which is not waited on).
 pub fn hold_for_removal(dir: RawFd, name: &OsStr) -> FsResult<Option<File>> {
-    let sc = sidecar_cstr(name)?;
-    let Ok(fd) = sys::openat(dir, &sc, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
+    let Ok(f) = open_exact(dir, &sidecar_cstr(name)?) else {
         return Ok(None);
     };
-    let f = File::from(fd);
     hold(&f, false)?;
     Ok(Some(f))
 }
@@ -522,17 +543,48 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_create_in_flight_wins_its_name_and_planted_fifos_never_block() {
+        let d = tempfile::tempdir().unwrap();
+        let fd = dir_fd(d.path());
+        let dir = fd.as_raw_fd();
+        let is_eexist = |r: FsResult<File>| {
+            matches!(
+                r,
+                Err(FsError::Errno(super::super::error::Errno(libc::EEXIST)))
+            )
+        };
+        // Another mount's create, between its sidecar and its data file.
+        let in_flight = create_at(dir, OsStr::new("f"), b"theirs", true).unwrap();
+        assert!(create_in_flight(dir, OsStr::new("f")).unwrap());
+        assert!(is_eexist(create_at(dir, OsStr::new("f"), b"ours", true)));
+        assert_eq!(read_raw_at(dir, OsStr::new("f")).unwrap(), b"theirs");
+        // Released (its data file made), or gone with its process: an
+        // orphan again, which a later create replaces.
+        release_claim(&in_flight);
+        assert!(!create_in_flight(dir, OsStr::new("f")).unwrap());
+        create_at(dir, OsStr::new("f"), b"ours", true).unwrap();
+        assert_eq!(read_raw_at(dir, OsStr::new("f")).unwrap(), b"ours");
+        // A FIFO planted under a sidecar name: refused, not opened and
+        // waited on.
+        let fifo = d.path().join(".kmsfs.p");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(is_eexist(create_at(dir, OsStr::new("p"), b"x", true)));
+        assert!(hold_for_removal(dir, OsStr::new("p")).unwrap().is_none());
+    }
+
+    #[test]
     fn create_replaces_only_orphans() {
         let d = tempfile::tempdir().unwrap();
         let fd = dir_fd(d.path());
         let dir = fd.as_raw_fd();
-        create_at(dir, OsStr::new("f"), b"one").unwrap();
+        create_at(dir, OsStr::new("f"), b"one", false).unwrap();
         // An orphan (no data file): replaced.
-        create_at(dir, OsStr::new("f"), b"two").unwrap();
+        create_at(dir, OsStr::new("f"), b"two", false).unwrap();
         assert_eq!(read_raw_at(dir, OsStr::new("f")).unwrap(), b"two");
         // With a data file: EEXIST.
         std::fs::write(d.path().join("f"), b"").unwrap();
-        let e = create_at(dir, OsStr::new("f"), b"three").unwrap_err();
+        let e = create_at(dir, OsStr::new("f"), b"three", false).unwrap_err();
         assert!(matches!(
             e,
             FsError::Errno(super::super::error::Errno(libc::EEXIST))

@@ -365,22 +365,43 @@ pub fn flock(fd: RawFd, how: i32) -> io::Result<()> {
 /// without lockd; EOPNOTSUPP) gets none, with a warning once.
 pub fn share_lock(fd: RawFd) -> io::Result<()> {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    match flock(fd, libc::LOCK_SH) {
+    flock_or_granted(fd, libc::LOCK_SH)?;
+    if !locks_work() {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "the backing filesystem refuses file locks: `kmsfs rekey` cannot tell which \
+                 files this mount has open, so do not run it while mounted"
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Set once a backing filesystem refused an flock (see `flock_or_granted`).
+static LOCKS_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn locks_work() -> bool {
+    !LOCKS_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `flock(fd, how)`; Ok(false) when `LOCK_NB` is in `how` and another
+/// holds a conflicting lock. A backing filesystem that refuses locks
+/// altogether (ENOLCK: NFS without its lock daemon; EOPNOTSUPP, ENOSYS)
+/// grants every one, as if it were alone.
+pub fn flock_or_granted(fd: RawFd, how: i32) -> io::Result<bool> {
+    match flock(fd, how) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
         Err(e)
             if matches!(
                 e.raw_os_error(),
                 Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
             ) =>
         {
-            WARNED.call_once(|| {
-                tracing::warn!(
-                    "the backing filesystem refuses file locks ({e}): `kmsfs rekey` cannot tell \
-                     which files this mount has open, so do not run it while mounted"
-                )
-            });
-            Ok(())
+            LOCKS_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(true)
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 

@@ -30,6 +30,11 @@ pub const DEFAULT_CAPACITY: usize = 512;
 pub const LOW_WATER_PERCENT: usize = 30;
 /// DEKs wrapped per `wrap_many` call of a refill.
 pub const REFILL_BATCH: usize = 128;
+/// Entries a cold pool (new, drained or expired) is given: enough for a
+/// burst to start warming it, few enough that a mount creating a file now
+/// and then costs a KMS without a batch API (AWS) a handful of calls, not
+/// a batch, each time.
+pub const COLD_BATCH: usize = 8;
 /// How long an entry may wait to be used: bounds how long files are still
 /// created under a key version after a rotation.
 pub const MAX_AGE: Duration = Duration::from_secs(600);
@@ -256,13 +261,15 @@ impl Shared {
     }
 
     /// Wraps fresh DEKs in batches until the pool is full; a cold pool
-    /// (empty: new, drained or expired) gets one batch only, so a mount
+    /// (empty: new, drained or expired) gets `COLD_BATCH` only, so a mount
     /// that creates a file now and then does not wrap a full pool each
     /// time for nothing. Stops at the first failed batch.
     async fn refill(&self) {
         self.stats.refills.fetch_add(1, Ordering::Relaxed);
         let target = if self.lock().is_empty() {
-            self.settings.batch.min(self.settings.capacity)
+            COLD_BATCH
+                .min(self.settings.batch)
+                .min(self.settings.capacity)
         } else {
             self.settings.capacity
         };
@@ -421,7 +428,7 @@ mod tests {
         (pool, key, stats)
     }
 
-    /// Fills `pool` to its capacity (a cold pool gets one batch a refill).
+    /// Fills `pool` to its capacity (a cold pool gets `COLD_BATCH` a refill).
     async fn fill_up(pool: &DekPool, capacity: usize) {
         while pool.len() < capacity {
             pool.fill().await;
