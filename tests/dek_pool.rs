@@ -143,12 +143,16 @@ fn a_warm_pool_creates_files_without_kms_calls() {
         FakeKms::new("root").with_delay(Duration::from_millis(20)),
         64,
     );
-    // The first create goes to the KMS and starts the pool's first fill
-    // (one batch of 64: one wrap_many request).
+    // The first create goes to the KMS and starts the pool's first fill,
+    // of a cold pool's 8 entries; the next create takes one, which leaves
+    // the pool below its low-water mark (19 of 64): it is filled up in one
+    // wrap_many request.
     fx.create("first").unwrap();
     assert_eq!(fx.metric("kmsfs_dek_pool_misses_total"), 1);
+    fx.wait_for_pool(8);
+    fx.create("second").unwrap();
     fx.wait_for_pool(64);
-    assert_eq!(fx.kms.wrap_batches(), 1);
+    assert_eq!(fx.kms.wrap_batches(), 2);
     let requests = fx.kms.requests();
 
     // 40 creates leave 24 of 64, above the low-water mark: no refill, so
@@ -158,7 +162,7 @@ fn a_warm_pool_creates_files_without_kms_calls() {
         fx.create(name).unwrap();
     }
     assert_eq!(fx.kms.requests(), requests, "KMS calls on the create path");
-    assert_eq!(fx.metric("kmsfs_dek_pool_hits_total"), 40);
+    assert_eq!(fx.metric("kmsfs_dek_pool_hits_total"), 41);
     assert_eq!(fx.metric("kmsfs_dek_pool_misses_total"), 1);
     assert_eq!(fx.metric("kmsfs_dek_pool_available"), 24);
 
@@ -185,13 +189,13 @@ fn a_warm_pool_creates_files_without_kms_calls() {
         .iter()
         .filter(|l| l["op"] == "wrap" && l["path"] == "(dek pool)")
         .count();
-    assert_eq!(pool_wraps, 64);
+    assert_eq!(pool_wraps, 8 + 57);
     let pooled: Vec<_> = lines
         .iter()
         .filter(|l| l["op"] == "wrap" && l["detail"].as_str().is_some_and(|d| d.contains("pool")))
         .collect();
-    assert_eq!(pooled.len(), 40);
-    assert_eq!(pooled[0]["path"], "/f0");
+    assert_eq!(pooled.len(), 41);
+    assert_eq!(pooled[0]["path"], "/second");
     assert_eq!(pooled[0]["key"]["provider"], "fake-root");
 }
 
