@@ -456,7 +456,11 @@ mod tests {
         rt.block_on(fill_up(&pool, 64));
         assert!(!pool.is_for(&(Arc::new(FakeKms::new("k")) as Arc<dyn KeyProvider>)));
         assert!(pool.is_for(&key));
-        assert_eq!(kms.requests(), 2, "8 while cold, then the other 56 in one batch");
+        assert_eq!(
+            kms.requests(),
+            2,
+            "8 while cold, then the other 56 in one batch"
+        );
         assert_eq!(stats.available.load(Ordering::Relaxed), 64);
         // 64 - 44 = 20 left, above the low-water mark (20 of 64): no refill.
         let taken: Vec<PooledDek> =
