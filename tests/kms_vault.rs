@@ -220,7 +220,7 @@ fn batch_wrap_of_500_deks_uses_three_requests() {
 }
 
 #[test]
-fn dek_pool_fill_of_256_uses_two_batch_requests() {
+fn dek_pool_fill_of_256_uses_three_batch_requests() {
     use kmsfs::kms::instrumented::{Instrumented, RetryPolicy};
     use kmsfs::kms::pool::{DekPool, PoolSettings, PoolStats};
     use kmsfs::metrics::Metrics;
@@ -244,16 +244,17 @@ fn dek_pool_fill_of_256_uses_two_batch_requests() {
         None,
     );
     let before = bao.audit_requests("transit/encrypt/");
-    // A cold pool gets one batch of 128, then fills up to 256.
+    // A cold pool gets 8 entries, then fills up to 256 in batches of at
+    // most 128: 8, 128, 120.
     while pool.len() < 256 {
         rt.block_on(pool.fill());
     }
-    assert_eq!(metrics.kms_requests("wrap_batch"), 2, "two batches of 128");
+    assert_eq!(metrics.kms_requests("wrap_batch"), 3, "8, then 128 and 120");
     assert_eq!(
         metrics.kms_requests("wrap") + metrics.kms_requests("generate"),
         0
     );
-    assert_eq!(bao.audit_requests("transit/encrypt/") - before, 2);
+    assert_eq!(bao.audit_requests("transit/encrypt/") - before, 3);
     // Each entry is bound to its own file ID and the volume.
     let entries: Vec<_> = rt.block_on(async { (0..3).filter_map(|_| pool.take()).collect() });
     assert_eq!(entries.len(), 3);
