@@ -99,3 +99,14 @@ kmsfs_init_and_mount() {
         return 1
     fi
 }
+
+# Unmounts every mount point listed in FILE (one a line) that is still
+# mounted, then removes FILE: the mounts a script recorded as it made them.
+unmount_listed() {
+    local file=$1 m
+    [[ -f $file ]] || return 0
+    while IFS= read -r m; do
+        [[ -n $m ]] && is_mounted "$m" && { force_unmount "$m" || true; }
+    done <"$file"
+    rm -f "$file"
+}

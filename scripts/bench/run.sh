@@ -114,14 +114,9 @@ VAULT_STARTED=0
 
 # ---------------------------------------------------------------- cleanup
 cleanup() {
-    local rc=$? m
+    local rc=$?
     trap - EXIT INT TERM
-    if [[ -f $MOUNTS_FILE ]]; then
-        while IFS= read -r m; do
-            [[ -n $m ]] && is_mounted "$m" && { log "cleanup: unmounting $m"; force_unmount "$m" || true; }
-        done <"$MOUNTS_FILE"
-        rm -f "$MOUNTS_FILE"
-    fi
+    unmount_listed "$MOUNTS_FILE"
     if ((VAULT_STARTED)); then
         bash "$KMSFS_ROOT/scripts/dev-vault.sh" stop "$VAULT_STATE" >/dev/null 2>&1 || true
     fi
@@ -132,10 +127,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Mounts left by a previous run that was killed hard.
-if [[ -f $MOUNTS_FILE ]]; then
-    while IFS= read -r m; do [[ -n $m ]] && is_mounted "$m" && force_unmount "$m"; done <"$MOUNTS_FILE" || true
-    rm -f "$MOUNTS_FILE"
-fi
+unmount_listed "$MOUNTS_FILE"
 
 # ---------------------------------------------------------------- install
 install_deps() {

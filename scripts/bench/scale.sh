@@ -100,14 +100,9 @@ export KMSFS_CONFIG=$RUN/kmsfs.toml
 STARTED_VAULT=0 STARTED_MOTO=0 STARTED_GLUSTER=0
 
 cleanup() {
-    local rc=$? m
+    local rc=$?
     trap - EXIT INT TERM
-    if [[ -f $MOUNTS_FILE ]]; then
-        while IFS= read -r m; do
-            [[ -n $m ]] && is_mounted "$m" && { force_unmount "$m" || true; }
-        done <"$MOUNTS_FILE"
-        rm -f "$MOUNTS_FILE"
-    fi
+    unmount_listed "$MOUNTS_FILE"
     ((STARTED_VAULT)) && { bash "$KMSFS_ROOT/scripts/dev-vault.sh" stop "$RUN/vault" >/dev/null 2>&1 || true; }
     ((STARTED_MOTO)) && { bash "$KMSFS_ROOT/scripts/dev-moto.sh" stop "$RUN/moto" >/dev/null 2>&1 || true; }
     if ((STARTED_GLUSTER)); then
@@ -121,10 +116,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Mounts a killed earlier run left behind.
-if [[ -f $MOUNTS_FILE ]]; then
-    while IFS= read -r m; do [[ -n $m ]] && is_mounted "$m" && force_unmount "$m"; done <"$MOUNTS_FILE" || true
-    rm -f "$MOUNTS_FILE"
-fi
+unmount_listed "$MOUNTS_FILE"
 if [[ -e $RUN ]]; then
     [[ -f $RUN/.kmsfs-scale-run ]] || die "$RUN exists and was not made by this script; choose another --workdir"
     if [[ -d $RUN/gluster ]]; then bash "$KMSFS_ROOT/scripts/dev-gluster.sh" down "$RUN/gluster" >/dev/null 2>&1 || true; fi

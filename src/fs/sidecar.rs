@@ -225,10 +225,7 @@ pub fn create_at(dir: RawFd, name: &OsStr, raw: &[u8], shared: bool) -> FsResult
 /// (`sys::flock_or_granted`).
 fn hold(f: &File, try_only: bool) -> FsResult<bool> {
     let how = libc::LOCK_EX | if try_only { libc::LOCK_NB } else { 0 };
-    match sys::flock_or_granted(f.as_raw_fd(), how) {
-        Ok(granted) => Ok(granted),
-        Err(e) => Err(e.into()),
-    }
+    Ok(sys::flock_or_granted(f.as_raw_fd(), how)?)
 }
 
 /// Whether sidecar name `sc` in `dir` still leads to open file `f`.
