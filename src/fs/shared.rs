@@ -250,7 +250,13 @@ impl AppLocks {
 
     /// Releases every lock of `owner` (its descriptor closes): at close.
     pub fn release_owner(&self, owner: u64) {
-        self.owners.lock().unwrap().remove(&owner);
+        let Some(fd) = self.owners.lock().unwrap().remove(&owner) else {
+            return;
+        };
+        // Released outright, not only by closing the descriptor: GlusterFS
+        // (a FUSE client) drops a closed file's locks on its own time, and
+        // another node must be able to lock as soon as this close returns.
+        let _ = sys::ofd_lock(fd.as_raw_fd(), libc::F_UNLCK, 0, APP_LOCK_END, false);
     }
 }
 
